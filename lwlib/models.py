@@ -162,3 +162,23 @@ def end_token_ids(tok) -> list[int]:
         if isinstance(i, int) and i >= 0 and i != tok.unk_token_id and i not in ids:
             ids.append(i)
     return ids
+
+
+_CHECKPOINTS = {"sft": ("sft", "03_sft.ipynb"), "dpo": ("dpo", "04_dpo.ipynb")}
+
+
+def run_model(profile, tag: str) -> str:
+    """The model a tag names in a run: ``base`` -> the profile's model; ``sft``/``dpo`` -> the
+    checkpoint folder that notebook 03/04 wrote in this run; anything else is returned unchanged.
+
+    Usage: ``load_model(run_model(prof, "sft"))``
+    """
+    if tag == "base":
+        return profile.model
+    if tag in _CHECKPOINTS:
+        stage, notebook = _CHECKPOINTS[tag]
+        folder = profile.run_dir / stage / "model"
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"no {tag} checkpoint at {folder}: run notebooks/{notebook} for profile {profile.name!r} first")
+        return str(folder)
+    return tag

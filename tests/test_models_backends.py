@@ -1,0 +1,82 @@
+"""The bundled real model, the local batched backend and the OpenAI backend against a loopback server."""
+
+import time
+from pathlib import Path
+
+import pytest
+
+from lwlib.backends import GenParams, OpenAIBackend
+from lwlib.models import bundled_gguf_path, resolve_model
+from lwlib.serve import serve
+
+PROMPTS = ["Name three colors.", "Write a haiku about rain.", "What is the capital of France?", "Say hi."]
+
+
+def test_bundled_model_facts(model_and_tok):
+    model, tok = model_and_tok
+    assert bundled_gguf_path("smollm2-135m-instruct").name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert (Path(resolve_model("smollm2-135m-instruct")) / "model.safetensors").exists()
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert model.config.max_position_embeddings == 8192
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_batched_equals_one_by_one_greedy(local_backend):
+    p = GenParams(max_new_tokens=16, temperature=0)
+    batched = local_backend.generate(PROMPTS, p)
+    single = [local_backend.generate([x], p)[0] for x in PROMPTS]
+    assert [g.text for g in batched] == [g.text for g in single]
+    assert all(g.text.strip() for g in batched)
+    assert [g.completion_tokens for g in batched] == [g.completion_tokens for g in single]
+
+
+def test_per_item_limits_and_finish_reason(local_backend):
+    gens = local_backend.generate(PROMPTS[:3], GenParams(temperature=0), max_new_tokens=[3, 40, 6])
+    assert gens[0].completion_tokens == 3 and gens[0].hit_limit
+    assert gens[2].completion_tokens == 6 and gens[2].hit_limit
+    # "Name three colors." ends by itself well within 40 tokens; its count includes the end token
+    assert gens[1].finish_reason == "length" or gens[1].completion_tokens <= 40
+    assert gens[0].prompt_tokens > 10
+
+
+def test_sampling_is_seeded(local_backend):
+    p = GenParams(max_new_tokens=12, temperature=0.9, seed=123)
+    a = local_backend.generate(PROMPTS[:2], p)
+    b = local_backend.generate(PROMPTS[:2], p)
+    assert [g.text for g in a] == [g.text for g in b]
+
+
+def test_openai_backend_against_loopback_server(chat_server, local_backend):
+    be = OpenAIBackend(chat_server.model, base_url=chat_server.url, concurrency=2, max_retries=0)
+    p = GenParams(max_new_tokens=12, temperature=0)
+    api = be.generate(PROMPTS[:2], p)
+    local = local_backend.generate(PROMPTS[:2], p)
+    assert [g.text for g in api] == [g.text for g in local]
+    assert all(g.error is None and g.prompt_tokens > 0 and g.completion_tokens > 0 for g in api)
+
+
+def test_openai_backend_retries_server_errors(local_backend):
+    with serve(local_backend, fail_first=2) as server:
+        be = OpenAIBackend(server.model, base_url=server.url, max_retries=3, backoff_s=0.01)
+        g = be.generate(["Say hi."], GenParams(max_new_tokens=4, temperature=0))[0]
+        assert g.error is None and g.text and server.requests == 3
+        be0 = OpenAIBackend(server.model, base_url=server.url, max_retries=0)
+        server.fail_first = server.requests + 1
+        bad = be0.generate(["Say hi."], GenParams(max_new_tokens=4))[0]
+        assert bad.finish_reason == "error" and "InternalServerError" in bad.error and bad.text == ""
+
+
+def test_openai_backend_timeout_is_reported_not_raised(local_backend):
+    with serve(local_backend, delay_s=2.0) as server:
+        be = OpenAIBackend(server.model, base_url=server.url, max_retries=1, timeout_s=0.3, backoff_s=0.01)
+        t0 = time.perf_counter()
+        g = be.generate(["Say hi."], GenParams(max_new_tokens=4))[0]
+        assert g.finish_reason == "error" and "Timeout" in g.error
+        assert time.perf_counter() - t0 < 2.0  # two attempts of 0.3 s, not the server's 2 s
+
+
+def test_missing_api_key_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("LWLIB_TEST_NO_KEY", raising=False)
+    with pytest.raises(ValueError, match=r"\$LWLIB_TEST_NO_KEY"):
+        OpenAIBackend("gpt-4o", api_key_env="LWLIB_TEST_NO_KEY")
