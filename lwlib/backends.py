@@ -44,6 +44,7 @@ class GenParams:
         top_p: nucleus sampling mass (1.0 = off).
         repetition_penalty: 1.0 = off (local backend only; OpenAI servers ignore it).
         seed: seeds sampling (local backend: once per ``generate`` call; OpenAI: passed through).
+        ignore_eos: keep generating past end tokens to exactly ``max_new_tokens`` (throughput benchmarks).
     """
 
     max_new_tokens: int = 1024
@@ -51,6 +52,7 @@ class GenParams:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = 0
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -196,6 +198,8 @@ class LocalBackend(_CollectMixin):
         t0 = time.perf_counter()
         pad = self.tok.pad_token_id
         width = max(len(x) for x in batch)
+        if self.cache_implementation == "static":  # fewer distinct shapes -> fewer recompilations
+            width = -(-width // 64) * 64
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for r, x in enumerate(batch):
@@ -213,12 +217,14 @@ class LocalBackend(_CollectMixin):
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if params.ignore_eos:
+            kwargs["min_new_tokens"] = max(limits)
         if params.repetition_penalty != 1.0:
             kwargs["repetition_penalty"] = params.repetition_penalty
         if self.cache_implementation:
             kwargs["cache_implementation"] = self.cache_implementation
-        if self.compile:
-            kwargs["compile_config"] = None  # transformers compiles the static-cache step itself
+            # On CUDA, transformers compiles the decoding step of a static cache (CUDA graphs) by itself.
+            kwargs["disable_compile"] = not self.compile
         out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         new = out[:, width:].tolist()
         dt = time.perf_counter() - t0

@@ -61,7 +61,13 @@ def data_file(name: str, path: str | Path | None = None, download: bool = True) 
     dest = cache_dir() / "data" / name
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".part")
-    urllib.request.urlretrieve(BASE_URL + name, tmp)
+    try:
+        urllib.request.urlretrieve(BASE_URL + name, tmp)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"{name} is not in {[str(c.parent) for c in candidates]} and could not be downloaded from "
+            f"{BASE_URL} ({e}); on an offline machine set LWLIB_DATA_DIR to a folder holding it"
+        ) from e
     n = sum(1 for line in tmp.read_text(encoding="utf-8").splitlines() if line.strip())
     if n != FILES[name]:
         raise ValueError(f"downloaded {name} has {n} lines, expected {FILES[name]}")
