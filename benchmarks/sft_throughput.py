@@ -1,0 +1,206 @@
+"""SFT training throughput: packed vs padded batches on a LongWriter-like length mix, and MFU.
+
+Each setting runs ``--steps`` timed optimizer steps (after ``--warmup`` untimed ones, which also pay for
+compilation) of the real training step of :mod:`lwlib.sft`: forward without cache, the token-mean loss
+(:func:`lwlib.sft.sft_loss`), backward, AdamW. Weights are fp32 with bf16 autocast on CUDA, as the
+``Trainer`` runs with ``bf16=True``. Tokens/s counts real tokens only (padding is waste).
+
+Settings (``--settings``):
+  padded          one example per row, rows padded to the longest of the batch, attention mask (the
+                  classic baseline), examples in random order, ``--rows`` rows per step
+  padded-grouped  the same with examples sorted by length first (less padding)
+  packed          best-fit packs of ``--pack`` tokens, position ids restarting per example, ``--rows``
+                  packs per step (block-diagonal attention; flash-attention varlen flattens the rows)
+  dense           random unpacked ``--rows`` x ``--pack`` token rows (the ceiling: no masking at all)
+
+Length mix: ``--long-frac`` of the examples are AgentWrite-like long outputs (uniform 2,500 to
+``--pack`` - 500 tokens), the rest general chat answers (log-normal, median 350 tokens, 32-2,048).
+
+MFU = model FLOPs / (time x peak). Model FLOPs per sequence of n tokens: 3 x (2 n N + 2 n d V + 2 L d n^2)
+with N the non-embedding parameters, the output projection d x V, and causal attention (half of the
+n^2 score matrix) over L layers; activation recomputation is not counted. Peak: ``--peak-tflops``
+(H100 SXM dense bf16: 989).
+
+Usage (GPU)::
+
+    python benchmarks/sft_throughput.py --pack 8192 --rows 4 --settings padded packed dense \\
+        --attn sdpa flash_attention_2 --compile 0 1 --out benchmarks/results/sft_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import random
+import time
+
+import torch
+
+from lwlib.models import load_model
+from lwlib.packing import IGNORE, PackCollator, PackedDataset, TokenizedExample, pack_examples
+from lwlib.sft import sft_loss
+
+
+def length_mix(n: int, pack: int, long_frac: float, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        if rng.random() < long_frac:
+            out.append(min(pack, rng.randint(2500, max(2501, pack - 500))))
+        else:
+            out.append(int(min(2048, pack, max(32, rng.lognormvariate(math.log(350), 0.8)))))
+    return out
+
+
+def make_examples(lengths: list[int], vocab: int, seed: int) -> list[TokenizedExample]:
+    g = torch.Generator().manual_seed(seed)
+    exs = []
+    for n in lengths:
+        ids = torch.randint(100, vocab - 100, (n,), generator=g).tolist()
+        prompt = min(64, n // 4)  # a short prompt without targets, the answer as targets
+        labels = [IGNORE] * prompt + ids[prompt + 1:] + [IGNORE]
+        exs.append(TokenizedExample(ids, labels))
+    return exs
+
+
+def batches_for(setting: str, exs: list[TokenizedExample], pack: int, rows: int, pad_id: int, flatten: bool, seed: int):
+    if setting == "dense":
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            ids = torch.randint(100, 40000, (rows, pack), generator=g)
+            yield {"input_ids": ids, "labels": torch.roll(ids, -1, 1)}, [pack] * rows
+    if setting == "packed":
+        packs = pack_examples(exs, pack, seed=seed)
+        ds = PackedDataset(exs, packs)
+        coll = PackCollator(pad_id=pad_id, flatten=flatten, pad_to_multiple_of=None if flatten else pack)
+        groups = [list(range(i, min(i + rows, len(packs)))) for i in range(0, len(packs), rows)]
+    else:
+        order = list(range(len(exs)))
+        random.Random(seed).shuffle(order)
+        if setting == "padded-grouped":
+            order.sort(key=lambda i: len(exs[i]))
+            chunks = [order[i:i + rows] for i in range(0, len(order), rows)]
+            random.Random(seed).shuffle(chunks)
+            order = [i for c in chunks for i in c]
+        ds = PackedDataset(exs, [[i] for i in order])
+        coll = PackCollator(pad_id=pad_id, padded=True, pad_to_multiple_of=256)
+        groups = [list(range(i, min(i + rows, len(order)))) for i in range(0, len(order), rows)]
+    while True:
+        for grp in groups:
+            items = [ds[k] for k in grp]
+            yield coll(items), [n for it in items for n in it["seq_lens"]]
+
+
+def model_flops(seq_lens: list[int], n_params: int, d: int, vocab: int, layers: int) -> float:
+    return sum(3 * (2 * n * n_params + 2 * n * d * vocab + 2 * layers * d * n * n) for n in seq_lens)
+
+
+def run_setting(args, setting: str, attn: str, compile_: bool, exs, tok) -> dict:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, _ = load_model(args.model, device=device, dtype="float32")
+    model.config._attn_implementation = attn  # noqa: SLF001 - switch kernels without reloading
+    model.set_attn_implementation(attn) if hasattr(model, "set_attn_implementation") else None
+    model.config.use_cache = False
+    if args.grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    cfg = model.config
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    fwd = torch.compile(model) if compile_ else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=device == "cuda")
+    flatten = attn.startswith("flash") and setting == "packed"
+    it = batches_for(setting, exs, args.pack, args.rows, tok.pad_token_id, flatten, args.seed)
+
+    def step():
+        batch, lens = next(it)
+        batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "labels", "position_ids",
+                                                                     "attention_mask")}
+        labels = batch.pop("labels")
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            logits = fwd(**batch, use_cache=False).logits
+        loss = sft_loss(logits, labels, (labels != IGNORE).sum())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return lens, batch["input_ids"].numel()
+
+    for _ in range(args.warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    real, slots, flops = 0, 0, 0.0
+    for _ in range(args.steps):
+        lens, n_slots = step()
+        real += sum(lens)
+        slots += n_slots
+        flops += model_flops(lens, n_params, cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    row = {"setting": setting, "attn": attn, "compile": compile_, "grad_ckpt": args.grad_ckpt, "steps": args.steps,
+           "real_tokens_per_step": round(real / args.steps), "padding_share": round(1 - real / slots, 3),
+           "step_ms": round(1000 * dt / args.steps, 1), "tokens_per_s": round(real / dt),
+           "mfu": round(flops / dt / (args.peak_tflops * 1e12), 3),
+           "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device == "cuda" else None}
+    del model, fwd, opt
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--pack", type=int, default=8192)
+    ap.add_argument("--rows", type=int, default=4)
+    ap.add_argument("--examples", type=int, default=400)
+    ap.add_argument("--long-frac", type=float, default=0.1)
+    ap.add_argument("--settings", nargs="+", default=["padded", "padded-grouped", "packed", "dense"])
+    ap.add_argument("--attn", nargs="+", default=["sdpa"])
+    ap.add_argument("--compile", nargs="+", type=int, default=[0])
+    ap.add_argument("--grad-ckpt", action="store_true")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    _, tok = load_model(args.model, device="cpu", dtype="float32")
+    exs = make_examples(length_mix(args.examples, args.pack, args.long_frac, args.seed), len(tok), args.seed)
+    rows = []
+    for attn in args.attn:
+        if attn.startswith("flash_attention") and not importlib.util.find_spec("flash_attn"):
+            print(f"skip {attn}: flash_attn not installed", flush=True)
+            continue
+        for c in args.compile:
+            for s in args.settings:
+                try:
+                    rows.append(run_setting(args, s, attn, bool(c), exs, tok))
+                except Exception as e:  # noqa: BLE001 - report and go on with the other settings
+                    rows.append({"setting": s, "attn": attn, "compile": bool(c), "error": f"{type(e).__name__}: {e}"[:300]})
+                print(json.dumps(rows[-1]), flush=True)
+    base = {(r["attn"], r["compile"]): r["tokens_per_s"] for r in rows if r.get("setting") == "padded" and "error" not in r}
+    for r in rows:
+        if "error" not in r and (r["attn"], r["compile"]) in base:
+            r["speedup_vs_padded"] = round(r["tokens_per_s"] / base[(r["attn"], r["compile"])], 2)
+    cols = ["setting", "attn", "compile", "real_tokens_per_step", "padding_share", "step_ms", "tokens_per_s",
+            "speedup_vs_padded", "mfu", "peak_mem_gb"]
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(c, r.get("error", ""))) for c in cols) + " |")
+    if args.out:
+        info = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                "torch": torch.__version__, "args": vars(args), "rows": rows}
+        with open(args.out, "w") as f:
+            json.dump(info, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

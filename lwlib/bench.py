@@ -1,0 +1,909 @@
+"""LongBench-Write: the paper's benchmark (Section 4.1, Table 2), scored exactly as its official code.
+
+The score of a model is ``S = (S_l + S_q) / 2``:
+
+* ``S_l`` (length): per item :func:`length_score` of required vs output words (``lwlib.text.count_words``),
+  averaged over items (official ``evaluation/eval_length.py``);
+* ``S_q`` (quality): an LLM judge scores each response 1-5 on six dimensions with the official prompt
+  (``lwlib/prompts/judge.txt``, verbatim); each dimension maps to 0-100 by ``(mean - 1) * 25`` and
+  ``S_q`` is the mean of the six (official ``evaluation/eval_quality.py``). Unparseable answers are
+  retried up to 5 times; items still unjudged are recorded as failures and ``S_q`` is computed over
+  the judged items only, with the count always reported beside it.
+
+Beyond the official scripts: bootstrap confidence intervals, tables per required-length bucket, type
+and language, repetition diagnostics (share of outputs that collapse into loops, ``S_l`` on raw and on
+effective length, :mod:`lwlib.text`), a cache of judge calls keyed by (judge model, prompt, response),
+and a comparison with the paper's published scores (``lwlib/paper_scores.json``).
+
+Usage::
+
+    length_score(1000, 1500)                      # 83.33
+    scores = judge_one(judge_backend, prompt, response)   # {"Relevance": 4, ...} or None
+    quality_score(scores)                         # mean over dimensions of (s - 1) * 25
+
+    cfg = prof.section("bench", BenchConfig)
+    results = evaluate_models(prof, cfg)          # {tag: DataFrame} for every model found
+    paper_table(results)                          # the paper's Table 2 layout
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .backends import Backend, BackendConfig, GenParams, OpenAIBackend, make_backend
+from .config import Profile
+from .data import WritingItem, load_longbench_write
+from .runs import JsonlStore, atomic_write_json, write_manifest
+from .text import count_words, repetition_report, truncate_words
+
+JUDGE_DIMENSIONS: tuple[str, ...] = (
+    "Relevance", "Accuracy", "Coherence", "Clarity", "Breadth and Depth", "Reading Experience",
+)
+JUDGE_TEMPLATE_PATH = Path(__file__).parent / "prompts" / "judge.txt"
+PAPER_SCORES_PATH = Path(__file__).parent / "paper_scores.json"
+# The paper's Table 2 buckets of required length: [0,500), [500,2k), [2k,4k), [4k,20k].
+BUCKETS: tuple[tuple[str, int, float], ...] = (
+    ("[0,500)", 0, 500), ("[500,2k)", 500, 2000), ("[2k,4k)", 2000, 4000), ("[4k,20k]", 4000, float("inf")),
+)
+BUCKET_NAMES = tuple(b[0] for b in BUCKETS)
+
+
+# ----------------------------------------------------------------------------------------- scoring
+
+
+def length_score(required: float, actual: float) -> float:
+    """The official length score in [0, 100] of ``actual`` output words for ``required`` words.
+
+    Over-long: ``100 * max(0, 1 - (actual/required - 1) / 3)`` (0 at 4x); too short:
+    ``100 * max(0, 1 - (required/actual - 1) / 2)`` (0 at 1/3x). An empty output scores 0 (the official
+    script divides by zero there).
+
+    >>> round(length_score(1000, 1500), 2)
+    83.33
+    """
+    if required is None or not required > 0:
+        raise ValueError(f"length_score: required length must be > 0, got {required!r}")
+    if actual is None or actual < 0:
+        raise ValueError(f"length_score: actual length must be >= 0, got {actual!r}")
+    if actual == 0:
+        return 0.0
+    if actual > required:
+        return 100.0 * max(0.0, 1.0 - (actual / required - 1.0) / 3.0)
+    return 100.0 * max(0.0, 1.0 - (required / actual - 1.0) / 2.0)
+
+
+def bucket_of(required: int) -> str:
+    """The paper's required-length bucket of ``required`` words (``[0,500)`` ... ``[4k,20k]``)."""
+    for name, lo, hi in BUCKETS:
+        if lo <= required < hi:
+            return name
+    raise ValueError(f"bucket_of: required length {required!r} is negative")
+
+
+def judge_template() -> str:
+    """The official judge prompt (``lwlib/prompts/judge.txt``, verbatim from THUDM/LongWriter)."""
+    return JUDGE_TEMPLATE_PATH.read_text(encoding="utf-8")
+
+
+def judge_prompt(prompt: str, response: str) -> str:
+    """Fill the official template as the official code does (``$INST$`` then ``$RESPONSE$``)."""
+    return judge_template().replace("$INST$", prompt).replace("$RESPONSE$", response)
+
+
+_FENCE = re.compile(r"```(?:json|JSON)?[ \t]*\n?(.*?)```", re.DOTALL)
+
+
+def _json_objects(text: str):
+    """Every JSON object that decodes at some ``{`` in ``text`` (trailing text tolerated)."""
+    dec = json.JSONDecoder(strict=False)  # strict=False: raw newlines inside strings (the official code strips them)
+    for m in re.finditer(r"\{", text):
+        try:
+            obj, _ = dec.raw_decode(text, m.start())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            yield obj
+
+
+def _as_score(v: Any) -> int | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, str):
+        v = v.strip()
+        if not re.fullmatch(r"[1-5](\.0+)?", v):
+            return None
+        v = float(v)
+    if isinstance(v, (int, float)) and float(v).is_integer() and 1 <= v <= 5:
+        return int(v)
+    return None
+
+
+def _scores_from(obj: dict) -> dict[str, int] | None:
+    norm = {re.sub(r"\s+", " ", str(k)).strip().lower(): v for k, v in obj.items()}
+    out = {}
+    for dim in JUDGE_DIMENSIONS:
+        v = obj[dim] if dim in obj else norm.get(dim.lower())
+        s = _as_score(v)
+        if s is None:
+            return None
+        out[dim] = s
+    return out
+
+
+def parse_judgement(text: str | None) -> dict[str, int] | None:
+    """The six dimension scores (integers 1-5) of a judge answer, or None if it is unusable.
+
+    Looks in ```` ```json ```` fenced blocks first, then at every JSON object in the text (trailing
+    text is ignored). An object missing a dimension or with a score outside 1-5 (or not an integer)
+    is rejected. Keys match case- and whitespace-insensitively.
+
+    >>> parse_judgement('```json\\n{"Analysis": "ok", "Relevance": 5, ...}\\n```')  # doctest: +SKIP
+    """
+    if not text:
+        return None
+    candidates = [m.group(1) for m in _FENCE.finditer(text)] + [text]
+    for chunk in candidates:
+        for obj in _json_objects(chunk):
+            s = _scores_from(obj)
+            if s is not None:
+                return s
+    return None
+
+
+def quality_score(scores: dict[str, Any]) -> float:
+    """``S_q`` of one judgement: the mean over the six dimensions of ``(score - 1) * 25`` (0-100)."""
+    missing = [d for d in JUDGE_DIMENSIONS if d not in scores]
+    if missing:
+        raise ValueError(f"quality_score: missing dimension(s) {missing}")
+    return float(np.mean([(float(scores[d]) - 1.0) * 25.0 for d in JUDGE_DIMENSIONS]))
+
+
+# ----------------------------------------------------------------------------------------- judge
+
+
+@dataclass
+class JudgeConfig:
+    """The ``bench.judge`` section: who judges quality, and how.
+
+    Fields:
+        kind: ``local`` (a local model served through ``lwlib.serve``, reported as "local judge"),
+            ``openai`` (any OpenAI-compatible API) or ``none`` (no quality scores: S_q and S are
+            left empty).
+        model: judge model: API model id (paper: ``gpt-4o-2024-05-13``) or, for ``local``, anything
+            ``load_model`` accepts (empty = the profile's model).
+        temperature: judge sampling temperature (paper: 0.5).
+        max_tokens: judge answer budget (paper: 1024).
+        max_tries: attempts per item on unparseable/incomplete answers (official code: 5).
+        max_response_words: cut responses to this many words before judging (a local judge's context
+            is small); null = never (paper). Cut items are flagged ``judge_truncated``.
+        base_url: API server (openai); null = api.openai.com.
+        api_key_env: environment variable holding the API key (openai).
+        concurrency: requests in flight.
+        max_retries: transport retries per request (openai client, with backoff).
+        timeout_s: per-request timeout (s).
+        batch_size: batch size of the local judge model.
+        serve: local judge only: true = call it through the OpenAI-compatible ``lwlib.serve`` server
+            (one request at a time); false = call the local backend directly (batched, faster on GPU).
+    """
+
+    kind: str = "local"
+    model: str = ""
+    temperature: float = 0.5
+    max_tokens: int = 1024
+    max_tries: int = 5
+    max_response_words: int | None = None
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 8
+    max_retries: int = 5
+    timeout_s: float = 600.0
+    batch_size: int = 8
+    serve: bool = True
+
+
+def judge_model_id(backend: Any) -> str:
+    """The judge's model id used in cache keys (``OpenAIBackend.model``, else the backend's name)."""
+    return str(getattr(backend, "model", None) if isinstance(getattr(backend, "model", None), str) else backend.name)
+
+
+def judge_label(backend: Any) -> str:
+    """How a judge is named in tables: ``local judge (<model>)`` for a local one, else its model id."""
+    return getattr(backend, "label", None) or judge_model_id(backend)
+
+
+def cache_key(judge_model: str, prompt: str, response: str) -> str:
+    """sha256 of (judge model, prompt, response): the judge cache's key."""
+    return hashlib.sha256(json.dumps([judge_model, prompt, response], ensure_ascii=False).encode()).hexdigest()
+
+
+@dataclass
+class JudgeResult:
+    """The outcome of judging one response: ``scores`` (None = failed after ``tries``), the raw
+    answers of every try, and ``error`` (a transport error on the last try; such results are not
+    cached, so a resumed run retries them)."""
+
+    scores: dict[str, int] | None
+    tries: int
+    outputs: list[str]
+    error: str | None = None
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.scores is not None else ("error" if self.error else "failed")
+
+
+def _judge_params(params: GenParams | None, attempt: int) -> GenParams:
+    p = dataclasses.replace(params) if params is not None else GenParams(max_new_tokens=1024, temperature=0.5, seed=0)
+    if p.seed is not None:
+        p.seed = p.seed + attempt  # a new sample on every retry (a fixed seed would repeat the answer)
+    return p
+
+
+def judge_many(
+    backend: Backend,
+    pairs: Sequence[tuple[str, str]],
+    max_tries: int = 5,
+    params: GenParams | None = None,
+    desc: str = "judge",
+):
+    """Judge ``(prompt, response)`` pairs in rounds; yields ``(index, JudgeResult)`` as items finish.
+
+    Each round sends every still-unjudged item at once (batched / concurrent), parses the answers
+    with :func:`parse_judgement` and retries the rest with a new seed, up to ``max_tries`` rounds.
+    """
+    outputs: list[list[str]] = [[] for _ in pairs]
+    errors: list[str | None] = [None] * len(pairs)
+    pending = list(range(len(pairs)))
+    prompts = [judge_prompt(p, r) for p, r in pairs]
+    for attempt in range(max_tries):
+        if not pending:
+            break
+        still = []
+        gp = _judge_params(params, attempt)
+        for j, g in backend.generate_iter([prompts[i] for i in pending], gp, desc=f"{desc} (try {attempt + 1})"):
+            i = pending[j]
+            errors[i] = g.error
+            outputs[i].append(g.text if not g.error else f"<error: {g.error}>")
+            s = None if g.error else parse_judgement(g.text)
+            if s is not None:
+                yield i, JudgeResult(s, attempt + 1, outputs[i])
+            else:
+                still.append(i)
+        pending = sorted(still)
+    for i in pending:
+        yield i, JudgeResult(None, len(outputs[i]), outputs[i], errors[i])
+
+
+def judge_one(
+    backend: Backend,
+    prompt: str,
+    response: str,
+    max_tries: int = 5,
+    params: GenParams | None = None,
+    cache: JudgeCache | None = None,
+) -> dict[str, int] | None:
+    """Judge one response with the official prompt; the six scores, or None after ``max_tries``
+    unusable answers. ``params`` default to the paper's (temperature 0.5, 1024 tokens). With a
+    ``cache`` (:class:`JudgeCache`), a (judge model, prompt, response) judged before is not re-sent.
+
+    Usage: ``s = judge_one(be, prompt, response); quality_score(s) if s else None``
+    """
+    if cache is not None:
+        hit = cache.get(judge_model_id(backend), prompt, response)
+        if hit is not None:
+            return hit.scores
+    _, res = next(iter(judge_many(backend, [(prompt, response)], max_tries, params)))
+    if cache is not None:
+        cache.put(judge_model_id(backend), prompt, response, res)
+    return res.scores
+
+
+class JudgeCache:
+    """Judge results on disk (JSONL), keyed by :func:`cache_key`; transport errors are not cached.
+
+    Usage: ``cache = JudgeCache(prof.stage_dir("bench") / "judge_cache.jsonl")``
+    """
+
+    def __init__(self, path: str | Path):
+        self.store = JsonlStore(path, key="key")
+
+    def get(self, judge_model: str, prompt: str, response: str) -> JudgeResult | None:
+        rec = self.store.get(cache_key(judge_model, prompt, response))
+        if rec is None:
+            return None
+        return JudgeResult(rec["scores"], rec["tries"], rec["outputs"])
+
+    def put(self, judge_model: str, prompt: str, response: str, res: JudgeResult) -> None:
+        k = cache_key(judge_model, prompt, response)
+        if res.error or k in self.store:
+            return
+        self.store.append({"key": k, "judge_model": judge_model, "scores": res.scores, "tries": res.tries,
+                           "outputs": res.outputs})
+
+
+class LocalJudge(OpenAIBackend):
+    """A local model served through :func:`lwlib.serve.serve` and called as an OpenAI-compatible judge.
+
+    Reported as ``local judge (<model>)``; close it (or use it as a context manager) to stop the server.
+    """
+
+    def __init__(self, model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
+                 concurrency: int = 8, timeout_s: float = 600.0, local_backend: Backend | None = None):
+        from contextlib import ExitStack
+
+        from .backends import LocalBackend
+        from .serve import serve
+
+        self._stack = ExitStack()
+        inner = local_backend or LocalBackend(model, batch_size=batch_size, device=device, dtype=dtype)
+        server = self._stack.enter_context(serve(inner, model_name=f"local:{model}"))
+        super().__init__(server.model, base_url=server.url, concurrency=concurrency, max_retries=2,
+                         timeout_s=timeout_s, name=f"local:{model}")
+        self.server = server
+        self.label = f"local judge ({model})"
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> LocalJudge:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------- stage
+
+
+@dataclass
+class BenchConfig:
+    """The ``bench`` section of a profile (notebook 06).
+
+    Fields:
+        models: model tags to evaluate: ``base``, ``sft``, ``dpo`` (this run's checkpoints, skipped
+            with a note when missing) or any name/path ``load_model`` accepts.
+        languages: required output languages to keep (``en`` = the 60 items of longbench_write_en).
+        max_items: evaluate this many items (null = all), taken evenly along the required-length order
+            so every bucket is represented; deterministic.
+        max_new_tokens: token budget per prediction (paper: 32768 for open models).
+        temperature: prediction sampling temperature (paper: 0.5).
+        top_p: nucleus mass for predictions (1.0 = off, as the official pred.py).
+        backend: prediction backend (lwlib.backends.BackendConfig); model empty = the tag's model.
+        judge: the quality judge (:class:`JudgeConfig`).
+        n_boot: bootstrap resamples for 95% confidence intervals (0 = none).
+        rep_ngram: n of the repeated-n-gram measure (lwlib.text.repetition_report).
+        rep_window: window (in n-grams) of the collapse rule.
+        rep_threshold: repeated share at which a window counts as collapsed.
+        data_path: longbench_write.jsonl or its folder; null = lwlib.data's search order.
+        en_data_path: longbench_write_en.jsonl or its folder; null = lwlib.data's search order.
+    """
+
+    models: list[str] = field(default_factory=lambda: ["base", "sft", "dpo"])
+    languages: list[str] = field(default_factory=lambda: ["en", "zh"])
+    max_items: int | None = None
+    max_new_tokens: int = 32768
+    temperature: float = 0.5
+    top_p: float = 1.0
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    n_boot: int = 1000
+    rep_ngram: int = 5
+    rep_window: int = 200
+    rep_threshold: float = 0.5
+    data_path: str | None = None
+    en_data_path: str | None = None
+
+
+def select_items(items: list[WritingItem], cfg: BenchConfig) -> list[WritingItem]:
+    """Keep ``cfg.languages``; then, with ``cfg.max_items``, items spread evenly along required length."""
+    for lang in cfg.languages:
+        if lang not in ("en", "zh"):
+            raise ValueError(f"bench.languages: {lang!r} is not 'en' or 'zh'")
+    out = [it for it in items if it.lang in cfg.languages]
+    if not out:
+        raise ValueError(f"bench: no LongBench-Write item has languages={cfg.languages}")
+    if cfg.max_items is not None:
+        if cfg.max_items <= 0:
+            raise ValueError(f"bench.max_items must be positive or null, got {cfg.max_items}")
+        if cfg.max_items < len(out):
+            by_len = sorted(out, key=lambda it: (it.length, it.id))
+            pos = np.linspace(0, len(by_len) - 1, cfg.max_items).round().astype(int)
+            keep = {by_len[p].id for p in pos}
+            out = [it for it in out if it.id in keep]
+    return out
+
+
+def _rep(text: str, cfg: BenchConfig):
+    return repetition_report(text, cfg.rep_ngram, cfg.rep_window, cfg.rep_threshold)
+
+
+def run_predictions(
+    profile: Profile,
+    tag: str,
+    cfg: BenchConfig | None = None,
+    backend: Backend | None = None,
+    items: list[WritingItem] | None = None,
+) -> pd.DataFrame:
+    """Generate a response for every selected item; resumable. One row per item.
+
+    Writes ``<run>/bench/<tag>/predictions.jsonl`` (id, tag, model, prompt, type, lang, length,
+    bucket, response, response_length (= count_words), tokens, hit_limit, finish_reason,
+    effective_length, collapsed, repeated_rate) as each output arrives, and ``manifest.json``.
+    ``tag`` is resolved with :func:`lwlib.models.run_model` (missing checkpoints raise FileNotFoundError).
+    """
+    from .models import run_model
+
+    cfg = cfg or profile.section("bench", BenchConfig)
+    model = cfg.backend.model or (run_model(profile, tag) if backend is None else getattr(backend, "name", tag))
+    out = profile.stage_dir("bench") / tag
+    write_manifest(out, {"profile": profile.resolved(), "bench": dataclasses.asdict(cfg), "model": model, "tag": tag})
+    store = JsonlStore(out / "predictions.jsonl", key="id")
+    items = items if items is not None else select_items(load_longbench_write(cfg.data_path, cfg.en_data_path), cfg)
+    todo = [it for it in items if it.id not in store]
+    errors = []
+    if todo:
+        backend = backend or make_backend(cfg.backend, model, profile.device, profile.dtype)
+        params = GenParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=profile.seed)
+        for i, g in backend.generate_iter([it.prompt for it in todo], params, desc=f"LongBench-Write ({tag})"):
+            it = todo[i]
+            if g.error:
+                errors.append(f"{it.id}: {g.error}")
+                continue
+            rep = _rep(g.text, cfg)
+            store.append({
+                "id": it.id, "tag": tag, "model": model, "prompt": it.prompt, "type": it.type, "lang": it.lang,
+                "length": it.length, "bucket": bucket_of(it.length), "response": g.text,
+                "response_length": count_words(g.text), "tokens": g.completion_tokens, "hit_limit": g.hit_limit,
+                "finish_reason": g.finish_reason, "effective_length": rep.effective_words,
+                "collapsed": rep.collapsed, "repeated_rate": round(rep.repeated_rate, 4),
+            })
+    if errors:
+        raise RuntimeError(f"bench predictions ({tag}): {len(errors)} failed (rerun to retry them): {errors[:3]}")
+    ids = {it.id for it in items}
+    return add_length_scores(pd.DataFrame([r for r in store.records() if r["id"] in ids]))
+
+
+def add_length_scores(df: pd.DataFrame) -> pd.DataFrame:
+    """Add ``S_l`` (official length score) and ``S_l_eff`` (on effective length) per item."""
+    df = df.copy()
+    df["S_l"] = [length_score(r, a) for r, a in zip(df["length"], df["response_length"])]
+    df["S_l_eff"] = [length_score(r, a) for r, a in zip(df["length"], df["effective_length"])]
+    return df
+
+
+def make_judge_backend(profile: Profile, cfg: BenchConfig | None = None) -> Backend | None:
+    """The judge a config names: an API model (``kind: openai``), the local model served through
+    :mod:`lwlib.serve` (``kind: local``, labelled "local judge"), or None (``kind: none``)."""
+    cfg = cfg or profile.section("bench", BenchConfig)
+    j = cfg.judge
+    if j.kind == "none":
+        return None
+    if j.kind == "openai":
+        if not j.model:
+            raise ValueError("bench.judge.model must name the API judge model (paper: gpt-4o-2024-05-13)")
+        return OpenAIBackend(j.model, base_url=j.base_url, api_key_env=j.api_key_env, concurrency=j.concurrency,
+                             max_retries=j.max_retries, timeout_s=j.timeout_s)
+    if j.kind == "local" and not j.serve:
+        from .backends import LocalBackend
+
+        be = LocalBackend(j.model or profile.model, batch_size=j.batch_size, device=profile.device,
+                          dtype=profile.dtype, name=f"local:{j.model or profile.model}")
+        be.label = f"local judge ({j.model or profile.model})"
+        return be
+    if j.kind == "local":
+        return LocalJudge(j.model or profile.model, profile.device, profile.dtype, j.batch_size, j.concurrency, j.timeout_s)
+    raise ValueError(f"bench.judge.kind must be 'local', 'openai' or 'none', got {j.kind!r}")
+
+
+def run_judge(
+    profile: Profile,
+    tag: str,
+    judge_backend: Backend | None = None,
+    cfg: BenchConfig | None = None,
+) -> pd.DataFrame:
+    """Judge every prediction of ``tag`` (resumable; cached by judge model, prompt and response).
+
+    Writes ``<run>/bench/<tag>/judgements.jsonl`` (id, judge, status ok/failed, tries, scores, S_q,
+    raw answers) and uses ``<run>/bench/judge_cache.jsonl``. Items whose every try hit a transport
+    error are not stored (a rerun retries them) but appear with status ``error``. Returns the
+    predictions with judgement columns (``judged``, ``judge_status``, ``judge_tries``, the six
+    dimensions, ``S_q``; NaN where not judged).
+    """
+    cfg = cfg or profile.section("bench", BenchConfig)
+    out = profile.stage_dir("bench") / tag
+    pred_path = out / "predictions.jsonl"
+    if not pred_path.exists():
+        raise FileNotFoundError(f"{pred_path} does not exist: run run_predictions(prof, {tag!r}) first")
+    preds = add_length_scores(pd.DataFrame(JsonlStore(pred_path).records()))
+    if judge_backend is None and cfg.judge.kind == "none":
+        return _merge_judgements(preds, {}, {}, "none")
+    own = judge_backend is None
+    judge_backend = judge_backend or make_judge_backend(profile, cfg)
+    try:
+        jid, label = judge_model_id(judge_backend), judge_label(judge_backend)
+        store = JsonlStore(out / "judgements.jsonl", key="id")
+        cache = JudgeCache(profile.stage_dir("bench") / "judge_cache.jsonl")
+        todo = []
+        for r in preds.to_dict("records"):
+            if r["id"] in store and store.get(r["id"])["judge_model"] == jid:
+                continue
+            if r["id"] in store:
+                raise ValueError(f"{store.path}: {r['id']} was judged by {store.get(r['id'])['judge_model']!r}, "
+                                 f"not {jid!r}: use another run folder or delete the file to rejudge")
+            resp, cut = _judge_response(r["response"], cfg.judge.max_response_words)
+            hit = cache.get(jid, r["prompt"], resp)
+            if hit is not None:
+                store.append(_judgement_record(r["id"], jid, label, hit, cut, cached=True))
+            else:
+                todo.append((r, resp, cut))
+        errors: dict[str, JudgeResult] = {}
+        if todo:
+            params = GenParams(cfg.judge.max_tokens, cfg.judge.temperature, seed=profile.seed)
+            pairs = [(r["prompt"], resp) for r, resp, _ in todo]
+            for i, res in judge_many(judge_backend, pairs, cfg.judge.max_tries, params, desc=f"judge ({tag})"):
+                r, resp, cut = todo[i]
+                if res.error:
+                    errors[r["id"]] = res
+                    continue
+                cache.put(jid, r["prompt"], resp, res)
+                store.append(_judgement_record(r["id"], jid, label, res, cut, cached=False))
+        if errors:
+            print(f"[bench] judge ({tag}): {len(errors)} item(s) got only transport errors (not stored; rerun to "
+                  f"retry): {next(iter(errors.values())).error}")
+        return _merge_judgements(preds, {r["id"]: r for r in store.records()}, errors, label)
+    finally:
+        if own and hasattr(judge_backend, "close"):
+            judge_backend.close()
+
+
+def _judge_response(response: str, max_words: int | None) -> tuple[str, bool]:
+    if max_words is None or count_words(response) <= max_words:
+        return response, False
+    return truncate_words(response, max_words), True
+
+
+def _judgement_record(id_: str, jid: str, label: str, res: JudgeResult, cut: bool, cached: bool) -> dict:
+    return {
+        "id": id_, "judge_model": jid, "judge": label, "status": res.status, "tries": res.tries,
+        "scores": res.scores, "S_q": quality_score(res.scores) if res.scores else None,
+        "judge_truncated": cut, "cached": cached, "outputs": res.outputs,
+    }
+
+
+def _merge_judgements(preds: pd.DataFrame, recs: dict[str, dict], errors: dict[str, JudgeResult], label: str) -> pd.DataFrame:
+    df = preds.copy()
+    status, tries, sq, cut = [], [], [], []
+    dims: dict[str, list] = {d: [] for d in JUDGE_DIMENSIONS}
+    for id_ in df["id"]:
+        rec = recs.get(id_)
+        if rec is None:
+            status.append("error" if id_ in errors else ("not judged" if label == "none" else "missing"))
+            tries.append(errors[id_].tries if id_ in errors else 0)
+            sq.append(np.nan)
+            cut.append(False)
+            for d in JUDGE_DIMENSIONS:
+                dims[d].append(np.nan)
+            continue
+        status.append(rec["status"])
+        tries.append(rec["tries"])
+        sq.append(rec["S_q"] if rec["S_q"] is not None else np.nan)
+        cut.append(rec["judge_truncated"])
+        for d in JUDGE_DIMENSIONS:
+            dims[d].append(rec["scores"][d] if rec["scores"] else np.nan)
+    df["judge"] = label
+    df["judge_status"] = status
+    df["judged"] = [s == "ok" for s in status]
+    df["judge_tries"] = tries
+    df["judge_truncated"] = cut
+    for d in JUDGE_DIMENSIONS:
+        df[d] = dims[d]
+    df["S_q"] = sq
+    return df
+
+
+def evaluate_models(
+    profile: Profile,
+    cfg: BenchConfig | None = None,
+    judge_backend: Backend | None = None,
+    backends: dict[str, Backend] | None = None,
+) -> dict[str, pd.DataFrame]:
+    """Predict and judge every model of ``cfg.models`` that exists; ``{tag: scored DataFrame}``.
+
+    A missing checkpoint (``sft``/``dpo`` not trained in this run) is skipped with a printed note.
+    One judge serves all models (built from the config unless given). ``backends`` may give a
+    prediction backend per tag (tests). Writes ``<run>/bench/summary.json``.
+    """
+    from .models import run_model
+
+    cfg = cfg or profile.section("bench", BenchConfig)
+    backends = backends or {}
+    tags = []
+    for tag in cfg.models:
+        if tag in backends:
+            tags.append(tag)
+            continue
+        try:
+            run_model(profile, tag)
+        except FileNotFoundError as e:
+            print(f"[bench] skipping {tag!r}: {e}")
+            continue
+        tags.append(tag)
+    if not tags:
+        raise RuntimeError(f"bench: none of the models {cfg.models} exists in {profile.run_dir}")
+    for tag in tags:
+        run_predictions(profile, tag, cfg, backend=backends.get(tag))
+    own = judge_backend is None and cfg.judge.kind != "none"
+    judge_backend = judge_backend or make_judge_backend(profile, cfg)
+    try:
+        results = {tag: run_judge(profile, tag, judge_backend, cfg) for tag in tags}
+    finally:
+        if own and hasattr(judge_backend, "close"):
+            judge_backend.close()
+    atomic_write_json(profile.stage_dir("bench") / "summary.json", summarize(results, cfg.n_boot, profile.seed))
+    return results
+
+
+# ----------------------------------------------------------------------------------------- tables
+
+
+def _boot_ci(sl: np.ndarray, sq: np.ndarray, n_boot: int, seed: int) -> dict[str, tuple[float, float]]:
+    """Percentile 95% intervals of S_l, S_q (over judged items of each resample) and S, resampling items."""
+    if n_boot <= 0 or len(sl) == 0:
+        return {}
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(sl), size=(n_boot, len(sl)))
+    b_sl = sl[idx].mean(axis=1)
+    q = sq[idx]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cnt = (~np.isnan(q)).sum(axis=1)
+        b_sq = np.where(cnt > 0, np.nansum(q, axis=1) / np.maximum(cnt, 1), np.nan)
+    b_s = (b_sl + b_sq) / 2
+    out = {}
+    for name, b in (("S_l", b_sl), ("S_q", b_sq), ("S", b_s)):
+        b = b[~np.isnan(b)]
+        if len(b):
+            out[name] = (float(np.percentile(b, 2.5)), float(np.percentile(b, 97.5)))
+    return out
+
+
+def _scores(g: pd.DataFrame, n_boot: int, seed: int) -> dict[str, Any]:
+    sl = g["S_l"].to_numpy(float)
+    sq = g["S_q"].to_numpy(float) if "S_q" in g else np.full(len(g), np.nan)
+    judged = int((~np.isnan(sq)).sum())
+    s_l = float(sl.mean()) if len(sl) else np.nan
+    s_q = float(np.nanmean(sq)) if judged else np.nan
+    status = g["judge_status"] if "judge_status" in g else pd.Series(["not judged"] * len(g))
+    row = {
+        "n": len(g), "judged": judged, "judge_failed": int((status == "failed").sum()),
+        "judge_errors": int((status == "error").sum()),
+        "S": (s_l + s_q) / 2 if judged else np.nan, "S_l": s_l, "S_q": s_q,
+        "S_l_eff": float(g["S_l_eff"].mean()) if len(g) else np.nan,
+        "collapsed": float(g["collapsed"].mean()) if len(g) else np.nan,
+        "hit_limit": float(g["hit_limit"].mean()) if len(g) else np.nan,
+    }
+    for name, (lo, hi) in _boot_ci(sl, sq, n_boot, seed).items():
+        row[f"{name}_lo"], row[f"{name}_hi"] = lo, hi
+    return row
+
+
+def score_table(df: pd.DataFrame, by: str | None = "bucket", n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """S, S_l, S_q (with bootstrap 95% CIs ``*_lo``/``*_hi``) overall and per ``by`` group
+    (``bucket``, ``type``, ``lang`` or None), with item, judged and failure counts, ``S_l_eff`` (on
+    effective length) and the shares of collapsed and token-limited outputs.
+
+    S_q and S are over judged items only (``judged`` says how many); NaN when none was judged.
+    """
+    if df.empty:
+        raise ValueError("score_table: no items")
+    rows = [{"group": "overall", **_scores(df, n_boot, seed)}]
+    if by is not None:
+        keys = list(BUCKET_NAMES) if by == "bucket" else sorted(df[by].unique())
+        for k in keys:
+            g = df[df[by] == k]
+            if len(g):
+                rows.append({"group": k, **_scores(g, n_boot, seed)})
+    return pd.DataFrame(rows).set_index("group")
+
+
+def paper_table(results: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """The paper's Table 2 layout: per model, overall S/S_l/S_q and S_l/S_q per length bucket,
+    plus how many items were judged (S_q is over judged items only)."""
+    rows = {}
+    for tag, df in results.items():
+        t = score_table(df, "bucket", n_boot=0)
+        row = {("Overall", "S"): t.loc["overall", "S"], ("Overall", "S_l"): t.loc["overall", "S_l"],
+               ("Overall", "S_q"): t.loc["overall", "S_q"]}
+        for b in BUCKET_NAMES:
+            row[(b, "S_l")] = t.loc[b, "S_l"] if b in t.index else np.nan
+            row[(b, "S_q")] = t.loc[b, "S_q"] if b in t.index else np.nan
+        row[("Items", "n")] = int(t.loc["overall", "n"])
+        row[("Items", "judged")] = int(t.loc["overall", "judged"])
+        rows[tag] = row
+    out = pd.DataFrame.from_dict(rows, orient="index")
+    out.columns = pd.MultiIndex.from_tuples(out.columns)
+    out.index.name = "model"
+    return out.round(1)
+
+
+def group_table(results: dict[str, pd.DataFrame], by: str, n_boot: int = 0) -> pd.DataFrame:
+    """:func:`score_table` by ``by`` for every model, stacked (index: model, group)."""
+    return pd.concat({tag: score_table(df, by, n_boot) for tag, df in results.items()}, names=["model"]).round(2)
+
+
+def judge_summary(results: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per model: the judge, items, judged, failed after all tries, transport errors, tries used,
+    responses cut for the judge. Reported beside every S_q."""
+    rows = []
+    for tag, df in results.items():
+        st = df["judge_status"] if "judge_status" in df else pd.Series(["not judged"] * len(df))
+        rows.append({
+            "model": tag, "judge": df["judge"].iloc[0] if "judge" in df else "none", "items": len(df),
+            "judged": int((st == "ok").sum()), "failed (unparseable after all tries)": int((st == "failed").sum()),
+            "transport errors": int((st == "error").sum()),
+            "mean tries": float(df["judge_tries"].mean()) if "judge_tries" in df else 0.0,
+            "responses cut for judge": int(df["judge_truncated"].sum()) if "judge_truncated" in df else 0,
+        })
+    return pd.DataFrame(rows).set_index("model")
+
+
+def repetition_table(results: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per model and bucket: share of outputs collapsed into loops, share at the token limit, mean raw
+    and effective words, and S_l on raw vs effective length (a loop earns raw length, not effective)."""
+    rows = []
+    for tag, df in results.items():
+        for b in ("overall", *BUCKET_NAMES):
+            g = df if b == "overall" else df[df["bucket"] == b]
+            if not len(g):
+                continue
+            rows.append({
+                "model": tag, "bucket": b, "n": len(g), "collapsed": g["collapsed"].mean(),
+                "hit_limit": g["hit_limit"].mean(), "mean words": g["response_length"].mean(),
+                "mean effective words": g["effective_length"].mean(), "S_l (raw)": g["S_l"].mean(),
+                "S_l (effective)": g["S_l_eff"].mean(),
+            })
+    return pd.DataFrame(rows).set_index(["model", "bucket"]).round(2)
+
+
+def load_paper_scores(path: str | Path = PAPER_SCORES_PATH) -> dict[str, Any]:
+    """The paper's published LongBench-Write scores (``lwlib/paper_scores.json``): ``{"source", "scores": [...]}``."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    for i, row in enumerate(data.get("scores", [])):
+        for k in ("model", "S", "S_l", "S_q"):
+            if k not in row:
+                raise ValueError(f"{path}: scores[{i}] has no field {k!r}")
+    return data
+
+
+def paper_comparison(results: dict[str, pd.DataFrame], profile_name: str,
+                     path: str | Path = PAPER_SCORES_PATH) -> pd.DataFrame:
+    """This run's models beside the paper's published scores, each row labelled with its source.
+
+    When ``paper_scores.json`` holds no scores, only this run's rows are returned and a message says
+    where to fill them in.
+    """
+    rows = []
+    for tag, df in results.items():
+        t = score_table(df, None, n_boot=0).loc["overall"]
+        rows.append({"source": f"this run (profile {profile_name}, judge: {df['judge'].iloc[0]})", "model": tag,
+                     "S": t["S"], "S_l": t["S_l"], "S_q": t["S_q"], "items": int(t["n"]), "judged": int(t["judged"])})
+    data = load_paper_scores(path)
+    if not data.get("scores"):
+        print(f"[bench] no published scores in {path}: {data.get('note', '')}")
+    for row in data.get("scores", []):
+        rows.append({"source": f"paper ({data['source']})", "model": row["model"], "S": row["S"],
+                     "S_l": row["S_l"], "S_q": row["S_q"], "items": 120, "judged": np.nan})
+    return pd.DataFrame(rows).set_index(["source", "model"]).round(1)
+
+
+def summarize(results: dict[str, pd.DataFrame], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """JSON-ready summary: per model, score tables by bucket, type and language, and judge counts."""
+    def tab(df, by):
+        t = score_table(df, by, n_boot, seed)
+        return {str(k): {c: (None if pd.isna(v) else float(v)) for c, v in row.items()} for k, row in t.iterrows()}
+
+    js = judge_summary(results)
+    return {tag: {"judge": {k: (v if isinstance(v, str) else float(v)) for k, v in js.loc[tag].items()},
+                  "by_bucket": tab(df, "bucket"), "by_type": tab(df, "type"), "by_lang": tab(df, "lang")}
+            for tag, df in results.items()}
+
+
+# ----------------------------------------------------------------------------------------- figures
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_length_scatter(results: dict[str, pd.DataFrame], path: str | Path, title: str, lim: tuple[float, float] = (50, 25000)) -> Path:
+    """The paper's scatter (official eval_length.py): output vs required words, log-log, y = x, one
+    panel per model. Outputs below the axis minimum are drawn on it as open markers."""
+    plt = _plt()
+    n = len(results)
+    fig, axes = plt.subplots(1, n, figsize=(max(6.5, 4.6 * n), 5.2), squeeze=False)
+    for ax, (tag, df) in zip(axes[0], results.items()):
+        for k, lang in enumerate(sorted(df["lang"].unique())):
+            g = df[df["lang"] == lang]
+            y = g["response_length"].to_numpy(float)
+            low = y < lim[0]
+            ax.scatter(g["length"][~low], y[~low], s=60, alpha=0.4, color=f"C{k}", label=f"{lang} (n={len(g)})")
+            if low.any():
+                ax.scatter(g["length"][low], np.full(low.sum(), lim[0]), s=60, facecolors="none", edgecolors=f"C{k}",
+                           label=f"{lang}: {low.sum()} output(s) < {lim[0]:.0f} words")
+        ax.plot(lim, lim, "k--", lw=1)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(*lim)
+        ax.set_ylim(lim[0] * 0.9, lim[1])
+        ax.set_xlabel("Required length (words)")
+        ax.set_ylabel("Output length (words)")
+        ax.set_title(tag)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_bucket_bars(results: dict[str, pd.DataFrame], path: str | Path, title: str) -> Path:
+    """S_l and S_q per required-length bucket, a bar per model; S_q bars note how many items were judged."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    x = np.arange(len(BUCKET_NAMES))
+    w = 0.8 / max(len(results), 1)
+    for k, (tag, df) in enumerate(results.items()):
+        t = score_table(df, "bucket", n_boot=0).reindex(list(BUCKET_NAMES))
+        for ax, col in zip(axes, ("S_l", "S_q")):
+            vals = t[col].to_numpy(float)
+            ax.bar(x + (k - (len(results) - 1) / 2) * w, np.nan_to_num(vals), w, color=f"C{k}", label=tag)
+            for xi, (v, j, nn) in enumerate(zip(vals, t["judged"], t["n"])):
+                if pd.isna(nn):
+                    continue
+                label = f"{int(j)}/{int(nn)}" if col == "S_q" else f"{v:.0f}"
+                ax.text(x[xi] + (k - (len(results) - 1) / 2) * w, (0 if pd.isna(v) else v) + 1, label,
+                        ha="center", fontsize=7)
+    for ax, col in zip(axes, ("S_l (length score; label = value)", "S_q (quality, judged items; label = judged/items)")):
+        ax.set_xticks(x, BUCKET_NAMES)
+        ax.set_ylim(0, 105)
+        ax.set_xlabel("Required length bucket (words)")
+        ax.set_title(col, fontsize=9)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    plt = _plt()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def load_ruler_frames(profile: Profile, tags: Sequence[str] = ("base", "sft", "dpo")) -> dict[str, pd.DataFrame]:
+    """Notebook 01's ruler-probe records of every tag that has them (missing ones noted and skipped)."""
+    from .probe import load_probe
+
+    frames = {}
+    for tag in tags:
+        try:
+            frames[tag] = load_probe(profile, tag)
+        except FileNotFoundError as e:
+            print(f"[bench] no ruler curve for {tag!r}: {e}")
+    return frames

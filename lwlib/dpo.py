@@ -1,0 +1,615 @@
+"""DPO on long-writing preference pairs (the paper's Section 4.3, "LongWriter-9B-DPO").
+
+Data, as the paper builds it:
+  1. long-writing instructions from the instruction source of notebook 02
+     (:func:`lwlib.instructions.generate_instructions` with a seed of its own, so the set differs from
+     the AgentWrite one; checked against LongBench-Write prompts, which are never used);
+  2. ``samples`` outputs per instruction (paper: 4) sampled from the SFT model (notebook 03);
+  3. every output scored: quality ``S_q`` from the LongBench-Write LLM judge
+     (:func:`lwlib.bench.judge_many` + :func:`lwlib.bench.quality_score`) and length ``S_l``
+     (:func:`lwlib.bench.length_score` against the instruction's required length), combined by the
+     documented rule of :class:`DPOStageConfig` (``score_rule``);
+  4. chosen = the best-scoring output (ties: a seeded draw among the tied best), rejected = one of the
+     others drawn at random (seeded per instruction); pairs whose two scores are equal carry no
+     preference and are dropped (``drop_ties``);
+  5. optionally mixed with general preference pairs (the paper: ~50k general + ~4k long-writing).
+
+Training: TRL's ``DPOTrainer`` (TRL 1.x: ``processing_class``; ``DPOConfig.max_length`` only) from the
+SFT checkpoint, with a frozen copy of it as the reference. ``max_length`` is set from the data (the
+longest prompt + response in tokens), capped by ``max_length`` of the config; how many pairs the cap
+truncates is reported in ``data_stats.json``, never silent.
+
+Run folder ``<run>/dpo/``: ``instructions.jsonl``, ``samples.jsonl`` (resumable), ``scores.jsonl``
+(resumable; judge outputs kept), ``pairs.jsonl``, ``data_stats.json``, ``model/``, ``train_log.json``.
+
+Usage::
+
+    cfg = prof.section("dpo", DPOStageConfig)
+    pairs, stats = build_dpo_data(prof, cfg)      # sample, judge, pair (resumable)
+    folder = train_dpo(prof, cfg, pairs)          # runs/<profile>/dpo/model
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from .backends import Backend, BackendConfig, GenParams, make_backend
+from .bench import JudgeConfig
+from .config import Profile
+from .runs import JsonlStore, atomic_write_json, read_jsonl, write_manifest
+from .text import count_words
+
+SCORE_RULES = ("mean", "weighted", "length", "quality")
+
+
+@dataclass
+class DPOStageConfig:
+    """Section ``dpo`` of a profile.
+
+    Data fields:
+        start_model: the policy's starting point and frozen reference: ``sft`` (notebook 03's checkpoint,
+            the paper's), ``base`` or a path (tests use ``base`` when no SFT checkpoint exists).
+        instructions: number of long-writing instructions (paper: ~4k pairs in all).
+        instruction_seed_offset: the instructions are ``generate_instructions(n, seed=profile.seed + offset)``;
+            an offset distinct from notebook 02's keeps the DPO set apart from the AgentWrite set.
+        languages: instruction languages (``en``, ``zh``).
+        min_words, max_words: range of the instructions' required lengths (log-uniform).
+        samples: outputs sampled per instruction (paper: 4).
+        max_new_tokens: token budget per sampled output.
+        temperature: sampling temperature (not stated in the paper; 0.8 for variety between samples).
+        top_p: nucleus mass of sampling.
+        backend: generation backend for sampling (lwlib.backends.BackendConfig; model = start model).
+        judge: the quality judge: ``lwlib.bench.JudgeConfig`` (kind ``local`` = the "local judge", a local
+            model through ``lwlib.serve``; ``openai`` = any OpenAI-compatible API, the paper's GPT-4o;
+            ``none`` = no quality, scores from length alone), built by ``lwlib.bench.make_judge_backend``.
+        score_rule: how quality ``S_q`` and length ``S_l`` (both 0-100) combine into the score:
+            ``mean`` = (S_l + S_q) / 2 (LongBench-Write's overall score S; default), ``weighted`` =
+            quality_weight * S_q + (1 - quality_weight) * S_l, ``length`` = S_l only, ``quality`` = S_q only.
+            Fallback when the judge fails (no parseable answer after ``judge.max_tries``, common with
+            a 135M local judge) or ``judge.kind: none``: if ANY output of an instruction lacks a quality
+            score, ALL outputs of that instruction are scored by S_l alone (so that outputs are compared
+            on the same scale); each score record says which rule produced it (``rule``). Under
+            ``quality`` such instructions are skipped.
+        quality_weight: weight of S_q under ``weighted``.
+        drop_ties: drop pairs whose chosen and rejected scores are equal (no preference).
+        general_data: general preference pairs to mix in: a JSONL path with ``prompt``/``chosen``/
+            ``rejected`` (strings or message lists), ``hf:<dataset id>[:config]`` (same columns), or null.
+        general_per_long: general pairs per long-writing pair (paper: ~50k / ~4k, about 12).
+        general_max: upper bound on general pairs (null = none).
+
+    Training fields (TRL ``DPOConfig``; the paper gives only the step count):
+        steps: optimizer steps (paper: 250).
+        beta: DPO beta (not in the paper; 0.1, the DPO paper's / TRL's default).
+        learning_rate: peak learning rate (not in the paper; 1e-6, TRL's DPO default).
+        batch_size: pairs per optimizer step over all devices.
+        per_device_batch_size: pairs per device per micro-step (gradient accumulation makes up the rest).
+        max_length: upper bound on prompt + response tokens; the trainer's max_length is the longest
+            pair in the data, up to this bound (pairs above it are truncated and counted); null = no bound.
+        lr_scheduler: learning-rate schedule (``cosine``, ``linear``, ``constant`` ...).
+        warmup_ratio: warmup fraction of the steps.
+        weight_decay: AdamW weight decay.
+        max_grad_norm: gradient clipping.
+        gradient_checkpointing: recompute activations in the backward pass.
+        deepspeed: DeepSpeed config path (relative to the repo) or null; with it TRL builds the reference.
+        logging_steps: log loss / rewards every N steps.
+        overwrite: retrain even if ``model/`` exists.
+
+    Evaluation fields (notebook 04):
+        bench_items: LongBench-Write items predicted and judged for SFT vs DPO (null = all 120).
+    """
+
+    start_model: str = "sft"
+    instructions: int = 1000
+    instruction_seed_offset: int = 1000
+    languages: list[str] = field(default_factory=lambda: ["en", "zh"])
+    min_words: int = 2000
+    max_words: int = 20000
+    samples: int = 4
+    max_new_tokens: int = 32768
+    temperature: float = 0.8
+    top_p: float = 1.0
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    score_rule: str = "mean"
+    quality_weight: float = 0.5
+    drop_ties: bool = True
+    general_data: str | None = None
+    general_per_long: float = 12.0
+    general_max: int | None = None
+    steps: int = 250
+    beta: float = 0.1
+    learning_rate: float = 1e-6
+    batch_size: int = 16
+    per_device_batch_size: int = 1
+    max_length: int | None = 32768
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = True
+    deepspeed: str | None = None
+    logging_steps: int = 1
+    overwrite: bool = False
+    bench_items: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.score_rule not in SCORE_RULES:
+            raise ValueError(f"dpo.score_rule must be one of {SCORE_RULES}, got {self.score_rule!r}")
+        if not 0.0 <= self.quality_weight <= 1.0:
+            raise ValueError(f"dpo.quality_weight must be in [0, 1], got {self.quality_weight}")
+        if self.samples < 2:
+            raise ValueError(f"dpo.samples must be >= 2 (a pair needs two outputs), got {self.samples}")
+        if self.batch_size % self.per_device_batch_size:
+            raise ValueError("dpo.batch_size must be a multiple of dpo.per_device_batch_size")
+        if self.judge.kind not in ("local", "openai", "none"):
+            raise ValueError(f"dpo.judge.kind must be local, openai or none, got {self.judge.kind!r}")
+
+
+# ------------------------------------------------------------------------------------------ instructions
+
+def dpo_instructions(prof: Profile, cfg: DPOStageConfig) -> list[dict[str, Any]]:
+    """The DPO instructions (records with id, prompt, type, lang, length); never LongBench-Write."""
+    from .data import load_longbench_write
+    from .instructions import check_no_benchmark_leak, generate_instructions
+
+    ins = generate_instructions(cfg.instructions, seed=prof.seed + cfg.instruction_seed_offset,
+                                languages=tuple(cfg.languages), min_words=cfg.min_words, max_words=cfg.max_words)
+    try:
+        bench = [it.prompt for it in load_longbench_write()]
+    except FileNotFoundError:
+        bench = []
+    check_no_benchmark_leak(ins, bench)
+    return [i.as_dict() for i in ins]
+
+
+# ------------------------------------------------------------------------------------------- sampling
+
+def sample_outputs(prof: Profile, cfg: DPOStageConfig, instructions: list[dict[str, Any]],
+                   backend: Backend | None = None) -> pd.DataFrame:
+    """``cfg.samples`` outputs per instruction from the start model; resumable
+    (``<run>/dpo/samples.jsonl``, id ``<instruction id>-s<k>``)."""
+    from .models import run_model
+
+    store = JsonlStore(prof.stage_dir("dpo") / "samples.jsonl", key="id")
+    todo = [(it, k) for it in instructions for k in range(cfg.samples) if f"{it['id']}-s{k}" not in store]
+    errors = []
+    if todo:
+        model = run_model(prof, cfg.start_model)
+        backend = backend or make_backend(cfg.backend, model, prof.device, prof.dtype)
+        params = GenParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=prof.seed)
+        prompts = [[{"role": "user", "content": it["prompt"]}] for it, _ in todo]
+        for i, g in backend.generate_iter(prompts, params, desc="DPO sampling"):
+            it, k = todo[i]
+            if g.error:
+                errors.append(f"{it['id']}-s{k}: {g.error}")
+                continue
+            store.append({"id": f"{it['id']}-s{k}", "instruction_id": it["id"], "sample": k,
+                          "prompt": it["prompt"], "type": it["type"], "lang": it["lang"],
+                          "required_length": it["length"], "response": g.text, "words": count_words(g.text),
+                          "tokens": g.completion_tokens, "finish_reason": g.finish_reason,
+                          "model": str(cfg.start_model)})
+    if errors:
+        raise RuntimeError(f"DPO sampling: {len(errors)} generations failed (rerun to retry them): {errors[:3]}")
+    want = {f"{it['id']}-s{k}" for it in instructions for k in range(cfg.samples)}
+    return pd.DataFrame([r for r in store.records() if r["id"] in want])
+
+
+# -------------------------------------------------------------------------------------------- scoring
+
+def make_dpo_judge(prof: Profile, cfg: DPOStageConfig):
+    """The judge backend (None for ``judge.kind: none``), from ``lwlib.bench.make_judge_backend``."""
+    from . import bench
+
+    return bench.make_judge_backend(prof, bench.BenchConfig(judge=cfg.judge))
+
+
+def judge_samples(prof: Profile, cfg: DPOStageConfig, samples: pd.DataFrame, judge=None) -> pd.DataFrame:
+    """Quality and length scores of every sample; resumable (``<run>/dpo/scores.jsonl``).
+
+    Each record: id, instruction_id, length_score, quality_scores (six dimensions or null), quality
+    (0-100 or null), judge (label), judge_tries, judge_outputs. A transport error leaves the sample
+    unscored (retried on rerun)."""
+    from . import bench
+    from .text import truncate_words
+
+    store = JsonlStore(prof.stage_dir("dpo") / "scores.jsonl", key="id")
+    todo = [r for r in samples.to_dict("records") if r["id"] not in store]
+    own = None
+    if todo and judge is None and cfg.judge.kind != "none":
+        judge = own = make_dpo_judge(prof, cfg)
+    if todo and judge is not None:
+        label = bench.judge_label(judge)
+        params = GenParams(cfg.judge.max_tokens, cfg.judge.temperature, seed=prof.seed)
+        resp = [r["response"] if cfg.judge.max_response_words is None
+                else truncate_words(r["response"], cfg.judge.max_response_words) for r in todo]
+        errors = []
+        try:
+            for i, res in bench.judge_many(judge, [(r["prompt"], x) for r, x in zip(todo, resp)],
+                                           cfg.judge.max_tries, params, desc="DPO judge"):
+                r = todo[i]
+                if res.error:
+                    errors.append(f"{r['id']}: {res.error}")
+                    continue
+                store.append(_score_record(r, res.scores, label, res.tries, res.outputs))
+        finally:
+            if own is not None and hasattr(own, "close"):
+                own.close()
+        if errors:
+            raise RuntimeError(f"DPO judge: {len(errors)} calls failed (rerun to retry them): {errors[:3]}")
+    elif todo:
+        for r in todo:
+            store.append(_score_record(r, None, "none", 0, []))
+    want = set(samples["id"])
+    return pd.DataFrame([r for r in store.records() if r["id"] in want])
+
+
+def _score_record(r: dict, scores: dict | None, judge: str, tries: int, outputs: list[str]) -> dict:
+    from . import bench
+
+    return {"id": r["id"], "instruction_id": r["instruction_id"], "required_length": r["required_length"],
+            "words": r["words"], "length_score": bench.length_score(r["required_length"], r["words"]),
+            "quality_scores": scores, "quality": bench.quality_score(scores) if scores else None,
+            "judge": judge, "judge_tries": tries, "judge_outputs": outputs}
+
+
+def combine_scores(scores: pd.DataFrame, rule: str = "mean", quality_weight: float = 0.5) -> pd.DataFrame:
+    """Add ``score`` and ``rule`` columns (see ``DPOStageConfig.score_rule`` for the rule and the
+    length-only fallback, applied per instruction). Rows of instructions that cannot be scored under
+    ``quality`` get ``score`` NaN."""
+    if rule not in SCORE_RULES:
+        raise ValueError(f"score rule must be one of {SCORE_RULES}, got {rule!r}")
+    df = scores.copy()
+    df["score"] = float("nan")
+    df["rule"] = ""
+    for _, g in df.groupby("instruction_id", sort=False):
+        q = g["quality"]
+        complete = bool(q.notna().all())
+        for idx in g.index:
+            sl, sq = float(df.at[idx, "length_score"]), df.at[idx, "quality"]
+            if rule == "length":
+                s, how = sl, "length"
+            elif not complete:
+                s, how = (float("nan"), "skipped: quality missing") if rule == "quality" else \
+                    (sl, "length only (quality missing)")
+            elif rule == "mean":
+                s, how = (sl + float(sq)) / 2.0, "mean"
+            elif rule == "weighted":
+                s, how = quality_weight * float(sq) + (1 - quality_weight) * sl, f"weighted q={quality_weight}"
+            else:
+                s, how = float(sq), "quality"
+            df.at[idx, "score"] = s
+            df.at[idx, "rule"] = how
+    return df
+
+
+def make_pairs(scored: pd.DataFrame, seed: int = 0, drop_ties: bool = True) -> tuple[list[dict], list[dict]]:
+    """Pairs from scored samples: per instruction, chosen = the highest ``score`` (ties among the best:
+    a seeded draw), rejected = one of the other samples drawn at random. The draws use a generator
+    seeded by (seed, instruction id), so a pair does not depend on other instructions or on order.
+
+    Returns ``(pairs, skipped)``; a pair is ``{instruction_id, chosen_id, rejected_id, chosen_score,
+    rejected_score, tie_break}``; skipped records say why (fewer than 2 scored samples, tie)."""
+    pairs, skipped = [], []
+    for iid, g in scored.groupby("instruction_id", sort=True):
+        g = g[g["score"].notna()].sort_values("id")
+        if len(g) < 2:
+            skipped.append({"instruction_id": iid, "reason": f"{len(g)} scored samples"})
+            continue
+        rng = random.Random(f"{seed}:{iid}")
+        best = g["score"].max()
+        tops = list(g.loc[g["score"] == best, "id"])
+        chosen = rng.choice(tops)
+        rejected = rng.choice([i for i in g["id"] if i != chosen])
+        rs = float(g.loc[g["id"] == rejected, "score"].iloc[0])
+        if drop_ties and rs == best:
+            skipped.append({"instruction_id": iid, "reason": "tie: the rejected sample scores as high as the chosen"})
+            continue
+        pairs.append({"instruction_id": iid, "chosen_id": chosen, "rejected_id": rejected,
+                      "chosen_score": float(best), "rejected_score": rs, "tie_break": len(tops) > 1})
+    return pairs, skipped
+
+
+# ------------------------------------------------------------------------------------ general pairs
+
+def _as_turns(x: Any, role: str, where: str) -> list[dict[str, str]]:
+    if isinstance(x, str):
+        return [{"role": role, "content": x}]
+    if isinstance(x, list) and x and all(isinstance(m, dict) and "role" in m and "content" in m for m in x):
+        return [{"role": m["role"], "content": m["content"]} for m in x]
+    raise ValueError(f"{where}: expected a string or a list of messages")
+
+
+def load_general_pairs(src: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` general preference pairs (conversational ``prompt``/``chosen``/``rejected``) from a JSONL
+    path or ``hf:<id>[:config]``; shuffled with ``seed``."""
+    if n <= 0:
+        return []
+    if src.startswith("hf:"):
+        from datasets import load_dataset
+
+        name, _, conf = src[3:].partition(":")
+        ds = load_dataset(name, conf or None, split="train")
+        missing = {"prompt", "chosen", "rejected"} - set(ds.column_names)
+        if missing:
+            raise ValueError(f"dpo.general_data {src!r}: missing column(s) {sorted(missing)}")
+        rows = list(ds.shuffle(seed=seed).select(range(min(n, len(ds)))))
+        where = src
+    else:
+        rows = read_jsonl(src)
+        random.Random(seed).shuffle(rows)
+        rows = rows[:n]
+        where = src
+    out = []
+    for k, r in enumerate(rows):
+        w = f"{where}[{k}]"
+        for c in ("prompt", "chosen", "rejected"):
+            if c not in r:
+                raise ValueError(f"{w}: missing field {c!r}")
+        out.append({"prompt": _as_turns(r["prompt"], "user", w + ".prompt"),
+                    "chosen": _as_turns(r["chosen"], "assistant", w + ".chosen"),
+                    "rejected": _as_turns(r["rejected"], "assistant", w + ".rejected"),
+                    "source": "general"})
+    return out
+
+
+# ----------------------------------------------------------------------------------------- the data
+
+def build_dpo_data(prof: Profile, cfg: DPOStageConfig | None = None, backend: Backend | None = None,
+                   judge=None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Instructions -> samples -> scores -> pairs (+ general pairs); resumable.
+
+    Returns (training pairs in TRL's conversational format with ids and scores, statistics); writes
+    ``pairs.jsonl`` and ``data_stats.json``."""
+    cfg = cfg or prof.section("dpo", DPOStageConfig)
+    out = prof.stage_dir("dpo")
+    write_manifest(out, {"profile": prof.resolved(), "dpo": dataclasses.asdict(cfg)}, name="manifest_data.json")
+    instructions = dpo_instructions(prof, cfg)
+    ins_store = JsonlStore(out / "instructions.jsonl", key="id")
+    for it in instructions:
+        if it["id"] not in ins_store:
+            ins_store.append(it)
+    samples = sample_outputs(prof, cfg, instructions, backend)
+    scores = judge_samples(prof, cfg, samples, judge)
+    scored = combine_scores(scores, cfg.score_rule, cfg.quality_weight)
+    pairs, skipped = make_pairs(scored, prof.seed, cfg.drop_ties)
+    by_id = samples.set_index("id")
+    sc = scored.set_index("id")
+    long_pairs = []
+    for p in pairs:
+        c, r = by_id.loc[p["chosen_id"]], by_id.loc[p["rejected_id"]]
+        long_pairs.append({**p, "source": "long-writing", "required_length": int(c["required_length"]),
+                           "chosen_words": int(c["words"]), "rejected_words": int(r["words"]),
+                           "chosen_quality": _nan_none(sc.at[p["chosen_id"], "quality"]),
+                           "rejected_quality": _nan_none(sc.at[p["rejected_id"], "quality"]),
+                           "chosen_length_score": float(sc.at[p["chosen_id"], "length_score"]),
+                           "rejected_length_score": float(sc.at[p["rejected_id"], "length_score"]),
+                           "rule": sc.at[p["chosen_id"], "rule"],
+                           "prompt": [{"role": "user", "content": c["prompt"]}],
+                           "chosen": [{"role": "assistant", "content": c["response"]}],
+                           "rejected": [{"role": "assistant", "content": r["response"]}]})
+    n_gen = 0
+    general = []
+    if cfg.general_data:
+        n_gen = math.ceil(cfg.general_per_long * len(long_pairs))
+        if cfg.general_max is not None:
+            n_gen = min(n_gen, cfg.general_max)
+        general = load_general_pairs(cfg.general_data, n_gen, prof.seed)
+    data = long_pairs + general
+    with open(out / "pairs.jsonl.tmp", "w", encoding="utf-8") as f:
+        for p in data:
+            f.write(json.dumps(p, ensure_ascii=False) + "\n")
+    Path(out / "pairs.jsonl.tmp").replace(out / "pairs.jsonl")
+    n_quality = int(scores["quality"].notna().sum()) if len(scores) else 0
+    stats = {"instructions": len(instructions), "samples": int(len(samples)), "judged_with_quality": n_quality,
+             "quality_missing": int(len(scores) - n_quality),
+             "score_rule": cfg.score_rule, "rules_used": scored["rule"].value_counts().to_dict(),
+             "long_pairs": len(long_pairs), "skipped_instructions": skipped,
+             "tie_broken_pairs": int(sum(p["tie_break"] for p in pairs)),
+             "general_source": cfg.general_data, "general_pairs": len(general),
+             "mean_chosen_score": float(pd.Series([p["chosen_score"] for p in pairs]).mean()) if pairs else None,
+             "mean_rejected_score": float(pd.Series([p["rejected_score"] for p in pairs]).mean()) if pairs else None}
+    atomic_write_json(out / "data_stats.json", stats)
+    return data, stats
+
+
+def _nan_none(x: Any) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def load_scored(prof: Profile, cfg: DPOStageConfig | None = None) -> pd.DataFrame:
+    """Every sample with its scores and the rule that produced them (from the run folder)."""
+    cfg = cfg or prof.section("dpo", DPOStageConfig)
+    run = prof.run_dir / "dpo"
+    for f in ("samples.jsonl", "scores.jsonl"):
+        if not (run / f).exists():
+            raise FileNotFoundError(f"{run / f} does not exist: run build_dpo_data (notebook 04) first")
+    samples = pd.DataFrame(read_jsonl(run / "samples.jsonl"))
+    scores = combine_scores(pd.DataFrame(read_jsonl(run / "scores.jsonl")), cfg.score_rule, cfg.quality_weight)
+    cols = ["id", "length_score", "quality", "score", "rule", "judge", "judge_tries"]
+    return samples[["id", "instruction_id", "sample", "required_length", "words", "tokens", "finish_reason"]].merge(
+        scores[cols], on="id", how="left")
+
+
+def load_pairs(prof: Profile) -> list[dict[str, Any]]:
+    """The pairs of :func:`build_dpo_data` (``<run>/dpo/pairs.jsonl``)."""
+    path = prof.run_dir / "dpo" / "pairs.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run build_dpo_data (notebook 04) first")
+    return read_jsonl(path)
+
+
+# -------------------------------------------------------------------------------------------- lengths
+
+def _ids(x: Any) -> list[int]:
+    if isinstance(x, dict) or hasattr(x, "keys"):
+        x = x["input_ids"]
+    return list(x)
+
+
+def pair_token_lengths(tok, pairs: list[dict[str, Any]]) -> list[int]:
+    """Tokens of the longer of prompt + chosen and prompt + rejected, per pair (chat-formatted)."""
+    return [max(len(_ids(tok.apply_chat_template(p["prompt"] + p[side], tokenize=True)))
+                for side in ("chosen", "rejected")) for p in pairs]
+
+
+def length_plan(lengths: list[int], cap: int | None) -> dict[str, int | None]:
+    """The trainer's ``max_length``: the longest pair, up to ``cap``; and how many pairs the cap cuts."""
+    if not lengths:
+        raise ValueError("no DPO pairs")
+    longest = max(lengths)
+    use = longest if cap is None else min(longest, cap)
+    return {"longest_pair_tokens": longest, "max_length": use, "cap": cap,
+            "truncated_pairs": sum(1 for x in lengths if x > use)}
+
+
+# ------------------------------------------------------------------------------------------- training
+
+def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict[str, Any]] | None = None,
+              out_dir: str | Path | None = None) -> Path:
+    """DPO-train the start model on ``pairs`` (default: ``pairs.jsonl``) with TRL's ``DPOTrainer`` and
+    a frozen reference (a copy of the start model); returns the checkpoint folder (model + tokenizer).
+
+    Writes ``train_log.json`` (log history: loss, rewards/margins, rewards/accuracies ...) and
+    ``length_plan.json`` beside the folder. A finished model is reused unless ``cfg.overwrite``."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from .models import load_tokenizer, resolve_model, run_model
+    from .runs import REPO_ROOT
+    from .sft import pick_attn
+
+    cfg = cfg or prof.section("dpo", DPOStageConfig)
+    out_dir = Path(out_dir) if out_dir else prof.stage_dir("dpo") / "model"
+    run = out_dir.parent
+    run.mkdir(parents=True, exist_ok=True)
+    if (out_dir / "config.json").exists() and (run / "train_log.json").exists() and not cfg.overwrite:
+        return out_dir
+    pairs = pairs if pairs is not None else load_pairs(prof)
+    if not pairs:
+        raise ValueError("no DPO pairs to train on (see data_stats.json: skipped instructions)")
+    start = resolve_model(run_model(prof, cfg.start_model))
+    tok = load_tokenizer(start)
+    tok.padding_side = "right"
+    plan = length_plan(pair_token_lengths(tok, pairs), cfg.max_length)
+    atomic_write_json(run / "length_plan.json", plan)
+    if plan["truncated_pairs"]:
+        print(f"note: {plan['truncated_pairs']} of {len(pairs)} pairs are longer than dpo.max_length="
+              f"{cfg.max_length} tokens and are truncated (longest: {plan['longest_pair_tokens']})")
+
+    cuda = torch.cuda.is_available() and prof.device != "cpu"
+    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    per_step = cfg.per_device_batch_size * world
+    if cfg.batch_size % per_step:
+        raise ValueError(f"dpo.batch_size {cfg.batch_size} is not a multiple of per-device batch x {world} devices")
+    ds_cfg = None
+    if cfg.deepspeed:
+        p = Path(cfg.deepspeed)
+        ds_cfg = str(p if p.is_absolute() else REPO_ROOT / p)
+    args = DPOConfig(
+        output_dir=str(run / "checkpoints"), per_device_train_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.batch_size // per_step, learning_rate=cfg.learning_rate,
+        max_steps=cfg.steps, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, beta=cfg.beta,
+        max_length=plan["max_length"], bf16=cuda, fp16=False, use_cpu=not cuda,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        logging_steps=cfg.logging_steps, save_strategy="no", report_to=[], seed=prof.seed,
+        dataloader_num_workers=0, deepspeed=ds_cfg, disable_tqdm=False,
+    )
+    attn = pick_attn("auto", prof.device)
+    if attn == "flex_attention":  # DPO batches are padded, not packed: flex only pays off for packs
+        attn = "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32, attn_implementation=attn)
+    model.config.use_cache = False
+    ref = None
+    if not ds_cfg:  # a frozen copy of the start model; with DeepSpeed TRL builds (and shards) it
+        ref = copy.deepcopy(model)
+        ref.requires_grad_(False)
+        ref.eval()
+    cols = ("prompt", "chosen", "rejected")
+    ds = Dataset.from_list([{c: p[c] for c in cols} for p in pairs])
+    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
+    write_manifest(run, {"profile": prof.resolved(), "dpo": dataclasses.asdict(cfg), "start_model": start,
+                         "pairs": len(pairs), "length_plan": plan, "attn_implementation": attn,
+                         "gradient_accumulation_steps": args.gradient_accumulation_steps})
+    result = trainer.train()
+    trainer.save_model(str(out_dir))
+    if trainer.is_world_process_zero():
+        model.config.use_cache = True
+        model.config.save_pretrained(out_dir)
+        tok.padding_side = "left"
+        tok.save_pretrained(out_dir)
+        atomic_write_json(run / "train_log.json", {"log_history": trainer.state.log_history,
+                                                   "metrics": result.metrics, "global_step": result.global_step,
+                                                   "start_model": start, "length_plan": plan})
+    return out_dir
+
+
+def load_dpo_log(folder: str | Path) -> pd.DataFrame:
+    """The training curves (folder with ``train_log.json`` or the model folder): step, loss,
+    reward margin, reward accuracy, chosen/rejected rewards."""
+    folder = Path(folder)
+    path = folder / "train_log.json" if (folder / "train_log.json").exists() else folder.parent / "train_log.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no train_log.json in {folder} or its parent: train with lwlib.dpo.train_dpo")
+    hist = json.loads(path.read_text())["log_history"]
+    rows = [{"step": h["step"], "loss": h["loss"], "reward_margin": h.get("rewards/margins"),
+             "reward_accuracy": h.get("rewards/accuracies"), "reward_chosen": h.get("rewards/chosen"),
+             "reward_rejected": h.get("rewards/rejected"), "learning_rate": h.get("learning_rate")}
+            for h in hist if "loss" in h]
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def reward_margins(policy, reference, tok, pairs: list[dict[str, Any]], beta: float) -> pd.DataFrame:
+    """DPO's implicit rewards of each pair, computed independently of TRL:
+    ``r = beta * (log p_policy(y|x) - log p_ref(y|x))`` for chosen and rejected (response tokens and the
+    end-of-turn token, via :func:`lwlib.nll.token_nll`); margin = r_chosen - r_rejected."""
+    from .nll import token_nll
+
+    conv = {s: [p["prompt"] + p[s] for p in pairs] for s in ("chosen", "rejected")}
+    lp = {}
+    for name, m in (("policy", policy), ("ref", reference)):
+        for s in ("chosen", "rejected"):
+            lp[name, s] = [-float(x.sum()) for x in token_nll(m, tok, conv[s], include_end_token=True,
+                                                                  desc=f"logp {name}/{s}")]
+    rows = []
+    for k in range(len(pairs)):
+        rc = beta * (lp["policy", "chosen"][k] - lp["ref", "chosen"][k])
+        rr = beta * (lp["policy", "rejected"][k] - lp["ref", "rejected"][k])
+        rows.append({"reward_chosen": rc, "reward_rejected": rr, "margin": rc - rr})
+    return pd.DataFrame(rows)
+
+
+def plot_dpo_training(log: pd.DataFrame, path: str | Path, title: str) -> Path:
+    """Loss, reward margin and reward accuracy against the step (three panels)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for ax, col, lab in zip(axes, ("loss", "reward_margin", "reward_accuracy"),
+                            ("DPO loss", "reward margin (chosen - rejected)", "reward accuracy")):
+        ax.plot(log["step"], log[col], "o-", ms=3)
+        ax.set_xlabel("step")
+        ax.set_title(lab, fontsize=9)
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path

@@ -1,0 +1,314 @@
+"""Negative log-likelihood by position (the paper's Figure 7).
+
+For each conversation (prompt messages + one assistant response) the model is run once over the
+chat-formatted prompt followed by the response, and the negative log-likelihood of every response token
+given everything before it is recorded. The paper then plots, for every position ``t`` of the response,
+the *cumulative average* NLL ``c_t = mean(nll_1 .. nll_t)`` of each sample, averaged over the samples whose
+response reaches position ``t`` (a sample shorter than ``t`` does not count at ``t``), on a log x-axis: a
+model that uses the long output it has written so far keeps lowering this curve as ``t`` grows.
+
+Details:
+  * Response tokens are those after the tokenized prompt (``apply_chat_template(add_generation_prompt=True)``)
+    in the tokenized whole conversation, up to (by default not including) the first end-of-turn token.
+  * The model is called with ``use_cache=False``, several sequences per batch (right padding, so positions
+    of real tokens are unchanged). Long sequences are *chunked over positions*: the transformer body runs
+    once and the output head + log-softmax are applied ``chunk_size`` positions at a time, so the
+    ``tokens x vocabulary`` logits of a 32k-token sequence are never held at once. The result is the same
+    as unchunked (tested) because the head acts on each position independently.
+  * ``max_tokens`` cuts prompt + response to the model's context (the kept response prefix is recorded).
+
+Usage::
+
+    cfg = prof.section("nll", NLLConfig)
+    df = run_nll(prof, "sft", cfg)                       # one row per sample, list column "nll"
+    curve = cumulative_curve(df["nll"].tolist())         # position, cum_avg_nll, samples
+    plot_nll({"base": c0, "sft": c1}, path, title)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import Profile
+from .runs import JsonlStore, atomic_write_json, read_jsonl, write_manifest
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class NLLConfig:
+    """Section ``nll`` of a profile.
+
+    Fields:
+        data_path: conversations to score (LongWriter-6k JSONL, ``{"messages": [...]}``); null =
+            ``<run>/agentwrite/heldout.jsonl`` (notebook 02's held-out items), falling back (with a
+            printed note) to ``<run>/agentwrite/longwriter.jsonl`` when there is no held-out file.
+        models: model tags to score (``base``, ``sft``, ``dpo`` or a path; see ``lwlib.models.run_model``);
+            tags whose checkpoint does not exist are skipped with a note.
+        max_samples: at most this many conversations (the first ones in the file); null = all.
+        max_tokens: cut prompt + response to this many tokens (the model's context); null = no cut.
+        batch_size: sequences per forward pass.
+        chunk_size: positions per output-head/log-softmax chunk (memory bound on the logits); 0 = whole
+            sequence at once. Results do not depend on it.
+        include_end_token: also score the end-of-turn token that closes the response.
+    """
+
+    data_path: str | None = None
+    models: list[str] = field(default_factory=lambda: ["base", "sft", "dpo"])
+    max_samples: int | None = None
+    max_tokens: int | None = None
+    batch_size: int = 4
+    chunk_size: int = 2048
+    include_end_token: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"nll.batch_size must be >= 1, got {self.batch_size}")
+        if self.chunk_size < 0:
+            raise ValueError(f"nll.chunk_size must be >= 0, got {self.chunk_size}")
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise ValueError(f"nll.max_tokens must be >= 2 or null, got {self.max_tokens}")
+
+
+# --------------------------------------------------------------------------------------------- tokens
+
+def _ids(x: Any) -> list[int]:
+    if isinstance(x, dict) or hasattr(x, "keys"):
+        x = x["input_ids"]
+    return list(x)
+
+
+def encode_conversation(tok, messages: Messages, include_end_token: bool = False,
+                        max_tokens: int | None = None) -> tuple[list[int], int, int]:
+    """Token ids of prompt + response, the response start and its length (in tokens).
+
+    The prompt is everything before the last (assistant) message, rendered with the generation prompt;
+    the response is what the whole conversation adds after it, up to the first end-of-turn token
+    (included if ``include_end_token``). Returns ``(ids, start, n_response)``; ``ids`` is cut to
+    ``max_tokens`` (the response shortened accordingly)."""
+    from .models import end_token_ids
+
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ValueError("encode_conversation: the last message must be the assistant's response")
+    prompt = _ids(tok.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True))
+    full = _ids(tok.apply_chat_template(messages, tokenize=True))
+    start = 0
+    while start < min(len(prompt), len(full)) and prompt[start] == full[start]:
+        start += 1
+    resp = full[start:]
+    ends = set(end_token_ids(tok))
+    cut = next((k for k, t in enumerate(resp) if t in ends), len(resp))
+    resp = resp[: cut + 1] if include_end_token and cut < len(resp) else resp[:cut]
+    ids = full[:start] + resp
+    if max_tokens is not None and len(ids) > max_tokens:
+        ids = ids[:max_tokens]
+    return ids, start, max(len(ids) - start, 0)
+
+
+# ------------------------------------------------------------------------------------------------ NLL
+
+def _head_and_body(model):
+    head = model.get_output_embeddings()
+    body = getattr(model, model.base_model_prefix, None) if getattr(model, "base_model_prefix", None) else None
+    if head is None or body is None or body is model:
+        raise ValueError(f"{type(model).__name__}: cannot split into body and output head for chunked NLL")
+    return body, head
+
+
+@torch.no_grad()
+def token_nll_batch(model, batch: Sequence[Sequence[int]], starts: Sequence[int], pad_id: int,
+                    chunk_size: int = 0) -> list[np.ndarray]:
+    """Per-token NLL (natural log) of ``ids[start:]`` given ``ids[:t]`` for every sequence of a batch.
+
+    One forward pass over the right-padded batch (``use_cache=False``); the output head and log-softmax
+    run ``chunk_size`` positions at a time (0 = all at once). Returns one float64 array per sequence, of
+    length ``len(ids) - start``."""
+    device = next(model.parameters()).device
+    width = max(len(x) for x in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, x in enumerate(batch):
+        ids[i, : len(x)] = torch.tensor(list(x))
+        mask[i, : len(x)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    body, head = _head_and_body(model)
+    hidden = body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    # position p predicts token p + 1: targets ids[:, 1:] from hidden[:, :-1]
+    targets = ids[:, 1:]
+    hid = hidden[:, :-1]
+    n = hid.shape[1]
+    step = chunk_size if chunk_size and chunk_size > 0 else max(n, 1)
+    parts = []
+    for s in range(0, n, step):
+        logits = head(hid[:, s : s + step]).float()
+        logp = torch.log_softmax(logits, dim=-1)
+        parts.append(-logp.gather(-1, targets[:, s : s + step, None]).squeeze(-1))
+    nll = torch.cat(parts, dim=1).double().cpu().numpy() if parts else np.zeros((len(batch), 0))
+    out = []
+    for i, (x, st) in enumerate(zip(batch, starts)):
+        if st < 1:
+            raise ValueError("the response must follow at least one prompt token")
+        out.append(nll[i, st - 1 : len(x) - 1].copy())
+    return out
+
+
+def token_nll(model, tok, conversations: Sequence[Messages], batch_size: int = 4, chunk_size: int = 0,
+              include_end_token: bool = False, max_tokens: int | None = None,
+              desc: str = "token NLL") -> list[np.ndarray]:
+    """Per-token NLL of each conversation's assistant response (see :func:`token_nll_batch`).
+
+    Conversations are batched in order of length (results come back in input order)."""
+    from tqdm.auto import tqdm
+
+    enc = [encode_conversation(tok, m, include_end_token, max_tokens) for m in conversations]
+    order = sorted(range(len(enc)), key=lambda i: -len(enc[i][0]))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    out: list[np.ndarray | None] = [None] * len(enc)
+    for s in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+        idx = order[s : s + batch_size]
+        res = token_nll_batch(model, [enc[i][0] for i in idx], [enc[i][1] for i in idx], pad, chunk_size)
+        for i, r in zip(idx, res):
+            out[i] = r
+    return out  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------ aggregates
+
+def cumulative_average(nll: Sequence[float]) -> np.ndarray:
+    """``c_t = mean(nll[0..t])`` for every position ``t`` of one sample."""
+    a = np.asarray(nll, dtype=np.float64)
+    return np.cumsum(a) / np.arange(1, len(a) + 1) if len(a) else a
+
+
+def cumulative_curve(samples: Sequence[Sequence[float]]) -> pd.DataFrame:
+    """The Figure 7 curve: at each position (1-based), the mean over the samples that reach it of their
+    cumulative average NLL. Columns: ``position``, ``cum_avg_nll``, ``samples`` (how many reach it)."""
+    lens = [len(s) for s in samples]
+    if not lens or max(lens) == 0:
+        return pd.DataFrame({"position": [], "cum_avg_nll": [], "samples": []})
+    width = max(lens)
+    total = np.zeros(width)
+    count = np.zeros(width, dtype=np.int64)
+    for s in samples:
+        c = cumulative_average(s)
+        total[: len(c)] += c
+        count[: len(c)] += 1
+    return pd.DataFrame({"position": np.arange(1, width + 1), "cum_avg_nll": total / count, "samples": count})
+
+
+# ------------------------------------------------------------------------------------------------ stage
+
+def nll_data_path(prof: Profile, cfg: NLLConfig) -> Path:
+    """The file :func:`run_nll` scores (see ``NLLConfig.data_path``); prints a note on the fallback."""
+    if cfg.data_path:
+        p = Path(cfg.data_path)
+        if not p.exists():
+            raise FileNotFoundError(f"nll.data_path: {p} does not exist")
+        return p
+    aw = prof.run_dir / "agentwrite"
+    held = aw / "heldout.jsonl"
+    if held.exists() and held.stat().st_size > 0:
+        return held
+    full = aw / "longwriter.jsonl"
+    if full.exists():
+        print(f"note: no held-out file {held}; scoring {full} instead (these items may have been trained on)")
+        return full
+    raise FileNotFoundError(f"no {held} or {full}: run notebooks/02_agentwrite.ipynb for profile {prof.name!r} "
+                            "first (or set nll.data_path)")
+
+
+def load_conversations(path: str | Path, max_samples: int | None = None) -> list[tuple[str, Messages]]:
+    """``(id, messages)`` pairs from LongWriter-6k JSONL (id: the record's ``id`` or ``line<N>``)."""
+    out = []
+    for k, rec in enumerate(read_jsonl(path)):
+        msgs = rec.get("messages") if isinstance(rec, dict) else None
+        if not isinstance(msgs, list) or not msgs or not isinstance(msgs[-1], dict) \
+                or msgs[-1].get("role") != "assistant":
+            raise ValueError(f"{path}: record {k + 1} needs 'messages' ending with an assistant message")
+        out.append((str(rec.get("id", f"line{k + 1}")), msgs))
+        if max_samples is not None and len(out) >= max_samples:
+            break
+    if not out:
+        raise ValueError(f"{path}: no conversations")
+    return out
+
+
+def run_nll(prof: Profile, tag: str, cfg: NLLConfig | None = None, model_and_tok=None) -> pd.DataFrame:
+    """Per-token NLL of the held-out responses under model ``tag``; resumable.
+
+    Writes ``<run>/nll/<tag>/token_nll.jsonl`` (per sample: id, tokens, nll list, mean) and
+    ``curve.csv`` (:func:`cumulative_curve`). Returns one row per sample."""
+    from .models import load_model, run_model
+
+    cfg = cfg or prof.section("nll", NLLConfig)
+    path = nll_data_path(prof, cfg)
+    out = prof.stage_dir("nll") / tag
+    model_name = run_model(prof, tag)
+    write_manifest(out, {"profile": prof.resolved(), "nll": dataclasses.asdict(cfg), "tag": tag,
+                         "model": model_name, "data": str(path)})
+    store = JsonlStore(out / "token_nll.jsonl", key="id")
+    convs = load_conversations(path, cfg.max_samples)
+    todo = [(i, m) for i, m in convs if i not in store]
+    if todo:
+        model, tok = model_and_tok or load_model(model_name, prof.device, prof.dtype)
+        for s in range(0, len(todo), cfg.batch_size):  # store each batch as soon as it is done
+            part = todo[s : s + cfg.batch_size]
+            res = token_nll(model, tok, [m for _, m in part], cfg.batch_size, cfg.chunk_size,
+                            cfg.include_end_token, cfg.max_tokens, desc=f"NLL ({tag})")
+            for (i, _), r in zip(part, res):
+                store.append({"id": i, "tag": tag, "model": model_name, "tokens": int(len(r)),
+                              "mean_nll": float(r.mean()) if len(r) else None,
+                              "nll": [round(float(x), 5) for x in r]})
+    want = {i for i, _ in convs}
+    df = pd.DataFrame([r for r in store.records() if r["id"] in want])
+    cumulative_curve(df["nll"].tolist()).to_csv(out / "curve.csv", index=False)
+    atomic_write_json(out / "summary.json", {"samples": int(len(df)), "tokens": int(df["tokens"].sum()),
+                                             "mean_token_nll": float(np.concatenate(df["nll"].map(np.asarray).tolist()).mean())})
+    return df
+
+
+def plot_nll(curves: dict[str, pd.DataFrame], path: str | Path, title: str, min_samples: int = 1) -> Path:
+    """Figure 7 style: cumulative average NLL vs position (log x), one line per model. Positions reached
+    by fewer than ``min_samples`` samples are not drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for k, (label, c) in enumerate(curves.items()):
+        c = c[c["samples"] >= min_samples]
+        ax.plot(c["position"], c["cum_avg_nll"], "-", color=f"C{k}", lw=1.6, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("Position in the response (tokens, log scale)")
+    ax.set_ylabel("Cumulative average NLL")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def nll_table(frames: dict[str, pd.DataFrame], positions: Sequence[int] = (10, 100, 1000, 10000)) -> pd.DataFrame:
+    """One row per model: samples, response tokens, mean token NLL, and the Figure 7 curve's value at
+    ``positions`` (NaN where no sample reaches them)."""
+    rows = []
+    for tag, df in frames.items():
+        c = cumulative_curve(df["nll"].tolist()).set_index("position")
+        row = {"model": tag, "samples": len(df), "tokens": int(df["tokens"].sum()),
+               "mean token NLL": float(np.concatenate(df["nll"].map(np.asarray).tolist()).mean())}
+        for p in positions:
+            row[f"cum. avg NLL @{p}"] = float(c.at[p, "cum_avg_nll"]) if p in c.index else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("model")

@@ -1,0 +1,577 @@
+"""Supervised fine-tuning as in the paper (Section 4.1): long-output data mixed with general SFT data,
+packed training, and the loss averaged over all target tokens of the whole batch.
+
+Recipe (paper, Section 4.1 and the official code): mix LongWriter-6k with general chat data; loss on
+assistant tokens only (content and end-of-turn token); pack conversations to 32,768 tokens with
+attention kept inside each conversation; the loss is the mean over *all target tokens* in the global
+batch (every gradient-accumulation step, every data-parallel rank) rather than the mean of per-sequence
+means, which would let a 20-token answer weigh as much as a 10,000-word one and so under-train exactly
+the long outputs this data is for (the paper's "loss weighting"); lr 1e-5, batch 8 packs, 4 epochs,
+cosine schedule, warmup ratio 0.03, weight decay 0.1, Adam betas (0.9, 0.95), bf16, ZeRO-3 + CPU offload
+on 8 GPUs. Packing and targets: :mod:`lwlib.packing`.
+
+The loss is computed in :class:`LongWriterTrainer` (a small ``transformers.Trainer`` subclass):
+``get_batch_samples`` counts the target tokens (or sequences, for the ablation) of all micro-batches
+of one optimizer step, summed over data-parallel ranks, and ``compute_loss`` divides each micro-batch's
+summed token loss by that count (times the number of ranks, because DDP/DeepSpeed average gradients).
+The gradients of one optimizer step are then exactly those of ``sum(token losses) / total targets``.
+
+Length cap (the paper's controlled experiment, Section 2): ``max_output_words`` limits the output length
+of training examples; ``cap_mode: drop`` removes examples whose assistant output is longer (the data
+set then only *contains* outputs up to the cap, which is what the experiment varies), ``truncate``
+cuts them with :func:`lwlib.text.truncate_words` (keeps the data size fixed, but teaches outputs that
+stop mid-text). Default ``drop``.
+
+General data: a JSONL file (LongWriter-6k format), ``hf:<dataset id>`` (a ``messages`` column), or
+``self-distill``: the base model answering built-in short instructions, cached in
+``<run>/sft/general_self_distill.jsonl`` and labelled ``source: self-distillation`` (no general chat
+corpus can be downloaded in the smoke/gpu settings).
+
+Usage::
+
+    folder = train_sft(prof)                                     # runs/<profile>/sft/model
+    folder = train_sft(prof, dataclasses.replace(cfg, max_output_words=500),
+                       out_dir=prof.stage_dir("sft") / "cap500" / "model")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .config import Profile
+from .packing import (IGNORE, PackCollator, PackedDataset, TokenizedExample, pack_examples, pack_stats,
+                      tokenize_chat, training_template)
+from .runs import JsonlStore, atomic_write_json, read_jsonl, write_manifest
+from .text import count_words, truncate_words
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class SFTConfig:
+    """Section ``sft`` of a profile.
+
+    Fields:
+        data_path: long-output data (LongWriter-6k JSONL); null = ``<run>/agentwrite/longwriter.jsonl``
+            (notebook 02's output).
+        general_data: general SFT data: a JSONL path, ``hf:<dataset id>[:<config>][@<split>]`` (column
+            ``messages``; e.g. ``hf:HuggingFaceH4/ultrachat_200k@train_sft``),
+            ``self-distill`` (the base model answers built-in short instructions) or ``none``.
+        general_per_long: general examples per long-output example (paper: ~180k general + 6k
+            LongWriter-6k, i.e. about 30).
+        general_max: upper bound on the number of general examples (null = no bound).
+        self_distill_max_new_tokens: answer length limit when self-distilling general data.
+        self_distill_batch_size: generation batch size when self-distilling.
+        max_output_words: cap on the assistant output length (words, :func:`lwlib.text.count_words`) of
+            training examples; null = no cap (the controlled experiment sets it).
+        cap_mode: ``drop`` (remove longer examples; default, the data set then contains outputs up to
+            the cap) or ``truncate`` (cut them to the cap with :func:`lwlib.text.truncate_words`).
+        caps: the caps of the controlled experiment (notebook 03 trains one model per cap).
+        cap_max_steps: optimizer steps of each capped run (-1 = as ``max_steps``/``epochs``).
+        chat_template: training template with generation markers: ``auto``, a name in
+            ``lwlib/templates`` or a path.
+        packing_length: tokens per pack (paper: 32768); longer examples are cut to it.
+        batch_size: packs per optimizer step over all devices (paper: 8).
+        per_device_batch_size: packs per device per micro-step; gradient accumulation makes up the rest.
+        learning_rate: peak learning rate (paper: 1e-5).
+        epochs: passes over the data (paper: 4).
+        max_steps: optimizer steps; > 0 overrides ``epochs``.
+        warmup_ratio: linear warmup fraction of all steps (paper: 0.03).
+        weight_decay: AdamW weight decay (paper: 0.1).
+        adam_beta1, adam_beta2: Adam betas (paper: 0.9, 0.95).
+        max_grad_norm: gradient clipping.
+        loss: ``token`` (mean over all target tokens of the global batch, the paper's) or ``sequence``
+            (mean of per-sequence means; the ablation).
+        gradient_checkpointing: recompute activations in the backward pass.
+        attn_implementation: ``auto`` (CUDA: flash_attention_2 when installed, else flex_attention; CPU: sdpa),
+            or a name.
+        deepspeed: DeepSpeed config (``env/ds_zero3_offload.json``); null = none. Relative to the repo.
+        save_steps: write a resumable checkpoint every N steps (0 = only the final model).
+        logging_steps: log the loss every N steps.
+        overwrite: retrain even if the final model exists.
+    """
+
+    data_path: str | None = None
+    general_data: str = "self-distill"
+    general_per_long: float = 1.0
+    general_max: int | None = None
+    self_distill_max_new_tokens: int = 256
+    self_distill_batch_size: int = 8
+    max_output_words: int | None = None
+    cap_mode: str = "drop"
+    caps: list[int] = field(default_factory=list)
+    cap_max_steps: int = -1
+    chat_template: str = "auto"
+    packing_length: int = 32768
+    batch_size: int = 8
+    per_device_batch_size: int = 1
+    learning_rate: float = 1e-5
+    epochs: float = 4.0
+    max_steps: int = -1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    max_grad_norm: float = 1.0
+    loss: str = "token"
+    gradient_checkpointing: bool = True
+    attn_implementation: str = "auto"
+    deepspeed: str | None = None
+    save_steps: int = 0
+    logging_steps: int = 1
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("token", "sequence"):
+            raise ValueError(f"sft.loss must be 'token' or 'sequence', got {self.loss!r}")
+        if self.cap_mode not in ("drop", "truncate"):
+            raise ValueError(f"sft.cap_mode must be 'drop' or 'truncate', got {self.cap_mode!r}")
+        if self.packing_length < 16:
+            raise ValueError(f"sft.packing_length too small: {self.packing_length}")
+        if self.batch_size % self.per_device_batch_size:
+            raise ValueError("sft.batch_size must be a multiple of sft.per_device_batch_size")
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+def _check_messages(msgs: Any, where: str) -> Messages:
+    if not isinstance(msgs, list) or not msgs:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list")
+    for k, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                or not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}: message {k} needs role system/user/assistant and string content")
+    if msgs[-1]["role"] != "assistant":
+        raise ValueError(f"{where}: the last message must be the assistant's")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def load_sft_data(path: str | Path) -> list[Messages]:
+    """Read LongWriter-6k format JSONL (``{"messages": [{"role", "content"}, ...]}`` per line).
+
+    Bad lines raise ``ValueError`` naming file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no SFT data at {path}")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+            if not isinstance(rec, dict) or "messages" not in rec:
+                raise ValueError(f"{path}:{lineno}: record has no 'messages'")
+            out.append(_check_messages(rec["messages"], f"{path}:{lineno}"))
+    return out
+
+
+def output_words(msgs: Messages) -> int:
+    """Words of the assistant output(s) of a conversation."""
+    return sum(count_words(m["content"]) for m in msgs if m["role"] == "assistant")
+
+
+def apply_length_cap(data: list[Messages], max_words: int | None, mode: str = "drop") -> list[Messages]:
+    """Limit assistant outputs to ``max_words``: ``drop`` longer examples or ``truncate`` them."""
+    if max_words is None:
+        return list(data)
+    if mode == "drop":
+        return [m for m in data if output_words(m) <= max_words]
+    if mode == "truncate":
+        out = []
+        for msgs in data:
+            left, new = max_words, []
+            for m in msgs:
+                if m["role"] == "assistant":
+                    c = truncate_words(m["content"], left)
+                    left -= count_words(c)
+                    m = {**m, "content": c}
+                new.append(m)
+            out.append(new)
+        return out
+    raise ValueError(f"unknown cap mode {mode!r}")
+
+
+_TASKS = [
+    "Explain {t} to a curious ten-year-old in a few sentences.",
+    "Give three practical tips about {t}.",
+    "What is the most common misconception about {t}?",
+    "Write a short, friendly email inviting a colleague to a talk on {t}.",
+    "Summarize the history of {t} in one paragraph.",
+    "List the pros and cons of {t}.",
+    "Write a haiku about {t}.",
+    "How would you explain {t} to someone who has never heard of it?",
+    "Give a one-sentence definition of {t}, then an example.",
+    "Suggest a title and a one-line description for a blog post about {t}.",
+    "What questions should a beginner ask about {t}?",
+    "Compare {t} with something from everyday life.",
+]
+_TOPICS = [
+    "photosynthesis", "compound interest", "the water cycle", "machine learning", "volcanoes", "sleep hygiene",
+    "the Roman Empire", "recycling plastics", "black holes", "public speaking", "bread baking", "vaccines",
+    "time management", "the stock market", "bees and pollination", "renewable energy", "chess openings",
+    "the human heart", "climate change", "learning a new language", "gardening on a balcony", "electric cars",
+    "the printing press", "meditation", "ocean tides", "prime numbers", "coffee brewing", "earthquakes",
+    "budgeting for students", "the immune system",
+]
+
+
+def general_instructions(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """``n`` varied short instructions (task template x topic), deterministic for ``seed``."""
+    combos = [(i, j) for i in range(len(_TASKS)) for j in range(len(_TOPICS))]
+    random.Random(seed).shuffle(combos)
+    if n > len(combos):
+        raise ValueError(f"at most {len(combos)} built-in instructions, asked for {n}")
+    return [{"id": f"gen-{i:02d}-{j:02d}", "prompt": _TASKS[i].format(t=_TOPICS[j])} for i, j in combos[:n]]
+
+
+def self_distill(prof: Profile, n: int, cfg: SFTConfig, backend=None) -> list[Messages]:
+    """General SFT data by self-distillation: the profile's model answers ``n`` built-in short
+    instructions (greedy). Resumable cache ``<run>/sft/general_self_distill.jsonl``; every record
+    says ``source: self-distillation`` and the model. Answers cut by the token limit are skipped."""
+    from .backends import GenParams, make_backend, BackendConfig
+
+    store = JsonlStore(prof.stage_dir("sft") / "general_self_distill.jsonl", key="id")
+    items = general_instructions(n, prof.seed)
+    todo = [it for it in items if it["id"] not in store]
+    if todo:
+        backend = backend or make_backend(BackendConfig(batch_size=cfg.self_distill_batch_size), prof.model,
+                                          prof.device, prof.dtype)
+        params = GenParams(cfg.self_distill_max_new_tokens, temperature=0.0, seed=prof.seed)
+        for i, g in backend.generate_iter([[{"role": "user", "content": it["prompt"]}] for it in todo], params,
+                                          desc="self-distillation (general SFT data)"):
+            if g.error:
+                continue
+            store.append({"id": todo[i]["id"], "source": "self-distillation", "model": prof.model,
+                          "finish_reason": g.finish_reason, "messages": [
+                              {"role": "user", "content": todo[i]["prompt"]},
+                              {"role": "assistant", "content": g.text.strip()}]})
+    want = {it["id"] for it in items}
+    return [r["messages"] for r in store.records() if r["id"] in want and r["finish_reason"] == "stop"
+            and r["messages"][1]["content"]]
+
+
+def load_general(prof: Profile, cfg: SFTConfig, n: int) -> list[Messages]:
+    """``n`` general examples from ``cfg.general_data`` (see :class:`SFTConfig`)."""
+    src = cfg.general_data
+    if n <= 0 or src == "none":
+        return []
+    if src == "self-distill":
+        return self_distill(prof, n, cfg)
+    if src.startswith("hf:"):
+        from datasets import load_dataset
+
+        spec, _, split = src[3:].partition("@")
+        name, _, conf = spec.partition(":")
+        ds = load_dataset(name, conf or None, split=split or "train")
+        if "messages" not in ds.column_names:
+            raise ValueError(f"sft.general_data {src!r}: the data set has no 'messages' column ({ds.column_names})")
+        ds = ds.shuffle(seed=prof.seed).select(range(min(n, len(ds))))
+        return [_check_messages(r["messages"], f"{src}[{k}]") for k, r in enumerate(ds)]
+    data = load_sft_data(src)
+    random.Random(prof.seed).shuffle(data)
+    return data[:n]
+
+
+def build_mix(prof: Profile, cfg: SFTConfig) -> tuple[list[Messages], dict[str, Any]]:
+    """The SFT mix: long-output data (notebook 02) + general data in the profile's ratio, length cap
+    applied. Returns (conversations, statistics)."""
+    path = Path(cfg.data_path) if cfg.data_path else prof.stage_dir("agentwrite") / "longwriter.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"no long-output SFT data at {path}: run notebooks/02_agentwrite.ipynb for profile "
+                                f"{prof.name!r} first (or set sft.data_path)")
+    long = load_sft_data(path)
+    n_gen = math.ceil(cfg.general_per_long * len(long))
+    if cfg.general_max is not None:
+        n_gen = min(n_gen, cfg.general_max)
+    general = load_general(prof, cfg, n_gen)
+    capped_long = apply_length_cap(long, cfg.max_output_words, cfg.cap_mode)
+    capped_gen = apply_length_cap(general, cfg.max_output_words, cfg.cap_mode)
+    data = capped_long + capped_gen
+    if not data:
+        raise ValueError(f"no SFT examples left (cap {cfg.max_output_words} words, mode {cfg.cap_mode})")
+    words = [output_words(m) for m in data]
+    stats = {"long_path": str(path), "long_examples": len(long), "long_after_cap": len(capped_long),
+             "general_source": cfg.general_data, "general_examples": len(general),
+             "general_after_cap": len(capped_gen), "max_output_words": cfg.max_output_words,
+             "cap_mode": cfg.cap_mode, "data_max_output_words": max(words),
+             "data_mean_output_words": sum(words) / len(words)}
+    return data, stats
+
+
+# ----------------------------------------------------------------------------------------------- loss
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor, denominator: torch.Tensor | float,
+             loss_weights: torch.Tensor | None = None, mode: str = "token") -> torch.Tensor:
+    """Summed cross-entropy of one micro-batch divided by the global ``denominator``.
+
+    ``labels`` are pre-shifted targets (``IGNORE`` = none). ``token``: sum of token losses /
+    denominator (= target tokens of the global batch). ``sequence``: sum of token losses weighted by
+    ``loss_weights`` (1 / targets of the token's sequence) / denominator (= sequences in the batch)."""
+    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                         ignore_index=IGNORE, reduction="none")
+    if mode == "sequence":
+        if loss_weights is None:
+            raise ValueError("sequence mode needs loss_weights")
+        ce = ce * loss_weights.reshape(-1).to(ce.dtype)
+    elif mode != "token":
+        raise ValueError(f"unknown loss mode {mode!r}")
+    return ce.sum() / denominator
+
+
+def _trainer_cls():
+    from transformers import Trainer
+
+    class LongWriterTrainer(Trainer):
+        """``Trainer`` whose loss is normalised over the whole optimizer step (all accumulation
+        micro-batches and data-parallel ranks): see the module docstring."""
+
+        loss_is_scaled_for_ga = True
+
+        def __init__(self, *args, loss_mode: str = "token", **kwargs):
+            super().__init__(*args, **kwargs)
+            self.loss_mode = loss_mode
+
+        def _denominator(self, batches: list[dict], device) -> torch.Tensor:
+            if self.loss_mode == "token":
+                n = sum(int((b["labels"] != IGNORE).sum()) for b in batches)
+            else:
+                n = sum(int(b["num_sequences"]) for b in batches)
+            n = torch.tensor(float(n), device=device)
+            if self.args.world_size > 1:
+                n = self.accelerator.gather(n.reshape(1)).sum()
+            return n
+
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            batches = []
+            for _ in range(num_batches):
+                try:
+                    batches.append(next(epoch_iterator))
+                except StopIteration:
+                    break
+            return batches, (self._denominator(batches, device) if batches else None)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs = dict(inputs)
+            labels = inputs.pop("labels")
+            weights = inputs.pop("loss_weights", None)
+            inputs.pop("num_sequences", None)
+            if num_items_in_batch is None:  # evaluation: this batch alone
+                num_items_in_batch = self._denominator([{"labels": labels, "num_sequences": 0}], labels.device) \
+                    if self.loss_mode == "token" else torch.tensor(1.0)
+            outputs = model(**inputs, use_cache=False)
+            loss = sft_loss(outputs.logits, labels, num_items_in_batch, weights, self.loss_mode)
+            if self.args.world_size > 1:  # DDP / DeepSpeed average gradients over ranks
+                loss = loss * self.args.world_size
+            return (loss, outputs) if return_outputs else loss
+
+    return LongWriterTrainer
+
+
+# ------------------------------------------------------------------------------------------- training
+
+def pick_attn(name: str, device: str) -> str:
+    """``auto``: on CUDA flash_attention_2 when the package is installed, else flex_attention (packed
+    training measured 1.6x faster than sdpa on an H100: ``benchmarks/results/sft_h100.json``); sdpa on CPU."""
+    if name != "auto":
+        return name
+    if not (torch.cuda.is_available() and device != "cpu"):
+        return "sdpa"
+    return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "flex_attention"
+
+
+def tokenize_all(tok, data: list[Messages], template: str, max_tokens: int) -> list[TokenizedExample]:
+    from tqdm.auto import tqdm
+
+    return [tokenize_chat(tok, m, template, max_tokens) for m in tqdm(data, desc="tokenize", leave=False)]
+
+
+def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] | None = None,
+              out_dir: str | Path | None = None) -> Path:
+    """Fine-tune the profile's model; returns the checkpoint folder (HF model + tokenizer).
+
+    ``data`` replaces the mix of :func:`build_mix` (the length cap still applies). ``out_dir`` defaults
+    to ``<run>/sft/model``; the folder beside it holds ``train_log.json``, ``data_stats.json``,
+    ``manifest.json``. An existing finished model is reused unless ``cfg.overwrite``.
+    """
+    from transformers import AutoModelForCausalLM, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .models import load_tokenizer, resolve_model
+    from .runs import REPO_ROOT
+
+    cfg = cfg or prof.section("sft", SFTConfig)
+    out_dir = Path(out_dir) if out_dir else prof.stage_dir("sft") / "model"
+    run = out_dir.parent
+    run.mkdir(parents=True, exist_ok=True)
+    if (out_dir / "config.json").exists() and (run / "train_log.json").exists() and not cfg.overwrite:
+        return out_dir
+
+    if data is None:
+        data, stats = build_mix(prof, cfg)
+    else:
+        data = apply_length_cap([_check_messages(m, f"data[{k}]") for k, m in enumerate(data)],
+                                cfg.max_output_words, cfg.cap_mode)
+        words = [output_words(m) for m in data]
+        stats = {"given_examples": len(data), "max_output_words": cfg.max_output_words, "cap_mode": cfg.cap_mode,
+                 "data_max_output_words": max(words), "data_mean_output_words": sum(words) / len(words)}
+    tok = load_tokenizer(prof.model)
+    tok.padding_side = "right"
+    template = training_template(tok, cfg.chat_template)
+    examples = tokenize_all(tok, data, template, cfg.packing_length)
+    packs = pack_examples(examples, cfg.packing_length, seed=prof.seed)
+    pstats = pack_stats(examples, packs, cfg.packing_length)
+    stats.update({k: v for k, v in dataclasses.asdict(pstats).items() if k != "pack_lengths"})
+    atomic_write_json(run / "data_stats.json", stats)
+
+    device = prof.device
+    cuda = torch.cuda.is_available() and device != "cpu"
+    attn = pick_attn(cfg.attn_implementation, device)
+    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    per_step = cfg.per_device_batch_size * world
+    if cfg.batch_size % per_step:
+        raise ValueError(f"sft.batch_size {cfg.batch_size} is not a multiple of per-device batch x {world} devices")
+    ds_cfg = None
+    if cfg.deepspeed:
+        ds_cfg = Path(cfg.deepspeed)
+        ds_cfg = str(ds_cfg if ds_cfg.is_absolute() else REPO_ROOT / ds_cfg)
+    args = TrainingArguments(
+        output_dir=str(run / "checkpoints"), per_device_train_batch_size=cfg.per_device_batch_size,
+        gradient_accumulation_steps=cfg.batch_size // per_step, learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of all steps (transformers 5) weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2, max_grad_norm=cfg.max_grad_norm, bf16=cuda,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500, save_total_limit=2, report_to=[], seed=prof.seed,
+        remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not cuda, deepspeed=ds_cfg,
+        disable_tqdm=False,
+    )
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(prof.model), dtype=torch.float32,
+                                                 attn_implementation=attn)
+    model.config.use_cache = False
+    collator = PackCollator(pad_id=tok.pad_token_id, flatten=attn.startswith("flash"))
+    trainer = _trainer_cls()(model=model, args=args, train_dataset=PackedDataset(examples, packs),
+                             data_collator=collator, loss_mode=cfg.loss)
+    write_manifest(run, {"profile": prof.resolved(), "sft": dataclasses.asdict(cfg), "attn_implementation": attn,
+                         "world_size": world, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                         "out_dir": str(out_dir), "data": stats})
+    last = get_last_checkpoint(args.output_dir) if cfg.save_steps and Path(args.output_dir).exists() else None
+    result = trainer.train(resume_from_checkpoint=last)
+    trainer.save_model(str(out_dir))
+    if trainer.is_world_process_zero():
+        model.config.use_cache = True
+        model.config.save_pretrained(out_dir)
+        tok.padding_side = "left"
+        if not tok.chat_template:  # a base model (Llama-3.1-8B): generate in the format it was trained on
+            tok.chat_template = template
+        tok.save_pretrained(out_dir)  # else keeps the model's own template (same text as the training one)
+        atomic_write_json(run / "train_log.json", {"log_history": trainer.state.log_history,
+                                                   "metrics": result.metrics, "global_step": result.global_step})
+    return out_dir
+
+
+def load_train_log(folder: str | Path):
+    """The loss curve of a training run (folder holding ``train_log.json``, or the model folder) as a
+    DataFrame with columns step, loss, learning_rate, grad_norm."""
+    import pandas as pd
+
+    folder = Path(folder)
+    path = folder / "train_log.json" if (folder / "train_log.json").exists() else folder.parent / "train_log.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no train_log.json in {folder} or its parent: train with lwlib.sft.train_sft")
+    hist = json.loads(path.read_text())["log_history"]
+    rows = [{"step": h["step"], "loss": h["loss"], "learning_rate": h.get("learning_rate"),
+             "grad_norm": h.get("grad_norm")} for h in hist if "loss" in h]
+    return pd.DataFrame(rows)
+
+
+def cap_dir(prof: Profile, cap: int) -> Path:
+    """Checkpoint folder of the run capped at ``cap`` words: ``<run>/sft/cap<N>/model``."""
+    return prof.stage_dir("sft") / f"cap{cap}" / "model"
+
+
+def train_capped(prof: Profile, cap: int, cfg: SFTConfig | None = None) -> Path:
+    """Train the controlled-experiment model whose SFT data is capped at ``cap`` output words."""
+    cfg = cfg or prof.section("sft", SFTConfig)
+    steps = cfg.cap_max_steps if cfg.cap_max_steps > 0 else cfg.max_steps
+    return train_sft(prof, dataclasses.replace(cfg, max_output_words=cap, max_steps=steps), out_dir=cap_dir(prof, cap))
+
+
+def cap_experiment_table(prof: Profile, probe_frames: dict[int, Any], quantile: float = 0.95):
+    """One row per cap: the longest output in the SFT data (``data_stats.json``) and the model's
+    maximum output length on LongWrite-Ruler (raw and effective words, ``quantile``)."""
+    import pandas as pd
+
+    from .probe import summarize_probe
+
+    rows = []
+    for cap, df in sorted(probe_frames.items()):
+        st = json.loads((cap_dir(prof, cap).parent / "data_stats.json").read_text())
+        s = summarize_probe(df, quantile)
+        rows.append({"cap": cap, "data_max_output_words": st["data_max_output_words"],
+                     "examples": st["examples"], "model_max_output_words_raw": s["max_output_words_raw"],
+                     "model_max_output_words_effective": s["max_output_words_effective"]})
+    return pd.DataFrame(rows)
+
+
+def plot_cap_experiment(table, path: str | Path, title: str) -> Path:
+    """The controlled-experiment figure: model max output length vs max output length in its SFT data."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    x = table["data_max_output_words"]
+    ax.plot(x, table["model_max_output_words_raw"], "o-", label="model max output (raw words)")
+    ax.plot(x, table["model_max_output_words_effective"], "s--", label="model max output (effective words)")
+    lim = [0, max(float(x.max()), float(table["model_max_output_words_raw"].max())) * 1.1]
+    ax.plot(lim, lim, ":", color="gray", label="y = x")
+    for _, r in table.iterrows():
+        ax.annotate(f"cap {r['cap']}", (r["data_max_output_words"], r["model_max_output_words_raw"]),
+                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("max output length in SFT data (words)")
+    ax.set_ylabel("max output length of the model (words, p95)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def plot_loss(logs: dict[str, Any], path: str | Path, title: str) -> Path:
+    """Training loss against optimizer step, one line per run (``{label: load_train_log(...)}``)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for label, log in logs.items():
+        ax.plot(log["step"], log["loss"], marker="o" if len(log) < 30 else None, ms=3, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean over target tokens of the step)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path

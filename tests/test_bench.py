@@ -1,0 +1,303 @@
+"""LongBench-Write: official length score, judge parsing/retries/cache, the whole evaluation, notebook 06."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from lwlib import bench
+from lwlib.backends import GenParams, Generation, OpenAIBackend
+from lwlib.config import load_profile
+from lwlib.serve import serve
+from lwlib.text import count_words
+
+DIMS = bench.JUDGE_DIMENSIONS
+
+
+def _answer(scores, analysis="Fine.", fenced=False, trailing=""):
+    obj = {"Analysis": analysis, **dict(zip(DIMS, scores))}
+    body = json.dumps(obj, indent=2)
+    return (f"```json\n{body}\n```" if fenced else body) + trailing
+
+
+class ScriptedBackend:
+    """Answers with the given texts in turn (the last one repeats): a judge whose output is known."""
+
+    def __init__(self, answers, name="scripted-judge"):
+        self.answers = list(answers)
+        self.name = name
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def _next(self):
+        with self._lock:
+            a = self.answers[min(self.calls, len(self.answers) - 1)]
+            self.calls += 1
+            return a
+
+    def generate_iter(self, prompts, params, max_new_tokens=None, desc=None):
+        for i, _ in enumerate(prompts):
+            yield i, Generation(self._next(), 10, 10, "stop")
+
+    def generate(self, prompts, params, max_new_tokens=None, desc=None):
+        return [g for _, g in self.generate_iter(prompts, params)]
+
+
+# ------------------------------------------------------------------------------ length score
+
+
+@pytest.mark.parametrize("required,actual,expected", [
+    (1000, 500, 50.0),          # 0.5x: 1 - (2 - 1)/2
+    (1000, 1500, 83.3333333),   # 1.5x: 1 - 0.5/3
+    (1000, 2000, 66.6666667),   # 2x
+    (1000, 3000, 33.3333333),   # 3x
+    (900, 300, 0.0),            # exactly 1/3x
+    (900, 100, 0.0),            # below 1/3x
+    (1000, 4000, 0.0),          # exactly 4x
+    (1000, 9000, 0.0),          # beyond 4x
+    (1000, 1000, 100.0),        # equal
+    (1000, 0, 0.0),             # empty response (official script divides by zero)
+    (200, 150, 100 * (1 - (200 / 150 - 1) / 2)),
+])
+def test_length_score_hand_values(required, actual, expected):
+    assert bench.length_score(required, actual) == pytest.approx(expected, abs=1e-6)
+
+
+def test_length_score_rejects_bad_lengths():
+    with pytest.raises(ValueError, match="required"):
+        bench.length_score(0, 10)
+    with pytest.raises(ValueError, match="actual"):
+        bench.length_score(100, -1)
+
+
+def test_buckets_follow_the_paper():
+    assert [bench.bucket_of(x) for x in (0, 499, 500, 1999, 2000, 3999, 4000, 20000)] == [
+        "[0,500)", "[0,500)", "[500,2k)", "[500,2k)", "[2k,4k)", "[2k,4k)", "[4k,20k]", "[4k,20k]"]
+
+
+# ------------------------------------------------------------------------------ judge prompt and parsing
+
+
+def test_judge_prompt_is_the_official_template():
+    t = bench.judge_template()
+    assert len(t) == 1884 and t.startswith("You are an expert in evaluating text quality.")
+    assert "You do not need to consider whether the response meets the user's length requirements" in t
+    for d in DIMS:
+        assert f"{d}:" in t
+    p = bench.judge_prompt("Write a poem about tea.", "Tea is warm.")
+    assert "<User Request>\n\nWrite a poem about tea.\n\n</User Request>" in p
+    assert "<Response>\n\nTea is warm.\n\n</Response>" in p and "$INST$" not in p and "$RESPONSE$" not in p
+
+
+def test_parse_fenced_bare_and_trailing():
+    want = dict(zip(DIMS, [5, 4, 3, 2, 1, 4]))
+    assert bench.parse_judgement(_answer([5, 4, 3, 2, 1, 4], fenced=True)) == want
+    assert bench.parse_judgement("Here is my evaluation:\n" + _answer([5, 4, 3, 2, 1, 4])) == want
+    assert bench.parse_judgement(_answer([5, 4, 3, 2, 1, 4], trailing="\nHope this helps! {not json}")) == want
+    # a raw newline inside the analysis string (the official code strips newlines before json.loads)
+    raw = '{"Analysis": "line one\nline two", ' + ", ".join(f'"{d}": 3' for d in DIMS) + "}"
+    assert bench.parse_judgement(raw) == dict.fromkeys(DIMS, 3)
+    # scores given as digit strings, and a first object that is not a judgement
+    s = '{"note": 1} then {' + ", ".join(f'"{d}": "2"' for d in DIMS) + "}"
+    assert bench.parse_judgement(s) == dict.fromkeys(DIMS, 2)
+
+
+@pytest.mark.parametrize("text", [
+    "",
+    None,
+    "The response is good. Relevance: 5, Accuracy: 4.",                      # not JSON
+    "```json\n{\"Analysis\": \"ok\", \"Relevance\": 5\n```",                  # broken JSON
+    json.dumps({"Analysis": "x", **dict(zip(DIMS[:-1], [4] * 5))}),          # missing Reading Experience
+    json.dumps({"Analysis": "x", **dict(zip(DIMS, [4, 4, 4, 4, 4, 6]))}),    # out of range
+    json.dumps({"Analysis": "x", **dict(zip(DIMS, [4, 4, 4, 4, 4, 0]))}),    # out of range
+    json.dumps({"Analysis": "x", **dict(zip(DIMS, [4, 4, 4, 4, 4, 3.5]))}),  # not an integer
+    json.dumps({"Analysis": "x", **dict(zip(DIMS, [4, 4, 4, 4, 4, True]))}),
+])
+def test_parse_rejects_unusable_answers(text):
+    assert bench.parse_judgement(text) is None
+
+
+def test_quality_score_formula():
+    assert bench.quality_score(dict.fromkeys(DIMS, 5)) == 100.0
+    assert bench.quality_score(dict.fromkeys(DIMS, 1)) == 0.0
+    s = dict(zip(DIMS, [5, 4, 3, 2, 1, 4]))
+    assert bench.quality_score(s) == pytest.approx(np.mean([100, 75, 50, 25, 0, 75]))
+    with pytest.raises(ValueError, match="Clarity"):
+        bench.quality_score({d: 3 for d in DIMS if d != "Clarity"})
+
+
+def test_judge_one_retries_over_http_and_caches(tmp_path):
+    answers = ["I think it is fine.", _answer([4, 4, 4, 4, 2, 2], fenced=True)]
+    with serve(ScriptedBackend(answers), model_name="scripted") as server:
+        be = OpenAIBackend(server.model, base_url=server.url, concurrency=2, max_retries=0)
+        cache = bench.JudgeCache(tmp_path / "cache.jsonl")
+        s = bench.judge_one(be, "Write about tea.", "Tea.", max_tries=5, cache=cache)
+        assert s == dict(zip(DIMS, [4, 4, 4, 4, 2, 2])) and server.requests == 2
+        assert bench.judge_one(be, "Write about tea.", "Tea.", cache=cache) == s
+        assert server.requests == 2  # cached: no new request
+        rec = bench.JudgeCache(tmp_path / "cache.jsonl").store.records()  # reopened from disk
+        assert len(rec) == 1 and rec[0]["tries"] == 2 and rec[0]["judge_model"] == "scripted"
+
+
+def test_judge_one_gives_up_after_max_tries():
+    with serve(ScriptedBackend(["no json here"]), model_name="bad") as server:
+        be = OpenAIBackend(server.model, base_url=server.url, max_retries=0)
+        assert bench.judge_one(be, "p", "r") is None
+        assert server.requests == 5  # the official retry policy
+
+
+def test_transport_errors_are_not_cached(tmp_path):
+    with serve(ScriptedBackend(["x"]), model_name="down", fail_first=100) as server:
+        be = OpenAIBackend(server.model, base_url=server.url, max_retries=0)
+        cache = bench.JudgeCache(tmp_path / "c.jsonl")
+        res = list(bench.judge_many(be, [("p", "r")], max_tries=2))[0][1]
+        assert res.status == "error" and res.tries == 2
+        cache.put("down", "p", "r", res)
+        assert len(cache.store) == 0
+
+
+# ------------------------------------------------------------------------------ items
+
+
+def test_select_items_languages_and_spread():
+    from lwlib.data import load_longbench_write
+
+    items = load_longbench_write()
+    cfg = bench.BenchConfig(languages=["en"])
+    en = bench.select_items(items, cfg)
+    assert len(en) == 60 and {it.lang for it in en} == {"en"}
+    cfg.max_items = 4
+    four = bench.select_items(items, cfg)
+    assert len(four) == 4 and sorted({bench.bucket_of(it.length) for it in four}) == sorted(bench.BUCKET_NAMES)
+    with pytest.raises(ValueError, match="languages"):
+        bench.select_items(items, bench.BenchConfig(languages=["fr"]))
+
+
+# ------------------------------------------------------------------------------ whole evaluation
+
+
+@pytest.fixture(scope="module")
+def predicted(tmp_path_factory, local_backend):
+    """Real predictions of the bundled model for 2 English items (8 tokens each)."""
+    root = tmp_path_factory.mktemp("bench")
+    prof = load_profile("smoke", run_root=root)
+    cfg = bench.BenchConfig(languages=["en"], max_items=2, max_new_tokens=8, n_boot=200)
+    df = bench.run_predictions(prof, "base", cfg, backend=local_backend)
+    return prof, cfg, df
+
+
+def test_predictions_records_and_resume(predicted, local_backend):
+    prof, cfg, df = predicted
+    assert len(df) == 2
+    for r in df.to_dict("records"):
+        assert r["response_length"] == count_words(r["response"])
+        assert r["tokens"] <= 8 and r["hit_limit"] == (r["finish_reason"] == "length")
+        assert r["bucket"] == bench.bucket_of(r["length"]) and r["lang"] == "en"
+        assert r["S_l"] == pytest.approx(bench.length_score(r["length"], r["response_length"]))
+    again = bench.run_predictions(prof, "base", cfg, backend=None)  # nothing left: no model is loaded
+    assert again["response"].tolist() == df["response"].tolist()
+    assert len((prof.run_dir / "bench" / "base" / "predictions.jsonl").read_text().splitlines()) == 2
+
+
+def test_evaluation_with_local_model_as_judge(predicted, chat_server):
+    """The real bundled model judges through the OpenAI-compatible test server; its answers are
+    whatever it writes: judged + failed must account for every item, and a rerun sends nothing."""
+    prof, cfg, _ = predicted
+    cfg.judge = bench.JudgeConfig(max_tokens=16, max_tries=2)
+    judge = OpenAIBackend(chat_server.model, base_url=chat_server.url, max_retries=1)
+    before = chat_server.requests
+    df = bench.run_judge(prof, "base", judge, cfg)
+    sent = chat_server.requests - before
+    assert set(df["judge_status"]) <= {"ok", "failed"}
+    assert df["judged"].sum() + (df["judge_status"] == "failed").sum() == len(df) == 2
+    failed = df[df["judge_status"] == "failed"]
+    assert (failed["judge_tries"] == 2).all() and failed["S_q"].isna().all()
+    assert sent == df["judge_tries"].sum()
+    recs = [json.loads(x) for x in (prof.run_dir / "bench" / "base" / "judgements.jsonl").read_text().splitlines()]
+    assert all(len(r["outputs"]) == r["tries"] for r in recs)
+    t = bench.score_table(df)
+    assert t.loc["overall", "judged"] == df["judged"].sum()
+    if t.loc["overall", "judged"] == 0:
+        assert np.isnan(t.loc["overall", "S_q"]) and np.isnan(t.loc["overall", "S"])
+    bench.run_judge(prof, "base", judge, cfg)
+    assert chat_server.requests - before == sent  # resumed: nothing re-sent
+
+
+def test_scores_with_a_known_judge(predicted, tmp_path):
+    """A judge with known answers: first item unparseable twice then 5s; second always unusable."""
+    prof, cfg, preds = predicted
+    prof = load_profile("smoke", run_root=tmp_path)  # fresh run folder, same predictions
+    out = prof.stage_dir("bench") / "base"
+    out.mkdir()
+    (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preds.drop(columns=["S_l", "S_l_eff"]).to_dict("records")))
+    cfg.judge = bench.JudgeConfig(max_tries=3)
+    # rounds: try 1 -> both get garbage; try 2 -> first gets garbage, second a missing dimension;
+    # try 3 -> first a valid answer, second a missing dimension again
+    answers = ["nope", "nope", "nope", json.dumps({"Relevance": 5}), _answer([5, 5, 5, 5, 3, 3]), json.dumps({"Relevance": 5})]
+    scripted = ScriptedBackend(answers, name="scripted-judge")
+    df = bench.run_judge(prof, "base", scripted, cfg)
+    assert scripted.calls == 6
+    assert sorted(df["judge_status"]) == ["failed", "ok"]
+    ok = df[df["judged"]].iloc[0]
+    assert ok["judge_tries"] == 3 and ok["S_q"] == pytest.approx(np.mean([100] * 4 + [50] * 2))
+    t = bench.score_table(df, "bucket", n_boot=300)
+    assert t.loc["overall", "judged"] == 1 and t.loc["overall", "judge_failed"] == 1
+    assert t.loc["overall", "S_q"] == pytest.approx(ok["S_q"])  # over judged items only
+    assert t.loc["overall", "S_l"] == pytest.approx(preds["S_l"].mean())
+    assert t.loc["overall", "S"] == pytest.approx((preds["S_l"].mean() + ok["S_q"]) / 2)
+    assert t.loc["overall", "S_l_lo"] <= t.loc["overall", "S_l"] <= t.loc["overall", "S_l_hi"]
+    # tables and figures from the same results
+    res = {"base": df}
+    pt = bench.paper_table(res)
+    assert pt.loc["base", ("Items", "judged")] == 1
+    rep = bench.repetition_table(res)
+    assert rep.loc[("base", "overall"), "n"] == 2
+    cmp = bench.paper_comparison(res, prof.name)
+    assert any(s.startswith("this run (profile smoke") for s in cmp.index.get_level_values(0))
+    for fn in (bench.plot_length_scatter, bench.plot_bucket_bars):
+        p = fn(res, tmp_path / f"{fn.__name__}.png", "test")
+        assert p.stat().st_size > 5000
+
+
+def test_paper_scores_file_is_well_formed():
+    data = bench.load_paper_scores()
+    assert "2408.07055" in data["source"]
+    for row in data["scores"]:
+        assert 0 <= row["S_l"] <= 100 and 0 <= row["S_q"] <= 100
+        assert row["S"] == pytest.approx((row["S_l"] + row["S_q"]) / 2, abs=0.06)
+
+
+def test_unknown_bench_field_is_named(tmp_path):
+    prof = load_profile("smoke", {"bench.judge.temprature": 0.1}, run_root=tmp_path)
+    with pytest.raises(Exception, match="temprature"):
+        prof.section("bench", bench.BenchConfig)
+
+
+# ------------------------------------------------------------------------------ notebook
+
+
+def test_notebook_06_smoke(tmp_path, local_backend):
+    from nbutil import execute_notebook
+
+    from lwlib.probe import ProbeConfig, run_probe
+
+    # a tiny real ruler probe of the base model, as notebook 01 leaves it, for the ruler figure
+    prof = load_profile("smoke", run_root=tmp_path / "runs")
+    run_probe(prof, prof.model, "base", ProbeConfig(languages=["en"], lengths=[1000, 5000], templates=1,
+                                                    max_new_tokens=8), backend=local_backend)
+    overrides = {"bench.max_items": 2, "bench.max_new_tokens": 8, "bench.judge.max_tokens": 8,
+                 "bench.judge.max_tries": 1, "bench.n_boot": 50}
+    out = execute_notebook("06_longbench_write.ipynb", tmp_path, overrides=overrides)
+    figs = tmp_path / "figures" / "smoke"
+    for name in ("longbench_write_scatter.png", "longbench_write_buckets.png", "ruler_all_models.png"):
+        assert (figs / name).stat().st_size > 5000
+    summary = json.loads((tmp_path / "runs" / "smoke" / "bench" / "summary.json").read_text())
+    assert set(summary) == {"base"}  # sft/dpo not trained in this fresh run: skipped
+    j = summary["base"]["judge"]
+    assert j["items"] == 2 and j["judged"] + j["failed (unparseable after all tries)"] == 2
+    text = out.read_text()
+    assert "skipping 'sft'" in text

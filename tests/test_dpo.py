@@ -1,0 +1,161 @@
+"""DPO: score combination and its fallback, pair construction (best vs seeded random other, ties),
+the length plan, general pairs, the data stage (resume), real DPO steps on CPU, and notebook 04."""
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from lwlib.config import load_profile
+from lwlib.dpo import (DPOStageConfig, build_dpo_data, combine_scores, length_plan, load_dpo_log,
+                       load_general_pairs, make_pairs, reward_margins, train_dpo)
+from lwlib.runs import read_jsonl
+from nbutil import execute_notebook
+
+
+def _scored(rows):
+    return pd.DataFrame(rows, columns=["id", "instruction_id", "score"])
+
+
+def test_combine_scores_rules_and_length_only_fallback():
+    df = pd.DataFrame([
+        {"id": "a-s0", "instruction_id": "a", "length_score": 80.0, "quality": 40.0},
+        {"id": "a-s1", "instruction_id": "a", "length_score": 20.0, "quality": 100.0},
+        {"id": "b-s0", "instruction_id": "b", "length_score": 90.0, "quality": 10.0},
+        {"id": "b-s1", "instruction_id": "b", "length_score": 30.0, "quality": None},  # judge failed
+    ])
+    m = combine_scores(df, "mean").set_index("id")
+    assert m.at["a-s0", "score"] == 60.0 and m.at["a-s1", "score"] == 60.0 and m.at["a-s0", "rule"] == "mean"
+    # one missing quality in b -> every b sample scored by length alone, recorded
+    assert m.at["b-s0", "score"] == 90.0 and m.at["b-s1", "score"] == 30.0
+    assert m.at["b-s0", "rule"] == "length only (quality missing)"
+    w = combine_scores(df, "weighted", 0.75).set_index("id")
+    assert w.at["a-s0", "score"] == pytest.approx(0.75 * 40 + 0.25 * 80)
+    q = combine_scores(df, "quality").set_index("id")
+    assert q.at["a-s1", "score"] == 100.0 and q["score"].isna().sum() == 2
+    with pytest.raises(ValueError, match="score rule"):
+        combine_scores(df, "max")
+    with pytest.raises(ValueError, match="dpo.score_rule"):
+        DPOStageConfig(score_rule="max")
+
+
+def test_pairs_best_vs_seeded_random_other():
+    rows = [("x-s0", "x", 10.0), ("x-s1", "x", 50.0), ("x-s2", "x", 20.0), ("x-s3", "x", 30.0)]
+    seen = set()
+    for seed in range(30):
+        pairs, skipped = make_pairs(_scored(rows), seed=seed)
+        assert not skipped and len(pairs) == 1
+        p = pairs[0]
+        assert p["chosen_id"] == "x-s1" and p["chosen_score"] == 50.0 and not p["tie_break"]
+        assert p["rejected_id"] in {"x-s0", "x-s2", "x-s3"}
+        seen.add(p["rejected_id"])
+        assert make_pairs(_scored(rows[::-1]), seed=seed)[0] == pairs  # same under seed, whatever the order
+    assert seen == {"x-s0", "x-s2", "x-s3"}  # every other sample can be the rejected one
+
+
+def test_pairs_ties_and_unscorable_instructions():
+    tied = [("t-s0", "t", 70.0), ("t-s1", "t", 70.0), ("t-s2", "t", 10.0), ("t-s3", "t", 5.0)]
+    chosen, dropped = set(), 0
+    for seed in range(40):
+        pairs, skipped = make_pairs(_scored(tied), seed=seed)
+        if pairs:
+            assert pairs[0]["tie_break"] and pairs[0]["rejected_score"] < 70.0
+            chosen.add(pairs[0]["chosen_id"])
+        else:  # the random other was the other best: equal scores, no preference
+            assert "tie" in skipped[0]["reason"]
+            dropped += 1
+        assert make_pairs(_scored(tied), seed=seed) == (pairs, skipped)
+    assert chosen == {"t-s0", "t-s1"} and 0 < dropped < 40
+    kept, _ = make_pairs(_scored([("u-s0", "u", 1.0), ("u-s1", "u", 1.0)]), seed=0, drop_ties=False)
+    assert kept[0]["chosen_score"] == kept[0]["rejected_score"]
+    one = _scored([("v-s0", "v", 1.0), ("v-s1", "v", float("nan"))])
+    assert make_pairs(one)[1] == [{"instruction_id": "v", "reason": "1 scored samples"}]
+
+
+def test_length_plan_reports_truncation():
+    assert length_plan([100, 300, 200], None) == {"longest_pair_tokens": 300, "max_length": 300, "cap": None,
+                                                  "truncated_pairs": 0}
+    assert length_plan([100, 300, 200], 150)["truncated_pairs"] == 2
+    assert length_plan([100], 8192)["max_length"] == 100  # set from the data, not the cap
+    with pytest.raises(ValueError):
+        length_plan([], 10)
+
+
+def test_general_pairs_from_jsonl(tmp_path):
+    path = tmp_path / "general.jsonl"
+    rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(5)]
+    rows[4] = {"prompt": [{"role": "user", "content": "q4"}], "chosen": [{"role": "assistant", "content": "g"}],
+               "rejected": "b"}
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = load_general_pairs(str(path), 3, seed=1)
+    assert len(got) == 3 and got == load_general_pairs(str(path), 3, seed=1)
+    assert all(g["prompt"][0]["role"] == "user" and g["chosen"][0]["role"] == "assistant" for g in got)
+    path.write_text(json.dumps({"prompt": "q", "chosen": "c"}) + "\n")
+    with pytest.raises(ValueError, match="missing field 'rejected'"):
+        load_general_pairs(str(path), 1)
+
+
+class NoCalls:
+    name = "no-calls"
+
+    def generate_iter(self, *a, **k):
+        raise AssertionError("a resumed stage must not generate again")
+
+
+def test_build_dpo_data_with_the_real_model_resumes(tmp_path, local_backend):
+    prof = load_profile("smoke", run_root=tmp_path)
+    cfg = DPOStageConfig(start_model="base", instructions=2, languages=["en"], min_words=10, max_words=30,
+                         samples=2, max_new_tokens=8, temperature=1.0)
+    cfg.judge.max_tokens, cfg.judge.max_tries, cfg.judge.max_response_words = 4, 1, 20
+    pairs, stats = build_dpo_data(prof, cfg, backend=local_backend, judge=local_backend)
+    samples = read_jsonl(tmp_path / "smoke" / "dpo" / "samples.jsonl")
+    scores = read_jsonl(tmp_path / "smoke" / "dpo" / "scores.jsonl")
+    assert len(samples) == len(scores) == 4 and stats["samples"] == 4
+    assert all(0 <= s["length_score"] <= 100 and len(s["judge_outputs"]) == 1 for s in scores)
+    assert stats["long_pairs"] + len(stats["skipped_instructions"]) == 2
+    for p in pairs:
+        assert p["chosen_score"] > p["rejected_score"]
+        assert p["prompt"][0]["role"] == "user" and p["chosen"][0]["role"] == p["rejected"][0]["role"] == "assistant"
+        assert p["chosen_id"] != p["rejected_id"] and p["chosen_id"].startswith(p["instruction_id"])
+    again, stats2 = build_dpo_data(prof, cfg, backend=NoCalls(), judge=NoCalls())
+    assert again == pairs and stats2 == stats
+    assert read_jsonl(tmp_path / "smoke" / "dpo" / "pairs.jsonl") == pairs
+
+
+def test_dpo_steps_on_cpu_change_weights_and_move_the_margin(tmp_path, model_and_tok):
+    base, tok = model_and_tok
+    prof = load_profile("smoke", run_root=tmp_path)
+    cfg = DPOStageConfig(start_model="base", steps=2, batch_size=1, learning_rate=5e-5, warmup_ratio=0.0,
+                         beta=0.1, max_length=4096, gradient_checkpointing=False)
+    pairs = [{"prompt": [{"role": "user", "content": "Write about the sea."}],
+              "chosen": [{"role": "assistant", "content": "The sea is wide, deep and full of life."}],
+              "rejected": [{"role": "assistant", "content": "Sea sea sea sea."}]}]
+    folder = train_dpo(prof, cfg, pairs)
+    log = load_dpo_log(folder)
+    assert log["step"].tolist() == [1, 2]
+    assert log["reward_margin"].iloc[0] == pytest.approx(0.0, abs=1e-6)  # policy == reference at step 1
+    assert log["reward_margin"].iloc[1] > 0
+    plan = json.loads((folder.parent / "length_plan.json").read_text())
+    assert plan["truncated_pairs"] == 0 and plan["max_length"] < 100
+
+    from lwlib.models import load_model
+
+    policy, _ = load_model(folder, device="cpu", dtype="float32")
+    changed = [n for (n, p), (_, q) in zip(policy.named_parameters(), base.named_parameters()) if not torch.equal(p, q)]
+    assert changed, "DPO steps left the weights unchanged"
+    m = reward_margins(policy, base, tok, pairs, beta=0.1)
+    assert m["margin"].iloc[0] > 0  # independent of TRL: the chosen answer gained over the rejected one
+
+
+def test_notebook_04_smoke(tmp_path):
+    out = execute_notebook("04_dpo.ipynb", tmp_path, overrides={
+        "dpo.start_model": "base", "dpo.samples": 2, "dpo.max_new_tokens": 12, "dpo.judge.max_tokens": 4,
+        "dpo.judge.max_response_words": 20, "dpo.steps": 1, "dpo.batch_size": 1, "dpo.bench_items": 1,
+        "probe.lengths": [1000], "probe.max_new_tokens": 8, "bench.max_new_tokens": 8,
+        "bench.judge.max_tokens": 4, "bench.judge.max_tries": 1, "bench.judge.serve": False, "bench.n_boot": 0})
+    run = tmp_path / "runs" / "smoke" / "dpo"
+    assert (run / "model" / "config.json").exists() and (run / "train_log.json").exists()
+    assert (tmp_path / "figures" / "smoke" / "dpo_training.png").exists()
+    assert (tmp_path / "runs" / "smoke" / "probe" / "dpo" / "generations.jsonl").exists()
+    assert "chosen" in out.read_text()

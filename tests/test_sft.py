@@ -1,0 +1,323 @@
+"""SFT (paper Section 4.1): training template, assistant-only targets, packing, the token-mean loss,
+a real CPU training run of the bundled model, the length cap, and the DeepSpeed configs."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lwlib.config import load_profile
+from lwlib.packing import (IGNORE, PackCollator, PackedDataset, load_template, pack_examples, pack_stats,
+                           tokenize_chat, training_template)
+from lwlib.runs import REPO_ROOT
+from lwlib.sft import (SFTConfig, _trainer_cls, apply_length_cap, load_sft_data, load_train_log, output_words,
+                       sft_loss, train_sft)
+from lwlib.text import count_words
+
+CONVS = [
+    [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "2+2?"},
+     {"role": "assistant", "content": "4"}],
+    [{"role": "user", "content": "Write two lines about rain."},
+     {"role": "assistant", "content": "Rain taps the glass,\nand the street hums softly."},
+     {"role": "user", "content": "Now one about sun."}, {"role": "assistant", "content": "Sun spills gold on roofs."}],
+    [{"role": "user", "content": "Explain packing in one sentence."},
+     {"role": "assistant", "content": "Packing puts several short conversations into one long row so no compute "
+                                      "is wasted on padding, while attention stays inside each conversation."}],
+]
+
+
+@pytest.fixture(scope="module")
+def tok(model_and_tok):
+    return model_and_tok[1]
+
+
+@pytest.fixture(scope="module")
+def template(tok):
+    return training_template(tok)
+
+
+def test_training_template_renders_the_models_own_text(tok, template):
+    assert template == load_template("smollm2_chatml")
+    for conv in CONVS:
+        assert tok.apply_chat_template(conv, tokenize=False) == tok.apply_chat_template(
+            conv, chat_template=template, tokenize=False)
+        prompt = conv[:-1]
+        assert tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) == tok.apply_chat_template(
+            prompt, chat_template=template, tokenize=False, add_generation_prompt=True)
+
+
+def test_targets_are_the_assistant_tokens_and_end_of_turn(tok, template):
+    conv = CONVS[2]
+    ex = tokenize_chat(tok, conv, template)
+    targets = [x for x in ex.labels if x != IGNORE]
+    want = tok(conv[1]["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"] + \
+        tok(conv[3]["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert targets == want
+    # labels are pre-shifted: the target at position i is the token at i + 1
+    for i, y in enumerate(ex.labels):
+        if y != IGNORE:
+            assert ex.input_ids[i + 1] == y
+    assert ex.labels[-1] == IGNORE
+    assert tok.decode(targets).count("<|im_end|>") == 2 and "user" not in tok.decode(targets)
+
+
+def test_packing_keeps_every_example_including_the_last_partial_pack():
+    lengths = [700, 600, 500, 400, 300, 200, 100, 90, 5]
+    packs = pack_examples(lengths, max_tokens=1000, seed=0)
+    flat = sorted(i for p in packs for i in p)
+    assert flat == list(range(len(lengths)))  # each example exactly once, none dropped
+    assert all(sum(lengths[i] for i in p) <= 1000 for p in packs)
+    assert len(packs) == 3  # 2895 tokens need at least 3 packs of 1000; best-fit finds 3
+    with pytest.raises(ValueError, match="example 1 has 1200 tokens"):
+        pack_examples([10, 1200], max_tokens=1000)
+
+
+def test_packed_logits_equal_logits_alone(model_and_tok, template):
+    """A sequence inside a pack (position ids restarting, no attention mask) gets the logits it gets
+    alone: sdpa's block-diagonal mask from the position ids. fp32 on CPU, tolerance 1e-4."""
+    model, tok = model_and_tok
+    exs = [tokenize_chat(tok, c, template) for c in CONVS]
+    ds = PackedDataset(exs, [[0, 1, 2, 3]])
+    for flatten in (False, True):
+        batch = PackCollator(pad_id=tok.pad_token_id, flatten=flatten)([ds[0]])
+        with torch.no_grad():
+            packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+            start = 0
+            for e in exs:
+                alone = model(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits[0]
+                got = packed[start:start + len(e)]
+                assert (got - alone).abs().max().item() < 1e-4
+                start += len(e)
+    # without restarting position ids the second sequence would see the first: the test can fail
+    batch = PackCollator(pad_id=tok.pad_token_id)([ds[0]])
+    with torch.no_grad():
+        leaky = model(input_ids=batch["input_ids"], use_cache=False).logits[0]
+        alone = model(input_ids=torch.tensor([exs[1].input_ids]), use_cache=False).logits[0]
+    assert (leaky[len(exs[0]):len(exs[0]) + len(exs[1])] - alone).abs().max().item() > 1e-2
+
+
+def test_padded_rows_with_pad_block_match_alone(model_and_tok, template):
+    model, tok = model_and_tok
+    exs = [tokenize_chat(tok, c, template) for c in CONVS[:2]]
+    ds = PackedDataset(exs, [[0], [1]])
+    batch = PackCollator(pad_id=tok.pad_token_id)([ds[0], ds[1]])
+    assert batch["input_ids"].shape == (2, max(len(e) for e in exs))
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        for r, e in enumerate(exs):
+            alone = model(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits[0]
+            assert (out[r, :len(e)] - alone).abs().max().item() < 1e-4
+
+
+def _hand_batch():
+    """Two micro-batches of a hand-built step: logits and pre-shifted labels with known token losses."""
+    torch.manual_seed(0)
+    V = 7
+    lab1 = torch.tensor([[1, 2, IGNORE, 3, 4, 5, IGNORE]])       # seq A: 2 targets, seq B: 3 targets
+    w1 = torch.tensor([[.5, .5, .5, 1 / 3, 1 / 3, 1 / 3, 1 / 3]])
+    lab2 = torch.tensor([[6, IGNORE, IGNORE, IGNORE]])           # seq C: 1 target
+    w2 = torch.tensor([[1., 1., 1., 1.]])
+    lg1, lg2 = torch.randn(1, 7, V), torch.randn(1, 4, V)
+    return (lg1, lab1, w1), (lg2, lab2, w2)
+
+
+def test_token_mean_loss_over_the_whole_step():
+    (lg1, lab1, w1), (lg2, lab2, w2) = _hand_batch()
+    nll = lambda lg, y: -torch.log_softmax(lg, -1)[0, torch.arange(len(y[0])), y[0].clamp(min=0)]  # noqa: E731
+    t1, t2 = nll(lg1, lab1), nll(lg2, lab2)
+    tokens = [t1[0], t1[1], t1[3], t1[4], t1[5], t2[0]]
+    direct = sum(tokens) / 6
+    got = sft_loss(lg1, lab1, 6) + sft_loss(lg2, lab2, 6)  # each micro-batch divided by the step's 6 targets
+    assert torch.allclose(got, direct, atol=1e-6)
+    # the per-sequence ablation: mean over the 3 sequences of each sequence's mean
+    seq = ((t1[0] + t1[1]) / 2 + (t1[3] + t1[4] + t1[5]) / 3 + t2[0]) / 3
+    got_seq = sft_loss(lg1, lab1, 3, w1, "sequence") + sft_loss(lg2, lab2, 3, w2, "sequence")
+    assert torch.allclose(got_seq, seq, atol=1e-6)
+    assert not torch.allclose(direct, seq, atol=1e-3)  # the two weightings differ on this batch
+
+
+def test_collator_weights_and_counts(tok, template):
+    exs = [tokenize_chat(tok, c, template) for c in CONVS[:3]]
+    batch = PackCollator(pad_id=tok.pad_token_id)([PackedDataset(exs, [[0, 1, 2]])[0]])
+    w, y = batch["loss_weights"][0], batch["labels"][0]
+    assert int(batch["num_sequences"]) == 3
+    assert abs(float(w[y != IGNORE].sum()) - 3.0) < 1e-5  # each sequence's targets weigh 1 in total
+
+
+def test_trainer_gradient_equals_direct_token_mean(model_and_tok, template, tmp_path):
+    """One optimizer step over two accumulation micro-batches: the trainer's summed gradients equal
+    the gradient of (sum of all token losses) / (all targets of the step)."""
+    from transformers import TrainingArguments
+
+    model, tok = model_and_tok
+    model = copy.deepcopy(model)
+    exs = [tokenize_chat(tok, c, template) for c in CONVS]
+    ds = PackedDataset(exs, [[0, 1], [2, 3]])
+    coll = PackCollator(pad_id=tok.pad_token_id)
+    batches = [coll([ds[0]]), coll([ds[1]])]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=2,
+                             use_cpu=True, report_to=[])
+    for mode in ("token", "sequence"):
+        trainer = _trainer_cls()(model=model, args=args, data_collator=coll, loss_mode=mode)
+        got_batches, denom = trainer.get_batch_samples(iter(batches), 2, torch.device("cpu"))
+        model.zero_grad()
+        for b in got_batches:
+            trainer.compute_loss(model, b, num_items_in_batch=denom).backward()
+        g_trainer = model.model.embed_tokens.weight.grad.clone()
+        model.zero_grad()
+        losses = []
+        for k, b in enumerate(batches):
+            lg = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits
+            ce = torch.nn.functional.cross_entropy(lg[0], b["labels"][0], ignore_index=IGNORE, reduction="none")
+            if mode == "token":
+                losses.append(ce[b["labels"][0] != IGNORE])
+            else:
+                start = 0
+                for i in ds.packs[k]:
+                    n = len(exs[i])
+                    seg = ce[start:start + n][b["labels"][0][start:start + n] != IGNORE]
+                    losses.append(seg.mean().reshape(1))
+                    start += n
+        direct = torch.cat(losses).mean()
+        direct.backward()
+        g_direct = model.model.embed_tokens.weight.grad
+        assert torch.allclose(g_trainer, g_direct, atol=1e-6, rtol=1e-4), mode
+        assert float(denom) == (sum(e.n_targets for e in exs) if mode == "token" else 4)
+
+
+def test_length_cap_drop_and_truncate():
+    data = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": " ".join(["w"] * n)}]
+            for n in (10, 100, 1000)]
+    assert [output_words(m) for m in apply_length_cap(data, 100, "drop")] == [10, 100]
+    assert [output_words(m) for m in apply_length_cap(data, 100, "truncate")] == [10, 100, 100]
+    assert apply_length_cap(data, None) == data
+
+
+def test_load_sft_data_names_file_and_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    good = {"messages": CONVS[0]}
+    p.write_text(json.dumps(good) + "\n" + json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"d.jsonl:2: the last message must be the assistant's"):
+        load_sft_data(p)
+    p.write_text(json.dumps(good) + "\n{oops\n")
+    with pytest.raises(ValueError, match=r"d.jsonl:2: not valid JSON"):
+        load_sft_data(p)
+    p.write_text(json.dumps(good) + "\n\n")
+    assert load_sft_data(p) == [CONVS[0]]
+
+
+def test_cpu_training_changes_weights_lowers_loss_and_reloads(tmp_path, model_and_tok):
+    """A real run of a few steps on the bundled model: all data in one pack, so every step sees the
+    same tokens and the loss must fall; the checkpoint reloads and generates."""
+    from lwlib.backends import GenParams, LocalBackend
+    from lwlib.models import load_model
+
+    prof = load_profile("smoke", run_root=tmp_path)
+    cfg = SFTConfig(packing_length=1024, batch_size=1, per_device_batch_size=1, learning_rate=1e-4, max_steps=4,
+                    warmup_ratio=0.0, gradient_checkpointing=True, general_data="none")
+    data = CONVS * 2
+    out = train_sft(prof, cfg, data=data)
+    log = load_train_log(out)
+    assert len(log) == 4 and log["loss"].iloc[-1] < log["loss"].iloc[0]
+    stats = json.loads((out.parent / "data_stats.json").read_text())
+    assert stats["examples"] == len(data) and stats["packs"] == 1
+    assert (out.parent / "manifest.json").exists()
+    trained, tok = load_model(str(out), device="cpu", dtype="float32")
+    base = model_and_tok[0]
+    delta = sum((a - b).abs().sum().item() for a, b in zip(trained.parameters(), base.parameters()))
+    assert delta > 0
+    g = LocalBackend(trained, tok, batch_size=1).generate([[{"role": "user", "content": "Name a colour."}]],
+                                                         GenParams(max_new_tokens=8, temperature=0.0))[0]
+    assert g.error is None and g.completion_tokens > 0
+    # a second call reuses the finished model instead of retraining
+    mtime = (out / "model.safetensors").stat().st_mtime
+    assert train_sft(prof, cfg, data=data) == out and (out / "model.safetensors").stat().st_mtime == mtime
+
+
+@pytest.mark.parametrize("name", ["ds_zero3.json", "ds_zero3_offload.json"])
+def test_deepspeed_configs_validate(name):
+    """The shipped ZeRO-3 configs, with transformers' "auto" values filled as the Trainer does, pass
+    the installed DeepSpeed's config validation (the official stage3.json fails on DeepSpeed >= 0.15)."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    path = REPO_ROOT / "env" / name
+    cfg = HfTrainerDeepSpeedConfig(str(path))
+    args = TrainingArguments(output_dir="/tmp/x", per_device_train_batch_size=1, gradient_accumulation_steps=8,
+                             learning_rate=1e-5, weight_decay=0.1, adam_beta2=0.95, report_to=[], use_cpu=True)
+    cfg.trainer_config_process(args)
+    cfg.trainer_config_finalize(args, model=None, num_training_steps=100)
+    assert "auto" not in json.dumps(cfg.config)
+    zero = DeepSpeedZeroConfig(**cfg.config["zero_optimization"])  # pydantic: unknown/deprecated keys fail
+    assert zero.stage == 3
+    assert (zero.offload_optimizer is not None) == ("offload" in name)
+
+
+def test_sft_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="sft.loss"):
+        SFTConfig(loss="mean")
+    with pytest.raises(ValueError, match="per_device_batch_size"):
+        SFTConfig(batch_size=3, per_device_batch_size=2)
+
+
+def test_profiles_have_sft_sections():
+    for name in ("smoke", "gpu", "paper"):
+        cfg = load_profile(name).section("sft", SFTConfig)
+        assert cfg.loss == "token"
+    paper = load_profile("paper").section("sft", SFTConfig)
+    assert (paper.learning_rate, paper.packing_length, paper.batch_size, paper.epochs) == (1e-5, 32768, 8, 4)
+    assert (paper.warmup_ratio, paper.weight_decay, paper.adam_beta2) == (0.03, 0.1, 0.95)
+    assert Path(REPO_ROOT / paper.deepspeed).exists()
+
+
+def test_official_style_float_prefetch_bucket_is_rejected():
+    """Why the official stage3.json breaks: "auto" becomes 0.9 * hidden^2, a float, which DeepSpeed
+    >= 0.15 refuses for stage3_prefetch_bucket_size; the shipped configs give integers."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    with pytest.raises(Exception, match="prefetch_bucket_size"):
+        DeepSpeedZeroConfig(stage=3, stage3_prefetch_bucket_size=0.9 * 4096 * 4096)
+
+
+LONG_TEXT = (
+    "The harbour town woke slowly. Fishermen checked their nets while the bakery on the corner pushed warm "
+    "air into the street, and the gulls argued over whatever the night tide had left on the stones. "
+)
+
+
+def _write_agentwrite_output(run_root: Path, sizes=(2, 5, 9)) -> Path:
+    """A small LongWriter-6k-format file where notebook 02 would put it (~34 words per unit of size)."""
+    path = run_root / "smoke" / "agentwrite" / "longwriter.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for k, n in enumerate(sizes):
+            msgs = [{"role": "user", "content": f"Write a {n * 40}-word story about a harbour town (part {k})."},
+                    {"role": "assistant", "content": (LONG_TEXT * n).strip()}]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    return path
+
+
+def test_notebook_03_smoke(tmp_path):
+    from nbutil import execute_notebook
+
+    _write_agentwrite_output(tmp_path / "runs", sizes=(1, 2, 5))
+    execute_notebook("03_sft.ipynb", tmp_path, overrides={
+        "probe.lengths": [1000], "probe.max_new_tokens": 16, "sft.general_per_long": 0.7,
+        "sft.self_distill_max_new_tokens": 16, "sft.packing_length": 512, "sft.max_steps": 2,
+        "sft.caps": [50, 200], "sft.cap_max_steps": 1})
+    run = tmp_path / "runs" / "smoke"
+    metrics = json.loads((run / "sft" / "metrics.json").read_text())
+    assert metrics["mix"]["long_examples"] == 3 and metrics["mix"]["general_source"] == "self-distill"
+    caps = {r["cap"]: r for r in metrics["cap_experiment"]}
+    assert caps[50]["data_max_output_words"] <= 50 < caps[200]["data_max_output_words"] <= 200
+    for tag in ("base", "sft", "sft-cap50", "sft-cap200"):
+        assert (run / "probe" / tag / "generations.jsonl").exists()
+    assert (run / "sft" / "model" / "config.json").exists() and (run / "sft" / "cap200" / "model").exists()
+    for name in ("sft_loss.png", "ruler_base_vs_sft.png", "sft_length_cap_experiment.png"):
+        assert (tmp_path / "figures" / "smoke" / name).stat().st_size > 10_000
