@@ -321,3 +321,12 @@ def test_notebook_03_smoke(tmp_path):
     assert (run / "sft" / "model" / "config.json").exists() and (run / "sft" / "cap200" / "model").exists()
     for name in ("sft_loss.png", "ruler_base_vs_sft.png", "sft_length_cap_experiment.png"):
         assert (tmp_path / "figures" / "smoke" / name).stat().st_size > 10_000
+
+
+def test_train_cli_parses_overrides():
+    from lwlib.train import parse_sets
+
+    assert parse_sets(["sft.max_steps=10", "sft.caps=[500, 1000]", "sft.deepspeed=null"]) == {
+        "sft.max_steps": 10, "sft.caps": [500, 1000], "sft.deepspeed": None}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        parse_sets(["sft.max_steps"])
