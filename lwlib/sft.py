@@ -542,7 +542,7 @@ def plot_cap_experiment(table, path: str | Path, title: str) -> Path:
     lim = [0, max(float(x.max()), float(table["model_max_output_words_raw"].max())) * 1.1]
     ax.plot(lim, lim, ":", color="gray", label="y = x")
     for _, r in table.iterrows():
-        ax.annotate(f"cap {r['cap']}", (r["data_max_output_words"], r["model_max_output_words_raw"]),
+        ax.annotate(f"cap {int(r['cap'])}", (r["data_max_output_words"], r["model_max_output_words_raw"]),
                     textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlabel("max output length in SFT data (words)")
     ax.set_ylabel("max output length of the model (words, p95)")
