@@ -451,7 +451,8 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
         output_dir=str(run / "checkpoints"), per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=cfg.batch_size // per_step, learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, lr_scheduler_type="cosine",
-        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of all steps (transformers 5) weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
+        warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of all steps (transformers 5)
+        weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
         adam_beta2=cfg.adam_beta2, max_grad_norm=cfg.max_grad_norm, bf16=cuda,
         gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
@@ -466,7 +467,10 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
     collator = PackCollator(pad_id=tok.pad_token_id, flatten=attn.startswith("flash"))
     trainer = _trainer_cls()(model=model, args=args, train_dataset=PackedDataset(examples, packs),
                              data_collator=collator, loss_mode=cfg.loss)
+    optim = {k: getattr(args, k) for k in ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
+                                           "adam_beta1", "adam_beta2", "max_grad_norm")}
     write_manifest(run, {"profile": prof.resolved(), "sft": dataclasses.asdict(cfg), "attn_implementation": attn,
+                         "optimizer": {k: getattr(v, "value", v) for k, v in optim.items()},
                          "world_size": world, "gradient_accumulation_steps": args.gradient_accumulation_steps,
                          "out_dir": str(out_dir), "data": stats})
     last = get_last_checkpoint(args.output_dir) if cfg.save_steps and Path(args.output_dir).exists() else None

@@ -224,7 +224,9 @@ def test_cpu_training_changes_weights_lowers_loss_and_reloads(tmp_path, model_an
     assert len(log) == 4 and log["loss"].iloc[-1] < log["loss"].iloc[0]
     stats = json.loads((out.parent / "data_stats.json").read_text())
     assert stats["examples"] == len(data) and stats["packs"] == 1
-    assert (out.parent / "manifest.json").exists()
+    optim = json.loads((out.parent / "manifest.json").read_text())["config"]["optimizer"]
+    assert (optim["weight_decay"], optim["adam_beta1"], optim["adam_beta2"]) == (0.1, 0.9, 0.95)  # the paper's AdamW
+    assert optim["lr_scheduler_type"] == "cosine" and optim["learning_rate"] == 1e-4
     trained, tok = load_model(str(out), device="cpu", dtype="float32")
     base = model_and_tok[0]
     delta = sum((a - b).abs().sum().item() for a, b in zip(trained.parameters(), base.parameters()))
