@@ -53,6 +53,7 @@ from typing import Any, Callable
 from .backends import Backend, BackendConfig, GenParams, make_backend
 from .config import Profile
 from .instructions import Instruction, check_no_benchmark_leak, generate_instructions, load_instructions
+from .plots import pyplot, save_figure
 from .runs import JsonlStore, atomic_write_json, atomic_write_text, write_manifest
 from .text import count_words
 
@@ -679,10 +680,7 @@ def load_items(prof: Profile) -> list[dict]:
 def plot_length_histogram(items: list[dict], path: str | Path, title: str) -> Path:
     """The paper's LongWriter-6k histogram: output words of the kept items (2k-wide bins over 0-32k words
     when outputs are that long, finer bins for short smoke outputs)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     words = [it["words"] for it in items if it["split"] != "dropped"]
@@ -694,21 +692,13 @@ def plot_length_histogram(items: list[dict], path: str | Path, title: str) -> Pa
     ax.set_ylabel("Number of items")
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_planned_vs_actual(items: list[dict], path: str | Path, title: str, default_words: int = 400) -> Path:
     """Planned vs actual words per paragraph (all written paragraphs), with the line y = x.
     Steps without a stated target are drawn hollow at ``default_words``."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 5))
     stated = [(s["target_words"], s["actual_words"]) for it in items for s in it["steps"] if s["target_words"]]
@@ -725,9 +715,4 @@ def plot_planned_vs_actual(items: list[dict], path: str | Path, title: str, defa
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

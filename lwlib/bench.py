@@ -43,6 +43,7 @@ import pandas as pd
 from .backends import Backend, BackendConfig, GenParams, OpenAIBackend, make_backend
 from .config import Profile
 from .data import WritingItem, load_longbench_write
+from .plots import pyplot, save_figure
 from .runs import JsonlStore, atomic_write_json, write_manifest
 from .text import count_words, repetition_report, truncate_words
 
@@ -821,19 +822,10 @@ def summarize(results: dict[str, pd.DataFrame], n_boot: int = 1000, seed: int = 
 # ----------------------------------------------------------------------------------------- figures
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_length_scatter(results: dict[str, pd.DataFrame], path: str | Path, title: str, lim: tuple[float, float] = (50, 25000)) -> Path:
     """The paper's scatter (official eval_length.py): output vs required words, log-log, y = x, one
     panel per model. Outputs below the axis minimum are drawn on it as open markers."""
-    plt = _plt()
+    plt = pyplot()
     n = len(results)
     fig, axes = plt.subplots(1, n, figsize=(max(6.5, 4.6 * n), 5.2), squeeze=False)
     for ax, (tag, df) in zip(axes[0], results.items()):
@@ -855,13 +847,12 @@ def plot_length_scatter(results: dict[str, pd.DataFrame], path: str | Path, titl
         ax.set_title(tag)
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_bucket_bars(results: dict[str, pd.DataFrame], path: str | Path, title: str) -> Path:
     """S_l and S_q per required-length bucket, a bar per model; S_q bars note how many items were judged."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     x = np.arange(len(BUCKET_NAMES))
     w = 0.8 / max(len(results), 1)
@@ -883,17 +874,7 @@ def plot_bucket_bars(results: dict[str, pd.DataFrame], path: str | Path, title: 
         ax.set_title(col, fontsize=9)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def _save(fig, path: str | Path) -> Path:
-    plt = _plt()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def load_ruler_frames(profile: Profile, tags: Sequence[str] = ("base", "sft", "dpo")) -> dict[str, pd.DataFrame]:

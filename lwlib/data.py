@@ -12,7 +12,6 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import urllib.request
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .models import cache_dir
-from .runs import REPO_ROOT
+from .runs import REPO_ROOT, iter_jsonl
 
 BASE_URL = "https://raw.githubusercontent.com/THUDM/LongWriter/main/evaluation/"
 FILES = {  # name: expected number of items
@@ -88,20 +87,13 @@ class WritingItem:
 
 def _read(path: Path, fields: tuple[str, ...]) -> list[dict]:
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            missing = [k for k in fields if k not in rec]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: missing field(s) {missing}")
-            if not isinstance(rec["length"], int) or rec["length"] <= 0:
-                raise ValueError(f"{path}:{lineno}: field 'length' must be a positive integer, got {rec['length']!r}")
-            out.append(rec)
+    for lineno, rec in iter_jsonl(path):
+        missing = [k for k in fields if k not in rec]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: missing field(s) {missing}")
+        if not isinstance(rec["length"], int) or rec["length"] <= 0:
+            raise ValueError(f"{path}:{lineno}: field 'length' must be a positive integer, got {rec['length']!r}")
+        out.append(rec)
     return out
 
 

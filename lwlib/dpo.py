@@ -46,6 +46,7 @@ import torch
 from .backends import Backend, BackendConfig, GenParams, make_backend
 from .bench import JudgeConfig
 from .config import Profile
+from .plots import pyplot, save_figure
 from .runs import JsonlStore, atomic_write_json, read_jsonl, write_manifest
 from .text import count_words
 
@@ -486,8 +487,7 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
     from trl import DPOConfig, DPOTrainer
 
     from .models import load_tokenizer, resolve_model, run_model
-    from .runs import REPO_ROOT
-    from .sft import pick_attn
+    from .sft import batch_plan, deepspeed_config, pick_attn
 
     cfg = cfg or prof.section("dpo", DPOStageConfig)
     out_dir = Path(out_dir) if out_dir else prof.stage_dir("dpo") / "model"
@@ -508,17 +508,11 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
               f"{cfg.max_length} tokens and are truncated (longest: {plan['longest_pair_tokens']})")
 
     cuda = torch.cuda.is_available() and prof.device != "cpu"
-    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
-    per_step = cfg.per_device_batch_size * world
-    if cfg.batch_size % per_step:
-        raise ValueError(f"dpo.batch_size {cfg.batch_size} is not a multiple of per-device batch x {world} devices")
-    ds_cfg = None
-    if cfg.deepspeed:
-        p = Path(cfg.deepspeed)
-        ds_cfg = str(p if p.is_absolute() else REPO_ROOT / p)
+    _, accumulation = batch_plan(cfg.batch_size, cfg.per_device_batch_size, "dpo")
+    ds_cfg = deepspeed_config(cfg.deepspeed)
     args = DPOConfig(
         output_dir=str(run / "checkpoints"), per_device_train_batch_size=cfg.per_device_batch_size,
-        gradient_accumulation_steps=cfg.batch_size // per_step, learning_rate=cfg.learning_rate,
+        gradient_accumulation_steps=accumulation, learning_rate=cfg.learning_rate,
         max_steps=cfg.steps, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, beta=cfg.beta,
         max_length=plan["max_length"], bf16=cuda, fp16=False, use_cpu=not cuda,
@@ -594,10 +588,7 @@ def reward_margins(policy, reference, tok, pairs: list[dict[str, Any]], beta: fl
 
 def plot_dpo_training(log: pd.DataFrame, path: str | Path, title: str) -> Path:
     """Loss, reward margin and reward accuracy against the step (three panels)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for ax, col, lab in zip(axes, ("loss", "reward_margin", "reward_accuracy"),
@@ -607,9 +598,4 @@ def plot_dpo_training(log: pd.DataFrame, path: str | Path, title: str) -> Path:
         ax.set_title(lab, fontsize=9)
         ax.grid(True, alpha=0.3)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 
 from .config import Profile
+from .plots import pyplot, save_figure
 from .runs import JsonlStore, atomic_write_json, read_jsonl, write_manifest
 
 Messages = list[dict[str, str]]
@@ -277,10 +278,7 @@ def run_nll(prof: Profile, tag: str, cfg: NLLConfig | None = None, model_and_tok
 def plot_nll(curves: dict[str, pd.DataFrame], path: str | Path, title: str, min_samples: int = 1) -> Path:
     """Figure 7 style: cumulative average NLL vs position (log x), one line per model. Positions reached
     by fewer than ``min_samples`` samples are not drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for k, (label, c) in enumerate(curves.items()):
@@ -292,12 +290,7 @@ def plot_nll(curves: dict[str, pd.DataFrame], path: str | Path, title: str, min_
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def nll_table(frames: dict[str, pd.DataFrame], positions: Sequence[int] = (10, 100, 1000, 10000)) -> pd.DataFrame:

@@ -31,6 +31,7 @@ import pandas as pd
 from .backends import Backend, BackendConfig, GenParams, make_backend
 from .config import Profile
 from .data import WritingItem, load_ruler
+from .plots import pyplot, save_figure
 from .runs import JsonlStore, atomic_write_json, write_manifest
 from .text import repetition_report
 
@@ -192,10 +193,7 @@ def plot_ruler(frames: dict[str, pd.DataFrame], path: str | Path, title: str) ->
 
     Solid lines: raw words; dashed lines of the same colour: effective words (before collapse).
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 5))
     lo, hi = 1e9, 0.0
@@ -214,9 +212,4 @@ def plot_ruler(frames: dict[str, pd.DataFrame], path: str | Path, title: str) ->
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -107,19 +107,23 @@ def _hashable(key: Any) -> Any:
     return tuple(key) if isinstance(key, list) else key
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSONL file; a bad line raises an error naming the file and line."""
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, record)`` for each non-blank line of a JSONL file, so callers that validate
+    records can name the line; a line that is not JSON raises an error naming the file and line."""
     path = Path(path)
-    out = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                out.append(json.loads(line))
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-    return out
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read a JSONL file; a bad line raises an error naming the file and line."""
+    return [rec for _, rec in iter_jsonl(path)]
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -40,6 +40,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,8 @@ import torch.nn.functional as F
 from .config import Profile
 from .packing import (IGNORE, PackCollator, PackedDataset, TokenizedExample, pack_examples, pack_stats,
                       tokenize_chat, training_template)
-from .runs import JsonlStore, atomic_write_json, read_jsonl, write_manifest
+from .plots import pyplot, save_figure
+from .runs import REPO_ROOT, JsonlStore, atomic_write_json, iter_jsonl, write_manifest
 from .text import count_words, truncate_words
 
 Messages = list[dict[str, str]]
@@ -164,17 +166,10 @@ def load_sft_data(path: str | Path) -> list[Messages]:
     if not path.exists():
         raise FileNotFoundError(f"no SFT data at {path}")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(rec, dict) or "messages" not in rec:
-                raise ValueError(f"{path}:{lineno}: record has no 'messages'")
-            out.append(_check_messages(rec["messages"], f"{path}:{lineno}"))
+    for lineno, rec in iter_jsonl(path):
+        if not isinstance(rec, dict) or "messages" not in rec:
+            raise ValueError(f"{path}:{lineno}: record has no 'messages'")
+        out.append(_check_messages(rec["messages"], f"{path}:{lineno}"))
     return out
 
 
@@ -382,6 +377,24 @@ def _trainer_cls():
 
 # ------------------------------------------------------------------------------------------- training
 
+def batch_plan(batch_size: int, per_device_batch_size: int, section: str) -> tuple[int, int]:
+    """``(world size, gradient accumulation steps)`` that make ``batch_size`` items per optimizer step
+    from ``per_device_batch_size`` on each of the ``WORLD_SIZE`` ranks (1 without a launcher)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = per_device_batch_size * world
+    if batch_size % per_step:
+        raise ValueError(f"{section}.batch_size {batch_size} is not a multiple of per-device batch x {world} devices")
+    return world, batch_size // per_step
+
+
+def deepspeed_config(path: str | None) -> str | None:
+    """A profile's DeepSpeed config path, relative to the repository unless absolute (None: no DeepSpeed)."""
+    if not path:
+        return None
+    p = Path(path)
+    return str(p if p.is_absolute() else REPO_ROOT / p)
+
+
 def pick_attn(name: str, device: str) -> str:
     """``auto``: on CUDA flash_attention_2 when the package is installed, else flex_attention (packed
     training measured 1.6x faster than sdpa on an H100: ``benchmarks/results/sft_h100.json``); sdpa on CPU."""
@@ -410,7 +423,6 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
     from transformers.trainer_utils import get_last_checkpoint
 
     from .models import load_tokenizer, resolve_model
-    from .runs import REPO_ROOT
 
     cfg = cfg or prof.section("sft", SFTConfig)
     out_dir = Path(out_dir) if out_dir else prof.stage_dir("sft") / "model"
@@ -439,17 +451,11 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
     device = prof.device
     cuda = torch.cuda.is_available() and device != "cpu"
     attn = pick_attn(cfg.attn_implementation, device)
-    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
-    per_step = cfg.per_device_batch_size * world
-    if cfg.batch_size % per_step:
-        raise ValueError(f"sft.batch_size {cfg.batch_size} is not a multiple of per-device batch x {world} devices")
-    ds_cfg = None
-    if cfg.deepspeed:
-        ds_cfg = Path(cfg.deepspeed)
-        ds_cfg = str(ds_cfg if ds_cfg.is_absolute() else REPO_ROOT / ds_cfg)
+    world, accumulation = batch_plan(cfg.batch_size, cfg.per_device_batch_size, "sft")
+    ds_cfg = deepspeed_config(cfg.deepspeed)
     args = TrainingArguments(
         output_dir=str(run / "checkpoints"), per_device_train_batch_size=cfg.per_device_batch_size,
-        gradient_accumulation_steps=cfg.batch_size // per_step, learning_rate=cfg.learning_rate,
+        gradient_accumulation_steps=accumulation, learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, lr_scheduler_type="cosine",
         warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of all steps (transformers 5)
         weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
@@ -471,7 +477,7 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
                                            "adam_beta1", "adam_beta2", "max_grad_norm")}
     write_manifest(run, {"profile": prof.resolved(), "sft": dataclasses.asdict(cfg), "attn_implementation": attn,
                          "optimizer": {k: getattr(v, "value", v) for k, v in optim.items()},
-                         "world_size": world, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                         "world_size": world, "gradient_accumulation_steps": accumulation,
                          "out_dir": str(out_dir), "data": stats})
     last = get_last_checkpoint(args.output_dir) if cfg.save_steps and Path(args.output_dir).exists() else None
     result = trainer.train(resume_from_checkpoint=last)
@@ -534,10 +540,7 @@ def cap_experiment_table(prof: Profile, probe_frames: dict[int, Any], quantile: 
 
 def plot_cap_experiment(table, path: str | Path, title: str) -> Path:
     """The controlled-experiment figure: model max output length vs max output length in its SFT data."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     x = table["data_max_output_words"]
@@ -552,19 +555,12 @@ def plot_cap_experiment(table, path: str | Path, title: str) -> Path:
     ax.set_ylabel("max output length of the model (words, p95)")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_loss(logs: dict[str, Any], path: str | Path, title: str) -> Path:
     """Training loss against optimizer step, one line per run (``{label: load_train_log(...)}``)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for label, log in logs.items():
@@ -574,8 +570,4 @@ def plot_loss(logs: dict[str, Any], path: str | Path, title: str) -> Path:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

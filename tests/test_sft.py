@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from lwlib.config import load_profile
-from lwlib.packing import (IGNORE, PackCollator, PackedDataset, load_template, pack_examples, pack_stats,
-                           tokenize_chat, training_template)
+from lwlib.packing import (IGNORE, PackCollator, PackedDataset, load_template, pack_examples, tokenize_chat,
+                           training_template)
 from lwlib.runs import REPO_ROOT
 from lwlib.sft import (SFTConfig, _trainer_cls, apply_length_cap, load_sft_data, load_train_log, output_words,
                        sft_loss, train_sft)
-from lwlib.text import count_words
 
 CONVS = [
     [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],
