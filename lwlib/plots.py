@@ -28,6 +28,6 @@ def save_figure(fig, path: str | Path, dpi: int = 130) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")  # long two-line titles stay inside the image
     pyplot().close(fig)
     return path
