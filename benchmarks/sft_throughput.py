@@ -16,6 +16,17 @@ Settings (``--settings``):
 ``--loss-chunk N``: the loss of ``sft.loss_chunk_size: N`` (:func:`lwlib.sft.chunked_sft_loss`: output head and
 cross-entropy over N positions at a time, logits recomputed in the backward pass); 0 = whole-batch logits.
 
+``--kernels``: ``none`` (transformers' modules) or ``liger`` (``sft.liger_kernel``: Liger-Kernel's fused RMSNorm
+and SwiGLU Triton kernels patched in by :func:`lwlib.sft.use_liger`, and the loss by its fused linear
+cross-entropy, :func:`lwlib.sft.liger_sft_loss`; needs ``pip install -e .[gpu]``).
+``--weights bf16`` keeps the parameters and AdamW state in bf16 (no fp32 master weights; the paper's DeepSpeed
+bf16 keeps fp32 masters, so this is a speed reference, not the recipe).
+``--compile 1`` wraps the model in ``torch.compile`` (shapes are fixed for ``packed`` and ``dense``).
+``--flex-mask`` (packed + flex_attention): ``prebuilt`` passes the ``BlockMask`` of :func:`document_block_mask`,
+``transformers`` lets transformers build it from ``position_ids`` on every forward.
+``--profile``: one more step, profiled, adds its wall and GPU-busy time, top CUDA kernels and top CPU operators
+to the row (``profile``); ``--sync-debug`` adds where the step makes the CPU wait for the GPU (``syncs``).
+
 Length mix: ``--long-frac`` of the examples are AgentWrite-like long outputs (uniform 2,500 to
 ``--pack`` - 500 tokens), the rest general chat answers (log-normal, median 350 tokens, 32-2,048).
 
@@ -29,7 +40,8 @@ the causal count at 8k. Peak: ``--peak-tflops`` (H100 SXM dense bf16: 989).
 Usage (GPU)::
 
     python benchmarks/sft_throughput.py --pack 8192 --rows 4 --settings padded packed dense \\
-        --attn sdpa flash_attention_2 --compile 0 1 --loss-chunk 0 4096 --out benchmarks/results/sft_h100.json
+        --attn sdpa flex_attention --compile 0 1 --loss-chunk 0 4096 --kernels none liger \\
+        --out benchmarks/results/sft_h100.json
 """
 
 from __future__ import annotations
@@ -45,7 +57,54 @@ import torch
 
 from lwlib.models import load_model
 from lwlib.packing import IGNORE, PackCollator, PackedDataset, TokenizedExample, pack_examples
-from lwlib.sft import chunked_sft_loss, sft_loss
+from lwlib.sft import chunked_sft_loss, liger_sft_loss, sft_loss, use_liger
+
+
+def document_block_mask(position_ids: torch.Tensor, block_size: int = 128):
+    """Flex-attention ``BlockMask`` of causal attention inside each packed sequence of a batch of packs.
+
+    A sequence starts wherever ``position_ids`` restart at 0 (as :class:`PackCollator` writes them). The
+    block structure comes straight from the sequence boundaries: a (query block, key block) pair is
+    skipped when no sequence spans both, *full* (no per-token mask) when one sequence covers both blocks
+    and the key block lies wholly before the query block, and *partial* otherwise, where the mask
+    function ``doc[q] == doc[kv] and q >= kv`` decides per token. Pass the result as ``attention_mask``
+    together with ``position_ids`` (transformers uses a ``BlockMask`` as given) instead of the mask that
+    transformers builds from ``position_ids`` on every forward (``--flex-mask``: on the H100 it made no
+    difference, so the SFT trainer keeps transformers' mask).
+    ``position_ids``: ``(batch, length)`` with ``length`` a multiple of ``block_size``.
+
+    Usage: ``model(input_ids, position_ids=pos, attention_mask=document_block_mask(pos))``
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if position_ids.dim() != 2:
+        raise ValueError(f"position_ids must be (batch, length), got shape {tuple(position_ids.shape)}")
+    b, n = position_ids.shape
+    if n % block_size:
+        raise ValueError(f"pack length {n} is not a multiple of the block size {block_size}: "
+                         f"pad packs with PackCollator(pad_to_multiple_of={block_size})")
+    doc = (position_ids == 0).cumsum(-1)  # non-decreasing sequence id of every token
+    blocks = doc.view(b, n // block_size, block_size)
+    first, last = blocks[..., 0], blocks[..., -1]
+    nb = n // block_size
+    i = torch.arange(nb, device=doc.device)
+    below = i[None, :, None] > i[None, None, :]  # key block strictly before the query block
+    shared = last[:, None, :] >= first[:, :, None]  # a sequence reaches from the key block into the query block
+    live = (below | (i[:, None] == i[None, :])) & shared
+    single = first == last
+    full = below & single[:, :, None] & single[:, None, :] & (first[:, :, None] == first[:, None, :])
+    partial = live & ~full
+
+    def ordered(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        count = m.sum(-1, dtype=torch.int32)[:, None]
+        index = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)[:, None]
+        return count, index
+
+    def mask_mod(bi, h, q, kv):
+        return (doc[bi, q] == doc[bi, kv]) & (q >= kv)
+
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=block_size, mask_mod=mask_mod,
+                                    seq_lengths=(n, n))
 
 
 def length_mix(n: int, pack: int, long_frac: float, seed: int) -> list[int]:
@@ -134,9 +193,57 @@ def recompute_mfu(path: str, model: str) -> None:
         json.dump(info, f, indent=1)
 
 
-def run_setting(args, setting: str, attn: str, compile_: bool, exs, tok, chunk: int = 0) -> dict:
+def profile_step(step, k: int = 12) -> dict:
+    """One profiled call of ``step``: its wall time, the ``k`` CUDA kernels with the most GPU time (their sum
+    against the wall time shows how long the GPU idled) and the ``k`` CPU operators with the most self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        sync()
+    wall = (time.perf_counter() - t0) * 1000
+    gpu = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))  # noqa: E731
+    ev = prof.key_averages()
+    on = lambda e, kind: str(getattr(e, "device_type", "")).endswith(kind)  # noqa: E731
+    kern = sorted((e for e in ev if gpu(e) > 0 and on(e, "CUDA")), key=gpu, reverse=True)
+    total = sum(gpu(e) for e in kern)
+    cpu = sorted((e for e in ev if on(e, "CPU")), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {"wall_ms": round(wall, 1), "gpu_kernels_ms": round(total / 1000, 1),
+            "top_kernels": [{"kernel": e.key[:90], "ms": round(gpu(e) / 1000, 2), "share": round(gpu(e) / total, 3),
+                             "calls": e.count} for e in kern[:k]],
+            "top_cpu_ops": [{"op": e.key[:90], "self_ms": round(e.self_cpu_time_total / 1000, 2), "calls": e.count}
+                            for e in cpu[:k]]}
+
+
+def sync_points(step) -> list[str]:
+    """Where one call of ``step`` makes the CPU wait for the GPU (``torch.cuda.set_sync_debug_mode``):
+    ``file:line`` of each synchronizing call, with counts. A wait in the training step keeps the CPU from
+    queueing the next kernels while the GPU works, so CPU overhead adds to GPU time instead of hiding
+    behind it."""
+    import collections
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where = collections.Counter(f"{w.filename.split('site-packages/')[-1]}:{w.lineno}" for w in caught
+                                if "synchroniz" in str(w.message))
+    return [f"{k} x{n}" for k, n in where.most_common()]
+
+
+def run_setting(args, setting: str, attn: str, compile_: bool, exs, tok, chunk: int = 0,
+                kernels: str = "none", weights: str = "fp32", flex_mask: str = "prebuilt") -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, _ = load_model(args.model, device=device, dtype="float32")
+    model, _ = load_model(args.model, device=device, dtype={"fp32": "float32", "bf16": "bfloat16"}[weights])
+    if kernels == "liger":
+        use_liger(model)  # what sft.liger_kernel does
     model.config._attn_implementation = attn  # noqa: SLF001 - switch kernels without reloading
     model.set_attn_implementation(attn) if hasattr(model, "set_attn_implementation") else None
     model.config.use_cache = False
@@ -146,10 +253,11 @@ def run_setting(args, setting: str, attn: str, compile_: bool, exs, tok, chunk: 
     cfg = model.config
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     n_all = sum(p.numel() for p in model.parameters())
-    fwd = torch.compile(model) if compile_ else model
+    fwd = torch.compile(model, dynamic=False) if compile_ else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=device == "cuda")
     flatten = attn.startswith("flash") and setting == "packed"
+    prebuilt = attn == "flex_attention" and setting == "packed" and flex_mask == "prebuilt"
     it = batches_for(setting, exs, args.pack, args.rows, tok.pad_token_id, flatten, args.seed)
 
     def step():
@@ -157,14 +265,19 @@ def run_setting(args, setting: str, attn: str, compile_: bool, exs, tok, chunk: 
         batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "labels", "position_ids",
                                                                      "attention_mask")}
         labels = batch.pop("labels")
+        if prebuilt:
+            batch["attention_mask"] = document_block_mask(batch["position_ids"])
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            if chunk:
+            if kernels == "liger":
+                hidden = fwd(**batch, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+                loss = liger_sft_loss(hidden, model.get_output_embeddings().weight, labels, (labels != IGNORE).sum())
+            elif chunk:
                 hidden = fwd(**batch, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
                 loss = chunked_sft_loss(hidden, model.get_output_embeddings(), labels, (labels != IGNORE).sum(),
                                         chunk_size=chunk)
             else:
                 logits = fwd(**batch, use_cache=False).logits
-        if not chunk:
+        if not chunk and kernels != "liger":
             loss = sft_loss(logits, labels, (labels != IGNORE).sum())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -188,13 +301,17 @@ def run_setting(args, setting: str, attn: str, compile_: bool, exs, tok, chunk: 
     if device == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    row = {"setting": setting, "attn": attn, "compile": compile_, "loss_chunk": chunk, "grad_ckpt": args.grad_ckpt,
-           "steps": args.steps,
+    row = {"setting": setting, "attn": attn, "compile": compile_, "loss_chunk": chunk, "kernels": kernels,
+           "weights": weights, "flex_mask": flex_mask if attn == "flex_attention" else None, "grad_ckpt": args.grad_ckpt, "steps": args.steps,
            "real_tokens_per_step": round(real / args.steps), "padding_share": round(1 - real / slots, 3),
            "step_ms": round(1000 * dt / args.steps, 1), "tokens_per_s": round(real / dt),
            "mfu": round(flops / dt / (args.peak_tflops * 1e12), 3),
            "mfu_palm": round(flops_palm / dt / (args.peak_tflops * 1e12), 3),
            "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device == "cuda" else None}
+    if args.profile and device == "cuda":
+        row["profile"] = profile_step(step)
+    if args.sync_debug and device == "cuda":
+        row["syncs"] = sync_points(step)
     del model, fwd, opt
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -212,6 +329,14 @@ def main() -> None:
     ap.add_argument("--attn", nargs="+", default=["sdpa"])
     ap.add_argument("--compile", nargs="+", type=int, default=[0])
     ap.add_argument("--loss-chunk", nargs="+", type=int, default=[0])
+    ap.add_argument("--kernels", nargs="+", default=["none"], choices=["none", "liger"],
+                    help="liger: Liger-Kernel RMSNorm/SwiGLU + fused linear cross-entropy (sft.liger_kernel)")
+    ap.add_argument("--weights", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    ap.add_argument("--flex-mask", nargs="+", default=["prebuilt"], choices=["prebuilt", "transformers"],
+                    help="packed + flex_attention: the BlockMask of document_block_mask, or the one "
+                         "transformers builds from position_ids on every forward")
+    ap.add_argument("--profile", action="store_true", help="add one profiled step's top CUDA kernels to each row")
+    ap.add_argument("--sync-debug", action="store_true", help="add the step's CPU-GPU synchronization points")
     ap.add_argument("--grad-ckpt", action="store_true")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -226,29 +351,49 @@ def main() -> None:
     _, tok = load_model(args.model, device="cpu", dtype="float32")
     exs = make_examples(length_mix(args.examples, args.pack, args.long_frac, args.seed), len(tok), args.seed)
     rows = []
-    for attn in args.attn:
+    grid = [(kern, attn, c, s, ch, w, fm) for kern in args.kernels
+            for attn in args.attn for c in args.compile for s in args.settings
+            for ch in (args.loss_chunk if kern == "none" else [0]) for w in args.weights
+            for fm in (args.flex_mask if attn == "flex_attention" and s == "packed" else ["prebuilt"])]
+    for kern, attn, c, s, ch, w, fm in grid:
         if attn.startswith("flash_attention") and not importlib.util.find_spec("flash_attn"):
             print(f"skip {attn}: flash_attn not installed", flush=True)
             continue
-        for c in args.compile:
-            for s in args.settings:
-                for ch in args.loss_chunk:
-                    try:
-                        rows.append(run_setting(args, s, attn, bool(c), exs, tok, ch))
-                    except Exception as e:  # noqa: BLE001 - report and go on with the other settings
-                        rows.append({"setting": s, "attn": attn, "compile": bool(c), "loss_chunk": ch,
-                                     "error": f"{type(e).__name__}: {e}"[:300]})
-                    print(json.dumps(rows[-1]), flush=True)
-    key = lambda r: (r["attn"], r["compile"], r.get("loss_chunk", 0))  # noqa: E731
+        try:
+            rows.append(run_setting(args, s, attn, bool(c), exs, tok, ch, kern, w, fm))
+        except Exception as e:  # noqa: BLE001 - report and go on with the other settings
+            rows.append({"setting": s, "attn": attn, "compile": bool(c), "loss_chunk": ch, "kernels": kern,
+                         "weights": w, "flex_mask": fm, "error": f"{type(e).__name__}: {e}"[:300]})
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        print(json.dumps(rows[-1]), flush=True)
+    key = lambda r: (r["attn"], r["compile"], r.get("loss_chunk", 0), r.get("kernels", "none"),  # noqa: E731
+                     r.get("weights", "fp32"), r.get("flex_mask"))
     base = {key(r): r["tokens_per_s"] for r in rows if r.get("setting") == "padded" and "error" not in r}
     for r in rows:
         if "error" not in r and key(r) in base:
             r["speedup_vs_padded"] = round(r["tokens_per_s"] / base[key(r)], 2)
-    cols = ["setting", "attn", "compile", "loss_chunk", "real_tokens_per_step", "padding_share", "step_ms", "tokens_per_s",
+    cols = ["setting", "attn", "flex_mask", "compile", "loss_chunk", "kernels", "weights", "real_tokens_per_step",
+            "padding_share",
+            "step_ms", "tokens_per_s",
             "speedup_vs_padded", "mfu", "mfu_palm", "peak_mem_gb"]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
-        print("| " + " | ".join(str(r.get(c, r.get("error", ""))) for c in cols) + " |")
+        if "error" in r:  # the error once, after the columns that name the setting
+            print("| " + " | ".join(str(r.get(c, "")) for c in cols[:7]) + f" | {r['error']} |")
+        else:
+            print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    for r in rows:
+        if r.get("profile"):
+            pr = r["profile"]
+            print(f"\none profiled step: {r['setting']} {r['attn']} compile={r['compile']} kernels={r['kernels']} "
+                  f"weights={r['weights']} flex_mask={r['flex_mask']} loss_chunk={r['loss_chunk']}: wall {pr['wall_ms']} ms, "
+                  f"GPU kernels {pr['gpu_kernels_ms']} ms")
+            for k in pr["top_kernels"]:
+                print(f"  {k['ms']:9.2f} ms {100 * k['share']:5.1f}%  {k['kernel']}")
+            print("  CPU self time:")
+            for k in pr["top_cpu_ops"][:8]:
+                print(f"  {k['self_ms']:9.2f} ms  x{k['calls']:<5} {k['op']}")
     if args.out:
         info = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 "torch": torch.__version__, "args": vars(args), "rows": rows}

