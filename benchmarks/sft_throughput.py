@@ -239,7 +239,7 @@ def sync_points(step) -> list[str]:
 
 
 def run_setting(args, setting: str, attn: str, compile_: bool, exs, tok, chunk: int = 0,
-                kernels: str = "none", weights: str = "fp32", flex_mask: str = "prebuilt") -> dict:
+                kernels: str = "none", weights: str = "fp32", flex_mask: str = "transformers") -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, _ = load_model(args.model, device=device, dtype={"fp32": "float32", "bf16": "bfloat16"}[weights])
     if kernels == "liger":
@@ -302,7 +302,8 @@ def run_setting(args, setting: str, attn: str, compile_: bool, exs, tok, chunk: 
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     row = {"setting": setting, "attn": attn, "compile": compile_, "loss_chunk": chunk, "kernels": kernels,
-           "weights": weights, "flex_mask": flex_mask if attn == "flex_attention" else None, "grad_ckpt": args.grad_ckpt, "steps": args.steps,
+           "weights": weights, "flex_mask": flex_mask if attn == "flex_attention" and setting == "packed" else None,
+           "grad_ckpt": args.grad_ckpt, "steps": args.steps,
            "real_tokens_per_step": round(real / args.steps), "padding_share": round(1 - real / slots, 3),
            "step_ms": round(1000 * dt / args.steps, 1), "tokens_per_s": round(real / dt),
            "mfu": round(flops / dt / (args.peak_tflops * 1e12), 3),
@@ -332,10 +333,10 @@ def main() -> None:
     ap.add_argument("--kernels", nargs="+", default=["none"], choices=["none", "liger"],
                     help="liger: Liger-Kernel RMSNorm/SwiGLU + fused linear cross-entropy (sft.liger_kernel)")
     ap.add_argument("--weights", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
-    ap.add_argument("--flex-mask", nargs="+", default=["prebuilt"], choices=["prebuilt", "transformers"],
+    ap.add_argument("--flex-mask", nargs="+", default=["transformers"], choices=["transformers", "prebuilt"],
                     help="packed + flex_attention: the BlockMask of document_block_mask, or the one "
                          "transformers builds from position_ids on every forward")
-    ap.add_argument("--profile", action="store_true", help="add one profiled step's top CUDA kernels to each row")
+    ap.add_argument("--profile", action="store_true", help="add one profiled step's top CUDA kernels and CPU ops")
     ap.add_argument("--sync-debug", action="store_true", help="add the step's CPU-GPU synchronization points")
     ap.add_argument("--grad-ckpt", action="store_true")
     ap.add_argument("--steps", type=int, default=10)
@@ -354,7 +355,7 @@ def main() -> None:
     grid = [(kern, attn, c, s, ch, w, fm) for kern in args.kernels
             for attn in args.attn for c in args.compile for s in args.settings
             for ch in (args.loss_chunk if kern == "none" else [0]) for w in args.weights
-            for fm in (args.flex_mask if attn == "flex_attention" and s == "packed" else ["prebuilt"])]
+            for fm in (args.flex_mask if attn == "flex_attention" and s == "packed" else ["transformers"])]
     for kern, attn, c, s, ch, w, fm in grid:
         if attn.startswith("flash_attention") and not importlib.util.find_spec("flash_attn"):
             print(f"skip {attn}: flash_attn not installed", flush=True)
@@ -374,9 +375,7 @@ def main() -> None:
         if "error" not in r and key(r) in base:
             r["speedup_vs_padded"] = round(r["tokens_per_s"] / base[key(r)], 2)
     cols = ["setting", "attn", "flex_mask", "compile", "loss_chunk", "kernels", "weights", "real_tokens_per_step",
-            "padding_share",
-            "step_ms", "tokens_per_s",
-            "speedup_vs_padded", "mfu", "mfu_palm", "peak_mem_gb"]
+            "padding_share", "step_ms", "tokens_per_s", "speedup_vs_padded", "mfu", "mfu_palm", "peak_mem_gb"]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         if "error" in r:  # the error once, after the columns that name the setting
@@ -387,8 +386,8 @@ def main() -> None:
         if r.get("profile"):
             pr = r["profile"]
             print(f"\none profiled step: {r['setting']} {r['attn']} compile={r['compile']} kernels={r['kernels']} "
-                  f"weights={r['weights']} flex_mask={r['flex_mask']} loss_chunk={r['loss_chunk']}: wall {pr['wall_ms']} ms, "
-                  f"GPU kernels {pr['gpu_kernels_ms']} ms")
+                  f"weights={r['weights']} flex_mask={r['flex_mask']} loss_chunk={r['loss_chunk']}: "
+                  f"wall {pr['wall_ms']} ms, GPU kernels {pr['gpu_kernels_ms']} ms")
             for k in pr["top_kernels"]:
                 print(f"  {k['ms']:9.2f} ms {100 * k['share']:5.1f}%  {k['kernel']}")
             print("  CPU self time:")
