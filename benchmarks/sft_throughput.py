@@ -1,8 +1,8 @@
 """SFT training throughput: packed vs padded batches on a LongWriter-like length mix, and MFU.
 
 Each setting runs ``--steps`` timed optimizer steps (after ``--warmup`` untimed ones, which also pay for
-compilation) of the real training step of :mod:`lwlib.sft`: forward without cache, the token-mean loss
-(:func:`lwlib.sft.sft_loss`), backward, AdamW. Weights are fp32 with bf16 autocast on CUDA, as the
+compilation) of the real training step of :mod:`lwlib.sft`: the trainer's forward and token-mean loss
+(:func:`lwlib.sft.forward_loss`), backward, AdamW. Weights are fp32 with bf16 autocast on CUDA, as the
 ``Trainer`` runs with ``bf16=True``. Tokens/s counts real tokens only (padding is waste).
 
 Settings (``--settings``):
@@ -57,7 +57,7 @@ import torch
 
 from lwlib.models import load_model
 from lwlib.packing import IGNORE, PackCollator, PackedDataset, TokenizedExample, pack_examples
-from lwlib.sft import chunked_sft_loss, liger_sft_loss, sft_loss, use_liger
+from lwlib.sft import forward_loss, use_liger
 
 
 def document_block_mask(position_ids: torch.Tensor, block_size: int = 128):
@@ -268,17 +268,8 @@ def run_setting(args, setting: str, attn: str, compile_: bool, exs, tok, chunk: 
         if prebuilt:
             batch["attention_mask"] = document_block_mask(batch["position_ids"])
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            if kernels == "liger":
-                hidden = fwd(**batch, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-                loss = liger_sft_loss(hidden, model.get_output_embeddings().weight, labels, (labels != IGNORE).sum())
-            elif chunk:
-                hidden = fwd(**batch, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-                loss = chunked_sft_loss(hidden, model.get_output_embeddings(), labels, (labels != IGNORE).sum(),
-                                        chunk_size=chunk)
-            else:
-                logits = fwd(**batch, use_cache=False).logits
-        if not chunk and kernels != "liger":
-            loss = sft_loss(logits, labels, (labels != IGNORE).sum())
+            loss, _ = forward_loss(fwd, batch, labels, (labels != IGNORE).sum(), chunk_size=chunk,
+                                   liger=kernels == "liger")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

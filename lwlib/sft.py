@@ -440,6 +440,26 @@ def _chunk_ce(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, head: to
     return (ce if w is None else ce * w.to(ce.dtype)).sum()
 
 
+def forward_loss(model, inputs: dict[str, torch.Tensor], labels: torch.Tensor, denominator: torch.Tensor | float,
+                 loss_weights: torch.Tensor | None = None, mode: str = "token", chunk_size: int = 0,
+                 liger: bool = False) -> tuple[torch.Tensor, Any]:
+    """The training step's forward and loss, ``(loss, model outputs)``: with ``liger`` the fused linear
+    cross-entropy (:func:`liger_sft_loss`), with ``chunk_size`` the chunked head (:func:`chunked_sft_loss`),
+    both from the final hidden states (the model computes logits for the last position only); otherwise
+    :func:`sft_loss` of the full logits. The SFT trainer and ``benchmarks/sft_throughput.py`` call it.
+
+    Usage: ``loss, _ = forward_loss(model, {"input_ids": ids, "position_ids": pos}, labels, n_targets)``
+    """
+    if liger or chunk_size:
+        outputs = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+        hidden, head = outputs.hidden_states[-1], _unwrap(model).get_output_embeddings()
+        if liger:
+            return liger_sft_loss(hidden, head.weight, labels, denominator, loss_weights, mode), outputs
+        return chunked_sft_loss(hidden, head, labels, denominator, loss_weights, mode, chunk_size), outputs
+    outputs = model(**inputs, use_cache=False)
+    return sft_loss(outputs.logits, labels, denominator, loss_weights, mode), outputs
+
+
 def _unwrap(model):
     while hasattr(model, "module"):  # DDP / DeepSpeed engine
         model = model.module
@@ -489,17 +509,8 @@ def _trainer_cls():
             if num_items_in_batch is None:  # evaluation: this batch alone
                 num_items_in_batch = self._denominator([{"labels": labels, "num_sequences": 0}], labels.device) \
                     if self.loss_mode == "token" else torch.tensor(1.0)
-            if self.liger:  # logits only for the last position; the fused kernel runs the head with the loss
-                outputs = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-                loss = liger_sft_loss(outputs.hidden_states[-1], _unwrap(model).get_output_embeddings().weight,
-                                      labels, num_items_in_batch, weights, self.loss_mode)
-            elif self.loss_chunk_size:  # logits only for the last position; the head runs chunk by chunk
-                outputs = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-                loss = chunked_sft_loss(outputs.hidden_states[-1], _unwrap(model).get_output_embeddings(), labels,
-                                        num_items_in_batch, weights, self.loss_mode, self.loss_chunk_size)
-            else:
-                outputs = model(**inputs, use_cache=False)
-                loss = sft_loss(outputs.logits, labels, num_items_in_batch, weights, self.loss_mode)
+            loss, outputs = forward_loss(model, inputs, labels, num_items_in_batch, weights, self.loss_mode,
+                                         self.loss_chunk_size, self.liger)
             if self.args.world_size > 1:  # DDP / DeepSpeed average gradients over ranks
                 loss = loss * self.args.world_size
             return (loss, outputs) if return_outputs else loss
