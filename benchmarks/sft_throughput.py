@@ -10,7 +10,8 @@ Settings (``--settings``):
                   classic baseline), examples in random order, ``--rows`` rows per step
   padded-grouped  the same with examples sorted by length first (less padding)
   packed          best-fit packs of ``--pack`` tokens, position ids restarting per example, ``--rows``
-                  packs per step (block-diagonal attention; flash-attention varlen flattens the rows)
+                  packs per step (block-diagonal attention; the varlen kernels, ``flash_attention_2`` and
+                  ``torch_varlen``, get the packs flattened into one row with their boundaries)
   dense           random unpacked ``--rows`` x ``--pack`` token rows (the ceiling: no masking at all)
 
 ``--loss-chunk N``: the loss of ``sft.loss_chunk_size: N`` (:func:`lwlib.sft.chunked_sft_loss`: output head and
@@ -21,7 +22,9 @@ and SwiGLU Triton kernels patched in by :func:`lwlib.sft.use_liger`, and the los
 cross-entropy, :func:`lwlib.sft.liger_sft_loss`; needs ``pip install -e .[gpu]``).
 ``--weights bf16`` keeps the parameters and AdamW state in bf16 (no fp32 master weights; the paper's DeepSpeed
 bf16 keeps fp32 masters, so this is a speed reference, not the recipe).
-``--compile 1`` wraps the model in ``torch.compile`` (shapes are fixed for ``packed`` and ``dense``).
+``--compile 1`` wraps the model in ``torch.compile`` (shapes are fixed for ``dense`` and one-row-per-pack
+``packed``; flattened packs compile with dynamic shapes), in ``--compile-mode`` (``reduce-overhead``: CUDA graphs).
+``--attn torch_varlen``: PyTorch's FlashAttention varlen kernel (:func:`lwlib.packing.varlen_attention_forward`).
 ``--flex-mask`` (packed + flex_attention): ``prebuilt`` passes the ``BlockMask`` of :func:`document_block_mask`,
 ``transformers`` lets transformers build it from ``position_ids`` on every forward.
 ``--profile``: one more step, profiled, adds its wall and GPU-busy time, top CUDA kernels and top CPU operators
@@ -56,7 +59,7 @@ import time
 import torch
 
 from lwlib.models import load_model
-from lwlib.packing import IGNORE, PackCollator, PackedDataset, TokenizedExample, pack_examples
+from lwlib.packing import IGNORE, PackCollator, PackedDataset, TokenizedExample, flat_packs, pack_examples
 from lwlib.sft import forward_loss, use_liger
 
 
@@ -179,7 +182,7 @@ def recompute_mfu(path: str, model: str) -> None:
     for r in info["rows"]:
         if "error" in r:
             continue
-        flatten = r["attn"].startswith("flash") and r["setting"] == "packed"
+        flatten = flat_packs(r["attn"]) and r["setting"] == "packed"
         it = batches_for(r["setting"], exs, a.pack, a.rows, tok.pad_token_id, flatten, a.seed)
         for _ in range(a.warmup):
             next(it)
@@ -253,17 +256,19 @@ def run_setting(args, setting: str, attn: str, compile_: bool, exs, tok, chunk: 
     cfg = model.config
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     n_all = sum(p.numel() for p in model.parameters())
-    fwd = torch.compile(model, dynamic=False) if compile_ else model
+    flatten = flat_packs(attn) and setting == "packed"
+    # flattened packs vary in length from step to step: dynamic shapes instead of one graph per length
+    fwd = torch.compile(model, dynamic=None if flatten else False,
+                        mode=None if args.compile_mode == "default" else args.compile_mode) if compile_ else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=device == "cuda")
-    flatten = attn.startswith("flash") and setting == "packed"
     prebuilt = attn == "flex_attention" and setting == "packed" and flex_mask == "prebuilt"
     it = batches_for(setting, exs, args.pack, args.rows, tok.pad_token_id, flatten, args.seed)
 
     def step():
         batch, lens = next(it)
-        batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "labels", "position_ids",
-                                                                     "attention_mask")}
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+                 if k not in ("loss_weights", "num_sequences")}
         labels = batch.pop("labels")
         if prebuilt:
             batch["attention_mask"] = document_block_mask(batch["position_ids"])
@@ -292,7 +297,8 @@ def run_setting(args, setting: str, attn: str, compile_: bool, exs, tok, chunk: 
     if device == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
-    row = {"setting": setting, "attn": attn, "compile": compile_, "loss_chunk": chunk, "kernels": kernels,
+    row = {"setting": setting, "attn": attn, "compile": compile_,
+           "compile_mode": args.compile_mode if compile_ else None, "loss_chunk": chunk, "kernels": kernels,
            "weights": weights, "flex_mask": flex_mask if attn == "flex_attention" and setting == "packed" else None,
            "grad_ckpt": args.grad_ckpt, "steps": args.steps,
            "real_tokens_per_step": round(real / args.steps), "padding_share": round(1 - real / slots, 3),
@@ -320,6 +326,9 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", default=["padded", "padded-grouped", "packed", "dense"])
     ap.add_argument("--attn", nargs="+", default=["sdpa"])
     ap.add_argument("--compile", nargs="+", type=int, default=[0])
+    ap.add_argument("--compile-mode", default="default",
+                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                    help="torch.compile mode for --compile 1 (reduce-overhead: CUDA graphs, fixed shapes only)")
     ap.add_argument("--loss-chunk", nargs="+", type=int, default=[0])
     ap.add_argument("--kernels", nargs="+", default=["none"], choices=["none", "liger"],
                     help="liger: Liger-Kernel RMSNorm/SwiGLU + fused linear cross-entropy (sft.liger_kernel)")

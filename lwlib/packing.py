@@ -8,6 +8,12 @@ turns every position reset into a new block of a block-diagonal causal mask for 
 flash-attention path turns them into ``cu_seqlens`` for the varlen kernel). The model must be called
 with ``use_cache=False`` (a cache disables the packed-sequence detection).
 
+On CUDA without the flash-attn package, ``attn_implementation="torch_varlen"`` (:data:`VARLEN_ATTENTION`,
+registered with transformers by :func:`register_varlen_attention`) runs PyTorch's own FlashAttention varlen
+kernel (``torch.nn.attention.varlen``) on the packs flattened into one row: the sequence boundaries come
+from the collator as ``cu_seq_lens_q``/``max_length_q`` (transformers' flash-attention keywords), so no mask
+is built and nothing waits for the GPU.
+
 Targets are stored already shifted (``labels[i]`` is the token to predict at position ``i``), one
 sequence at a time, so no target ever crosses from one packed example into the next; the last position
 of each example has no target. Only tokens inside the template's ``{% generation %}`` markers
@@ -27,6 +33,7 @@ Usage::
 
 from __future__ import annotations
 
+import inspect
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +42,7 @@ from typing import Any
 import torch
 
 IGNORE = -100
+VARLEN_ATTENTION = "torch_varlen"
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 
 
@@ -204,7 +212,10 @@ class PackCollator:
     """Batch packs (or single examples) for training.
 
     ``flatten=True`` concatenates the whole batch into one row ``[1, total]`` (what the flash-attention
-    varlen path needs: it reads sequence boundaries from ``position_ids`` only for batch size 1).
+    varlen kernels need) and adds the sequence boundaries as transformers' flash-attention keywords:
+    ``cu_seq_lens_q``/``cu_seq_lens_k`` (int32 cumulative lengths, ``[0, n1, n1 + n2, ...]``) and
+    ``max_length_q``/``max_length_k`` (the longest sequence, an int), which the model passes down to its
+    attention (``flash_attention_2`` then skips deriving them from ``position_ids``; ``torch_varlen`` needs them).
     ``flatten=False`` keeps one row per item, right-padded to the longest with a pad block that is a
     sequence of its own (position ids restart, no targets), so no ``attention_mask`` is needed and
     sdpa gets a block-diagonal mask per row. ``padded=True`` is the classic baseline instead: rows
@@ -230,9 +241,12 @@ class PackCollator:
         nseq = sum(1 for it in items for nt in it["n_targets"] if nt)
         if self.flatten:
             cat = lambda key: [x for it in items for x in it[key]]  # noqa: E731
+            lens = cat("seq_lens")
+            cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
             out = {"input_ids": torch.tensor([cat("input_ids")]), "labels": torch.tensor([cat("labels")]),
                    "position_ids": torch.tensor([cat("position_ids")]),
-                   "loss_weights": torch.tensor([[x for w in weights for x in w]], dtype=torch.float32)}
+                   "loss_weights": torch.tensor([[x for w in weights for x in w]], dtype=torch.float32),
+                   "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lens), "max_length_k": max(lens)}
         else:
             width = max(len(it["input_ids"]) for it in items)
             if self.pad_to_multiple_of:
@@ -253,3 +267,92 @@ class PackCollator:
                 out["position_ids"] = torch.tensor(pos)
         out["num_sequences"] = torch.tensor(nseq)
         return out
+
+
+# ------------------------------------------------------------------------------- packed attention
+
+def flat_packs(attn_implementation: str) -> bool:
+    """Whether an attention implementation takes packs flattened into one row (``PackCollator(flatten=True)``):
+    the varlen kernels do; sdpa, eager and flex_attention take one row per pack."""
+    return attn_implementation.startswith("flash_attention") or attn_implementation == VARLEN_ATTENTION
+
+
+def varlen_available() -> bool:
+    """PyTorch ships ``torch.nn.attention.varlen.varlen_attn`` (2.10+) and this machine has CUDA."""
+    return _torch_varlen_attn is not None and torch.cuda.is_available()
+
+
+def register_varlen_attention() -> None:
+    """Register :func:`varlen_attention_forward` with transformers as ``attn_implementation="torch_varlen"``.
+    No mask function is registered for it, so transformers builds no attention mask. Idempotent.
+
+    Usage: ``register_varlen_attention(); AutoModelForCausalLM.from_pretrained(p, attn_implementation="torch_varlen")``
+    """
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+
+
+def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                             **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Causal attention inside each packed sequence of one flattened row (transformers' attention-function
+    signature: ``query`` ``(1, heads, total, head_dim)``, keys/values with fewer heads under GQA; returns
+    ``(1, total, heads, head_dim)``). Sequence boundaries: ``cu_seq_lens_q``/``max_length_q`` from
+    :class:`PackCollator` ``(flatten=True)``. On CUDA PyTorch's FlashAttention varlen kernel (in bf16/fp16:
+    the autocast dtype, bf16 for fp32 inputs); elsewhere a per-sequence sdpa loop with the same result."""
+    cu_q, max_q = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if cu_q is None or max_q is None:
+        raise ValueError(f"attn_implementation={VARLEN_ATTENTION!r} needs cu_seq_lens_q and max_length_q in the "
+                         "model's inputs: batches from PackCollator(flatten=True)")
+    cu_k, max_k = kwargs.get("cu_seq_lens_k", cu_q), kwargs.get("max_length_k", max_q)
+    if query.shape[0] != 1:
+        raise ValueError(f"{VARLEN_ATTENTION}: packs must be flattened into one row, got batch {query.shape[0]}")
+    if dropout:
+        raise ValueError(f"{VARLEN_ATTENTION}: attention dropout is not supported (got {dropout})")
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (total, heads, head_dim)
+    groups = q.shape[1] // k.shape[1]
+    if q.is_cuda:
+        out = _varlen_cuda(q, k, v, cu_q.to(q.device, torch.int32), cu_k.to(q.device, torch.int32), max_q, max_k,
+                           scaling, groups)
+    else:
+        out = _varlen_reference(q, k, v, cu_q, scaling, groups)
+    return out.unsqueeze(0), None
+
+
+try:  # resolved once here, not inside the attention function, which torch.compile traces
+    from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
+    _VARLEN_PARAMS = frozenset(inspect.signature(_torch_varlen_attn).parameters)
+except ImportError:
+    _torch_varlen_attn, _VARLEN_PARAMS = None, frozenset()
+
+
+def _varlen_cuda(q, k, v, cu_q, cu_k, max_q, max_k, scaling, groups):
+    dtype = q.dtype
+    if torch.is_autocast_enabled("cuda"):
+        target = torch.get_autocast_dtype("cuda")
+    else:
+        target = torch.bfloat16 if dtype == torch.float32 else dtype
+    q, k, v = q.to(target), k.to(target), v.to(target)  # RoPE leaves q, k in fp32 under autocast
+    extra: dict[str, Any] = {"scale": scaling}
+    if "window_size" in _VARLEN_PARAMS:
+        extra["window_size"] = (-1, 0)  # causal
+    else:
+        extra["is_causal"] = True  # torch 2.10
+    if groups > 1:
+        if "enable_gqa" in _VARLEN_PARAMS:
+            extra["enable_gqa"] = True
+        else:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return _torch_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **extra).to(dtype)
+
+
+def _varlen_reference(q, k, v, cu, scaling, groups):
+    """Per-sequence causal sdpa over the same boundaries: the CPU path and the GPU kernel's reference."""
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    bounds = cu.tolist()
+    if bounds[0] != 0 or bounds[-1] != q.shape[0]:
+        raise ValueError(f"cu_seq_lens_q {bounds[:3]}...{bounds[-1]} does not cover the row of {q.shape[0]} tokens")
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    return torch.cat([sdpa(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True,
+                           scale=scaling).transpose(0, 1) for s, e in zip(bounds[:-1], bounds[1:]) if e > s])

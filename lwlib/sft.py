@@ -50,8 +50,9 @@ import torch
 import torch.nn.functional as F
 
 from .config import Profile
-from .packing import (IGNORE, PackCollator, PackedDataset, TokenizedExample, pack_examples, pack_stats,
-                      tokenize_chat, training_template)
+from .packing import (IGNORE, VARLEN_ATTENTION, PackCollator, PackedDataset, TokenizedExample, flat_packs,
+                      pack_examples, pack_stats, register_varlen_attention, tokenize_chat, training_template,
+                      varlen_available)
 from .plots import pyplot, save_figure
 from .runs import (REPO_ROOT, JsonlStore, atomic_write_json, iter_jsonl, read_log_history, training_finished,
                    write_manifest)
@@ -105,11 +106,17 @@ class SFTConfig:
             cross-entropy (output head and loss in one kernel, no logits in memory; replaces
             ``loss_chunk_size``). Same loss and gradients as the plain path (``tests/test_sft_gpu.py``); on an
             H100 1.2x the tokens/s at half the memory (``benchmarks/results/sft_h100_kernels.json``).
-            ``auto``: on with CUDA, the package installed and no ZeRO-3 (the fused loss reads the output
-            head's weight, which ZeRO-3 partitions); ``true``: required (error otherwise); ``false``: off.
+            ``auto``: on with CUDA, the package installed, no ZeRO-3 (the fused loss reads the output
+            head's weight, which ZeRO-3 partitions) and no ``torch_compile`` (Liger's kernels fail under
+            compilation with dynamic shapes); ``true``: required (error otherwise); ``false``: off.
         gradient_checkpointing: recompute activations in the backward pass.
-        attn_implementation: ``auto`` (CUDA: flash_attention_2 when installed, else flex_attention; CPU: sdpa),
-            or a name.
+        torch_compile: compile the model with ``torch.compile`` (the Trainer's ``torch_compile``; dynamic shapes,
+            since flattened packs vary in length). The first steps pay for compilation (a minute or two). On an
+            H100 with ``torch_varlen`` packs: 1.5-1.7x the tokens/s of eager flex attention with Liger
+            (``benchmarks/results/sft_h100_compile.json``).
+        attn_implementation: ``auto``: on CUDA flash_attention_2 when the flash-attn package is installed, else
+            ``torch_varlen`` (PyTorch's own FlashAttention varlen kernel, :mod:`lwlib.packing`) when compiling
+            and flex_attention when not (the faster of the two in each case on an H100); sdpa on CPU. Or a name.
         deepspeed: DeepSpeed config (``env/ds_zero3_offload.json``); null = none. Relative to the repo.
         save_steps: write a resumable checkpoint every N steps (0 = only the final model).
         logging_steps: log the loss every N steps.
@@ -142,6 +149,7 @@ class SFTConfig:
     loss_chunk_size: int = 0
     liger_kernel: bool | str = "auto"
     gradient_checkpointing: bool = True
+    torch_compile: bool = False
     attn_implementation: str = "auto"
     deepspeed: str | None = None
     save_steps: int = 0
@@ -538,21 +546,28 @@ def deepspeed_config(path: str | None) -> str | None:
     return str(p if p.is_absolute() else REPO_ROOT / p)
 
 
-def pick_attn(name: str, device: str) -> str:
-    """``auto``: on CUDA flash_attention_2 when the package is installed, else flex_attention (packed
-    training measured 1.6x faster than sdpa on an H100: ``benchmarks/results/sft_h100.json``); sdpa on CPU."""
+def pick_attn(name: str, device: str, compiled: bool = False) -> str:
+    """``auto`` (see :class:`SFTConfig`): on CUDA flash_attention_2 when the package is installed, else
+    ``torch_varlen`` when compiled (PyTorch 2.10+) and flex_attention otherwise (packed training measured 1.6x
+    faster than sdpa on an H100: ``benchmarks/results/sft_h100.json``); sdpa on CPU."""
     if name != "auto":
         return name
     if not (torch.cuda.is_available() and device != "cpu"):
         return "sdpa"
-    return "flash_attention_2" if importlib.util.find_spec("flash_attn") else "flex_attention"
+    if importlib.util.find_spec("flash_attn"):
+        return "flash_attention_2"
+    return VARLEN_ATTENTION if compiled and varlen_available() else "flex_attention"
 
 
-def pick_liger(setting: bool | str, cuda: bool, ds_cfg: str | None) -> bool:
-    """Resolve ``sft.liger_kernel`` (see :class:`SFTConfig`) for this machine and DeepSpeed config."""
+def pick_liger(setting: bool | str, cuda: bool, ds_cfg: str | None, compiled: bool = False) -> bool:
+    """Resolve ``sft.liger_kernel`` (see :class:`SFTConfig`) for this machine, DeepSpeed config and
+    ``sft.torch_compile``."""
     zero3 = bool(ds_cfg) and json.loads(Path(ds_cfg).read_text()).get("zero_optimization", {}).get("stage") == 3
     if setting == "auto":
-        return cuda and not zero3 and importlib.util.find_spec("liger_kernel") is not None
+        return cuda and not zero3 and not compiled and importlib.util.find_spec("liger_kernel") is not None
+    if setting and compiled:
+        raise ValueError("sft.liger_kernel: true does not work with sft.torch_compile: true (Liger's kernels fail "
+                         "under torch.compile's dynamic shapes; the compiled model fuses the same operations itself)")
     if setting and zero3:
         raise ValueError(f"sft.liger_kernel does not work with ZeRO-3 ({ds_cfg}): the fused loss reads the output "
                          "head's weight, which ZeRO-3 partitions; use sft.loss_chunk_size instead")
@@ -606,7 +621,7 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
 
     device = prof.device
     cuda = torch.cuda.is_available() and device != "cpu"
-    attn = pick_attn(cfg.attn_implementation, device)
+    attn = pick_attn(cfg.attn_implementation, device, cfg.torch_compile)
     world, accumulation = batch_plan(cfg.batch_size, cfg.per_device_batch_size, "sft")
     ds_cfg = deepspeed_config(cfg.deepspeed)
     args = TrainingArguments(
@@ -621,15 +636,17 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
         logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500, save_total_limit=2, report_to=[], seed=prof.seed,
         remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not cuda, deepspeed=ds_cfg,
+        torch_compile=cfg.torch_compile,
         disable_tqdm=False,
     )
+    register_varlen_attention()
     model = AutoModelForCausalLM.from_pretrained(resolve_model(prof.model), dtype=torch.float32,
                                                  attn_implementation=attn)
     model.config.use_cache = False
-    liger = pick_liger(cfg.liger_kernel, cuda, ds_cfg)
+    liger = pick_liger(cfg.liger_kernel, cuda, ds_cfg, cfg.torch_compile)
     if liger:
         use_liger(model)
-    collator = PackCollator(pad_id=tok.pad_token_id, flatten=attn.startswith("flash"))
+    collator = PackCollator(pad_id=tok.pad_token_id, flatten=flat_packs(attn))
     trainer = _trainer_cls()(model=model, args=args, train_dataset=PackedDataset(examples, packs),
                              data_collator=collator, loss_mode=cfg.loss, loss_chunk_size=cfg.loss_chunk_size,
                              liger=liger)

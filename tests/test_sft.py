@@ -2,6 +2,7 @@
 a real CPU training run of the bundled model, the length cap, and the DeepSpeed configs."""
 
 import copy
+import itertools
 import json
 from pathlib import Path
 
@@ -9,8 +10,8 @@ import pytest
 import torch
 
 from lwlib.config import load_profile
-from lwlib.packing import (IGNORE, PackCollator, PackedDataset, load_template, pack_examples, tokenize_chat,
-                           training_template)
+from lwlib.packing import (IGNORE, VARLEN_ATTENTION, PackCollator, PackedDataset, flat_packs, load_template,
+                           pack_examples, tokenize_chat, training_template)
 from lwlib.runs import REPO_ROOT
 from lwlib.sft import (SFTConfig, _trainer_cls, apply_length_cap, load_sft_data, load_train_log, output_words,
                        pick_liger, sft_loss, train_sft)
@@ -90,6 +91,20 @@ def test_packed_logits_equal_logits_alone(model_and_tok, template):
                 got = packed[start:start + len(e)]
                 assert (got - alone).abs().max().item() < 1e-4
                 start += len(e)
+    # PyTorch's varlen attention path (its CPU reference: per-sequence sdpa over the collator's boundaries)
+    varlen = copy.deepcopy(model)
+    varlen.set_attn_implementation(VARLEN_ATTENTION)
+    batch = PackCollator(pad_id=tok.pad_token_id, flatten=True)([ds[0]])
+    assert batch["cu_seq_lens_q"].tolist() == [0, *itertools.accumulate(len(e) for e in exs)]
+    assert batch["cu_seq_lens_q"].dtype == torch.int32 and batch["max_length_q"] == max(len(e) for e in exs)
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                                    "max_length_k")}
+    with torch.no_grad():
+        packed = varlen(**inputs, use_cache=False).logits[0]
+        ref = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+    assert (packed - ref).abs().max().item() < 1e-4
+    with pytest.raises(ValueError, match="needs cu_seq_lens_q"):
+        varlen(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     # without restarting position ids the second sequence would see the first: the test can fail
     batch = PackCollator(pad_id=tok.pad_token_id)([ds[0]])
     with torch.no_grad():
@@ -328,7 +343,8 @@ def test_sft_config_rejects_bad_values():
 
 
 def test_liger_kernel_setting_resolves_per_machine_and_deepspeed_config():
-    """auto: on only with CUDA, the package and no ZeRO-3; true where it cannot run is an error, not a silent off."""
+    """auto: on only with CUDA, the package, no ZeRO-3 and no torch.compile; true where it cannot run is an error,
+    not a silent off."""
     zero3, zero2 = str(REPO_ROOT / "env" / "ds_zero3_offload.json"), None
     assert pick_liger("auto", cuda=False, ds_cfg=None) is False
     assert pick_liger("auto", cuda=True, ds_cfg=zero3) is False
@@ -337,6 +353,26 @@ def test_liger_kernel_setting_resolves_per_machine_and_deepspeed_config():
         pick_liger(True, cuda=True, ds_cfg=zero3)
     with pytest.raises(RuntimeError, match="needs CUDA"):
         pick_liger(True, cuda=False, ds_cfg=None)
+    assert pick_liger("auto", cuda=True, ds_cfg=None, compiled=True) is False
+    with pytest.raises(ValueError, match="torch_compile"):
+        pick_liger(True, cuda=True, ds_cfg=None, compiled=True)
+
+
+def test_attention_choice_per_machine_and_compilation(monkeypatch):
+    """auto: sdpa on CPU; on CUDA without flash-attn, PyTorch's varlen kernel when compiled (1.6x eager flex on an
+    H100) and flex_attention when not (faster than eager varlen); varlen kernels take flattened packs."""
+    import lwlib.sft as sft
+
+    assert sft.pick_attn("auto", "cpu", compiled=True) == "sdpa"
+    assert sft.pick_attn("eager", "cuda") == "eager"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(sft, "varlen_available", lambda: True)
+    monkeypatch.setattr(sft.importlib.util, "find_spec", lambda name: None)  # no flash-attn package
+    assert sft.pick_attn("auto", "cuda", compiled=True) == VARLEN_ATTENTION
+    assert sft.pick_attn("auto", "cuda", compiled=False) == "flex_attention"
+    assert sft.pick_attn("auto", "cpu", compiled=True) == "sdpa"  # the profile's device wins
+    assert [flat_packs(a) for a in (VARLEN_ATTENTION, "flash_attention_2", "flex_attention", "sdpa")] == \
+        [True, True, False, False]
 
 
 def test_profiles_have_sft_sections():
