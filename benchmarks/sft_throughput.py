@@ -59,7 +59,8 @@ import time
 import torch
 
 from lwlib.models import load_model
-from lwlib.packing import IGNORE, PackCollator, PackedDataset, TokenizedExample, flat_packs, pack_examples
+from lwlib.packing import (IGNORE, PackCollator, PackedDataset, TokenizedExample, flat_packs, pack_examples,
+                           split_batch)
 from lwlib.sft import forward_loss, use_liger
 
 
@@ -267,9 +268,9 @@ def run_setting(args, setting: str, attn: str, compile_: bool, exs, tok, chunk: 
 
     def step():
         batch, lens = next(it)
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
-                 if k not in ("loss_weights", "num_sequences")}
-        labels = batch.pop("labels")
+        inputs, loss_inputs = split_batch(batch)
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        labels = loss_inputs["labels"].to(device, non_blocking=True)
         if prebuilt:
             batch["attention_mask"] = document_block_mask(batch["position_ids"])
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):

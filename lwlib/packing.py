@@ -223,7 +223,8 @@ class PackCollator:
     ``pad_to_multiple_of`` rounds the row length up.
 
     Extra keys for the loss: ``loss_weights`` (1 / number of targets of the token's example, for the
-    per-sequence-mean ablation) and ``num_sequences`` (examples with at least one target).
+    per-sequence-mean ablation) and ``num_sequences`` (examples with at least one target);
+    :func:`split_batch` separates them (and ``labels``) from the model's inputs.
     """
 
     pad_id: int
@@ -267,6 +268,20 @@ class PackCollator:
                 out["position_ids"] = torch.tensor(pos)
         out["num_sequences"] = torch.tensor(nseq)
         return out
+
+
+LOSS_KEYS = ("labels", "loss_weights", "num_sequences")
+
+
+def split_batch(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A :class:`PackCollator` batch as ``(model inputs, loss inputs)``: ``labels``, ``loss_weights`` and
+    ``num_sequences`` (:data:`LOSS_KEYS`) go to the loss; everything else (ids, position ids, attention mask,
+    the varlen boundaries) is passed to the model.
+
+    Usage: ``inputs, loss = split_batch(batch); model(**inputs, use_cache=False)``
+    """
+    return ({k: v for k, v in batch.items() if k not in LOSS_KEYS},
+            {k: v for k, v in batch.items() if k in LOSS_KEYS})
 
 
 # ------------------------------------------------------------------------------- packed attention

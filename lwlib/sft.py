@@ -51,8 +51,8 @@ import torch.nn.functional as F
 
 from .config import Profile
 from .packing import (IGNORE, VARLEN_ATTENTION, PackCollator, PackedDataset, TokenizedExample, flat_packs,
-                      pack_examples, pack_stats, register_varlen_attention, tokenize_chat, training_template,
-                      varlen_available)
+                      pack_examples, pack_stats, register_varlen_attention, split_batch, tokenize_chat,
+                      training_template, varlen_available)
 from .plots import pyplot, save_figure
 from .runs import (REPO_ROOT, JsonlStore, atomic_write_json, iter_jsonl, read_log_history, training_finished,
                    write_manifest)
@@ -510,10 +510,8 @@ def _trainer_cls():
             return batches, (self._denominator(batches, device) if batches else None)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inputs = dict(inputs)
-            labels = inputs.pop("labels")
-            weights = inputs.pop("loss_weights", None)
-            inputs.pop("num_sequences", None)
+            inputs, loss_inputs = split_batch(inputs)
+            labels, weights = loss_inputs["labels"], loss_inputs.get("loss_weights")
             if num_items_in_batch is None:  # evaluation: this batch alone
                 num_items_in_batch = self._denominator([{"labels": labels, "num_sequences": 0}], labels.device) \
                     if self.loss_mode == "token" else torch.tensor(1.0)

@@ -11,7 +11,7 @@ import torch
 
 from lwlib.config import load_profile
 from lwlib.packing import (IGNORE, VARLEN_ATTENTION, PackCollator, PackedDataset, flat_packs, load_template,
-                           pack_examples, tokenize_chat, training_template)
+                           pack_examples, split_batch, tokenize_chat, training_template)
 from lwlib.runs import REPO_ROOT
 from lwlib.sft import (SFTConfig, _trainer_cls, apply_length_cap, load_sft_data, load_train_log, output_words,
                        pick_liger, sft_loss, train_sft)
@@ -97,8 +97,9 @@ def test_packed_logits_equal_logits_alone(model_and_tok, template):
     batch = PackCollator(pad_id=tok.pad_token_id, flatten=True)([ds[0]])
     assert batch["cu_seq_lens_q"].tolist() == [0, *itertools.accumulate(len(e) for e in exs)]
     assert batch["cu_seq_lens_q"].dtype == torch.int32 and batch["max_length_q"] == max(len(e) for e in exs)
-    inputs = {k: batch[k] for k in ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
-                                    "max_length_k")}
+    inputs, _ = split_batch(batch)
+    assert set(inputs) == {"input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                           "max_length_k"}
     with torch.no_grad():
         packed = varlen(**inputs, use_cache=False).logits[0]
         ref = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]

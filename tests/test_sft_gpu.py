@@ -12,13 +12,25 @@ import torch
 
 from lwlib.config import load_profile
 from lwlib.models import load_model
-from lwlib.packing import (VARLEN_ATTENTION, PackCollator, PackedDataset, _varlen_reference, tokenize_chat,
-                           training_template, varlen_attention_forward, varlen_available)
+from lwlib.packing import (VARLEN_ATTENTION, PackCollator, PackedDataset, _varlen_reference, split_batch,
+                           tokenize_chat, training_template, varlen_attention_forward, varlen_available)
 from lwlib.sft import SFTConfig, _trainer_cls, load_train_log, train_sft, use_liger
 from conftest import MODEL
 from test_sft import CONVS
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _cuda(batch: dict) -> dict:
+    return {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _batches(tok, packs: list[list[int]], flatten: bool = False) -> list[dict]:
+    """One collated batch per pack of the ``CONVS`` conversations (indices into ``CONVS``)."""
+    template = training_template(tok)
+    ds = PackedDataset([tokenize_chat(tok, c, template) for c in CONVS], packs)
+    coll = PackCollator(pad_id=tok.pad_token_id, flatten=flatten)
+    return [coll([ds[k]]) for k in range(len(packs))]
 
 
 def _loss_and_grads(model, batches, mode, liger, tmp_path, autocast):
@@ -32,7 +44,7 @@ def _loss_and_grads(model, batches, mode, liger, tmp_path, autocast):
     total = 0.0
     for b in got:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            loss = trainer.compute_loss(model, {k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()}, num_items_in_batch=denom)
+            loss = trainer.compute_loss(model, _cuda(b), num_items_in_batch=denom)
         loss.backward()
         total += float(loss.detach())
     return total, {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -42,11 +54,7 @@ def _loss_and_grads(model, batches, mode, liger, tmp_path, autocast):
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_liger_loss_and_gradients_equal_the_plain_path(tmp_path, autocast):
     model, tok = load_model(MODEL, device="cuda", dtype="float32")
-    template = training_template(tok)
-    exs = [tokenize_chat(tok, c, template) for c in CONVS]
-    ds = PackedDataset(exs, [[0, 1], [2, 3]])
-    coll = PackCollator(pad_id=tok.pad_token_id)
-    batches = [coll([ds[0]]), coll([ds[1]])]
+    batches = _batches(tok, [[0, 1], [2, 3]])
     plain = {m: _loss_and_grads(model, batches, m, False, tmp_path, autocast) for m in ("token", "sequence")}
     fused = copy.deepcopy(model)
     use_liger(fused)
@@ -93,11 +101,7 @@ def test_varlen_training_loss_and_gradients_equal_sdpa(tmp_path):
     ``torch_varlen`` gives the loss and gradients of sdpa with transformers' block-diagonal mask (bf16 noise
     differs between the two kernels: loss within 1%, all gradients together cosine > 0.99)."""
     model, tok = load_model(MODEL, device="cuda", dtype="float32")
-    template = training_template(tok)
-    exs = [tokenize_chat(tok, c, template) for c in CONVS]
-    ds = PackedDataset(exs, [[0, 1], [2, 3]])
-    coll = PackCollator(pad_id=tok.pad_token_id, flatten=True)
-    batches = [coll([ds[0]]), coll([ds[1]])]
+    batches = _batches(tok, [[0, 1], [2, 3]], flatten=True)
     want, want_g = _loss_and_grads(model, batches, "token", False, tmp_path, True)
     varlen = copy.deepcopy(model)
     varlen.set_attn_implementation(VARLEN_ATTENTION)
@@ -128,14 +132,9 @@ def test_compiled_varlen_forward_equals_eager():
     flattened packs equal the eager model's, for two packs of different lengths (dynamic shapes)."""
     model, tok = load_model(MODEL, device="cuda", dtype="float32")
     model.set_attn_implementation(VARLEN_ATTENTION)
-    template = training_template(tok)
-    exs = [tokenize_chat(tok, c, template) for c in CONVS]
-    ds = PackedDataset(exs, [[0, 1, 2], [3, 1]])
     compiled = torch.compile(model, dynamic=None)
-    for k in range(2):
-        b = {key: v.cuda() if torch.is_tensor(v) else v
-             for key, v in PackCollator(pad_id=tok.pad_token_id, flatten=True)([ds[k]]).items()
-             if key in ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
+    for k, batch in enumerate(_batches(tok, [[0, 1, 2], [3, 1]], flatten=True)):
+        b = _cuda(split_batch(batch)[0])
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             want = model(**b, use_cache=False).logits.float()
             got = compiled(**b, use_cache=False).logits.float()
