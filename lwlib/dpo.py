@@ -487,7 +487,7 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
     from trl import DPOConfig, DPOTrainer
 
     from .models import load_tokenizer, resolve_model, run_model
-    from .sft import batch_plan, deepspeed_config, pick_attn
+    from .sft import batch_plan, deepspeed_config
 
     cfg = cfg or prof.section("dpo", DPOStageConfig)
     out_dir = Path(out_dir) if out_dir else prof.stage_dir("dpo") / "model"
@@ -521,9 +521,7 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
         logging_steps=cfg.logging_steps, save_strategy="no", report_to=[], seed=prof.seed,
         dataloader_num_workers=0, deepspeed=ds_cfg, disable_tqdm=False,
     )
-    attn = pick_attn("auto", prof.device)
-    if attn == "flex_attention":  # DPO batches are padded, not packed: flex only pays off for packs
-        attn = "sdpa"
+    attn = dpo_attn(prof.device)
     model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32, attn_implementation=attn)
     model.config.use_cache = False
     ref = None
@@ -548,6 +546,17 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
                                                    "metrics": result.metrics, "global_step": result.global_step,
                                                    "start_model": start, "length_plan": plan})
     return out_dir
+
+
+def dpo_attn(device: str) -> str:
+    """Attention for DPO's padded (unpacked) batches: flash_attention_2 where :func:`lwlib.sft.pick_attn` picks
+    it (it handles padding), else sdpa. flex_attention only pays off for packs, and the flattened-pack kernels
+    (``torch_varlen``, ``fa4_varlen``) need the SFT collator's flattened packs, which TRL's DPO collator does
+    not make."""
+    from .sft import pick_attn
+
+    attn = pick_attn("auto", device)
+    return attn if attn == "flash_attention_2" else "sdpa"
 
 
 def load_dpo_log(folder: str | Path) -> pd.DataFrame:

@@ -10,9 +10,12 @@ with ``use_cache=False`` (a cache disables the packed-sequence detection).
 
 On CUDA without the flash-attn package, ``attn_implementation="torch_varlen"`` (:data:`VARLEN_ATTENTION`,
 registered with transformers by :func:`register_varlen_attention`) runs PyTorch's own FlashAttention varlen
-kernel (``torch.nn.attention.varlen``) on the packs flattened into one row: the sequence boundaries come
-from the collator as ``cu_seq_lens_q``/``max_length_q`` (transformers' flash-attention keywords), so no mask
-is built and nothing waits for the GPU.
+kernel (``torch.nn.attention.varlen``, FlashAttention-2) on the packs flattened into one row: the sequence
+boundaries come from the collator as ``cu_seq_lens_q``/``max_length_q`` (transformers' flash-attention
+keywords), so no mask is built and nothing waits for the GPU. ``attn_implementation="fa4_varlen"``
+(:data:`FA4_ATTENTION`) does the same with FlashAttention-4's kernels (the ``flash-attn-4`` package, CuTe DSL,
+Hopper and Blackwell GPUs: FlashAttention-3's Hopper algorithm on an H100), wrapped as PyTorch custom
+operators that ``torch.compile`` keeps as opaque calls.
 
 Targets are stored already shifted (``labels[i]`` is the token to predict at position ``i``), one
 sequence at a time, so no target ever crosses from one packed example into the next; the last position
@@ -33,8 +36,12 @@ Usage::
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
 import inspect
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +50,7 @@ import torch
 
 IGNORE = -100
 VARLEN_ATTENTION = "torch_varlen"
+FA4_ATTENTION = "fa4_varlen"
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 
 
@@ -223,7 +231,8 @@ class PackCollator:
     ``pad_to_multiple_of`` rounds the row length up.
 
     Extra keys for the loss: ``loss_weights`` (1 / number of targets of the token's example, for the
-    per-sequence-mean ablation) and ``num_sequences`` (examples with at least one target);
+    per-sequence-mean ablation), ``num_targets`` (target tokens) and ``num_sequences`` (examples with at least
+    one target), the counts as Python ints so that the trainer's loss denominator never waits for the GPU;
     :func:`split_batch` separates them (and ``labels``) from the model's inputs.
     """
 
@@ -266,17 +275,18 @@ class PackCollator:
                 out["attention_mask"] = torch.tensor(att)
             else:
                 out["position_ids"] = torch.tensor(pos)
-        out["num_sequences"] = torch.tensor(nseq)
+        out["num_targets"] = sum(nt for it in items for nt in it["n_targets"])
+        out["num_sequences"] = nseq
         return out
 
 
-LOSS_KEYS = ("labels", "loss_weights", "num_sequences")
+LOSS_KEYS = ("labels", "loss_weights", "num_targets", "num_sequences")
 
 
 def split_batch(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A :class:`PackCollator` batch as ``(model inputs, loss inputs)``: ``labels``, ``loss_weights`` and
-    ``num_sequences`` (:data:`LOSS_KEYS`) go to the loss; everything else (ids, position ids, attention mask,
-    the varlen boundaries) is passed to the model.
+    """A :class:`PackCollator` batch as ``(model inputs, loss inputs)``: ``labels``, ``loss_weights``,
+    ``num_targets`` and ``num_sequences`` (:data:`LOSS_KEYS`) go to the loss; everything else (ids, position ids,
+    attention mask, the varlen boundaries) is passed to the model.
 
     Usage: ``inputs, loss = split_batch(batch); model(**inputs, use_cache=False)``
     """
@@ -289,7 +299,8 @@ def split_batch(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 def flat_packs(attn_implementation: str) -> bool:
     """Whether an attention implementation takes packs flattened into one row (``PackCollator(flatten=True)``):
     the varlen kernels do; sdpa, eager and flex_attention take one row per pack."""
-    return attn_implementation.startswith("flash_attention") or attn_implementation == VARLEN_ATTENTION
+    return attn_implementation.startswith("flash_attention") or attn_implementation in (VARLEN_ATTENTION,
+                                                                                          FA4_ATTENTION)
 
 
 def varlen_available() -> bool:
@@ -297,15 +308,35 @@ def varlen_available() -> bool:
     return _torch_varlen_attn is not None and torch.cuda.is_available()
 
 
+@functools.cache
+def fa4_available() -> bool:
+    """GPU 0 is a Hopper (sm90) or Blackwell (sm100) GPU, the architectures FlashAttention-4's kernels are written
+    for, and the ``flash-attn-4`` package imports (``pip install -e .[fa4]``; env/setup.sh installs it on such a
+    GPU). An installed package that fails to import says why in a warning."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability(0)[0] not in (9, 10):
+        return False
+    if importlib.util.find_spec("flash_attn") is None:
+        return False
+    try:
+        importlib.import_module("flash_attn.cute.interface")  # the CuTe DSL and its CUDA libraries load here
+    except Exception as e:  # noqa: BLE001 - any failure means: use another kernel
+        warnings.warn(f"flash-attn-4 is installed but does not import ({type(e).__name__}: {e}); "
+                      "attn_implementation auto falls back to PyTorch's kernels")
+        return False
+    return True
+
+
 def register_varlen_attention() -> None:
-    """Register :func:`varlen_attention_forward` with transformers as ``attn_implementation="torch_varlen"``.
-    No mask function is registered for it, so transformers builds no attention mask. Idempotent.
+    """Register the flattened-pack attention functions with transformers: :func:`varlen_attention_forward` as
+    ``attn_implementation="torch_varlen"`` and :func:`fa4_attention_forward` as ``"fa4_varlen"``. No mask
+    function is registered for them, so transformers builds no attention mask. Idempotent.
 
     Usage: ``register_varlen_attention(); AutoModelForCausalLM.from_pretrained(p, attn_implementation="torch_varlen")``
     """
     from transformers import AttentionInterface
 
     AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
+    AttentionInterface.register(FA4_ATTENTION, fa4_attention_forward)
 
 
 def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -316,23 +347,49 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     ``(1, total, heads, head_dim)``). Sequence boundaries: ``cu_seq_lens_q``/``max_length_q`` from
     :class:`PackCollator` ``(flatten=True)``. On CUDA PyTorch's FlashAttention varlen kernel (in bf16/fp16:
     the autocast dtype, bf16 for fp32 inputs); elsewhere a per-sequence sdpa loop with the same result."""
+    return _flat_attention(VARLEN_ATTENTION, query, key, value, dropout, scaling, kwargs)
+
+
+def fa4_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """:func:`varlen_attention_forward` with FlashAttention-4's varlen kernels on CUDA (``flash-attn-4``; GQA
+    without copying key/value heads); elsewhere the same per-sequence sdpa loop."""
+    return _flat_attention(FA4_ATTENTION, query, key, value, dropout, scaling, kwargs)
+
+
+def _flat_attention(name: str, query, key, value, dropout, scaling, kwargs) -> tuple[torch.Tensor, None]:
     cu_q, max_q = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if cu_q is None or max_q is None:
-        raise ValueError(f"attn_implementation={VARLEN_ATTENTION!r} needs cu_seq_lens_q and max_length_q in the "
+        raise ValueError(f"attn_implementation={name!r} needs cu_seq_lens_q and max_length_q in the "
                          "model's inputs: batches from PackCollator(flatten=True)")
     cu_k, max_k = kwargs.get("cu_seq_lens_k", cu_q), kwargs.get("max_length_k", max_q)
     if query.shape[0] != 1:
-        raise ValueError(f"{VARLEN_ATTENTION}: packs must be flattened into one row, got batch {query.shape[0]}")
+        raise ValueError(f"{name}: packs must be flattened into one row, got batch {query.shape[0]}")
     if dropout:
-        raise ValueError(f"{VARLEN_ATTENTION}: attention dropout is not supported (got {dropout})")
+        raise ValueError(f"{name}: attention dropout is not supported (got {dropout})")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (total, heads, head_dim)
     groups = q.shape[1] // k.shape[1]
-    if q.is_cuda:
-        out = _varlen_cuda(q, k, v, cu_q.to(q.device, torch.int32), cu_k.to(q.device, torch.int32), max_q, max_k,
-                           scaling, groups)
-    else:
+    if not q.is_cuda:
         out = _varlen_reference(q, k, v, cu_q, scaling, groups)
+    else:
+        cu_q, cu_k = cu_q.to(q.device, torch.int32), cu_k.to(q.device, torch.int32)
+        dtype = q.dtype
+        q, k, v = (t.to(_kernel_dtype(dtype)) for t in (q, k, v))  # RoPE leaves q, k in fp32 under autocast
+        scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+        if name == FA4_ATTENTION:
+            out = torch.ops.lwlib.fa4_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale)[0]
+        else:
+            out = _varlen_cuda(q, k, v, cu_q, cu_k, max_q, max_k, scale, groups)
+        out = out.to(dtype)
     return out.unsqueeze(0), None
+
+
+def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The half-precision dtype the flash kernels run in: autocast's, else bf16 for fp32 inputs."""
+    if torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return torch.bfloat16 if dtype == torch.float32 else dtype
 
 
 try:  # resolved once here, not inside the attention function, which torch.compile traces
@@ -343,12 +400,6 @@ except ImportError:
 
 
 def _varlen_cuda(q, k, v, cu_q, cu_k, max_q, max_k, scaling, groups):
-    dtype = q.dtype
-    if torch.is_autocast_enabled("cuda"):
-        target = torch.get_autocast_dtype("cuda")
-    else:
-        target = torch.bfloat16 if dtype == torch.float32 else dtype
-    q, k, v = q.to(target), k.to(target), v.to(target)  # RoPE leaves q, k in fp32 under autocast
     extra: dict[str, Any] = {"scale": scaling}
     if "window_size" in _VARLEN_PARAMS:
         extra["window_size"] = (-1, 0)  # causal
@@ -359,7 +410,58 @@ def _varlen_cuda(q, k, v, cu_q, cu_k, max_q, max_k, scaling, groups):
             extra["enable_gqa"] = True
         else:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return _torch_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **extra).to(dtype)
+    return _torch_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **extra)
+
+
+# FlashAttention-4 (flash-attn-4, CuTe DSL) as two custom operators with autograd: torch.compile keeps them as
+# opaque calls (the fake functions give it the output shapes) instead of tracing into the CuTe DSL launcher.
+# Causal attention only; lse is (heads, total) in fp32 as the kernels write it.
+
+@torch.library.custom_op("lwlib::fa4_varlen_fwd", mutates_args=(), device_types="cuda")
+def _fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+             max_q: int, max_k: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    out, lse = _flash_attn_fwd(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+                               max_seqlen_k=max_k, softmax_scale=scale, causal=True, return_lse=True)[:2]
+    return out, lse
+
+
+@_fa4_fwd.register_fake
+def _(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("lwlib::fa4_varlen_bwd", mutates_args=(), device_types="cuda")
+def _fa4_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+             lse: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int,
+             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=scale, causal=True, cu_seqlens_q=cu_q,
+                                 cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)[:3]
+    return dq, dk, dv
+
+
+@_fa4_bwd.register_fake
+def _(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fa4_setup_context(ctx, inputs, output) -> None:
+    q, k, v, cu_q, cu_k, max_q, max_k, scale = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k)
+    ctx.max_q, ctx.max_k, ctx.scale = max_q, max_k, scale
+
+
+def _fa4_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = torch.ops.lwlib.fa4_varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, ctx.max_q,
+                                                ctx.max_k, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_fa4_fwd.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
 
 
 def _varlen_reference(q, k, v, cu, scaling, groups):

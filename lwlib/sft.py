@@ -50,9 +50,9 @@ import torch
 import torch.nn.functional as F
 
 from .config import Profile
-from .packing import (IGNORE, VARLEN_ATTENTION, PackCollator, PackedDataset, TokenizedExample, flat_packs,
-                      pack_examples, pack_stats, register_varlen_attention, split_batch, tokenize_chat,
-                      training_template, varlen_available)
+from .packing import (FA4_ATTENTION, IGNORE, VARLEN_ATTENTION, PackCollator, PackedDataset, TokenizedExample,
+                      fa4_available, flat_packs, pack_examples, pack_stats, register_varlen_attention, split_batch,
+                      tokenize_chat, training_template, varlen_available)
 from .plots import pyplot, save_figure
 from .runs import (REPO_ROOT, JsonlStore, atomic_write_json, iter_jsonl, read_log_history, training_finished,
                    write_manifest)
@@ -111,12 +111,16 @@ class SFTConfig:
             compilation with dynamic shapes); ``true``: required (error otherwise); ``false``: off.
         gradient_checkpointing: recompute activations in the backward pass.
         torch_compile: compile the model with ``torch.compile`` (the Trainer's ``torch_compile``; dynamic shapes,
-            since flattened packs vary in length). The first steps pay for compilation (a minute or two). On an
-            H100 with ``torch_varlen`` packs: 1.5-1.7x the tokens/s of eager flex attention with Liger
-            (``benchmarks/results/sft_h100_compile.json``).
-        attn_implementation: ``auto``: on CUDA flash_attention_2 when the flash-attn package is installed, else
-            ``torch_varlen`` (PyTorch's own FlashAttention varlen kernel, :mod:`lwlib.packing`) when compiling
-            and flex_attention when not (the faster of the two in each case on an H100); sdpa on CPU. Or a name.
+            since flattened packs vary in length), and the full-logits loss with it (:func:`compiled_sft_loss`).
+            The first steps pay for compilation (a minute or two). On an H100 with ``torch_varlen`` packs:
+            1.5-1.7x the tokens/s of eager flex attention with Liger (``benchmarks/results/sft_h100_compile.json``);
+            ``fa4_varlen`` with the compiled loss makes that 1.3x faster again at 4 packs per micro-step and
+            1.45x at 8 (41.7% MFU; ``benchmarks/results/sft_h100_fa4.json``).
+        attn_implementation: ``auto``: on CUDA ``fa4_varlen`` (FlashAttention-4's kernels on flattened packs,
+            :mod:`lwlib.packing`) where flash-attn-4 is installed on a Hopper/Blackwell GPU, else flash_attention_2
+            when the flash-attn 2 package is installed, else ``torch_varlen`` (PyTorch's own FlashAttention-2 varlen
+            kernel) when compiling and flex_attention when not (the fastest available in each case on an H100);
+            sdpa on CPU. Or a name.
         deepspeed: DeepSpeed config (``env/ds_zero3_offload.json``); null = none. Relative to the repo.
         save_steps: write a resumable checkpoint every N steps (0 = only the final model).
         logging_steps: log the loss every N steps.
@@ -448,13 +452,27 @@ def _chunk_ce(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, head: to
     return (ce if w is None else ce * w.to(ce.dtype)).sum()
 
 
+_COMPILED_SFT_LOSS = None
+
+
+def compiled_sft_loss():
+    """:func:`sft_loss` under ``torch.compile`` (dynamic shapes, compiled once per process): the fp32 upcast,
+    log-softmax and target gather become fused reductions over the half-precision logits, with no fp32 copy
+    of the logits and no separate softmax kernels (on an H100 these took ~10% of a compiled SFT step)."""
+    global _COMPILED_SFT_LOSS
+    if _COMPILED_SFT_LOSS is None:
+        _COMPILED_SFT_LOSS = torch.compile(sft_loss, dynamic=True)
+    return _COMPILED_SFT_LOSS
+
+
 def forward_loss(model, inputs: dict[str, torch.Tensor], labels: torch.Tensor, denominator: torch.Tensor | float,
                  loss_weights: torch.Tensor | None = None, mode: str = "token", chunk_size: int = 0,
-                 liger: bool = False) -> tuple[torch.Tensor, Any]:
+                 liger: bool = False, compiled: bool = False) -> tuple[torch.Tensor, Any]:
     """The training step's forward and loss, ``(loss, model outputs)``: with ``liger`` the fused linear
     cross-entropy (:func:`liger_sft_loss`), with ``chunk_size`` the chunked head (:func:`chunked_sft_loss`),
     both from the final hidden states (the model computes logits for the last position only); otherwise
-    :func:`sft_loss` of the full logits. The SFT trainer and ``benchmarks/sft_throughput.py`` call it.
+    :func:`sft_loss` of the full logits, compiled (:func:`compiled_sft_loss`) when ``compiled`` (the model is
+    compiled too: ``sft.torch_compile``). The SFT trainer and ``benchmarks/sft_throughput.py`` call it.
 
     Usage: ``loss, _ = forward_loss(model, {"input_ids": ids, "position_ids": pos}, labels, n_targets)``
     """
@@ -465,7 +483,8 @@ def forward_loss(model, inputs: dict[str, torch.Tensor], labels: torch.Tensor, d
             return liger_sft_loss(hidden, head.weight, labels, denominator, loss_weights, mode), outputs
         return chunked_sft_loss(hidden, head, labels, denominator, loss_weights, mode, chunk_size), outputs
     outputs = model(**inputs, use_cache=False)
-    return sft_loss(outputs.logits, labels, denominator, loss_weights, mode), outputs
+    loss_fn = compiled_sft_loss() if compiled else sft_loss
+    return loss_fn(outputs.logits, labels, denominator, loss_weights, mode), outputs
 
 
 def _unwrap(model):
@@ -489,10 +508,13 @@ def _trainer_cls():
             self.loss_mode = loss_mode
             self.loss_chunk_size = loss_chunk_size
             self.liger = liger
+            self.compile_loss = bool(self.args.torch_compile)
 
         def _denominator(self, batches: list[dict], device) -> torch.Tensor:
+            # the collator's host-side counts: no wait for the GPU before the step's first forward pass
             if self.loss_mode == "token":
-                n = sum(int((b["labels"] != IGNORE).sum()) for b in batches)
+                n = sum(b["num_targets"] if "num_targets" in b else int((b["labels"] != IGNORE).sum())
+                        for b in batches)
             else:
                 n = sum(int(b["num_sequences"]) for b in batches)
             n = torch.tensor(float(n), device=device)
@@ -516,7 +538,7 @@ def _trainer_cls():
                 num_items_in_batch = self._denominator([{"labels": labels, "num_sequences": 0}], labels.device) \
                     if self.loss_mode == "token" else torch.tensor(1.0)
             loss, outputs = forward_loss(model, inputs, labels, num_items_in_batch, weights, self.loss_mode,
-                                         self.loss_chunk_size, self.liger)
+                                         self.loss_chunk_size, self.liger, self.compile_loss)
             if self.args.world_size > 1:  # DDP / DeepSpeed average gradients over ranks
                 loss = loss * self.args.world_size
             return (loss, outputs) if return_outputs else loss
@@ -545,16 +567,25 @@ def deepspeed_config(path: str | None) -> str | None:
 
 
 def pick_attn(name: str, device: str, compiled: bool = False) -> str:
-    """``auto`` (see :class:`SFTConfig`): on CUDA flash_attention_2 when the package is installed, else
-    ``torch_varlen`` when compiled (PyTorch 2.10+) and flex_attention otherwise (packed training measured 1.6x
-    faster than sdpa on an H100: ``benchmarks/results/sft_h100.json``); sdpa on CPU."""
+    """``auto`` (see :class:`SFTConfig`): on CUDA ``fa4_varlen`` when flash-attn-4 is installed on a Hopper or
+    Blackwell GPU, else flash_attention_2 when that package is installed, else ``torch_varlen`` when compiled
+    (PyTorch 2.10+) and flex_attention otherwise (packed training measured 1.6x faster than sdpa on an H100:
+    ``benchmarks/results/sft_h100.json``); sdpa on CPU."""
     if name != "auto":
         return name
     if not (torch.cuda.is_available() and device != "cpu"):
         return "sdpa"
-    if importlib.util.find_spec("flash_attn"):
+    if fa4_available():
+        return FA4_ATTENTION
+    if flash_attn2_available():
         return "flash_attention_2"
     return VARLEN_ATTENTION if compiled and varlen_available() else "flex_attention"
+
+
+def flash_attn2_available() -> bool:
+    """The flash-attn 2 package (its CUDA extension ``flash_attn_2_cuda``) is installed. ``flash_attn`` alone does
+    not tell: flash-attn-4 installs ``flash_attn.cute`` into the same (namespace) package."""
+    return importlib.util.find_spec("flash_attn_2_cuda") is not None
 
 
 def pick_liger(setting: bool | str, cuda: bool, ds_cfg: str | None, compiled: bool = False) -> bool:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from lwlib.config import load_profile
-from lwlib.packing import (IGNORE, VARLEN_ATTENTION, PackCollator, PackedDataset, flat_packs, load_template,
-                           pack_examples, split_batch, tokenize_chat, training_template)
+from lwlib.packing import (FA4_ATTENTION, IGNORE, VARLEN_ATTENTION, PackCollator, PackedDataset, flat_packs,
+                           load_template, pack_examples, split_batch, tokenize_chat, training_template)
 from lwlib.runs import REPO_ROOT
 from lwlib.sft import (SFTConfig, _trainer_cls, apply_length_cap, load_sft_data, load_train_log, output_words,
                        pick_liger, sft_loss, train_sft)
@@ -91,9 +91,7 @@ def test_packed_logits_equal_logits_alone(model_and_tok, template):
                 got = packed[start:start + len(e)]
                 assert (got - alone).abs().max().item() < 1e-4
                 start += len(e)
-    # PyTorch's varlen attention path (its CPU reference: per-sequence sdpa over the collator's boundaries)
-    varlen = copy.deepcopy(model)
-    varlen.set_attn_implementation(VARLEN_ATTENTION)
+    # the flattened-pack attention paths (their CPU reference: per-sequence sdpa over the collator's boundaries)
     batch = PackCollator(pad_id=tok.pad_token_id, flatten=True)([ds[0]])
     assert batch["cu_seq_lens_q"].tolist() == [0, *itertools.accumulate(len(e) for e in exs)]
     assert batch["cu_seq_lens_q"].dtype == torch.int32 and batch["max_length_q"] == max(len(e) for e in exs)
@@ -101,11 +99,15 @@ def test_packed_logits_equal_logits_alone(model_and_tok, template):
     assert set(inputs) == {"input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
                            "max_length_k"}
     with torch.no_grad():
-        packed = varlen(**inputs, use_cache=False).logits[0]
         ref = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
-    assert (packed - ref).abs().max().item() < 1e-4
-    with pytest.raises(ValueError, match="needs cu_seq_lens_q"):
-        varlen(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    for attn in (VARLEN_ATTENTION, FA4_ATTENTION):
+        varlen = copy.deepcopy(model)
+        varlen.set_attn_implementation(attn)
+        with torch.no_grad():
+            packed = varlen(**inputs, use_cache=False).logits[0]
+        assert (packed - ref).abs().max().item() < 1e-4, attn
+        with pytest.raises(ValueError, match="needs cu_seq_lens_q"):
+            varlen(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     # without restarting position ids the second sequence would see the first: the test can fail
     batch = PackCollator(pad_id=tok.pad_token_id)([ds[0]])
     with torch.no_grad():
@@ -185,7 +187,8 @@ def test_collator_weights_and_counts(tok, template):
     exs = [tokenize_chat(tok, c, template) for c in CONVS[:3]]
     batch = PackCollator(pad_id=tok.pad_token_id)([PackedDataset(exs, [[0, 1, 2]])[0]])
     w, y = batch["loss_weights"][0], batch["labels"][0]
-    assert int(batch["num_sequences"]) == 3
+    assert batch["num_sequences"] == 3 and batch["num_targets"] == int((y != IGNORE).sum())
+    assert isinstance(batch["num_targets"], int)  # a host count: the loss denominator needs no GPU sync
     assert abs(float(w[y != IGNORE].sum()) - 3.0) < 1e-5  # each sequence's targets weigh 1 in total
 
 
@@ -360,20 +363,35 @@ def test_liger_kernel_setting_resolves_per_machine_and_deepspeed_config():
 
 
 def test_attention_choice_per_machine_and_compilation(monkeypatch):
-    """auto: sdpa on CPU; on CUDA without flash-attn, PyTorch's varlen kernel when compiled (1.6x eager flex on an
-    H100) and flex_attention when not (faster than eager varlen); varlen kernels take flattened packs."""
+    """auto: sdpa on CPU; on CUDA FlashAttention-4's varlen kernels where flash-attn-4 runs (Hopper/Blackwell),
+    else flash-attn 2, else PyTorch's varlen kernel when compiled (1.6x eager flex on an H100) and flex_attention
+    when not (faster than eager varlen); varlen kernels take flattened packs. flash-attn-4 alone installs the
+    namespace package ``flash_attn`` (no ``flash_attn_2_cuda``): that is not flash-attn 2."""
     import lwlib.sft as sft
 
     assert sft.pick_attn("auto", "cpu", compiled=True) == "sdpa"
     assert sft.pick_attn("eager", "cuda") == "eager"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(sft, "varlen_available", lambda: True)
-    monkeypatch.setattr(sft.importlib.util, "find_spec", lambda name: None)  # no flash-attn package
+    monkeypatch.setattr(sft, "fa4_available", lambda: False)
+    monkeypatch.setattr(sft.importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
     assert sft.pick_attn("auto", "cuda", compiled=True) == VARLEN_ATTENTION
     assert sft.pick_attn("auto", "cuda", compiled=False) == "flex_attention"
     assert sft.pick_attn("auto", "cpu", compiled=True) == "sdpa"  # the profile's device wins
-    assert [flat_packs(a) for a in (VARLEN_ATTENTION, "flash_attention_2", "flex_attention", "sdpa")] == \
-        [True, True, False, False]
+    monkeypatch.setattr(sft.importlib.util, "find_spec", lambda name: object() if name == "flash_attn_2_cuda" else None)
+    assert sft.pick_attn("auto", "cuda", compiled=True) == "flash_attention_2"
+    monkeypatch.setattr(sft, "fa4_available", lambda: True)
+    assert sft.pick_attn("auto", "cuda", compiled=True) == FA4_ATTENTION
+    assert sft.pick_attn("auto", "cuda", compiled=False) == FA4_ATTENTION
+    assert sft.pick_attn("auto", "cpu", compiled=True) == "sdpa"
+    assert [flat_packs(a) for a in (VARLEN_ATTENTION, FA4_ATTENTION, "flash_attention_2", "flex_attention",
+                                    "sdpa")] == [True, True, True, False, False]
+    # DPO's batches are padded, not flattened packs: sdpa unless flash-attn 2 (which handles padding) is there
+    from lwlib.dpo import dpo_attn
+
+    assert dpo_attn("cuda") == "sdpa" and dpo_attn("cpu") == "sdpa"
+    monkeypatch.setattr(sft, "fa4_available", lambda: False)
+    assert dpo_attn("cuda") == "flash_attention_2"
 
 
 def test_profiles_have_sft_sections():
