@@ -88,8 +88,8 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then 
   "${pip[@]}" install -q "${src[@]}" --no-deps "liger-kernel==0.8.5" || echo "[setup] liger-kernel not installed: sft.liger_kernel: auto stays off" >&2
   # the fa4 extra on Hopper/Blackwell GPUs: FlashAttention-4's kernels for flattened packs (attn_implementation fa4_varlen)
   if "$VENV/bin/python" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] in (9, 10) else 1)" 2>/dev/null; then
-    if [ -n "$WHEELS" ]; then fa4=($FA4_CLOSURE); nd=(--no-deps); else fa4=("flash-attn-4==4.0.0b36"); nd=(); fi
-    "${pip[@]}" install -q "${src[@]}" "${nd[@]}" "${fa4[@]}" || echo "[setup] flash-attn-4 not installed: attn_implementation auto picks PyTorch's own kernels" >&2
+    nd=(); [ -n "$WHEELS" ] && nd=(--no-deps)  # online, pip adds what the closure needs (einops, cuda-bindings)
+    "${pip[@]}" install -q "${src[@]}" "${nd[@]}" $FA4_CLOSURE || echo "[setup] flash-attn-4 not installed: attn_implementation auto picks PyTorch's own kernels" >&2
   fi
 fi
 "$VENV/bin/python" -m ipykernel install --sys-prefix --name lwlib --display-name "Python (lwlib)" >/dev/null \
