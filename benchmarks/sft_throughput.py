@@ -62,9 +62,9 @@ import time
 import torch
 
 from lwlib.models import load_model
-from lwlib.packing import (IGNORE, PackCollator, PackedDataset, TokenizedExample, flat_packs, pack_examples,
-                           split_batch)
-from lwlib.sft import flash_attn2_available, forward_loss, use_liger
+from lwlib.packing import (IGNORE, PackCollator, PackedDataset, TokenizedExample, flash_attn2_available, flat_packs,
+                           pack_examples, split_batch)
+from lwlib.sft import forward_loss, use_liger
 
 
 def document_block_mask(position_ids: torch.Tensor, block_size: int = 128):
@@ -237,7 +237,8 @@ def profile_step(step, k: int = 12) -> dict:
     cpu = sorted((e for e in ev if on(e, "CPU")), key=lambda e: e.self_cpu_time_total, reverse=True)
     groups: dict[str, float] = {}
     for e in kern:
-        groups[kernel_group(e.key)] = groups.get(kernel_group(e.key), 0.0) + gpu(e) / 1000
+        g = kernel_group(e.key)
+        groups[g] = groups.get(g, 0.0) + gpu(e) / 1000
     return {"wall_ms": round(wall, 1), "gpu_kernels_ms": round(total / 1000, 1),
             "by_group_ms": {g: round(v, 1) for g, v in sorted(groups.items(), key=lambda x: -x[1])},
             "top_kernels": [{"kernel": e.key[:90], "ms": round(gpu(e) / 1000, 2), "share": round(gpu(e) / total, 3),

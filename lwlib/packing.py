@@ -308,6 +308,12 @@ def varlen_available() -> bool:
     return _torch_varlen_attn is not None and torch.cuda.is_available()
 
 
+def flash_attn2_available() -> bool:
+    """The flash-attn 2 package (its CUDA extension ``flash_attn_2_cuda``) is installed. ``flash_attn`` alone does
+    not tell: flash-attn-4 installs ``flash_attn.cute`` into the same (namespace) package."""
+    return importlib.util.find_spec("flash_attn_2_cuda") is not None
+
+
 @functools.cache
 def fa4_available() -> bool:
     """GPU 0 is a Hopper (sm90) or Blackwell (sm100) GPU, the architectures FlashAttention-4's kernels are written
