@@ -43,6 +43,7 @@ class GenParams:
         temperature: 0 means greedy decoding; the paper samples at 0.5.
         top_p: nucleus sampling mass (1.0 = off).
         repetition_penalty: 1.0 = off (local backend only; OpenAI servers ignore it).
+        repetition_window: penalize only the last N generated tokens (0 = all generated tokens).
         seed: seeds sampling (local backend: once per ``generate`` call; OpenAI: passed through).
         ignore_eos: keep generating past end tokens to exactly ``max_new_tokens`` (throughput benchmarks).
     """
@@ -51,6 +52,7 @@ class GenParams:
     temperature: float = 0.5
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    repetition_window: int = 0
     seed: int | None = 0
     ignore_eos: bool = False
 

@@ -43,6 +43,7 @@ import pandas as pd
 from .backends import Backend, BackendConfig, GenParams, OpenAIBackend, make_backend
 from .config import Profile
 from .data import WritingItem, load_longbench_write
+from .decodings import Decoding, model_label, profile_decodings
 from .plots import pyplot, save_figure
 from .runs import JsonlStore, atomic_write_json, write_manifest
 from .text import count_words, repetition_report, truncate_words
@@ -376,9 +377,9 @@ class BenchConfig:
         languages: required output languages to keep (``en`` = the 60 items of longbench_write_en).
         max_items: evaluate this many items (null = all), taken evenly along the required-length order
             so every bucket is represented; deterministic.
-        max_new_tokens: token budget per prediction (paper: 32768 for open models).
-        temperature: prediction sampling temperature (paper: 0.5).
-        top_p: nucleus mass for predictions (1.0 = off, as the official pred.py).
+        max_new_tokens: token budget per prediction (paper: 32768 for open models). Sampling settings come from
+            the profile's ``decodings`` (:mod:`lwlib.decodings`; the paper's: temperature 0.5, as the official
+            pred.py); every model is predicted under each of them.
         backend: prediction backend (lwlib.backends.BackendConfig); model empty = the tag's model.
         judge: the quality judge (:class:`JudgeConfig`).
         n_boot: bootstrap resamples for 95% confidence intervals (0 = none).
@@ -393,8 +394,6 @@ class BenchConfig:
     languages: list[str] = field(default_factory=lambda: ["en", "zh"])
     max_items: int | None = None
     max_new_tokens: int = 32768
-    temperature: float = 0.5
-    top_p: float = 1.0
     backend: BackendConfig = field(default_factory=BackendConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     n_boot: int = 1000
@@ -434,10 +433,12 @@ def run_predictions(
     cfg: BenchConfig | None = None,
     backend: Backend | None = None,
     items: list[WritingItem] | None = None,
+    decoding: Decoding | None = None,
 ) -> pd.DataFrame:
-    """Generate a response for every selected item; resumable. One row per item.
+    """Generate a response for every selected item under ``decoding`` (default: the profile's first); resumable.
+    One row per item.
 
-    Writes ``<run>/bench/<tag>/predictions.jsonl`` (id, tag, model, prompt, type, lang, length,
+    Writes ``<run>/bench/<tag>/<decoding>/predictions.jsonl`` (id, tag, model, decoding, prompt, type, lang, length,
     bucket, response, response_length (= count_words), tokens, hit_limit, finish_reason,
     effective_length, collapsed, repeated_rate) as each output arrives, and ``manifest.json``.
     ``tag`` is resolved with :func:`lwlib.models.run_model` (missing checkpoints raise FileNotFoundError).
@@ -445,33 +446,53 @@ def run_predictions(
     from .models import run_model
 
     cfg = cfg or profile.section("bench", BenchConfig)
+    decoding = decoding or profile_decodings(profile)[0]
     model = cfg.backend.model or (run_model(profile, tag) if backend is None else getattr(backend, "name", tag))
-    out = profile.stage_dir("bench") / tag
-    write_manifest(out, {"profile": profile.resolved(), "bench": dataclasses.asdict(cfg), "model": model, "tag": tag})
+    out = bench_dir(profile, tag, decoding.name)
+    write_manifest(out, {"profile": profile.resolved(), "bench": dataclasses.asdict(cfg), "model": model, "tag": tag,
+                         "decoding": decoding.as_dict()})
     store = JsonlStore(out / "predictions.jsonl", key="id")
     items = items if items is not None else select_items(load_longbench_write(cfg.data_path, cfg.en_data_path), cfg)
     todo = [it for it in items if it.id not in store]
     errors = []
     if todo:
         backend = backend or make_backend(cfg.backend, model, profile.device, profile.dtype)
-        params = GenParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=profile.seed)
-        for i, g in backend.generate_iter([it.prompt for it in todo], params, desc=f"LongBench-Write ({tag})"):
+        params = decoding.params(cfg.max_new_tokens, seed=profile.seed)
+        for i, g in backend.generate_iter([it.prompt for it in todo], params,
+                                          desc=f"LongBench-Write ({model_label(tag, decoding)})"):
             it = todo[i]
             if g.error:
                 errors.append(f"{it.id}: {g.error}")
                 continue
             rep = _rep(g.text, cfg)
             store.append({
-                "id": it.id, "tag": tag, "model": model, "prompt": it.prompt, "type": it.type, "lang": it.lang,
+                "id": it.id, "tag": tag, "model": model, "decoding": decoding.name, "prompt": it.prompt,
+                "type": it.type, "lang": it.lang,
                 "length": it.length, "bucket": bucket_of(it.length), "response": g.text,
                 "response_length": count_words(g.text), "tokens": g.completion_tokens, "hit_limit": g.hit_limit,
                 "finish_reason": g.finish_reason, "effective_length": rep.effective_words,
                 "collapsed": rep.collapsed, "repeated_rate": round(rep.repeated_rate, 4),
             })
     if errors:
-        raise RuntimeError(f"bench predictions ({tag}): {len(errors)} failed (rerun to retry them): {errors[:3]}")
+        raise RuntimeError(f"bench predictions ({model_label(tag, decoding)}): {len(errors)} failed (rerun to retry them): "
+                           f"{errors[:3]}")
     ids = {it.id for it in items}
     return add_length_scores(pd.DataFrame([r for r in store.records() if r["id"] in ids]))
+
+
+def bench_dir(profile: Profile, tag: str, decoding: str) -> Path:
+    """``<run>/bench/<tag>/<decoding>``, created."""
+    p = profile.stage_dir("bench") / tag / decoding
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _predictions_done(profile: Profile, tag: str, decoding: str, cfg: BenchConfig) -> bool:
+    path = profile.run_dir / "bench" / tag / decoding / "predictions.jsonl"
+    if not path.exists():
+        return False
+    want = {it.id for it in select_items(load_longbench_write(cfg.data_path, cfg.en_data_path), cfg)}
+    return want <= {r["id"] for r in JsonlStore(path).records()}
 
 
 def add_length_scores(df: pd.DataFrame) -> pd.DataFrame:
@@ -511,17 +532,19 @@ def run_judge(
     tag: str,
     judge_backend: Backend | None = None,
     cfg: BenchConfig | None = None,
+    decoding: Decoding | None = None,
 ) -> pd.DataFrame:
-    """Judge every prediction of ``tag`` (resumable; cached by judge model, prompt and response).
+    """Judge every prediction of ``tag`` under ``decoding`` (resumable; cached by judge model, prompt and response).
 
-    Writes ``<run>/bench/<tag>/judgements.jsonl`` (id, judge, status ok/failed, tries, scores, S_q,
+    Writes ``<run>/bench/<tag>/<decoding>/judgements.jsonl`` (id, judge, status ok/failed, tries, scores, S_q,
     raw answers) and uses ``<run>/bench/judge_cache.jsonl``. Items whose every try hit a transport
     error are not stored (a rerun retries them) but appear with status ``error``. Returns the
     predictions with judgement columns (``judged``, ``judge_status``, ``judge_tries``, the six
     dimensions, ``S_q``; NaN where not judged).
     """
     cfg = cfg or profile.section("bench", BenchConfig)
-    out = profile.stage_dir("bench") / tag
+    decoding = decoding or profile_decodings(profile)[0]
+    out = bench_dir(profile, tag, decoding.name)
     pred_path = out / "predictions.jsonl"
     if not pred_path.exists():
         raise FileNotFoundError(f"{pred_path} does not exist: run run_predictions(prof, {tag!r}) first")
@@ -551,7 +574,8 @@ def run_judge(
         if todo:
             params = GenParams(cfg.judge.max_tokens, cfg.judge.temperature, seed=profile.seed)
             pairs = [(r["prompt"], resp) for r, resp, _ in todo]
-            for i, res in judge_many(judge_backend, pairs, cfg.judge.max_tries, params, desc=f"judge ({tag})"):
+            for i, res in judge_many(judge_backend, pairs, cfg.judge.max_tries, params,
+                                    desc=f"judge ({model_label(tag, decoding)})"):
                 r, resp, cut = todo[i]
                 if res.error:
                     errors[r["id"]] = res
@@ -617,40 +641,40 @@ def evaluate_models(
     cfg: BenchConfig | None = None,
     judge_backend: Backend | None = None,
     backends: dict[str, Backend] | None = None,
+    summary_path: str | Path | None = None,
 ) -> dict[str, pd.DataFrame]:
-    """Predict and judge every model of ``cfg.models`` that exists; ``{tag: scored DataFrame}``.
+    """Predict and judge every model of ``cfg.models`` that exists under every decoding of the profile;
+    ``{"<tag> (<decoding>)": scored DataFrame}``.
 
     A missing checkpoint (``sft``/``dpo`` not trained in this run) is skipped with a printed note.
     One judge serves all models (built from the config unless given). ``backends`` may give a
-    prediction backend per tag (tests). Writes ``<run>/bench/summary.json``.
+    prediction backend per tag (tests). Writes ``summary_path`` (default ``<run>/bench/summary.json``).
     """
-    from .models import run_model
+    from .models import available_tags, run_model
 
     cfg = cfg or profile.section("bench", BenchConfig)
     backends = backends or {}
-    tags = []
-    for tag in cfg.models:
-        if tag in backends:
-            tags.append(tag)
-            continue
-        try:
-            run_model(profile, tag)
-        except FileNotFoundError as e:
-            print(f"[bench] skipping {tag!r}: {e}")
-            continue
-        tags.append(tag)
+    tags = [t for t in cfg.models if t in backends or t in available_tags(profile, [t], "bench")]
     if not tags:
         raise RuntimeError(f"bench: none of the models {cfg.models} exists in {profile.run_dir}")
+    decs = profile_decodings(profile)
     for tag in tags:
-        run_predictions(profile, tag, cfg, backend=backends.get(tag))
+        backend = backends.get(tag)
+        for dec in decs:
+            if backend is None and not _predictions_done(profile, tag, dec.name, cfg):
+                model = cfg.backend.model or run_model(profile, tag)
+                backend = make_backend(cfg.backend, model, profile.device, profile.dtype)
+            run_predictions(profile, tag, cfg, backend=backend, decoding=dec)
+        del backend
     own = judge_backend is None and cfg.judge.kind != "none"
     judge_backend = judge_backend or make_judge_backend(profile, cfg)
     try:
-        results = {tag: run_judge(profile, tag, judge_backend, cfg) for tag in tags}
+        results = {model_label(tag, dec): run_judge(profile, tag, judge_backend, cfg, dec) for tag in tags for dec in decs}
     finally:
         if own and hasattr(judge_backend, "close"):
             judge_backend.close()
-    atomic_write_json(profile.stage_dir("bench") / "summary.json", summarize(results, cfg.n_boot, profile.seed))
+    atomic_write_json(summary_path or profile.stage_dir("bench") / "summary.json",
+                      summarize(results, cfg.n_boot, profile.seed))
     return results
 
 
@@ -777,7 +801,7 @@ def repetition_table(results: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 def load_paper_scores(path: str | Path = PAPER_SCORES_PATH) -> dict[str, Any]:
     """The paper's published LongBench-Write scores (``lwlib/paper_scores.json``): ``{"source", "scores": [...]}``;
-    a row's ``S_l``/``S_q`` may be null (not found), and ``quoted_in`` names where a quoted number was read."""
+    a row's ``S``/``S_l``/``S_q`` may be null (not found), and ``quoted_in`` names where a quoted number was read."""
     with open(path, encoding="utf-8") as f:
         data = json.load(f)
     for i, row in enumerate(data.get("scores", [])):
@@ -809,7 +833,7 @@ def paper_comparison(results: dict[str, pd.DataFrame], profile_name: str,
         print(f"[bench] no published scores in {path}: {data.get('note', '')}")
     for row in data.get("scores", []):
         label = "paper, as quoted (lwlib/paper_scores.json)" if row.get("quoted_in") else f"paper ({data['source']})"
-        rows.append({"source": label, "model": row["model"], "S": row["S"],
+        rows.append({"source": label, "model": row["model"], "S": _num(row["S"]),
                      "S_l": _num(row["S_l"]), "S_q": _num(row["S_q"]), "items": 120, "judged": np.nan})
     return pd.DataFrame(rows).set_index(["source", "model"]).round(1)
 
@@ -885,13 +909,43 @@ def plot_bucket_bars(results: dict[str, pd.DataFrame], path: str | Path, title: 
 
 
 def load_ruler_frames(profile: Profile, tags: Sequence[str] = ("base", "sft", "dpo")) -> dict[str, pd.DataFrame]:
-    """Notebook 01's ruler-probe records of every tag that has them (missing ones noted and skipped)."""
+    """The ruler-probe records of every tag and decoding that has them (missing ones noted and skipped),
+    ``{"<tag> (<decoding>)": records}``."""
     from .probe import load_probe
 
     frames = {}
     for tag in tags:
-        try:
-            frames[tag] = load_probe(profile, tag)
-        except FileNotFoundError as e:
-            print(f"[bench] no ruler curve for {tag!r}: {e}")
+        for dec in profile_decodings(profile):
+            try:
+                frames[model_label(tag, dec)] = load_probe(profile, tag, dec.name)
+            except FileNotFoundError as e:
+                print(f"[bench] no ruler curve for {model_label(tag, dec)!r}: {e}")
     return frames
+
+
+def length_score_difference(before: pd.DataFrame, after: pd.DataFrame, by: str | None = "bucket",
+                            n_boot: int = 1000, seed: int = 0, column: str = "S_l") -> pd.DataFrame:
+    """``after - before`` of the mean ``column`` (S_l) on the same items, overall and per ``by`` group, with a paired
+    bootstrap 95% interval (items resampled together in both models) and the share of resamples above 0.
+
+    Usage: ``length_score_difference(results["sft (paper)"], results["dpo (paper)"])``
+    """
+    m = before[["id", column, "bucket", "type", "lang"]].merge(after[["id", column]], on="id", suffixes=("_before", "_after"))
+    if m.empty:
+        raise ValueError("length_score_difference: the two results share no item")
+    rng = np.random.default_rng(seed)
+    groups = [("overall", m)]
+    if by is not None:
+        keys = list(BUCKET_NAMES) if by == "bucket" else sorted(m[by].unique())
+        groups += [(k, m[m[by] == k]) for k in keys if (m[by] == k).any()]
+    rows = []
+    for name, g in groups:
+        d = (g[f"{column}_after"] - g[f"{column}_before"]).to_numpy(float)
+        row = {"group": name, "n": len(d), "before": float(g[f"{column}_before"].mean()),
+               "after": float(g[f"{column}_after"].mean()), "difference": float(d.mean())}
+        if n_boot > 0:
+            b = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
+            row.update(lo=float(np.percentile(b, 2.5)), hi=float(np.percentile(b, 97.5)),
+                       share_above_0=float((b > 0).mean()))
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("group")

@@ -18,6 +18,8 @@ Top-level fields:
     seed: global seed for sampling and data construction.
     device: ``auto`` (CUDA if present, else CPU), ``cpu`` or ``cuda``.
     dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``bfloat16``, ``float16`` or ``float32``.
+    decodings: the named decodings every length measurement runs under (:mod:`lwlib.decodings`; default: the
+        paper's alone).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import yaml
 from .runs import REPO_ROOT
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
-TOP_LEVEL = {"name", "description", "model", "seed", "device", "dtype"}
+TOP_LEVEL = {"name", "description", "model", "seed", "device", "dtype", "decodings"}
 T = TypeVar("T")
 
 

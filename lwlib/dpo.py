@@ -4,11 +4,14 @@ Data, as the paper builds it:
   1. long-writing instructions from the instruction source of notebook 02
      (:func:`lwlib.instructions.generate_instructions` with a seed of its own, so the set differs from
      the AgentWrite one; checked against LongBench-Write prompts, which are never used);
-  2. ``samples`` outputs per instruction (paper: 4) sampled from the SFT model (notebook 03);
+  2. ``samples`` outputs per instruction (paper: 4) sampled from the SFT model (notebook 03) under one of the
+     profile's named decodings (``decoding``; the small-model profiles: ``loopfree``, see :class:`DPOStageConfig`);
   3. every output scored: quality ``S_q`` from the LongBench-Write LLM judge
      (:func:`lwlib.bench.judge_many` + :func:`lwlib.bench.quality_score`) and length ``S_l``
-     (:func:`lwlib.bench.length_score` against the instruction's required length), combined by the
-     documented rule of :class:`DPOStageConfig` (``score_rule``);
+     (:func:`lwlib.bench.length_score` against the instruction's required length, on *effective* length by
+     default: words before a collapse into repetition, so a loop is not rewarded), combined by the
+     documented rule of :class:`DPOStageConfig` (``score_rule``); without a judge (``judge.kind: none``) the
+     pairs rest on length alone, and every table says so (``rule``);
   4. chosen = the best-scoring output (ties: a seeded draw among the tied best), rejected = one of the
      others drawn at random (seeded per instruction); pairs whose two scores are equal carry no
      preference and are dropped (``drop_ties``);
@@ -46,9 +49,10 @@ import torch
 from .backends import Backend, BackendConfig, GenParams, make_backend
 from .bench import JudgeConfig
 from .config import Profile
+from .decodings import Decoding, get_decoding
 from .plots import pyplot, save_figure
 from .runs import JsonlStore, atomic_write_json, read_jsonl, read_log_history, training_finished, write_manifest
-from .text import count_words
+from .text import repetition_report
 
 SCORE_RULES = ("mean", "weighted", "length", "quality")
 
@@ -67,8 +71,15 @@ class DPOStageConfig:
         min_words, max_words: range of the instructions' required lengths (log-uniform).
         samples: outputs sampled per instruction (paper: 4).
         max_new_tokens: token budget per sampled output.
-        temperature: sampling temperature (not stated in the paper; 0.8 for variety between samples).
-        top_p: nucleus mass of sampling.
+        decoding: the profile decoding (:mod:`lwlib.decodings`) the samples are drawn with; null = the profile's
+            first. The small-model profiles sample under ``loopfree``: under the paper's decoding a 135M model runs
+            on to the token limit in loops in almost every sample, so the 4 samples of an instruction have equal
+            length scores and a pair carries no length preference.
+        temperature: overrides the decoding's temperature for sampling (not stated in the paper; higher values
+            give more variety between the samples); null = the decoding's.
+        length_basis: ``effective`` (default): the length score is computed on effective length, the words written
+            before the text collapses into repetition (:func:`lwlib.text.repetition_report`), so a loop that
+            runs to the required length is not preferred; ``raw``: on all output words (the official scorer).
         backend: generation backend for sampling (lwlib.backends.BackendConfig; model = start model).
         judge: the quality judge: ``lwlib.bench.JudgeConfig`` (kind ``local`` = the "local judge", a local
             model through ``lwlib.serve``; ``openai`` = any OpenAI-compatible API, the paper's GPT-4o;
@@ -117,8 +128,9 @@ class DPOStageConfig:
     max_words: int = 20000
     samples: int = 4
     max_new_tokens: int = 32768
-    temperature: float = 0.8
-    top_p: float = 1.0
+    decoding: str | None = None
+    temperature: float | None = None
+    length_basis: str = "effective"
     backend: BackendConfig = field(default_factory=BackendConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     score_rule: str = "mean"
@@ -152,6 +164,8 @@ class DPOStageConfig:
             raise ValueError(f"dpo.samples must be >= 2 (a pair needs two outputs), got {self.samples}")
         if self.batch_size % self.per_device_batch_size:
             raise ValueError("dpo.batch_size must be a multiple of dpo.per_device_batch_size")
+        if self.length_basis not in ("effective", "raw"):
+            raise ValueError(f"dpo.length_basis must be 'effective' or 'raw', got {self.length_basis!r}")
         if self.judge.kind not in ("local", "openai", "none"):
             raise ValueError(f"dpo.judge.kind must be local, openai or none, got {self.judge.kind!r}")
 
@@ -177,32 +191,42 @@ def dpo_instructions(prof: Profile, cfg: DPOStageConfig) -> list[dict[str, Any]]
 
 def sample_outputs(prof: Profile, cfg: DPOStageConfig, instructions: list[dict[str, Any]],
                    backend: Backend | None = None) -> pd.DataFrame:
-    """``cfg.samples`` outputs per instruction from the start model; resumable
+    """``cfg.samples`` outputs per instruction from the start model under ``cfg.decoding``; resumable
     (``<run>/dpo/samples.jsonl``, id ``<instruction id>-s<k>``)."""
     from .models import run_model
 
+    dec = sampling_decoding(prof, cfg)
     store = JsonlStore(prof.stage_dir("dpo") / "samples.jsonl", key="id")
     todo = [(it, k) for it in instructions for k in range(cfg.samples) if f"{it['id']}-s{k}" not in store]
     errors = []
     if todo:
         model = run_model(prof, cfg.start_model)
         backend = backend or make_backend(cfg.backend, model, prof.device, prof.dtype)
-        params = GenParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=prof.seed)
+        params = dec.params(cfg.max_new_tokens, seed=prof.seed)
         prompts = [[{"role": "user", "content": it["prompt"]}] for it, _ in todo]
-        for i, g in backend.generate_iter(prompts, params, desc="DPO sampling"):
+        for i, g in backend.generate_iter(prompts, params, desc=f"DPO sampling ({dec.name})"):
             it, k = todo[i]
             if g.error:
                 errors.append(f"{it['id']}-s{k}: {g.error}")
                 continue
+            rep = repetition_report(g.text)
             store.append({"id": f"{it['id']}-s{k}", "instruction_id": it["id"], "sample": k,
                           "prompt": it["prompt"], "type": it["type"], "lang": it["lang"],
-                          "required_length": it["length"], "response": g.text, "words": count_words(g.text),
+                          "required_length": it["length"], "response": g.text, "words": rep.words,
+                          "effective_words": rep.effective_words, "collapsed": rep.collapsed,
                           "tokens": g.completion_tokens, "finish_reason": g.finish_reason,
-                          "model": str(cfg.start_model)})
+                          "model": str(cfg.start_model), "decoding": dec.name})
     if errors:
         raise RuntimeError(f"DPO sampling: {len(errors)} generations failed (rerun to retry them): {errors[:3]}")
     want = {f"{it['id']}-s{k}" for it in instructions for k in range(cfg.samples)}
     return pd.DataFrame([r for r in store.records() if r["id"] in want])
+
+
+def sampling_decoding(prof: Profile, cfg: DPOStageConfig) -> Decoding:
+    """The decoding DPO samples with: the profile's ``cfg.decoding``, its temperature replaced by
+    ``cfg.temperature`` where that is set."""
+    dec = get_decoding(prof, cfg.decoding)
+    return dataclasses.replace(dec, temperature=cfg.temperature) if cfg.temperature is not None else dec
 
 
 # -------------------------------------------------------------------------------------------- scoring
@@ -241,7 +265,7 @@ def judge_samples(prof: Profile, cfg: DPOStageConfig, samples: pd.DataFrame, jud
                 if res.error:
                     errors.append(f"{r['id']}: {res.error}")
                     continue
-                store.append(_score_record(r, res.scores, label, res.tries, res.outputs))
+                store.append(_score_record(r, res.scores, label, res.tries, res.outputs, cfg.length_basis))
         finally:
             if own is not None and hasattr(own, "close"):
                 own.close()
@@ -249,16 +273,19 @@ def judge_samples(prof: Profile, cfg: DPOStageConfig, samples: pd.DataFrame, jud
             raise RuntimeError(f"DPO judge: {len(errors)} calls failed (rerun to retry them): {errors[:3]}")
     elif todo:
         for r in todo:
-            store.append(_score_record(r, None, "none", 0, []))
+            store.append(_score_record(r, None, "none", 0, [], cfg.length_basis))
     want = set(samples["id"])
     return pd.DataFrame([r for r in store.records() if r["id"] in want])
 
 
-def _score_record(r: dict, scores: dict | None, judge: str, tries: int, outputs: list[str]) -> dict:
+def _score_record(r: dict, scores: dict | None, judge: str, tries: int, outputs: list[str],
+                  length_basis: str = "effective") -> dict:
     from . import bench
 
+    words = r["effective_words"] if length_basis == "effective" else r["words"]
     return {"id": r["id"], "instruction_id": r["instruction_id"], "required_length": r["required_length"],
-            "words": r["words"], "length_score": bench.length_score(r["required_length"], r["words"]),
+            "words": r["words"], "length_basis": length_basis, "scored_words": words,
+            "length_score": bench.length_score(r["required_length"], words),
             "quality_scores": scores, "quality": bench.quality_score(scores) if scores else None,
             "judge": judge, "judge_tries": tries, "judge_outputs": outputs}
 
@@ -437,7 +464,8 @@ def load_scored(prof: Profile, cfg: DPOStageConfig | None = None) -> pd.DataFram
     samples = pd.DataFrame(read_jsonl(run / "samples.jsonl"))
     scores = combine_scores(pd.DataFrame(read_jsonl(run / "scores.jsonl")), cfg.score_rule, cfg.quality_weight)
     cols = ["id", "length_score", "quality", "score", "rule", "judge", "judge_tries"]
-    return samples[["id", "instruction_id", "sample", "required_length", "words", "tokens", "finish_reason"]].merge(
+    return samples[["id", "instruction_id", "sample", "required_length", "words", "effective_words", "tokens",
+                    "finish_reason"]].merge(
         scores[cols], on="id", how="left")
 
 

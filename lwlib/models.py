@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -203,7 +204,9 @@ _CHECKPOINTS = {"sft": ("sft", "03_sft.ipynb"), "dpo": ("dpo", "04_dpo.ipynb")}
 
 def run_model(profile, tag: str) -> str:
     """The model a tag names in a run: ``base`` -> the profile's model; ``sft``/``dpo`` -> the
-    checkpoint folder that notebook 03/04 wrote in this run; anything else is returned unchanged.
+    checkpoint folder that notebook 03/04 wrote in this run; ``cap<N>`` -> notebook 03's run on data capped at
+    N words (``sft/cap<N>/model``); ``sft_<arm>`` -> notebook 03's arm (``sft/<arm>/model``); anything else is
+    returned unchanged.
 
     Usage: ``load_model(run_model(prof, "sft"))``
     """
@@ -212,7 +215,28 @@ def run_model(profile, tag: str) -> str:
     if tag in _CHECKPOINTS:
         stage, notebook = _CHECKPOINTS[tag]
         folder = profile.run_dir / stage / "model"
-        if not (folder / "config.json").exists():
-            raise FileNotFoundError(f"no {tag} checkpoint at {folder}: run notebooks/{notebook} for profile {profile.name!r} first")
-        return str(folder)
-    return tag
+    elif re.fullmatch(r"cap\d+", tag) or tag.startswith("sft_"):
+        stage, notebook = "sft", "03_sft.ipynb"
+        folder = profile.run_dir / "sft" / tag.removeprefix("sft_") / "model"
+    else:
+        return tag
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"no {tag} checkpoint at {folder}: run notebooks/{notebook} for profile {profile.name!r} first")
+    return str(folder)
+
+
+def available_tags(profile, tags, who: str = "lwlib") -> list[str]:
+    """The ``tags`` whose model exists in this run (:func:`run_model`); each missing one is skipped with a printed
+    note naming the notebook that makes it.
+
+    Usage: ``for tag in available_tags(prof, ["base", "sft", "dpo"], "nll"): ...``
+    """
+    out = []
+    for tag in tags:
+        try:
+            run_model(profile, tag)
+        except FileNotFoundError as e:
+            print(f"[{who}] skipping {tag!r}: {e}")
+            continue
+        out.append(tag)
+    return out

@@ -48,9 +48,11 @@ class NLLConfig:
     """Section ``nll`` of a profile.
 
     Fields:
-        data_path: conversations to score (LongWriter-6k JSONL, ``{"messages": [...]}``); null =
-            ``<run>/agentwrite/heldout.jsonl`` (notebook 02's held-out items), falling back (with a
-            printed note) to ``<run>/agentwrite/longwriter.jsonl`` when there is no held-out file.
+        data_path: conversations to score (LongWriter-6k JSONL, ``{"messages": [...]}``); ``corpus`` =
+            ``<run>/corpus/heldout_nll.jsonl`` (human-written passages of whole books held out of SFT,
+            :mod:`lwlib.corpus`); null = ``<run>/agentwrite/heldout.jsonl`` (notebook 02's held-out AgentWrite
+            items), falling back (with a printed note) to ``<run>/agentwrite/longwriter.jsonl`` when there is no
+            held-out file.
         models: model tags to score (``base``, ``sft``, ``dpo`` or a path; see ``lwlib.models.run_model``);
             tags whose checkpoint does not exist are skipped with a note.
         max_samples: at most this many conversations (the first ones in the file); null = all.
@@ -208,6 +210,12 @@ def cumulative_curve(samples: Sequence[Sequence[float]]) -> pd.DataFrame:
 
 def nll_data_path(prof: Profile, cfg: NLLConfig) -> Path:
     """The file :func:`run_nll` scores (see ``NLLConfig.data_path``); prints a note on the fallback."""
+    if cfg.data_path == "corpus":
+        p = prof.run_dir / "corpus" / "heldout_nll.jsonl"
+        if not p.exists():
+            raise FileNotFoundError(f"no {p}: run the corpus section of notebooks/02_agentwrite.ipynb for profile "
+                                    f"{prof.name!r} first")
+        return p
     if cfg.data_path:
         p = Path(cfg.data_path)
         if not p.exists():

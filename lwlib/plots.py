@@ -2,6 +2,7 @@
 
 Usage::
 
+    title = figure_title("LongWrite-Ruler", prof, "base, sft", data=STAND_IN)
     plt = pyplot()
     fig, ax = plt.subplots()
     ...
@@ -31,3 +32,14 @@ def save_figure(fig, path: str | Path, dpi: int = 130) -> Path:
     fig.savefig(path, dpi=dpi, bbox_inches="tight")  # long two-line titles stay inside the image
     pyplot().close(fig)
     return path
+
+
+STAND_IN = "human-written public-domain passages (stand-in for LongWriter-6k)"
+
+
+def figure_title(what: str, profile, models: str = "", data: str = "") -> str:
+    """A title that states the profile and, outside the paper profile, that the model is tiny; ``data`` names
+    the long-output data where it is not the paper's (e.g. :data:`STAND_IN`)."""
+    note = "" if profile.name == "paper" else f"\nprofile {profile.name}: small-model run ({profile.model}), not the paper's numbers"
+    src = f"\nSFT data: {data}" if data else ""
+    return f"{what}{' - ' + models if models else ''}{note}{src}"

@@ -10,11 +10,16 @@ Maximum output length is reported twice, because small models run on to the toke
   * effective: the 95th percentile of *effective* words (words before the text collapses into
     repetition, :func:`lwlib.text.repetition_report`).
 
+Every probe runs under each of the profile's named decodings (:mod:`lwlib.decodings`: the paper's and, in the
+small-model profiles, a loop-free one), identically for every model; records go to
+``probe/<tag>/<decoding>/generations.jsonl`` and tables name the decoding (``"sft (loopfree)"``).
+
 Usage::
 
-    df = run_probe(prof, model="smollm2-135m-instruct", tag="base")
+    df = run_probe(prof, model="smollm2-135m-instruct", tag="base", decoding=PAPER)
     summarize_probe(df)["max_output_words_effective"]
-    plot_ruler({"base": df}, prof.figures_dir() / "ruler.png", title="LongWrite-Ruler")
+    frames = probe_models(prof, {"base": prof.model})        # {"base (paper)": df, "base (loopfree)": df}
+    plot_ruler(frames, prof.figures_dir() / "ruler.png", title="LongWrite-Ruler")
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import pandas as pd
 from .backends import Backend, BackendConfig, GenParams, make_backend
 from .config import Profile
 from .data import WritingItem, load_ruler
+from .decodings import Decoding, model_label, profile_decodings
 from .plots import pyplot, save_figure
 from .runs import JsonlStore, atomic_write_json, write_manifest
 from .text import repetition_report
@@ -46,8 +52,7 @@ class ProbeConfig:
         templates: templates per language to keep (1-4), in file order.
         samples_per_prompt: outputs sampled per prompt.
         max_new_tokens: token budget per output (paper: 32768; the bundled model's context is 8192).
-        temperature: sampling temperature (paper: 0.5).
-        top_p: nucleus mass (1.0 = off, as in the paper's evaluation).
+            Sampling settings come from the profile's ``decodings`` (:mod:`lwlib.decodings`).
         quantile: the quantile of output words reported as "maximum output length".
         rep_ngram: n of the repeated-n-gram measure (lwlib.text).
         rep_window: window (in n-grams) of the collapse rule.
@@ -61,8 +66,6 @@ class ProbeConfig:
     templates: int = 4
     samples_per_prompt: int = 1
     max_new_tokens: int = 32768
-    temperature: float = 0.5
-    top_p: float = 1.0
     quantile: float = 0.95
     rep_ngram: int = 5
     rep_window: int = 200
@@ -101,47 +104,85 @@ def run_probe(
     tag: str,
     cfg: ProbeConfig | None = None,
     backend: Backend | None = None,
+    decoding: Decoding | None = None,
 ) -> pd.DataFrame:
-    """Generate for every selected ruler prompt and sample; resumable. Returns one row per output.
+    """Generate for every selected ruler prompt and sample under ``decoding`` (default: the profile's first);
+    resumable. Returns one row per output.
 
-    Writes ``<run>/probe/<tag>/generations.jsonl`` (a record per output, as produced),
+    Writes ``<run>/probe/<tag>/<decoding>/generations.jsonl`` (a record per output, as produced),
     ``summary.json`` and ``manifest.json``.
     """
     cfg = cfg or profile.section("probe", ProbeConfig)
-    out = profile.stage_dir("probe") / tag
-    write_manifest(out, {"profile": profile.resolved(), "probe": dataclasses.asdict(cfg), "model": model, "tag": tag})
+    decoding = decoding or profile_decodings(profile)[0]
+    out = probe_dir(profile, tag, decoding.name)
+    write_manifest(out, {"profile": profile.resolved(), "probe": dataclasses.asdict(cfg), "model": model, "tag": tag,
+                         "decoding": decoding.as_dict()})
     store = JsonlStore(out / "generations.jsonl", key="id")
     items = select_items(load_ruler(cfg.data_path), cfg)
     todo = [(it, s) for it in items for s in range(cfg.samples_per_prompt) if f"{it.id}-s{s}" not in store]
     errors = []
     if todo:
         backend = backend or make_backend(cfg.backend, model, profile.device, profile.dtype)
-        params = GenParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=profile.seed)
-        for i, g in backend.generate_iter([it.prompt for it, _ in todo], params, desc=f"ruler probe ({tag})"):
+        params = decoding.params(cfg.max_new_tokens, seed=profile.seed)
+        for i, g in backend.generate_iter([it.prompt for it, _ in todo], params,
+                                          desc=f"ruler probe ({model_label(tag, decoding)})"):
             it, s = todo[i]
             if g.error:
                 errors.append(f"{it.id}-s{s}: {g.error}")
                 continue
             rep = repetition_report(g.text, cfg.rep_ngram, cfg.rep_window, cfg.rep_threshold)
             store.append({
-                "id": f"{it.id}-s{s}", "model": model, "tag": tag, "prompt": it.prompt, "type": it.type,
-                "lang": it.lang, "required_length": it.length, "sample": s, "response": g.text,
+                "id": f"{it.id}-s{s}", "model": model, "tag": tag, "decoding": decoding.name, "prompt": it.prompt,
+                "type": it.type, "lang": it.lang, "required_length": it.length, "sample": s, "response": g.text,
                 "words": rep.words, "tokens": g.completion_tokens, "hit_limit": g.hit_limit,
                 "finish_reason": g.finish_reason, "effective_words": rep.effective_words,
                 "collapsed": rep.collapsed, "repeated_rate": round(rep.repeated_rate, 4),
             })
     if errors:
-        raise RuntimeError(f"probe ({tag}): {len(errors)} generations failed (rerun to retry them): {errors[:3]}")
+        raise RuntimeError(f"probe ({tag}, {decoding.name}): {len(errors)} generations failed (rerun to retry them): "
+                           f"{errors[:3]}")
     df = pd.DataFrame(store.records())
     atomic_write_json(out / "summary.json", summarize_probe(df, cfg.quantile))
     return df
 
 
-def load_probe(profile: Profile, tag: str) -> pd.DataFrame:
-    """Read a finished probe's records (``FileNotFoundError`` names the missing file)."""
-    path = profile.run_dir / "probe" / tag / "generations.jsonl"
+def probe_models(profile: Profile, models: dict[str, str], cfg: ProbeConfig | None = None) -> dict[str, pd.DataFrame]:
+    """:func:`run_probe` for every ``{tag: model}`` under every decoding of the profile, one backend per model.
+
+    Returns ``{"<tag> (<decoding>)": records}``, models in the given order, decodings in profile order."""
+    cfg = cfg or profile.section("probe", ProbeConfig)
+    frames = {}
+    for tag, model in models.items():
+        decs = profile_decodings(profile)
+        backend = None
+        if any(not _probe_done(profile, tag, d.name, cfg) for d in decs):
+            backend = make_backend(cfg.backend, model, profile.device, profile.dtype)
+        for dec in decs:
+            frames[model_label(tag, dec)] = run_probe(profile, model, tag, cfg, backend, dec)
+        del backend
+    return frames
+
+
+def probe_dir(profile: Profile, tag: str, decoding: str) -> Path:
+    """``<run>/probe/<tag>/<decoding>``, created."""
+    p = profile.stage_dir("probe") / tag / decoding
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _probe_done(profile: Profile, tag: str, decoding: str, cfg: ProbeConfig) -> bool:
+    path = profile.run_dir / "probe" / tag / decoding / "generations.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: run the probe for {tag!r} first (notebook 01)")
+        return False
+    want = len(select_items(load_ruler(cfg.data_path), cfg)) * cfg.samples_per_prompt
+    return len(JsonlStore(path)) >= want
+
+
+def load_probe(profile: Profile, tag: str, decoding: str) -> pd.DataFrame:
+    """Read a finished probe's records (``FileNotFoundError`` names the missing file)."""
+    path = profile.run_dir / "probe" / tag / decoding / "generations.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run the probe for {tag!r} under {decoding!r} first (notebook 01)")
     return pd.DataFrame(JsonlStore(path).records())
 
 
@@ -162,6 +203,7 @@ def summarize_probe(df: pd.DataFrame, quantile: float = 0.95) -> dict[str, Any]:
         "median_words": float(df["words"].median()),
         "median_effective_words": float(df["effective_words"].median()),
         "share_hit_limit": float(df["hit_limit"].mean()),
+        "share_stopped": float((~df["hit_limit"].astype(bool)).mean()),  # ended by the model, before the token limit
         "share_collapsed": float(df["collapsed"].mean()),
         "by_required_length": {int(k): {c: float(v) for c, v in row.items()} for k, row in by_len.iterrows()},
     }
@@ -176,40 +218,43 @@ def summary_table(frames: dict[str, pd.DataFrame], quantile: float = 0.95) -> pd
             "model": label, "outputs": s["n_outputs"],
             f"max output words (p{int(quantile * 100)}, raw)": round(s["max_output_words_raw"]),
             f"max output words (p{int(quantile * 100)}, effective)": round(s["max_output_words_effective"]),
-            "median words": round(s["median_words"]), "hit token limit": f"{s['share_hit_limit']:.0%}",
+            "median words": round(s["median_words"]), "stopped": f"{s['share_stopped']:.0%}",
+            "hit token limit": f"{s['share_hit_limit']:.0%}",
             "collapsed into repetition": f"{s['share_collapsed']:.0%}",
         })
     return pd.DataFrame(rows).set_index("model")
 
 
-def figure_title(what: str, profile: Profile, models: str = "") -> str:
-    """A title that states the profile and, outside the paper profile, that the model is tiny."""
-    note = "" if profile.name == "paper" else f"\nprofile {profile.name}: small-model run ({profile.model}), not the paper's numbers"
-    return f"{what}{' - ' + models if models else ''}{note}"
-
-
 def plot_ruler(frames: dict[str, pd.DataFrame], path: str | Path, title: str) -> Path:
     """The paper's ruler figure: mean output length vs required length, log-log, with y = x.
 
-    Solid lines: raw words; dashed lines of the same colour: effective words (before collapse).
+    One panel per decoding (the records' ``decoding`` field), its name in the panel title; in each, one colour per
+    model: solid lines raw words, dashed lines effective words (before collapse).
     """
     plt = pyplot()
 
-    fig, ax = plt.subplots(figsize=(6.5, 5))
-    lo, hi = 1e9, 0.0
-    for k, (label, df) in enumerate(frames.items()):
-        g = df.groupby("required_length").agg(words=("words", "mean"), eff=("effective_words", "mean"))
-        c = f"C{k}"
-        ax.plot(g.index, g["words"].clip(lower=1), "o-", color=c, label=f"{label} (raw)")
-        ax.plot(g.index, g["eff"].clip(lower=1), "s--", color=c, alpha=0.8, label=f"{label} (effective)")
-        lo, hi = min(lo, g.index.min(), max(g["eff"].min(), 1)), max(hi, g.index.max(), g["words"].max())
-    ref = np.array([max(lo, 1) * 0.8, hi * 1.2])
-    ax.plot(ref, ref, "k:", lw=1, label="y = x (required)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("Required length (words)")
-    ax.set_ylabel("Output length (words, mean)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
+    by_dec: dict[str, dict[str, pd.DataFrame]] = {}
+    for name, df in frames.items():
+        dec = str(df["decoding"].iloc[0]) if "decoding" in df and len(df) else ""
+        by_dec.setdefault(dec, {})[name.removesuffix(f" ({dec})") if dec else name] = df
+    fig, axes = plt.subplots(1, len(by_dec), figsize=(6.0 * len(by_dec), 5), squeeze=False, sharey=True)
+    models = list(dict.fromkeys(m for d in by_dec.values() for m in d))
+    for ax, (dec, group) in zip(axes[0], by_dec.items()):
+        lo, hi = 1e9, 0.0
+        for name, df in group.items():
+            g = df.groupby("required_length").agg(words=("words", "mean"), eff=("effective_words", "mean"))
+            c = f"C{models.index(name) % 10}"
+            ax.plot(g.index, g["words"].clip(lower=1), "o-", color=c, label=f"{name} (raw)")
+            ax.plot(g.index, g["eff"].clip(lower=1), "s--", color=c, alpha=0.8, label=f"{name} (effective)")
+            lo, hi = min(lo, g.index.min(), max(g["eff"].min(), 1)), max(hi, g.index.max(), g["words"].max())
+        ref = np.array([max(lo, 1) * 0.8, hi * 1.2])
+        ax.plot(ref, ref, "k:", lw=1, label="y = x (required)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("Required length (words)")
+        ax.set_title(f"decoding: {dec}" if dec else "", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("Output length (words, mean)")
+    fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)

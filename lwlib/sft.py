@@ -67,9 +67,15 @@ class SFTConfig:
     """Section ``sft`` of a profile.
 
     Fields:
-        data_path: long-output data: LongWriter-6k format JSONL, or ``hf:THUDM/LongWriter-6k`` (the paper's
-            data, GPT-4o AgentWrite outputs; needs network); null = ``<run>/agentwrite/longwriter.jsonl``
-            (notebook 02's output).
+        data_path: long-output data: ``agentwrite`` (notebook 02's AgentWrite output,
+            ``<run>/agentwrite/longwriter.jsonl``; also null), ``corpus`` (notebook 02's human-written public-domain
+            passages, ``<run>/corpus/longwriter.jsonl``: the stand-in for LongWriter-6k where no writer API or hub
+            is reachable, :mod:`lwlib.corpus`), ``none`` (general data alone), a LongWriter-6k format JSONL path,
+            or ``hf:THUDM/LongWriter-6k`` (the paper's data, GPT-4o AgentWrite outputs; needs network).
+        arms: further SFT runs beside the main one, the paper's Section 4 comparison (does long-output data lift
+            the limit?): ``{name: long-output data}`` with values as ``data_path`` (``none`` = general data alone,
+            ``agentwrite`` = the 135M writer's own AgentWrite data), same general data and steps as the main run;
+            checkpoints ``<run>/sft/<name>/model``, model tags ``sft_<name>``.
         general_data: general SFT data: a JSONL path, ``hf:<dataset id>[:<config>][@<split>]`` (column
             ``messages``; e.g. ``hf:HuggingFaceH4/ultrachat_200k@train_sft``),
             ``self-distill`` (the base model answers built-in short instructions) or ``none``.
@@ -129,6 +135,7 @@ class SFTConfig:
     """
 
     data_path: str | None = None
+    arms: dict[str, str] = field(default_factory=dict)
     general_data: str = "self-distill"
     general_per_long: float = 1.0
     general_max: int | None = None
@@ -322,18 +329,39 @@ def load_general(prof: Profile, cfg: SFTConfig, n: int) -> list[Messages]:
     return data[:n]
 
 
+def long_data_path(prof: Profile, spec: str | None) -> str | None:
+    """Where ``sft.data_path`` (or an arm's data) points: a file path, an ``hf:`` id, or None for ``none``."""
+    if spec is None or spec == "agentwrite":
+        return str(prof.run_dir / "agentwrite" / "longwriter.jsonl")
+    if spec == "corpus":
+        return str(prof.run_dir / "corpus" / "longwriter.jsonl")
+    if spec == "none":
+        return None
+    return spec
+
+
+def load_long_data(prof: Profile, spec: str | None) -> list[Messages]:
+    """The long-output SFT conversations ``spec`` names (see ``SFTConfig.data_path``)."""
+    path = long_data_path(prof, spec)
+    if path is None:
+        return []
+    if path.startswith("hf:"):
+        return load_hf_messages(path)
+    if not Path(path).exists():
+        which = {"corpus": "the corpus section", None: "AgentWrite", "agentwrite": "AgentWrite"}.get(spec)
+        hint = f"run notebooks/02_agentwrite.ipynb ({which}) for profile {prof.name!r} first" if which else "check the path"
+        raise FileNotFoundError(f"no long-output SFT data at {path}: {hint} (or set sft.data_path)")
+    return load_sft_data(path)
+
+
 def build_mix(prof: Profile, cfg: SFTConfig) -> tuple[list[Messages], dict[str, Any]]:
-    """The SFT mix: long-output data (notebook 02) + general data in the profile's ratio, length cap
+    """The SFT mix: long-output data (``cfg.data_path``) + general data in the profile's ratio, length cap
     applied. Returns (conversations, statistics)."""
-    path = cfg.data_path or prof.stage_dir("agentwrite") / "longwriter.jsonl"
-    if str(path).startswith("hf:"):
-        long = load_hf_messages(str(path))
-    elif not Path(path).exists():
-        raise FileNotFoundError(f"no long-output SFT data at {path}: run notebooks/02_agentwrite.ipynb for profile "
-                                f"{prof.name!r} first (or set sft.data_path)")
-    else:
-        long = load_sft_data(path)
-    n_gen = math.ceil(cfg.general_per_long * len(long))
+    long = load_long_data(prof, cfg.data_path)
+    if not long and cfg.general_max is None:
+        raise ValueError("sft: without long-output data (data_path: none) the general data alone is trained on: "
+                         "set sft.general_max to say how many general examples")
+    n_gen = math.ceil(cfg.general_per_long * len(long)) if long else cfg.general_max
     if cfg.general_max is not None:
         n_gen = min(n_gen, cfg.general_max)
     general = load_general(prof, cfg, n_gen)
@@ -343,7 +371,8 @@ def build_mix(prof: Profile, cfg: SFTConfig) -> tuple[list[Messages], dict[str, 
     if not data:
         raise ValueError(f"no SFT examples left (cap {cfg.max_output_words} words, mode {cfg.cap_mode})")
     words = [output_words(m) for m in data]
-    stats = {"long_path": str(path), "long_examples": len(long), "long_after_cap": len(capped_long),
+    stats = {"long_data": cfg.data_path or "agentwrite", "long_path": long_data_path(prof, cfg.data_path),
+             "long_examples": len(long), "long_after_cap": len(capped_long),
              "general_source": cfg.general_data, "general_examples": len(general),
              "general_after_cap": len(capped_gen), "max_output_words": cfg.max_output_words,
              "cap_mode": cfg.cap_mode, "data_max_output_words": max(words),
@@ -714,41 +743,28 @@ def train_capped(prof: Profile, cap: int, cfg: SFTConfig | None = None) -> Path:
     return train_sft(prof, dataclasses.replace(cfg, max_output_words=cap, max_steps=steps), out_dir=cap_dir(prof, cap))
 
 
-def cap_experiment_table(prof: Profile, probe_frames: dict[int, Any], quantile: float = 0.95):
-    """One row per cap: the longest output in the SFT data (``data_stats.json``) and the model's
-    maximum output length on LongWrite-Ruler (raw and effective words, ``quantile``)."""
-    import pandas as pd
-
-    from .probe import summarize_probe
-
-    rows = []
-    for cap, df in sorted(probe_frames.items()):
-        st = json.loads((cap_dir(prof, cap).parent / "data_stats.json").read_text())
-        s = summarize_probe(df, quantile)
-        rows.append({"cap": cap, "data_max_output_words": st["data_max_output_words"],
-                     "examples": st["examples"], "model_max_output_words_raw": s["max_output_words_raw"],
-                     "model_max_output_words_effective": s["max_output_words_effective"]})
-    return pd.DataFrame(rows)
+def arm_dir(prof: Profile, name: str) -> Path:
+    """Checkpoint folder of the SFT arm ``name``: ``<run>/sft/<name>/model`` (model tag ``sft_<name>``)."""
+    if not name.isidentifier() or name.startswith("cap") or name in ("model", "checkpoints"):
+        raise ValueError(f"sft.arms: {name!r} must be an identifier, not starting with 'cap', not model/checkpoints")
+    return prof.stage_dir("sft") / name / "model"
 
 
-def plot_cap_experiment(table, path: str | Path, title: str) -> Path:
-    """The controlled-experiment figure: model max output length vs max output length in its SFT data."""
-    plt = pyplot()
+def train_arm(prof: Profile, name: str, cfg: SFTConfig | None = None) -> Path:
+    """Train the SFT arm ``name`` (``cfg.arms[name]`` names its long-output data; all else as the main run)."""
+    cfg = cfg or prof.section("sft", SFTConfig)
+    if name not in cfg.arms:
+        raise ValueError(f"sft.arms has no arm {name!r} (arms: {sorted(cfg.arms)})")
+    return train_sft(prof, dataclasses.replace(cfg, data_path=cfg.arms[name]), out_dir=arm_dir(prof, name))
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    x = table["data_max_output_words"]
-    ax.plot(x, table["model_max_output_words_raw"], "o-", label="model max output (raw words)")
-    ax.plot(x, table["model_max_output_words_effective"], "s--", label="model max output (effective words)")
-    lim = [0, max(float(x.max()), float(table["model_max_output_words_raw"].max())) * 1.1]
-    ax.plot(lim, lim, ":", color="gray", label="y = x")
-    for _, r in table.iterrows():
-        ax.annotate(f"cap {int(r['cap'])}", (r["data_max_output_words"], r["model_max_output_words_raw"]),
-                    textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("max output length in SFT data (words)")
-    ax.set_ylabel("max output length of the model (words, p95)")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    return save_figure(fig, path)
+
+def data_stats(folder: str | Path) -> dict[str, Any]:
+    """``data_stats.json`` of a training run (its folder, or the model folder inside it)."""
+    folder = Path(folder)
+    path = folder / "data_stats.json" if (folder / "data_stats.json").exists() else folder.parent / "data_stats.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no data_stats.json in {folder} or its parent: train with lwlib.sft.train_sft")
+    return json.loads(path.read_text())
 
 
 def plot_loss(logs: dict[str, Any], path: str | Path, title: str) -> Path:

@@ -200,7 +200,7 @@ def test_predictions_records_and_resume(predicted, local_backend):
         assert r["S_l"] == pytest.approx(bench.length_score(r["length"], r["response_length"]))
     again = bench.run_predictions(prof, "base", cfg, backend=None)  # nothing left: no model is loaded
     assert again["response"].tolist() == df["response"].tolist()
-    assert len((prof.run_dir / "bench" / "base" / "predictions.jsonl").read_text().splitlines()) == 2
+    assert len((prof.run_dir / "bench" / "base" / "paper" / "predictions.jsonl").read_text().splitlines()) == 2
 
 
 def test_evaluation_with_local_model_as_judge(predicted, chat_server):
@@ -217,7 +217,7 @@ def test_evaluation_with_local_model_as_judge(predicted, chat_server):
     failed = df[df["judge_status"] == "failed"]
     assert (failed["judge_tries"] == 2).all() and failed["S_q"].isna().all()
     assert sent == df["judge_tries"].sum()
-    recs = [json.loads(x) for x in (prof.run_dir / "bench" / "base" / "judgements.jsonl").read_text().splitlines()]
+    recs = [json.loads(x) for x in (prof.run_dir / "bench" / "base" / "paper" / "judgements.jsonl").read_text().splitlines()]
     assert all(len(r["outputs"]) == r["tries"] for r in recs)
     t = bench.score_table(df)
     assert t.loc["overall", "judged"] == df["judged"].sum()
@@ -231,8 +231,8 @@ def test_scores_with_a_known_judge(predicted, tmp_path):
     """A judge with known answers: first item unparseable twice then 5s; second always unusable."""
     prof, cfg, preds = predicted
     prof = load_profile("smoke", run_root=tmp_path)  # fresh run folder, same predictions
-    out = prof.stage_dir("bench") / "base"
-    out.mkdir()
+    out = prof.stage_dir("bench") / "base" / "paper"
+    out.mkdir(parents=True)
     (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preds.drop(columns=["S_l", "S_l_eff"]).to_dict("records")))
     cfg.judge = bench.JudgeConfig(max_tries=3)
     # rounds: try 1 -> both get garbage; try 2 -> first gets garbage, second a missing dimension;
@@ -269,11 +269,11 @@ def test_paper_scores_file_is_well_formed():
     assert "2408.07055" in data["source"]
     assert data["scores"], "no published rows"
     for row in data["scores"]:
-        assert 0 <= row["S"] <= 100 and row["quoted_in"]
-        if row["S_l"] is not None and row["S_q"] is not None:
+        assert (row["S"] is None or 0 <= row["S"] <= 100) and row["quoted_in"]
+        if row["S"] is not None and row["S_l"] is not None and row["S_q"] is not None:
             assert 0 <= row["S_l"] <= 100 and 0 <= row["S_q"] <= 100
             assert row["S"] == pytest.approx((row["S_l"] + row["S_q"]) / 2, abs=0.06)
-    assert {r["model"] for r in data["scores"]} >= {"LongWriter-9B", "LongWriter-9B-DPO"}
+    assert {r["model"] for r in data["scores"]} >= {"LongWriter-9B", "LongWriter-9B-DPO", "Llama-3.1-8B-Instruct"}
 
 
 def test_unknown_bench_field_is_named(tmp_path):
@@ -306,3 +306,19 @@ def test_notebook_06_smoke(tmp_path, local_backend):
     assert j["items"] == 2 and j["judged"] + j["failed (unparseable after all tries)"] == 2
     text = out.read_text()
     assert "skipping 'sft'" in text
+
+
+def test_length_score_difference_paired_on_known_values():
+    before = pd.DataFrame({"id": ["a", "b", "c", "d"], "S_l": [50.0, 60.0, 70.0, 80.0],
+                           "bucket": ["[0,500)", "[0,500)", "[2k,4k)", "[2k,4k)"], "type": "x", "lang": "en"})
+    after = pd.DataFrame({"id": ["d", "c", "b", "a"], "S_l": [90.0, 75.0, 62.0, 51.0]})  # other order: merged by id
+    t = bench.length_score_difference(before, after, n_boot=500, seed=1)
+    assert t.loc["overall", "difference"] == pytest.approx((1 + 2 + 5 + 10) / 4)
+    assert t.loc["overall", "before"] == 65.0 and t.loc["overall", "after"] == pytest.approx(69.5)
+    assert t.loc["[0,500)", "difference"] == pytest.approx(1.5) and t.loc["[2k,4k)", "n"] == 2
+    # every item improved: every paired resample is above 0, so is the interval
+    assert t.loc["overall", "lo"] > 0 and t.loc["overall", "share_above_0"] == 1.0
+    worse = bench.length_score_difference(before, after.assign(S_l=[70.0, 75.0, 50.0, 40.0]), n_boot=500)
+    assert worse.loc["overall", "difference"] < 0 and worse.loc["overall", "lo"] < 0
+    with pytest.raises(ValueError, match="share no item"):
+        bench.length_score_difference(before, after.assign(id=["x", "y", "z", "w"]))

@@ -40,7 +40,7 @@ def test_probe_resumes_without_duplicates(tmp_path, local_backend):
         "probe.lengths": [1000, 2000, 5000], "probe.max_new_tokens": 8, "probe.samples_per_prompt": 1})
     with pytest.raises(KeyboardInterrupt):
         run_probe(prof, prof.model, "base", backend=CrashAfter(local_backend, 2))
-    path = tmp_path / "smoke" / "probe" / "base" / "generations.jsonl"
+    path = tmp_path / "smoke" / "probe" / "base" / "paper" / "generations.jsonl"  # the first decoding of smoke
     first = read_jsonl(path)
     assert len(first) == 2
     df = run_probe(prof, prof.model, "base", backend=local_backend)
@@ -60,6 +60,7 @@ def test_summarize_probe_on_known_values():
     s = summarize_probe(df, quantile=0.5)
     assert s["max_output_words_raw"] == 250 and s["max_output_words_effective"] == 75
     assert s["share_hit_limit"] == 0.5 and s["share_collapsed"] == 0.5 and s["largest_output_words"] == 400
+    assert s["share_stopped"] == 0.5
 
 
 def test_notebook_01_runs_and_writes_figure_and_metrics(tmp_path):
@@ -70,3 +71,39 @@ def test_notebook_01_runs_and_writes_figure_and_metrics(tmp_path):
     assert fig.exists() and fig.stat().st_size > 10_000
     metrics = json.loads((tmp_path / "runs" / "smoke" / "probe" / "metrics.json").read_text())
     assert metrics["base"]["n_outputs"] == 2 and metrics["base"]["max_output_words_raw"] > 0
+
+
+class Recorder:
+    """A backend that answers every prompt with a fixed text and records the settings it was asked for."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def generate_iter(self, prompts, params, max_new_tokens=None, desc=None):
+        from lwlib.backends import Generation
+
+        self.log.append((self.name, params))
+        for i, _ in enumerate(prompts):
+            yield i, Generation("word " * 20, 10, 20, "stop")
+
+
+def test_every_model_is_probed_under_every_decoding(tmp_path, monkeypatch):
+    import lwlib.probe as probe_mod
+    from lwlib.decodings import profile_decodings
+    from lwlib.probe import probe_models
+
+    prof = load_profile("smoke", run_root=tmp_path, overrides={"probe.max_new_tokens": 8})
+    log = []
+    monkeypatch.setattr(probe_mod, "make_backend", lambda cfg, model, *a: Recorder(model, log))
+    frames = probe_models(prof, {"base": "model-a", "sft": "model-b"})
+    decs = profile_decodings(prof)
+    assert list(frames) == [f"{t} ({d.name})" for t in ("base", "sft") for d in decs]
+    assert [(m, p) for m, p in log] == [(m, d.params(8, prof.seed)) for m in ("model-a", "model-b") for d in decs]
+    for name, df in frames.items():
+        tag, dec = name.split(" (")
+        assert set(df["decoding"]) == {dec.rstrip(")")} and set(df["tag"]) == {tag}
+        assert (tmp_path / "smoke" / "probe" / tag / dec.rstrip(")") / "generations.jsonl").exists()
+    assert log[0][1].repetition_penalty == 1.0 and log[1][1].repetition_penalty > 1.0
+    log.clear()
+    probe_models(prof, {"base": "model-a", "sft": "model-b"})  # all stored: no backend is built, nothing generated
+    assert log == []

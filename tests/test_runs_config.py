@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from lwlib.config import from_dict, load_profile
+from lwlib.decodings import profile_decodings
 from lwlib.probe import ProbeConfig
 from lwlib.runs import (REPO_ROOT, JsonlStore, atomic_write_json, read_jsonl, read_log_history,
                         training_finished, write_manifest)
@@ -61,8 +62,10 @@ def test_builtin_profiles_load_every_section(name):
     assert prof.name == name and prof.model
     cfg = prof.section("probe", ProbeConfig)
     assert cfg.max_new_tokens > 0 and set(cfg.languages) <= {"en", "zh"}
+    decs = profile_decodings(prof)
+    assert decs[0].name == "paper" and decs[0].temperature == 0.5 and decs[0].repetition_penalty == 1.0
     if name == "paper":
-        assert cfg.temperature == 0.5 and cfg.max_new_tokens == 32768
+        assert cfg.max_new_tokens == 32768 and len(decs) == 1
 
 
 def test_profile_overrides_and_errors(tmp_path):

@@ -1,0 +1,89 @@
+"""A run's results for the repository: the small files of a run folder (metrics, claims, summaries, loss logs, NLL
+curves, per-notebook timings, environment) copied to ``results/<profile>/``, without generations or checkpoints.
+
+``run_all.sh`` calls it after the last notebook; by hand::
+
+    python -m lwlib.results gpu                 # runs/gpu -> results/gpu
+    export_results(load_profile("gpu"))         # the same from Python
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .runs import REPO_ROOT, atomic_write_json
+
+# small files worth keeping, as glob patterns relative to the run folder
+PATTERNS = (
+    "claims.json", "corpus/stats.json", "agentwrite/summary.json", "probe/metrics.json", "probe/*/*/summary.json",
+    "sft/metrics.json", "sft/data_stats.json", "sft/train_log.json", "sft/cap_experiment.json", "sft/arms.json",
+    "sft/*/data_stats.json", "sft/*/train_log.json", "dpo/data_stats.json", "dpo/train_log.json",
+    "dpo/length_plan.json", "dpo/length_score_difference.json", "dpo/comparison.json", "dpo/bench_summary.json",
+    "nll/summary.json", "nll/claim.json", "nll/*/curve.csv", "nll/*/summary.json", "bench/summary.json",
+)
+
+
+def default_results_root() -> Path:
+    """``$LWLIB_RESULTS`` if set, else ``results/`` in the repository."""
+    import os
+
+    return Path(os.environ.get("LWLIB_RESULTS", REPO_ROOT / "results"))
+
+
+def notebook_timing(run_dir: str | Path) -> dict[str, Any]:
+    """Per executed notebook in ``<run>/notebooks``: papermill's start, end, seconds and whether it failed."""
+    out: dict[str, Any] = {}
+    for nb in sorted(Path(run_dir, "notebooks").glob("*.ipynb")):
+        try:
+            meta = json.loads(nb.read_text(encoding="utf-8"))["metadata"].get("papermill", {})
+        except (OSError, ValueError, KeyError) as e:
+            out[nb.name] = {"error": f"unreadable: {e}"}
+            continue
+        out[nb.name] = {"start": meta.get("start_time"), "end": meta.get("end_time"),
+                        "seconds": None if meta.get("duration") is None else round(float(meta["duration"]), 1),
+                        "failed": bool(meta.get("exception"))}
+    done = [v["seconds"] for v in out.values() if v.get("seconds") is not None]
+    return {"notebooks": out, "total_seconds": round(sum(done), 1) if done else None}
+
+
+def export_results(prof, dest: str | Path | None = None) -> Path:
+    """Copy the run's small result files to ``dest`` (default ``results/<profile name>``), write ``timing.json``
+    (:func:`notebook_timing`) and ``environment.json`` (versions, git SHA, host of the newest stage manifest)."""
+    run = prof.run_dir
+    if not run.exists():
+        raise FileNotFoundError(f"{run} does not exist: run the notebooks for profile {prof.name!r} first")
+    dest = Path(dest) if dest else default_results_root() / prof.name
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for pattern in PATTERNS:
+        for src in sorted(run.glob(pattern)):
+            rel = src.relative_to(run)
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dest / rel)
+            copied.append(str(rel))
+    atomic_write_json(dest / "timing.json", notebook_timing(run))
+    manifests = sorted(run.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    if manifests:
+        m = json.loads(manifests[-1].read_text(encoding="utf-8"))
+        atomic_write_json(dest / "environment.json", {k: m.get(k) for k in ("versions", "git_sha", "host", "time_utc")}
+                          | {"profile": prof.resolved()})
+    atomic_write_json(dest / "files.json", {"run_dir": str(run), "files": copied})
+    return dest
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .config import load_profile
+
+    ap = argparse.ArgumentParser(prog="python -m lwlib.results", description=__doc__.splitlines()[0])
+    ap.add_argument("profile", help="profile name or YAML path (the run folder is runs/<its name>)")
+    ap.add_argument("--dest", default=None, help="target folder (default: results/<profile name>)")
+    args = ap.parse_args(argv)
+    print(f"[results] {export_results(load_profile(args.profile), args.dest)}")
+
+
+if __name__ == "__main__":
+    main()
