@@ -341,7 +341,7 @@ def run_setting(args, setting: str, attn: str, compile_: bool, exs, tok, chunk: 
         row["profile"] = profile_step(step)
     if args.sync_debug and device == "cuda":
         row["syncs"] = sync_points(step)
-    del model, fwd, opt
+    model = fwd = opt = None  # free the GPU memory before empty_cache (step's closure holds these names)
     if device == "cuda":
         torch.cuda.empty_cache()
     return row

@@ -134,7 +134,7 @@ class LocalBackend(_CollectMixin):
     Prompts are sorted by length and cut into batches of ``batch_size``, so each ``generate`` call
     holds prompts of similar length. Generation stops per row at an end-of-turn token or at that row's
     ``max_new_tokens``. ``cache_implementation="static"`` with ``compile=True`` turns on transformers'
-    static KV cache and ``torch.compile`` for the decoding step (GPU; see benchmarks/generation.py).
+    static KV cache and ``torch.compile`` for the decoding step (GPU; benchmarks/README.md, "Generation throughput").
     """
 
     def __init__(

@@ -111,22 +111,22 @@ class SFTConfig:
         liger_kernel: Liger-Kernel's Triton kernels (``pip install -e .[gpu]``; env/setup.sh installs it on a
             CUDA machine): fused RMSNorm and SwiGLU patched into the model, and the loss as a fused linear
             cross-entropy (output head and loss in one kernel, no logits in memory; replaces
-            ``loss_chunk_size``). Same loss and gradients as the plain path (``tests/test_sft_gpu.py``); on an
-            H100 1.2x the tokens/s at half the memory (``benchmarks/results/sft_h100_kernels.json``).
+            ``loss_chunk_size``). Same loss and gradients as the plain path (``tests/test_sft_gpu.py``); faster, in
+            less memory (measured: benchmarks/README.md, "Fused kernels and where the step's time goes").
             ``auto``: on with CUDA, the package installed, no ZeRO-3 (the fused loss reads the output
             head's weight, which ZeRO-3 partitions) and no ``torch_compile`` (Liger's kernels fail under
             compilation with dynamic shapes); ``true``: required (error otherwise); ``false``: off.
         gradient_checkpointing: recompute activations in the backward pass.
         torch_compile: compile the model with ``torch.compile`` (the Trainer's ``torch_compile``; dynamic shapes,
             since flattened packs vary in length), and the full-logits loss with it (:func:`compiled_sft_loss`).
-            The first steps pay for compilation (a minute or two). On an H100 with ``torch_varlen`` packs:
-            1.5-1.7x the tokens/s of eager flex attention with Liger (``benchmarks/results/sft_h100_compile.json``);
-            ``fa4_varlen`` with the compiled loss makes that 1.3x faster again at 4 packs per micro-step and
-            1.45x at 8 (41.7% MFU; ``benchmarks/results/sft_h100_fa4.json``).
+            The first steps pay for compilation (a minute or two); with flattened packs (``torch_varlen``,
+            ``fa4_varlen``) the step is then GPU-bound and faster than any eager one (measured: benchmarks/README.md,
+            "Packed steps compiled" and "FlashAttention-4 and a compiled loss").
         attn_implementation: ``auto``: on CUDA ``fa4_varlen`` (FlashAttention-4's kernels on flattened packs,
             :mod:`lwlib.packing`) where flash-attn-4 is installed on a Hopper/Blackwell GPU, else flash_attention_2
             when the flash-attn 2 package is installed, else ``torch_varlen`` (PyTorch's own FlashAttention-2 varlen
-            kernel) when compiling and flex_attention when not (the fastest available in each case on an H100);
+            kernel) when compiling and flex_attention when not (the fastest available in each case: see
+            benchmarks/README.md, "FlashAttention-4 and a compiled loss");
             sdpa on CPU. Or a name.
         deepspeed: DeepSpeed config (``env/ds_zero3_offload.json``); null = none. Relative to the repo.
         save_steps: write a resumable checkpoint every N steps (0 = only the final model).

@@ -1,0 +1,39 @@
+"""The README's file tree matches the repository: every listed path exists, every source file is listed.
+
+Usage: ``pytest tests/test_readme.py`` (no lwlib import, milliseconds)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# files a newcomer must find in the tree: top-level scripts, the library, benchmarks, environment, notebooks
+SOURCES = ["pyproject.toml", "run_all.sh", "test.sh", ".ci/run", "lwlib/*.py", "lwlib/*.json", "lwlib/profiles/*",
+           "lwlib/prompts/*", "lwlib/templates/*", "benchmarks/*.py", "benchmarks/*.md", "env/*", "notebooks/*.ipynb",
+           "tests/*.py"]
+
+
+def tree_entries(readme: Path) -> list[str]:
+    """Paths of the README's "## Files" block: the first word of each line not indented (continuations are)."""
+    text = readme.read_text(encoding="utf-8")
+    if "## Files" not in text:
+        raise AssertionError(f"{readme}: no '## Files' section")
+    block = text.split("## Files", 1)[1].split("```")[1]
+    return [line.split()[0] for line in block.splitlines() if line.strip() and not line[0].isspace()]
+
+
+def covered(rel: str, entries: list[str]) -> bool:
+    return any(rel == e or (e.endswith("/") and rel.startswith(e)) for e in entries)
+
+
+def test_readme_tree_paths_exist():
+    missing = [e for e in tree_entries(ROOT / "README.md") if not (ROOT / e).exists()]
+    assert not missing, f"README.md '## Files' lists paths that do not exist: {missing}"
+
+
+def test_readme_tree_lists_every_source_file():
+    entries = tree_entries(ROOT / "README.md")
+    files = sorted({p.relative_to(ROOT).as_posix() for pat in SOURCES for p in ROOT.glob(pat) if p.is_file()})
+    files = [f for f in files if "__pycache__" not in f]
+    unlisted = [f for f in files if not covered(f, entries)]
+    assert not unlisted, f"README.md '## Files' does not list: {unlisted}"
