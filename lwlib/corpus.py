@@ -64,10 +64,10 @@ from tqdm.auto import tqdm
 
 from .backends import BackendConfig, GenParams, make_backend
 from .config import Profile, from_dict
-from .instructions import TYPES
+from .instructions import TYPES, required_length
 from .models import cache_dir
 from .runs import REPO_ROOT, JsonlStore, atomic_write_json, atomic_write_text, iter_jsonl, read_jsonl, write_manifest
-from .text import count_words
+from .text import count_words, truncate_words
 
 BUNDLED_MANIFEST = Path(__file__).resolve().parent / "long_texts_manifest.jsonl"
 BASE_URL = "https://raw.githubusercontent.com/"  # + {source_repo}/{source_commit}/{source_path}
@@ -538,9 +538,12 @@ def _skip_toc(blocks: list[_Block], i: int) -> tuple[int, list[int]]:
                 break
         else:
             k0 += 1
+    bare = first[1:] if first and re.fullmatch(r"[ivxlc]+|\d+", first[0]) else first  # "I. THE FRONTIER"
     for k in range(k0 + 1, n):
         b = blocks[k]
-        if b.heading and (_prefix_match(_tokens(b.first()), first) or _prefix_match(_tokens(b.text), first)):
+        if b.heading and any(_prefix_match(_tokens(t), f) for t in (b.first(), b.text) for f in (first, bare) if f):
+            if k - 1 > k0 and blocks[k - 1].struct and not _prefix_match(_tokens(blocks[k - 1].text), first):
+                return k - 1, []  # the label over the repeated title ("CHAPTER I" over "THE FRONTIER")
             return k, []
         if b.prose:
             keep = []
@@ -551,7 +554,11 @@ def _skip_toc(blocks: list[_Block], i: int) -> tuple[int, list[int]]:
                 keep.append(j)
                 j -= 1
             return k, sorted(keep)
-    return n, []
+    for k in range(k0 + 1, n):  # no repeated entry, no long prose: up to the first shorter running text
+        b = blocks[k]
+        if b.words >= 20 and "\n" not in b.text and _lower_ratio(b.text) >= 0.5:
+            return k, []
+    return i + 1, []  # nothing looks like the body: drop only the title
 
 
 def _en_paragraphs(text: str) -> list[Paragraph]:
@@ -887,7 +894,8 @@ Indeed Still Even Only Also Again Never Ever Once Mother Father Uncle Aunt Dear 
 Thursday Friday Saturday Sunday January February March April June July August September October November
 December Christmas English French Thou Thee Thy Ye Mister Master Madame Monsieur Heaven Don Upon After Before
 Although Though While Since Because Until Unless Whether Whatever Whoever Him Me Us Them Mine Ours Yours Hers
-Theirs Myself Himself Herself Themselves Yourself Ourselves Whom Sir Sirs Gentlemen Ladies Madam""".split())
+Theirs Myself Himself Herself Themselves Yourself Ourselves Whom Sir Sirs Gentlemen Ladies Madam King Queen Prince
+Princess Emperor Duke Earl Count Captain General Colonel Doctor Professor President Governor Judge Mayor Esq""".split())
 
 
 def salient_terms(text: str, lang: str, k: int = 3) -> list[str]:
@@ -988,6 +996,10 @@ def _title_case(s: str) -> str:
                     else (w[:1].upper() + w[1:]) for k, w in enumerate(words))
 
 
+_DATELINE = re.compile(r"\b(?:January|February|March|April|May|June|July|August|September|October|November|"
+                       r"December|Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sept?|Oct|Nov|Dec)\.?\s+\d{1,2}\b.*\d{4}", re.I)
+
+
 def heading_subject(heading: str | None, lang: str) -> str | None:
     """What a heading says a passage is about, without its label ("CHAPTER I / THE FRONTIER" -> "The
     Frontier"; "第一回　宴桃園豪傑三結義　斬黃巾英雄首立功" -> "宴桃園豪傑三結義，斬黃巾英雄首立功"); None when it
@@ -1010,7 +1022,7 @@ def heading_subject(heading: str | None, lang: str) -> str | None:
             saw_label = True
             after_label = rest or None
             continue
-        if not rest:
+        if not rest or _DATELINE.search(rest):  # "For the Independent Journal. Saturday, October 27, 1787"
             continue
         if saw_label and after_label is None:
             after_label = rest
@@ -1021,7 +1033,7 @@ def heading_subject(heading: str | None, lang: str) -> str | None:
     if _letters_ratio_upper(subj) >= 0.85:
         subj = _title_case(subj)
     if len(subj) > 90:
-        subj = subj[:90].rsplit(" ", 1)[0] + " ..."
+        subj = subj[:90].rsplit(" ", 1)[0] + "…"
     return subj
 
 
@@ -1163,7 +1175,7 @@ def instruction_for(passage: Passage | str, book: Book, words: int, rng: random.
         about = (f"，情节出自“{subject}”一回" if fiction else f"，题为“{subject}”") if subject else ""
         topic = subject or (_join_names(names, lang) if names else "书中讨论的一个题目")
         names_s = rng.choice(_NAMES_ZH["fiction" if fiction else "other"]).format(names=_join_names(names, lang)) \
-            if names else ""
+            if names and (subject or typ == "Literature and Creative Writing") else ""
         length = rng.choice(_LENGTH_ZH).format(n=n)
         tpl = rng.choice(_TEMPLATES_ZH[typ])
         out = tpl.format(kind=kind, work=work, about=about, topic=topic, names=names_s, length=length, n=n)
@@ -1177,7 +1189,7 @@ def instruction_for(passage: Passage | str, book: Book, words: int, rng: random.
     about = (f" for the chapter “{subject}”" if fiction else f" titled “{subject}”") if subject else ""
     topic = f"“{subject}”" if subject else (_join_names(names, lang) if names else "one of the subjects of the book")
     names_s = rng.choice(_NAMES_EN["fiction" if fiction else "other"]).format(names=_join_names(names, lang)) \
-        if names else ""
+        if names and (subject or typ == "Literature and Creative Writing") else ""  # (without a subject the names are the topic)
     length = rng.choice(_LENGTH_EN).format(n=n, c=f"{n:,}")
     tpl = rng.choice(_TEMPLATES_EN[typ])
     out = tpl.format(kind=kind, work=work, about=about, topic=topic, names=names_s, length=length, n=n)
@@ -1185,13 +1197,15 @@ def instruction_for(passage: Passage | str, book: Book, words: int, rng: random.
 
 
 def writer_prompt(text: str, n: int, lang: str, max_words: int = 1500) -> str:
-    """The backtranslation request sent to a writer model: the passage (its first ``max_words`` words,
-    then "[...]" and its last lines) and the length ``n`` the instruction must state."""
+    """The backtranslation request sent to a writer model: the passage (when longer than ``max_words``: its
+    first ``0.85 * max_words`` words, "[...]" and its last paragraph if that is short) and the length ``n``
+    the instruction must state."""
     shown = text
     if count_words(text) > max_words:
-        head = _truncate(text, int(max_words * 0.85))
-        tail_paras = text.split("\n\n")[-1]
-        shown = head + "\n\n[...]\n\n" + (_truncate(tail_paras, int(max_words * 0.15)) if count_words(tail_paras) > max_words * 0.15 else tail_paras)
+        head = truncate_words(text, int(max_words * 0.85))
+        last = text.rsplit("\n\n", 1)[-1]
+        tail = "\n\n" + last if count_words(last) <= 0.15 * max_words and last not in head else ""
+        shown = head + "\n\n[...]" + tail
     if lang == "zh":
         return (f"下面是一段文字，是对某个用户请求的回答。请写出提出这个请求的用户指令：一小段中文，说明要写什么样的文字、"
                 f"写什么内容，并写明字数要求为{n}字。只输出指令本身。\n\n文字（共{n}字）：\n{shown}")
@@ -1200,18 +1214,10 @@ def writer_prompt(text: str, n: int, lang: str, max_words: int = 1500) -> str:
             f"its length of {n} words. Reply with the instruction only.\n\nText ({n} words):\n{shown}")
 
 
-def _truncate(text: str, n_words: int) -> str:
-    from .text import truncate_words
-
-    return truncate_words(text, n_words)
-
-
 def _clean_writer_output(s: str, n: int, lang: str) -> str:
     s = s.strip().strip("\"“”'")
     s = re.sub(r"^(?:\*\*)?(?:user\s+)?instruction(?:\*\*)?\s*[:：]\s*", "", s, flags=re.I).strip()
     s = re.sub(r"^指令\s*[:：]\s*", "", s).strip()
-    from .instructions import required_length
-
     if required_length(s) != n:
         s = s.rstrip() + (f"（字数要求：{n}字）" if lang == "zh" else f" (Length: {n:,} words.)")
     return s
