@@ -1,36 +1,56 @@
-import sys, time, torch, json
-sys.path.insert(0, "/work/main")
-from lwlib.models import load_model, end_token_ids
-from lwlib.data import load_ruler
-from lwlib.text import repetition_report
-from transformers import LogitsProcessor, LogitsProcessorList
-torch.set_num_threads(1)
-m, tok = load_model("smollm2-135m-instruct", device="cpu", dtype="float32")
-ends = end_token_ids(tok)
-class WinPen(LogitsProcessor):
-    def __init__(s, p, w, plen): s.p, s.w, s.plen = p, w, plen
-    def __call__(s, ids, scores):
-        gen = ids[:, s.plen:]
-        if s.w: gen = gen[:, -s.w:]
-        if gen.shape[1] == 0: return scores
-        sc = torch.gather(scores, 1, gen)
-        sc = torch.where(sc > 0, sc / s.p, sc * s.p)
-        out = scores.scatter(1, gen, sc)
-        out[:, ends] = scores[:, ends]
-        return out
-items = [it for it in load_ruler("/work/shared/data") if it.lang == "en" and it.length in (2000, 5000)][:4]
-tok.padding_side = "left"
-for name, pen, win in [(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]))]:
-    torch.manual_seed(0)
-    enc = [tok.apply_chat_template([{"role": "user", "content": it.prompt}], add_generation_prompt=True, tokenize=False) for it in items]
-    b = tok(enc, return_tensors="pt", padding=True, add_special_tokens=False)
-    lp = LogitsProcessorList([WinPen(pen, win, b.input_ids.shape[1])]) if pen != 1.0 else None
-    t = time.time()
-    out = m.generate(**b, max_new_tokens=int(sys.argv[4]), do_sample=True, temperature=0.5, top_k=0, top_p=1.0, eos_token_id=ends, pad_token_id=tok.pad_token_id, logits_processor=lp)
-    for r in range(len(items)):
-        toks = out[r, b.input_ids.shape[1]:].tolist()
-        e = next((k for k, x in enumerate(toks) if x in ends), None)
-        txt = tok.decode(toks[:e] if e is not None else toks, skip_special_tokens=True)
-        rep = repetition_report(txt)
-        print(json.dumps({"dec": name, "req": items[r].length, "stop": e is not None, "words": rep.words, "eff": rep.effective_words, "collapsed": rep.collapsed, "rate": round(rep.repeated_rate, 3), "tail": txt[-300:]}))
-    print("secs", time.time() - t, flush=True)
+"""Which loop-free decoding? A CPU trial of repetition-penalty settings on the bundled base model.
+
+The paper's decoding (temperature 0.5) makes SmolLM2-135M loop to the token limit. This script samples a few
+English LongWrite-Ruler prompts under the paper's decoding and under windowed repetition penalties (only generated
+tokens, never the prompt or the end tokens: the rule of ``GenParams.repetition_window``) and prints, per output,
+whether the model stopped, its words, effective words and whether it collapsed into repetition. The profiles'
+``loopfree`` decoding was chosen from its output (``benchmarks/results/loopfree_decoding_cpu_trial.jsonl``).
+
+Usage::
+
+    python benchmarks/loopfree_trial.py --setting paper 1.0 0 --setting pen115w512 1.15 512 --max-new-tokens 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def main() -> None:
+    from lwlib.backends import GenParams, LocalBackend
+    from lwlib.data import load_ruler
+    from lwlib.text import repetition_report
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--setting", nargs=3, action="append", metavar=("NAME", "PENALTY", "WINDOW"),
+                    help="a decoding: name, repetition penalty (1.0 = off), window in generated tokens (0 = all)")
+    ap.add_argument("--max-new-tokens", type=int, default=1024)
+    ap.add_argument("--prompts", type=int, default=4, help="English ruler prompts of 2,000 and 5,000 words")
+    ap.add_argument("--out", default=None, help="JSONL file for the records (default: print only)")
+    args = ap.parse_args()
+    settings = args.setting or [("paper", "1.0", "0"), ("pen115w512", "1.15", "512")]
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    items = [it for it in load_ruler() if it.lang == "en" and it.length in (2000, 5000)][: args.prompts]
+    be = LocalBackend("smollm2-135m-instruct", batch_size=len(items), device="cpu", dtype="float32")
+    out = open(args.out, "a", encoding="utf-8") if args.out else None
+    for name, pen, win in settings:
+        params = GenParams(args.max_new_tokens, temperature=0.5, repetition_penalty=float(pen),
+                           repetition_window=int(win), seed=0)
+        t0 = time.perf_counter()
+        for i, g in be.generate_iter([it.prompt for it in items], params, desc=name):
+            rep = repetition_report(g.text)
+            rec = {"dec": name, "req": items[i].length, "stop": g.finish_reason == "stop", "words": rep.words,
+                   "eff": rep.effective_words, "collapsed": rep.collapsed, "rate": round(rep.repeated_rate, 3),
+                   "tail": g.text[-300:]}
+            print(json.dumps({k: v for k, v in rec.items() if k != "tail"}))
+            if out:
+                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        print(f"{name}: {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
