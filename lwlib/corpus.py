@@ -1420,15 +1420,18 @@ def build_corpus(prof: Profile, cfg: CorpusConfig | None = None) -> dict:
     cfg = cfg or prof.section("corpus", CorpusConfig)
     t0 = time.perf_counter()
     out = prof.stage_dir("corpus")
-    folder = long_texts_dir(cfg.path)
-    all_books = _folder_books(folder)
-    books = [b for b in all_books if b.language in cfg.languages]
-    if not books:
-        raise ValueError(f"corpus: no books in {folder} for languages {cfg.languages}")
-    compared = _compared_config(prof, cfg, books)
     files = [out / f for f in SPLITS.values()] + [out / "stats.json"]
     man = out / "manifest.json"
-    if man.exists() and all(f.exists() for f in files) and not cfg.overwrite:
+    done = man.exists() and all(f.exists() for f in files) and not cfg.overwrite
+    # a finished corpus is checked against the manifest's books, so a machine without the books (a GPU machine
+    # given the built corpus) reuses it; a rebuild needs the books (found or downloaded)
+    folder = Path(cfg.path) if done and cfg.path else (None if done else long_texts_dir(cfg.path))
+    all_books = _folder_books(folder) if folder is not None else load_manifest()
+    books = [b for b in all_books if b.language in cfg.languages]
+    if not books:
+        raise ValueError(f"corpus: no books in {folder or BUNDLED_MANIFEST} for languages {cfg.languages}")
+    compared = _compared_config(prof, cfg, books)
+    if done:
         old = json.loads(man.read_text(encoding="utf-8")).get("config")
         if old == compared:
             stats = json.loads((out / "stats.json").read_text(encoding="utf-8"))

@@ -532,3 +532,22 @@ def test_writer_backtranslates_and_caches(chat_server, tmp_path):
         assert required_length(ins) == r["required_length"]  # stated (appended when the writer left it out)
     build_corpus(prof, dataclasses.replace(cfg, overwrite=True))  # rebuilt from the cache: no new request
     assert chat_server.requests - before == len(recs)
+
+
+def test_a_built_corpus_is_reused_where_the_books_are_absent(small_folder, tmp_path, monkeypatch):
+    """A GPU machine gets the built corpus but not the books: the stage reuses it, checked against the manifest."""
+    monkeypatch.setattr(C, "BUNDLED_MANIFEST", small_folder / "manifest.jsonl")
+    monkeypatch.setenv("LWLIB_LONG_TEXTS", str(small_folder))
+    prof = load_profile("smoke", run_root=tmp_path / "runs")
+    cfg = CorpusConfig(languages=["en"], nll_books=1, eval_books=1, nll_max_passages=5)
+    first = build_corpus(prof, cfg)
+    monkeypatch.setenv("LWLIB_LONG_TEXTS", str(tmp_path / "nowhere"))
+
+    def no_books(*a, **k):
+        raise AssertionError("a finished corpus must not need the books")
+
+    monkeypatch.setattr(C, "long_texts_dir", no_books)
+    again = build_corpus(prof, cfg)
+    assert again["reused"] and again["splits"] == first["splits"]
+    with pytest.raises(AssertionError, match="must not need the books"):  # another config: a rebuild needs them
+        build_corpus(prof, dataclasses.replace(cfg, max_words=3000, overwrite=True))
