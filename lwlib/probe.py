@@ -30,9 +30,9 @@ import pandas as pd
 
 from .backends import Backend, BackendConfig, GenParams, make_backend
 from .config import Profile
-from .data import WritingItem, load_ruler
+from .data import WritingItem, data_file, load_ruler
 from .plots import pyplot, save_figure
-from .runs import JsonlStore, atomic_write_json, write_manifest
+from .runs import JsonlStore, atomic_write_json, data_fingerprint, model_fingerprint, read_records, write_manifest
 from .text import repetition_report
 
 
@@ -54,6 +54,9 @@ class ProbeConfig:
         rep_threshold: repeated share at which a window counts as collapsed.
         data_path: the ruler file or its folder; null = lwlib.data's search order.
         backend: generation backend (lwlib.backends.BackendConfig).
+        overwrite: when the stored outputs of a tag were made with other settings (model, decoding, data,
+            seed, repetition rule; lwlib.runs.StaleRunError), move them aside and start anew instead of
+            refusing.
     """
 
     languages: list[str] = field(default_factory=lambda: ["en", "zh"])
@@ -69,6 +72,7 @@ class ProbeConfig:
     rep_threshold: float = 0.5
     data_path: str | None = None
     backend: BackendConfig = field(default_factory=BackendConfig)
+    overwrite: bool = False
 
 
 def _template_key(prompt: str) -> str:
@@ -105,12 +109,21 @@ def run_probe(
     """Generate for every selected ruler prompt and sample; resumable. Returns one row per output.
 
     Writes ``<run>/probe/<tag>/generations.jsonl`` (a record per output, as produced),
-    ``summary.json`` and ``manifest.json``.
+    ``summary.json`` and ``manifest.json``. Stored outputs made with other settings raise
+    ``lwlib.runs.StaleRunError`` (``cfg.overwrite`` moves them aside); the selection may change freely.
     """
     cfg = cfg or profile.section("probe", ProbeConfig)
     out = profile.stage_dir("probe") / tag
-    write_manifest(out, {"profile": profile.resolved(), "probe": dataclasses.asdict(cfg), "model": model, "tag": tag})
-    store = JsonlStore(out / "generations.jsonl", key="id")
+    fingerprint = {  # what decides a record (not the selection: records are per item)
+        "model": model_fingerprint(model if backend is not None else cfg.backend.model or model, profile.run_dir),
+        "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
+        "seed": profile.seed, "data": data_fingerprint(data_file("longwrite_ruler.jsonl", cfg.data_path)),
+        "repetition": [cfg.rep_ngram, cfg.rep_window, cfg.rep_threshold],  # stored per record
+    }
+    store = JsonlStore(out / "generations.jsonl", key="id", fingerprint=fingerprint, overwrite=cfg.overwrite,
+                       stage="probe")
+    write_manifest(out, {"profile": profile.resolved(), "probe": dataclasses.asdict(cfg), "model": model, "tag": tag,
+                         "fingerprint": fingerprint})
     items = select_items(load_ruler(cfg.data_path), cfg)
     todo = [(it, s) for it in items for s in range(cfg.samples_per_prompt) if f"{it.id}-s{s}" not in store]
     errors = []
@@ -132,7 +145,8 @@ def run_probe(
             })
     if errors:
         raise RuntimeError(f"probe ({tag}): {len(errors)} generations failed (rerun to retry them): {errors[:3]}")
-    df = pd.DataFrame(store.records())
+    want = {f"{it.id}-s{s}" for it in items for s in range(cfg.samples_per_prompt)}
+    df = pd.DataFrame([r for r in store.records() if r["id"] in want])
     atomic_write_json(out / "summary.json", summarize_probe(df, cfg.quantile))
     return df
 
@@ -142,7 +156,7 @@ def load_probe(profile: Profile, tag: str) -> pd.DataFrame:
     path = profile.run_dir / "probe" / tag / "generations.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run the probe for {tag!r} first (notebook 01)")
-    return pd.DataFrame(JsonlStore(path).records())
+    return pd.DataFrame(read_records(path))
 
 
 def summarize_probe(df: pd.DataFrame, quantile: float = 0.95) -> dict[str, Any]:
