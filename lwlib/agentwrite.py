@@ -264,6 +264,8 @@ class AgentWriteConfig:
         tokens_per_word: tokens per counted word, for dry-run estimates (English ~1.3-1.4, Chinese ~1-1.5).
         check_leak: refuse instructions that overlap LongBench-Write prompts (needs the benchmark file).
         backend: generation backend (lwlib.backends.BackendConfig).
+        overwrite: when the stored calls (plans, paragraphs) were made under another seed
+            (lwlib.runs.StaleRunError), move them aside and start anew instead of refusing.
     """
 
     instructions: str = "generated"
@@ -290,6 +292,7 @@ class AgentWriteConfig:
     tokens_per_word: float = 1.35
     check_leak: bool = True
     backend: BackendConfig = field(default_factory=BackendConfig)
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.write_prompt not in WRITE_VERSIONS:
@@ -465,9 +468,11 @@ class _Job:
 class _Recorder:
     """Thread-safe appends of call records to the two stores."""
 
-    def __init__(self, folder: Path, model: str, backend_kind: str):
-        self.stores = {"plan": JsonlStore(folder / "plans.jsonl", key="key"),
-                       "write": JsonlStore(folder / "paragraphs.jsonl", key="key")}
+    def __init__(self, folder: Path, model: str, backend_kind: str, fingerprint: dict | None = None,
+                 overwrite: bool = False):
+        kw = dict(key="key", fingerprint=fingerprint, overwrite=overwrite, stage="agentwrite")
+        self.stores = {"plan": JsonlStore(folder / "plans.jsonl", **kw),
+                       "write": JsonlStore(folder / "paragraphs.jsonl", **kw)}
         self.lock = threading.Lock()
         self.model, self.backend_kind = model, backend_kind
         self.calls = self.cache_hits = 0
@@ -586,9 +591,10 @@ def build_dataset(prof: Profile, cfg: AgentWriteConfig | None = None, backend: B
                       "plan_max_new_tokens", "write_max_new_tokens", "temperature", "top_p", "plan_retries",
                       "max_steps", "max_paragraphs", "max_prompt_tokens", "min_length_ratio", "min_output_words",
                       "strip_labels")}, "seed": prof.seed, "profile": prof.name}
+    # request keys hash model, prompt, budget, temperature, top_p and attempt; the seed is the one other input
+    rec = _Recorder(out, model, provenance["backend"], fingerprint={"seed": prof.seed}, overwrite=cfg.overwrite)
     write_manifest(out, {"profile": prof.resolved(), "agentwrite": dataclasses.asdict(cfg), "provenance": provenance,
                          "n_instructions": len(insts)})
-    rec = _Recorder(out, model, provenance["backend"])
     jobs = [_Job(i, cfg, model, count) for i in insts]
     (_run_local if local else _run_pool)(jobs, backend, rec, cfg, prof.seed)
     wall = time.perf_counter() - t0

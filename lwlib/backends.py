@@ -19,6 +19,7 @@ stored as done, so a resumed stage retries it.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import threading
@@ -244,12 +245,30 @@ class LocalBackend(_CollectMixin):
         return gens
 
 
+class RequestCancelled(Exception):
+    """Raised inside a request thread (before anything is sent) once its ``generate_iter`` call was
+    interrupted or passed its deadline; the request then comes back as an error."""
+
+
+class MalformedResponse(Exception):
+    """A 200 answer that is not a chat completion (not JSON, no choices): a transient server fault."""
+
+
 class OpenAIBackend(_CollectMixin):
     """Any OpenAI-compatible chat-completions server (OpenAI, vLLM, SGLang, ``lwlib.serve``).
 
-    Requests run in a bounded thread pool (``concurrency``); each is retried up to ``max_retries``
-    times with exponential backoff and jitter on connection errors, timeouts, rate limits and 5xx.
+    Requests run in a bounded thread pool (``concurrency``). Transport faults (connection errors,
+    timeouts, 408/409/429/5xx) are retried by the OpenAI SDK itself, ``max_retries`` times with jittered
+    exponential backoff, honouring ``Retry-After``; a 200 answer that is not a chat completion (malformed
+    JSON) is retried here as often, then recorded as an error. Each request's timeout is ``timeout_s`` or,
+    when that is None, ``timeout_base_s + max_tokens / min_tokens_per_s`` (long generations are long).
+    ``deadline_s`` bounds one ``generate_iter`` call: after it, requests not yet sent are not sent and
+    come back as errors (stages do not store errors, so a rerun retries them), and no request waits past
+    it. An interrupt (KeyboardInterrupt, or the consumer stopping) cancels queued requests and no attempt
+    starts after it; requests already on the wire finish in the background, unretried.
     Token usage comes from the server's ``usage`` field.
+
+    Usage: ``OpenAIBackend("gpt-4o-2024-05-13", concurrency=8, deadline_s=3600)``
     """
 
     def __init__(
@@ -259,9 +278,12 @@ class OpenAIBackend(_CollectMixin):
         api_key_env: str = "OPENAI_API_KEY",
         concurrency: int = 8,
         max_retries: int = 5,
-        timeout_s: float = 600.0,
-        backoff_s: float = 1.0,
+        timeout_s: float | None = None,
+        backoff_s: float = 0.5,
         name: str | None = None,
+        timeout_base_s: float = 60.0,
+        min_tokens_per_s: float = 10.0,
+        deadline_s: float | None = None,
     ):
         import openai
 
@@ -270,52 +292,96 @@ class OpenAIBackend(_CollectMixin):
         self.concurrency = concurrency
         self.max_retries = max_retries
         self.backoff_s = backoff_s
+        self.timeout_s = timeout_s
+        self.timeout_base_s = timeout_base_s
+        self.min_tokens_per_s = min_tokens_per_s
+        self.deadline_s = deadline_s
         key = os.environ.get(api_key_env) or ("EMPTY" if base_url else None)
         if key is None:
             raise ValueError(f"OpenAIBackend: set ${api_key_env} (or give base_url for a local server)")
-        self.client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout_s, max_retries=0)
-        self._retryable = (
-            openai.APIConnectionError,  # includes APITimeoutError
-            openai.RateLimitError,
-            openai.InternalServerError,
-        )
+        self._local = threading.local()  # the stop event and deadline of the request this thread sends
+        http = openai.DefaultHttpxClient(event_hooks={"request": [self._before_send]})
+        self.client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=max_retries, http_client=http,
+                                    timeout=timeout_s if timeout_s is not None else self.request_timeout(1024))
+        self._malformed = (json.JSONDecodeError, openai.APIResponseValidationError, MalformedResponse)
 
-    def _one(self, messages: Messages, params: GenParams, max_tokens: int) -> Generation:
+    def request_timeout(self, max_tokens: int) -> float:
+        """Seconds one request may take: ``timeout_s`` if set, else ``timeout_base_s + max_tokens / min_tokens_per_s``."""
+        if self.timeout_s is not None:
+            return float(self.timeout_s)
+        return self.timeout_base_s + max_tokens / self.min_tokens_per_s
+
+    def _before_send(self, request: Any) -> None:
+        """httpx hook run before every attempt, the SDK's retries included."""
+        stop, deadline = getattr(self._local, "stop", None), getattr(self._local, "deadline", None)
+        if stop is not None and stop.is_set():
+            raise RequestCancelled("interrupted: not sent")
+        if deadline is not None and time.monotonic() >= deadline:
+            raise RequestCancelled(f"deadline of {self.deadline_s} s passed: not sent")
+
+    def _one(self, messages: Messages, params: GenParams, max_tokens: int,
+             stop: threading.Event | None = None, deadline: float | None = None) -> Generation:
         t0 = time.perf_counter()
+        self._local.stop, self._local.deadline = stop, deadline
         err = None
-        for attempt in range(self.max_retries + 1):
-            try:
+        try:
+            for attempt in range(self.max_retries + 1):
+                timeout = self.request_timeout(max_tokens)
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        err = err or f"RequestCancelled: deadline of {self.deadline_s} s passed: not sent"
+                        break
+                    timeout = min(timeout, left)
                 kw: dict[str, Any] = dict(
                     model=self.model, messages=messages, temperature=params.temperature,
-                    top_p=params.top_p, max_tokens=max_tokens,
+                    top_p=params.top_p, max_tokens=max_tokens, timeout=timeout,
                 )
                 if params.seed is not None:
                     kw["seed"] = params.seed
-                r = self.client.chat.completions.create(**kw)
-                ch = r.choices[0]
-                usage = r.usage
-                return Generation(
-                    text=ch.message.content or "",
-                    prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-                    completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
-                    finish_reason="length" if ch.finish_reason == "length" else "stop",
-                    latency_s=time.perf_counter() - t0,
-                )
-            except self._retryable as e:
-                err = f"{type(e).__name__}: {e}"
-                if attempt < self.max_retries:
-                    time.sleep(self.backoff_s * 2**attempt * (0.5 + random.random()))
-            except Exception as e:  # 4xx and the like: retrying will not help
-                err = f"{type(e).__name__}: {e}"
-                break
+                try:
+                    r = self.client.chat.completions.create(**kw)
+                    ch = r.choices[0] if isinstance(getattr(r, "choices", None), list) and r.choices else None
+                    if ch is None or getattr(ch, "message", None) is None:
+                        raise MalformedResponse(f"not a chat completion: {str(r)[:200]!r}")
+                    usage = r.usage
+                    return Generation(
+                        text=ch.message.content or "",
+                        prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+                        completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+                        finish_reason="length" if ch.finish_reason == "length" else "stop",
+                        latency_s=time.perf_counter() - t0,
+                    )
+                except self._malformed as e:  # transient server fault: retried like a 500
+                    err = f"{type(e).__name__}: {e}"
+                    if attempt < self.max_retries:
+                        delay = min(self.backoff_s * 2**attempt, 8.0) * (1 - 0.25 * random.random())
+                        if stop is None:
+                            time.sleep(delay)
+                        elif stop.wait(delay):  # interrupted while waiting: no further attempt
+                            break
+                except Exception as e:  # transport errors after the SDK's retries, 4xx, cancellation
+                    err = f"{type(e).__name__}: {e}"
+                    break
+        finally:
+            self._local.stop = self._local.deadline = None
         return Generation("", 0, 0, "error", time.perf_counter() - t0, error=err)
 
     def generate_iter(self, prompts, params, max_new_tokens=None, desc=None):
         limits = list(max_new_tokens) if max_new_tokens is not None else [params.max_new_tokens] * len(prompts)
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            futs = {pool.submit(self._one, as_messages(p), params, m): i for i, (p, m) in enumerate(zip(prompts, limits))}
+        if len(limits) != len(prompts):
+            raise ValueError(f"max_new_tokens has {len(limits)} entries for {len(prompts)} prompts")
+        stop = threading.Event()
+        deadline = time.monotonic() + self.deadline_s if self.deadline_s is not None else None
+        pool = ThreadPoolExecutor(max_workers=self.concurrency)
+        try:
+            futs = {pool.submit(self._one, as_messages(p), params, m, stop, deadline): i
+                    for i, (p, m) in enumerate(zip(prompts, limits))}
             for f in tqdm(as_completed(futs), total=len(futs), desc=desc or f"api ({self.name})", leave=False):
                 yield futs[f], f.result()
+        finally:  # normal end, KeyboardInterrupt, or the consumer closing the generator
+            stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass
@@ -331,8 +397,15 @@ class BackendConfig:
         base_url: server URL (openai); null = api.openai.com.
         api_key_env: environment variable holding the API key (openai).
         concurrency: requests in flight (openai).
-        max_retries: retries per request with exponential backoff (openai).
-        timeout_s: per-request timeout in seconds (openai).
+        max_retries: retries per request (openai): the SDK's, on connection errors, timeouts, 408/409/429/5xx,
+            with jittered exponential backoff and Retry-After; and as many on malformed (non-JSON) answers.
+        timeout_s: fixed per-request timeout in seconds (openai); null = derived from the request's token
+            budget: ``timeout_base_s + max_tokens / min_tokens_per_s``.
+        timeout_base_s: the fixed part of the derived per-request timeout (openai; connection, queueing, prefill).
+        min_tokens_per_s: the slowest generation speed still waited for (openai): a 32,768-token request
+            may take 60 + 3,277 s with the defaults.
+        deadline_s: bound on one stage call (openai; seconds, null = none): after it, requests not yet sent
+            come back as errors (not stored: a rerun retries them) and none waits past it.
     """
 
     kind: str = "local"
@@ -344,7 +417,10 @@ class BackendConfig:
     api_key_env: str = "OPENAI_API_KEY"
     concurrency: int = 8
     max_retries: int = 5
-    timeout_s: float = 600.0
+    timeout_s: float | None = None
+    timeout_base_s: float = 60.0
+    min_tokens_per_s: float = 10.0
+    deadline_s: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -359,6 +435,7 @@ def make_backend(cfg: BackendConfig, default_model: str = "", device: str = "aut
     if cfg.kind == "openai":
         return OpenAIBackend(
             model, base_url=cfg.base_url, api_key_env=cfg.api_key_env, concurrency=cfg.concurrency,
-            max_retries=cfg.max_retries, timeout_s=cfg.timeout_s,
+            max_retries=cfg.max_retries, timeout_s=cfg.timeout_s, timeout_base_s=cfg.timeout_base_s,
+            min_tokens_per_s=cfg.min_tokens_per_s, deadline_s=cfg.deadline_s,
         )
     raise ValueError(f"backend kind must be 'local' or 'openai', got {cfg.kind!r}")

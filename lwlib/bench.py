@@ -42,10 +42,11 @@ import pandas as pd
 
 from .backends import Backend, BackendConfig, GenParams, OpenAIBackend, make_backend
 from .config import Profile
-from .data import WritingItem, load_longbench_write
+from .data import WritingItem, data_file, load_longbench_write
 from .decodings import Decoding, model_label, profile_decodings
 from .plots import pyplot, save_figure
-from .runs import JsonlStore, atomic_write_json, write_manifest
+from .runs import (JsonlStore, atomic_write_json, data_fingerprint, fingerprint_id, model_fingerprint,
+                   read_fingerprint, sha256_file, write_manifest)
 from .text import count_words, repetition_report, truncate_words
 
 JUDGE_DIMENSIONS: tuple[str, ...] = (
@@ -313,11 +314,14 @@ def judge_one(
 class JudgeCache:
     """Judge results on disk (JSONL), keyed by :func:`cache_key`; transport errors are not cached.
 
+    ``fingerprint``: the judging settings the cached answers depend on besides the key (tokens, temperature,
+    tries, template), checked as :class:`lwlib.runs.JsonlStore` does.
+
     Usage: ``cache = JudgeCache(prof.stage_dir("bench") / "judge_cache.jsonl")``
     """
 
-    def __init__(self, path: str | Path):
-        self.store = JsonlStore(path, key="key")
+    def __init__(self, path: str | Path, fingerprint: dict | None = None, overwrite: bool = False):
+        self.store = JsonlStore(path, key="key", fingerprint=fingerprint, overwrite=overwrite, stage="bench")
 
     def get(self, judge_model: str, prompt: str, response: str) -> JudgeResult | None:
         rec = self.store.get(cache_key(judge_model, prompt, response))
@@ -388,6 +392,9 @@ class BenchConfig:
         rep_threshold: repeated share at which a window counts as collapsed.
         data_path: longbench_write.jsonl or its folder; null = lwlib.data's search order.
         en_data_path: longbench_write_en.jsonl or its folder; null = lwlib.data's search order.
+        overwrite: when a tag's stored predictions or judgements were made with other settings (model,
+            decoding, data, seed, judge; lwlib.runs.StaleRunError), move them aside and start anew
+            instead of refusing.
     """
 
     models: list[str] = field(default_factory=lambda: ["base", "sft", "dpo"])
@@ -402,6 +409,7 @@ class BenchConfig:
     rep_threshold: float = 0.5
     data_path: str | None = None
     en_data_path: str | None = None
+    overwrite: bool = False
 
 
 def select_items(items: list[WritingItem], cfg: BenchConfig) -> list[WritingItem]:
@@ -449,9 +457,18 @@ def run_predictions(
     decoding = decoding or profile_decodings(profile)[0]
     model = cfg.backend.model or (run_model(profile, tag) if backend is None else getattr(backend, "name", tag))
     out = bench_dir(profile, tag, decoding.name)
+    data = ([data_fingerprint(data_file("longbench_write.jsonl", cfg.data_path)),
+             data_fingerprint(data_file("longbench_write_en.jsonl", cfg.en_data_path))] if items is None else
+            fingerprint_id({it.id: [it.prompt, it.lang, it.length] for it in items}))
+    fingerprint = {  # what decides a record (not the selection: records are per item)
+        "model": model_fingerprint(model, profile.run_dir), "max_new_tokens": cfg.max_new_tokens,
+        "decoding": decoding.as_dict(), "seed": profile.seed, "data": data,
+        "repetition": [cfg.rep_ngram, cfg.rep_window, cfg.rep_threshold],  # stored per record
+    }
+    store = JsonlStore(out / "predictions.jsonl", key="id", fingerprint=fingerprint, overwrite=cfg.overwrite,
+                       stage="bench")
     write_manifest(out, {"profile": profile.resolved(), "bench": dataclasses.asdict(cfg), "model": model, "tag": tag,
-                         "decoding": decoding.as_dict()})
-    store = JsonlStore(out / "predictions.jsonl", key="id")
+                         "decoding": decoding.as_dict(), "fingerprint": fingerprint})
     items = items if items is not None else select_items(load_longbench_write(cfg.data_path, cfg.en_data_path), cfg)
     todo = [it for it in items if it.id not in store]
     errors = []
@@ -555,8 +572,15 @@ def run_judge(
     judge_backend = judge_backend or make_judge_backend(profile, cfg)
     try:
         jid, label = judge_model_id(judge_backend), judge_label(judge_backend)
-        store = JsonlStore(out / "judgements.jsonl", key="id")
-        cache = JudgeCache(profile.stage_dir("bench") / "judge_cache.jsonl")
+        j = cfg.judge
+        judging = {"judge": jid, "max_tokens": j.max_tokens, "temperature": j.temperature, "max_tries": j.max_tries,
+                   "seed": profile.seed, "template": sha256_file(JUDGE_TEMPLATE_PATH)[:16]}
+        pred_fp = read_fingerprint(pred_path)
+        store = JsonlStore(out / "judgements.jsonl", key="id", overwrite=cfg.overwrite, stage="bench", fingerprint={
+            **judging, "max_response_words": j.max_response_words,
+            "predictions": fingerprint_id(pred_fp) if pred_fp is not None else None})
+        cache = JudgeCache(profile.stage_dir("bench") / "judge_cache.jsonl", fingerprint={
+            k: v for k, v in judging.items() if k != "judge"}, overwrite=cfg.overwrite)  # keys name the judge
         todo = []
         for r in preds.to_dict("records"):
             if r["id"] in store and store.get(r["id"])["judge_model"] == jid:

@@ -12,7 +12,9 @@ Usage::
     out = profile.stage_dir("probe")        # runs/smoke/probe/
 
 Top-level fields:
-    name: the profile's name; its run folder is ``<run_root>/<name>``.
+    name: the profile's name (default: the file's stem); its run folder is ``<run_root>/<name>``, for the
+        notebooks and ``run_all.sh`` alike. A copied profile that keeps ``name: smoke`` shares ``runs/smoke``
+        (its stores then refuse records made with other settings: lwlib.runs.StaleRunError).
     description: one line shown in notebooks.
     model: the base model: a built-in name (``smollm2-135m-instruct``), a Hugging Face id or a folder.
     seed: global seed for sampling and data construction.
@@ -166,7 +168,9 @@ def load_profile(
             raise ValueError(f"{source}: {k!r} is neither a top-level field {sorted(TOP_LEVEL)} nor a section")
     if "model" not in data:
         raise ValueError(f"{source}: missing field 'model'")
-    name = data.setdefault("name", source.stem)
+    name = data.setdefault("name", source.stem)  # the run folder is <run_root>/<name> (README, "Run folder")
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ValueError(f"{source}: field 'name' must be a plain folder name (the run folder), got {name!r}")
     return Profile(name=name, source=source, data=data, run_root=Path(run_root) if run_root else default_run_root())
 
 

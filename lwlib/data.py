@@ -14,18 +14,28 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from .models import cache_dir
-from .runs import REPO_ROOT, iter_jsonl
+from .runs import REPO_ROOT, iter_jsonl, sha256_file
 
 BASE_URL = "https://raw.githubusercontent.com/THUDM/LongWriter/main/evaluation/"
+DOWNLOAD_TIMEOUT_S = 60.0  # per connect / read: a network that accepts and never answers fails, not hangs
 FILES = {  # name: expected number of items
     "longbench_write.jsonl": 120,
     "longbench_write_en.jsonl": 60,
     "longwrite_ruler.jsonl": 48,
+}
+# sha256 of the official files (THUDM/LongWriter evaluation/, as this project was checked against them): a file
+# with another hash is a user's own (a subset, a translation, a new version) and only gets a warning.
+OFFICIAL_SHA256 = {
+    "longbench_write.jsonl": "1f6e99497cc24d65894d65e014062f398ba946ebdd254b7f8b339e48d3ab5779",
+    "longbench_write_en.jsonl": "87800927761f340e48899e4df5d47fb7211ad4936a63420dbfa979660414259f",
+    "longwrite_ruler.jsonl": "a1d4ebf0df0fa1600567691d11c9a52de3037c4a372970ed2e8f52f2889e0a62",
 }
 # LongBench-Write's Chinese type names (used in the ruler file) mapped to the English ones.
 TYPE_EN = {
@@ -39,8 +49,14 @@ TYPE_EN = {
 }
 
 
-def data_file(name: str, path: str | Path | None = None, download: bool = True) -> Path:
-    """Locate (or download) one of :data:`FILES`; ``path`` may be the file or its folder."""
+def data_file(name: str, path: str | Path | None = None, download: bool = True,
+              timeout_s: float | None = None) -> Path:
+    """Locate (or download) one of :data:`FILES`; ``path`` may be the file or its folder.
+
+    A found file with another item count than the official one is used with a warning naming it and both
+    counts (a user's subset); a download (or the download cache) with the wrong count is an error. The
+    download gives up after ``timeout_s`` (default :data:`DOWNLOAD_TIMEOUT_S`) without an answer.
+    """
     if name not in FILES:
         raise ValueError(f"unknown data file {name!r}; known: {sorted(FILES)}")
     candidates = []
@@ -49,29 +65,55 @@ def data_file(name: str, path: str | Path | None = None, download: bool = True) 
         candidates.append(p / name if p.is_dir() else p)
     if os.environ.get("LWLIB_DATA_DIR"):
         candidates.append(Path(os.environ["LWLIB_DATA_DIR"]) / name)
-    candidates += [REPO_ROOT.parent / "shared" / "data" / name, cache_dir() / "data" / name]
+    cached = cache_dir() / "data" / name
+    candidates += [REPO_ROOT.parent / "shared" / "data" / name, cached]
     for c in candidates:
         if c.exists():
+            check_data_file(c, name, official=c == cached)
             return c
     if path is not None:
         raise FileNotFoundError(f"{candidates[0]} does not exist")
     if not download:
         raise FileNotFoundError(f"{name} not found in {[str(c.parent) for c in candidates]}")
-    dest = cache_dir() / "data" / name
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".part")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".part")
+    url = BASE_URL + name
+    timeout = DOWNLOAD_TIMEOUT_S if timeout_s is None else timeout_s
     try:
-        urllib.request.urlretrieve(BASE_URL + name, tmp)
-    except OSError as e:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+            shutil.copyfileobj(r, f)
+    except (OSError, ValueError) as e:  # URLError, HTTPError, timeouts (socket.timeout is an OSError)
+        tmp.unlink(missing_ok=True)
+        why = f"no answer within {timeout:g} s" if isinstance(getattr(e, "reason", e), TimeoutError) else str(e)
         raise FileNotFoundError(
             f"{name} is not in {[str(c.parent) for c in candidates]} and could not be downloaded from "
-            f"{BASE_URL} ({e}); on an offline machine set LWLIB_DATA_DIR to a folder holding it"
+            f"{url} ({why}); on an offline machine set LWLIB_DATA_DIR to a folder holding it"
         ) from e
-    n = sum(1 for line in tmp.read_text(encoding="utf-8").splitlines() if line.strip())
+    try:
+        check_data_file(tmp, name, official=True, shown=url)
+    except ValueError:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, cached)
+    return cached
+
+
+def check_data_file(path: Path, name: str, official: bool, shown: str | None = None) -> None:
+    """Compare a benchmark file with the official one: the same sha256 passes; another item count is an
+    error for an ``official`` copy (a download or its cache) and a warning for a user's file."""
+    if sha256_file(path) == OFFICIAL_SHA256[name]:
+        return
+    n = sum(1 for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+    where = shown or str(path)
     if n != FILES[name]:
-        raise ValueError(f"downloaded {name} has {n} lines, expected {FILES[name]}")
-    os.replace(tmp, dest)
-    return dest
+        if official:
+            raise ValueError(f"{where}: downloaded {name} has {n} items, the official file has {FILES[name]}; "
+                             f"delete {path} and retry, or give your own file with data_path")
+        warnings.warn(f"{where}: {n} items where the official {name} has {FILES[name]}: using it as your own "
+                      f"subset (scores are not comparable with the paper's)", stacklevel=3)
+    elif not official:
+        warnings.warn(f"{where}: not the official {name} (other sha256), same item count {n}: using it as it is",
+                      stacklevel=3)
 
 
 @dataclass(frozen=True)

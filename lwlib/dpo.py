@@ -51,7 +51,8 @@ from .bench import JudgeConfig
 from .config import Profile
 from .decodings import Decoding, get_decoding
 from .plots import pyplot, save_figure
-from .runs import JsonlStore, atomic_write_json, read_jsonl, read_log_history, training_finished, write_manifest
+from .runs import (JsonlStore, atomic_write_json, fingerprint_id, model_fingerprint, read_log_history,
+                   read_records, training_finished, write_manifest)
 from .text import repetition_report
 
 SCORE_RULES = ("mean", "weighted", "length", "quality")
@@ -114,7 +115,9 @@ class DPOStageConfig:
         gradient_checkpointing: recompute activations in the backward pass.
         deepspeed: DeepSpeed config path (relative to the repo) or null; with it TRL builds the reference.
         logging_steps: log loss / rewards every N steps.
-        overwrite: retrain even if ``model/`` exists.
+        overwrite: retrain even if ``model/`` exists; and when the stored instructions, samples or scores
+            were made with other settings (start model, decoding, instruction generator, judge;
+            lwlib.runs.StaleRunError), move them aside and start anew instead of refusing.
 
     Evaluation fields (notebook 04):
         bench_items: LongBench-Write items predicted and judged for SFT vs DPO (null = all 120).
@@ -196,7 +199,7 @@ def sample_outputs(prof: Profile, cfg: DPOStageConfig, instructions: list[dict[s
     from .models import run_model
 
     dec = sampling_decoding(prof, cfg)
-    store = JsonlStore(prof.stage_dir("dpo") / "samples.jsonl", key="id")
+    store = _samples_store(prof, cfg)
     todo = [(it, k) for it in instructions for k in range(cfg.samples) if f"{it['id']}-s{k}" not in store]
     errors = []
     if todo:
@@ -229,6 +232,35 @@ def sampling_decoding(prof: Profile, cfg: DPOStageConfig) -> Decoding:
     return dataclasses.replace(dec, temperature=cfg.temperature) if cfg.temperature is not None else dec
 
 
+def _instructions_fingerprint(prof: Profile, cfg: DPOStageConfig) -> dict[str, Any]:
+    # generate_instructions is prefix-stable in n, so the count is not part of it
+    return {"seed": prof.seed + cfg.instruction_seed_offset, "languages": list(cfg.languages),
+            "min_words": cfg.min_words, "max_words": cfg.max_words}
+
+
+def _samples_fingerprint(prof: Profile, cfg: DPOStageConfig) -> dict[str, Any]:
+    from .models import run_model
+
+    return {"model": model_fingerprint(cfg.backend.model or run_model(prof, cfg.start_model), prof.run_dir),
+            "max_new_tokens": cfg.max_new_tokens, "decoding": sampling_decoding(prof, cfg).as_dict(),
+            "seed": prof.seed, "instructions": _instructions_fingerprint(prof, cfg)}
+
+
+def _samples_store(prof: Profile, cfg: DPOStageConfig) -> JsonlStore:
+    return JsonlStore(prof.stage_dir("dpo") / "samples.jsonl", key="id", fingerprint=_samples_fingerprint(prof, cfg),
+                      overwrite=cfg.overwrite, stage="dpo")
+
+
+def _scores_store(prof: Profile, cfg: DPOStageConfig) -> JsonlStore:
+    j = cfg.judge
+    judge = {"kind": j.kind, "model": (model_fingerprint(j.model or prof.model, prof.run_dir) if j.kind == "local"
+                                       else j.model), "base_url": j.base_url, "max_tokens": j.max_tokens,
+             "temperature": j.temperature, "max_tries": j.max_tries, "max_response_words": j.max_response_words}
+    return JsonlStore(prof.stage_dir("dpo") / "scores.jsonl", key="id", overwrite=cfg.overwrite, stage="dpo",
+                      fingerprint={"samples": fingerprint_id(_samples_fingerprint(prof, cfg)), "judge": judge,
+                                   "seed": prof.seed, "length_basis": cfg.length_basis})
+
+
 # -------------------------------------------------------------------------------------------- scoring
 
 def make_dpo_judge(prof: Profile, cfg: DPOStageConfig):
@@ -247,7 +279,7 @@ def judge_samples(prof: Profile, cfg: DPOStageConfig, samples: pd.DataFrame, jud
     from . import bench
     from .text import truncate_words
 
-    store = JsonlStore(prof.stage_dir("dpo") / "scores.jsonl", key="id")
+    store = _scores_store(prof, cfg)
     todo = [r for r in samples.to_dict("records") if r["id"] not in store]
     own = None
     if todo and judge is None and cfg.judge.kind != "none":
@@ -400,9 +432,11 @@ def build_dpo_data(prof: Profile, cfg: DPOStageConfig | None = None, backend: Ba
     ``pairs.jsonl`` and ``data_stats.json``."""
     cfg = cfg or prof.section("dpo", DPOStageConfig)
     out = prof.stage_dir("dpo")
+    ins_store = JsonlStore(out / "instructions.jsonl", key="id", fingerprint=_instructions_fingerprint(prof, cfg),
+                           overwrite=cfg.overwrite, stage="dpo")
+    _samples_store(prof, cfg), _scores_store(prof, cfg)  # settings checked before the manifest describes them
     write_manifest(out, {"profile": prof.resolved(), "dpo": dataclasses.asdict(cfg)}, name="manifest_data.json")
     instructions = dpo_instructions(prof, cfg)
-    ins_store = JsonlStore(out / "instructions.jsonl", key="id")
     for it in instructions:
         if it["id"] not in ins_store:
             ins_store.append(it)
@@ -461,8 +495,8 @@ def load_scored(prof: Profile, cfg: DPOStageConfig | None = None) -> pd.DataFram
     for f in ("samples.jsonl", "scores.jsonl"):
         if not (run / f).exists():
             raise FileNotFoundError(f"{run / f} does not exist: run build_dpo_data (notebook 04) first")
-    samples = pd.DataFrame(read_jsonl(run / "samples.jsonl"))
-    scores = combine_scores(pd.DataFrame(read_jsonl(run / "scores.jsonl")), cfg.score_rule, cfg.quality_weight)
+    samples = pd.DataFrame(read_records(run / "samples.jsonl"))  # a key twice is an error, not two rows
+    scores = combine_scores(pd.DataFrame(read_records(run / "scores.jsonl")), cfg.score_rule, cfg.quality_weight)
     cols = ["id", "length_score", "quality", "score", "rule", "judge", "judge_tries"]
     return samples[["id", "instruction_id", "sample", "required_length", "words", "effective_words", "tokens",
                     "finish_reason"]].merge(

@@ -38,7 +38,7 @@ import torch
 
 from .config import Profile
 from .plots import pyplot, save_figure
-from .runs import JsonlStore, atomic_write_json, read_jsonl, write_manifest
+from .runs import JsonlStore, atomic_write_json, data_fingerprint, model_fingerprint, read_jsonl, write_manifest
 
 Messages = list[dict[str, str]]
 
@@ -61,6 +61,8 @@ class NLLConfig:
         chunk_size: positions per output-head/log-softmax chunk (memory bound on the logits); 0 = whole
             sequence at once. Results do not depend on it.
         include_end_token: also score the end-of-turn token that closes the response.
+        overwrite: when a tag's stored NLLs were made with other settings (model, data file, max_tokens,
+            include_end_token; lwlib.runs.StaleRunError), move them aside and start anew instead of refusing.
     """
 
     data_path: str | None = None
@@ -70,6 +72,7 @@ class NLLConfig:
     batch_size: int = 4
     chunk_size: int = 2048
     include_end_token: bool = False
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -260,9 +263,12 @@ def run_nll(prof: Profile, tag: str, cfg: NLLConfig | None = None, model_and_tok
     path = nll_data_path(prof, cfg)
     out = prof.stage_dir("nll") / tag
     model_name = run_model(prof, tag)
+    fingerprint = {"model": model_fingerprint(model_name, prof.run_dir), "data": data_fingerprint(path),
+                   "max_tokens": cfg.max_tokens, "include_end_token": cfg.include_end_token}  # ids are line numbers
+    store = JsonlStore(out / "token_nll.jsonl", key="id", fingerprint=fingerprint, overwrite=cfg.overwrite,
+                       stage="nll")
     write_manifest(out, {"profile": prof.resolved(), "nll": dataclasses.asdict(cfg), "tag": tag,
-                         "model": model_name, "data": str(path)})
-    store = JsonlStore(out / "token_nll.jsonl", key="id")
+                         "model": model_name, "data": str(path), "fingerprint": fingerprint})
     convs = load_conversations(path, cfg.max_samples)
     todo = [(i, m) for i, m in convs if i not in store]
     if todo:

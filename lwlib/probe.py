@@ -35,10 +35,10 @@ import pandas as pd
 
 from .backends import Backend, BackendConfig, GenParams, make_backend
 from .config import Profile
-from .data import WritingItem, load_ruler
+from .data import WritingItem, data_file, load_ruler
 from .decodings import Decoding, model_label, profile_decodings
 from .plots import pyplot, save_figure
-from .runs import JsonlStore, atomic_write_json, write_manifest
+from .runs import JsonlStore, atomic_write_json, data_fingerprint, model_fingerprint, read_records, write_manifest
 from .text import repetition_report
 
 
@@ -59,6 +59,9 @@ class ProbeConfig:
         rep_threshold: repeated share at which a window counts as collapsed.
         data_path: the ruler file or its folder; null = lwlib.data's search order.
         backend: generation backend (lwlib.backends.BackendConfig).
+        overwrite: when the stored outputs of a tag were made with other settings (model, decoding, data,
+            seed, repetition rule; lwlib.runs.StaleRunError), move them aside and start anew instead of
+            refusing.
     """
 
     languages: list[str] = field(default_factory=lambda: ["en", "zh"])
@@ -72,6 +75,7 @@ class ProbeConfig:
     rep_threshold: float = 0.5
     data_path: str | None = None
     backend: BackendConfig = field(default_factory=BackendConfig)
+    overwrite: bool = False
 
 
 def _template_key(prompt: str) -> str:
@@ -110,14 +114,22 @@ def run_probe(
     resumable. Returns one row per output.
 
     Writes ``<run>/probe/<tag>/<decoding>/generations.jsonl`` (a record per output, as produced),
-    ``summary.json`` and ``manifest.json``.
+    ``summary.json`` and ``manifest.json``. Stored outputs made with other settings raise
+    ``lwlib.runs.StaleRunError`` (``cfg.overwrite`` moves them aside); the selection may change freely.
     """
     cfg = cfg or profile.section("probe", ProbeConfig)
     decoding = decoding or profile_decodings(profile)[0]
     out = probe_dir(profile, tag, decoding.name)
+    fingerprint = {  # what decides a record (not the selection: records are per item)
+        "model": model_fingerprint(model if backend is not None else cfg.backend.model or model, profile.run_dir),
+        "max_new_tokens": cfg.max_new_tokens, "decoding": decoding.as_dict(),
+        "seed": profile.seed, "data": data_fingerprint(data_file("longwrite_ruler.jsonl", cfg.data_path)),
+        "repetition": [cfg.rep_ngram, cfg.rep_window, cfg.rep_threshold],  # stored per record
+    }
+    store = JsonlStore(out / "generations.jsonl", key="id", fingerprint=fingerprint, overwrite=cfg.overwrite,
+                       stage="probe")
     write_manifest(out, {"profile": profile.resolved(), "probe": dataclasses.asdict(cfg), "model": model, "tag": tag,
-                         "decoding": decoding.as_dict()})
-    store = JsonlStore(out / "generations.jsonl", key="id")
+                         "decoding": decoding.as_dict(), "fingerprint": fingerprint})
     items = select_items(load_ruler(cfg.data_path), cfg)
     todo = [(it, s) for it in items for s in range(cfg.samples_per_prompt) if f"{it.id}-s{s}" not in store]
     errors = []
@@ -141,7 +153,8 @@ def run_probe(
     if errors:
         raise RuntimeError(f"probe ({tag}, {decoding.name}): {len(errors)} generations failed (rerun to retry them): "
                            f"{errors[:3]}")
-    df = pd.DataFrame(store.records())
+    want = {f"{it.id}-s{s}" for it in items for s in range(cfg.samples_per_prompt)}
+    df = pd.DataFrame([r for r in store.records() if r["id"] in want])
     atomic_write_json(out / "summary.json", summarize_probe(df, cfg.quantile))
     return df
 
@@ -174,8 +187,8 @@ def _probe_done(profile: Profile, tag: str, decoding: str, cfg: ProbeConfig) -> 
     path = profile.run_dir / "probe" / tag / decoding / "generations.jsonl"
     if not path.exists():
         return False
-    want = len(select_items(load_ruler(cfg.data_path), cfg)) * cfg.samples_per_prompt
-    return len(JsonlStore(path)) >= want
+    want = {f"{it.id}-s{s}" for it in select_items(load_ruler(cfg.data_path), cfg) for s in range(cfg.samples_per_prompt)}
+    return want <= {r["id"] for r in read_records(path)}
 
 
 def load_probe(profile: Profile, tag: str, decoding: str) -> pd.DataFrame:
@@ -183,7 +196,7 @@ def load_probe(profile: Profile, tag: str, decoding: str) -> pd.DataFrame:
     path = profile.run_dir / "probe" / tag / decoding / "generations.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run the probe for {tag!r} under {decoding!r} first (notebook 01)")
-    return pd.DataFrame(JsonlStore(path).records())
+    return pd.DataFrame(read_records(path))
 
 
 def summarize_probe(df: pd.DataFrame, quantile: float = 0.95) -> dict[str, Any]:

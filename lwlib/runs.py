@@ -3,10 +3,14 @@
 Every stage writes under ``runs/<profile>/<stage>/``. Long stages append one JSON record per item as
 soon as it is produced (flushed and fsynced), so a killed run resumes where it stopped: items whose
 key is already in the file are skipped, a torn last line from a crash is dropped and reported.
+Each store belongs to a *fingerprint* of the settings that decide its records (``<file>.fingerprint.json``):
+reopening it under other settings raises :class:`StaleRunError` instead of mixing old and new records.
+One process writes a folder at a time (:func:`lock_dir`; :class:`RunLockedError` names the other one).
 
 Usage::
 
-    store = JsonlStore(run.path("probe") / "generations.jsonl", key="id")
+    store = JsonlStore(prof.stage_dir("probe") / "base" / "generations.jsonl", key="id",
+                       fingerprint={"model": model, "max_new_tokens": 512}, stage="probe")
     for item in items:
         if item.id in store:          # already done in an earlier (interrupted) run
             continue
@@ -15,6 +19,9 @@ Usage::
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -22,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
@@ -30,46 +38,104 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+class StaleRunError(ValueError):
+    """A store's records were made with other settings than the ones asked for now (see :class:`JsonlStore`).
+
+    ``changed`` maps each differing setting to ``(stored, asked)``."""
+
+    def __init__(self, message: str, changed: dict[str, tuple[Any, Any]] | None = None):
+        super().__init__(message)
+        self.changed = changed or {}
+
+
+class RunLockedError(RuntimeError):
+    """Another live process writes to the folder (see :func:`lock_dir`); ``pid`` is the holder's, if known."""
+
+    def __init__(self, message: str, pid: int | None = None):
+        super().__init__(message)
+        self.pid = pid
+
+
 class JsonlStore:
     """An append-only JSONL file of records keyed by ``key``; reopening it resumes.
 
     A record whose key is already stored is refused (``ValueError``), so a resumed run cannot
-    duplicate items. Lines that are not valid JSON raise an error naming the file and line, except a
-    torn *last* line (what a crash mid-write leaves), which is dropped from the file with a warning.
+    duplicate items; a file holding one key twice (two writers at once) is an error naming the file, both
+    lines and the key. Lines that are not valid JSON raise an error naming the file and line, except a
+    torn *last* line (what a crash mid-write leaves), which is dropped from the file with a warning. A last
+    record without its newline gets one before the next append.
+
+    ``fingerprint``: the settings that decide the records (model, decoding, data, seed; a flat or nested
+    dict of JSON values). It is kept in ``<file>.fingerprint.json``; reopening with a fingerprint that
+    differs in a setting both name raises :class:`StaleRunError` naming each change (old -> new) and how to
+    proceed, so records of two configurations are never mixed. With ``overwrite=True`` the old records are
+    moved aside to ``<file>.stale-<id>`` (and their fingerprint beside them) and the store starts empty.
+    Records written before fingerprints existed (no fingerprint file) are adopted with a warning, and so
+    are settings the stored fingerprint lacks (added to the code later). ``stage`` names the profile
+    section for the message (``probe`` -> "set probe.overwrite: true").
+
+    A store given a fingerprint, and any store once it appends, holds the lock of its folder
+    (:func:`lock_dir`) for the rest of the process: a second process writing there is refused
+    (:class:`RunLockedError`) instead of storing every record twice.
+
+    Usage: ``JsonlStore(out / "generations.jsonl", key="id", fingerprint={"model": m, "temperature": 0.5},
+    stage="probe")``
     """
 
-    def __init__(self, path: str | Path, key: str = "id"):
+    def __init__(self, path: str | Path, key: str = "id", fingerprint: dict | None = None,
+                 overwrite: bool = False, stage: str | None = None):
         self.path = Path(path)
         self.key = key
+        self.stage = stage
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._records: dict[Any, dict] = {}
         self.dropped_torn_line = False
+        self.moved_aside: Path | None = None
+        if fingerprint is not None:
+            lock_dir(self.path.parent)
         if self.path.exists():
-            self._load()
+            self._records, self.dropped_torn_line = _parse_records(self.path, key, repair=True)
+        if fingerprint is not None:
+            self._check_fingerprint(fingerprint, overwrite)
 
-    def _load(self) -> None:
-        raw = self.path.read_bytes()
-        lines = raw.split(b"\n")
-        good_bytes = 0
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                good_bytes += len(line) + 1
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                is_last = all(not rest.strip() for rest in lines[lineno:])
-                if is_last:  # torn write from a crash: keep everything before it
-                    print(f"[lwlib] {self.path}:{lineno}: dropping torn last line ({e.msg})", file=sys.stderr)
-                    with open(self.path, "r+b") as f:
-                        f.truncate(good_bytes)
-                    self.dropped_torn_line = True
-                    break
-                raise ValueError(f"{self.path}:{lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(rec, dict) or self.key not in rec:
-                raise ValueError(f"{self.path}:{lineno}: record has no field {self.key!r}")
-            self._records[_hashable(rec[self.key])] = rec
-            good_bytes += len(line) + 1
+    @property
+    def fingerprint_path(self) -> Path:
+        return fingerprint_path(self.path)
+
+    def _check_fingerprint(self, fingerprint: dict, overwrite: bool) -> None:
+        new = _canonical(fingerprint)
+        old = read_fingerprint(self.path)
+        if not self._records:  # nothing to protect: this configuration owns the file from now on
+            _write_fingerprint(self.path, new)
+            return
+        if old is None:
+            _warn(f"{self.path}: {len(self._records)} records without a fingerprint (written before lwlib "
+                  f"recorded one); adopting them as made with the current settings")
+            _write_fingerprint(self.path, new)
+            return
+        flat_old, flat_new = _flatten(old), _flatten(new)
+        changed = {k: (flat_old[k], flat_new[k]) for k in flat_old if k in flat_new and flat_old[k] != flat_new[k]}
+        if changed and overwrite:
+            aside = self.path.with_name(f"{self.path.name}.stale-{fingerprint_id(old)}")
+            os.replace(self.path, aside)
+            os.replace(self.fingerprint_path, fingerprint_path(aside))
+            _warn(f"{self.path}: {len(self._records)} records made with other settings "
+                  f"({_describe(changed)}) moved aside to {aside.name} (overwrite)")
+            self._records, self.moved_aside = {}, aside
+            _write_fingerprint(self.path, new)
+            return
+        if changed:
+            where = f"{self.stage}.overwrite: true" if self.stage else "overwrite=True"
+            raise StaleRunError(
+                f"{self.path} holds {len(self._records)} records made with other settings: {_describe(changed)}. "
+                f"Records of two configurations are never mixed: use a new run name (the profile's `name` field), "
+                f"or set {where} (the old records are moved aside), or delete {self.path}.", changed)
+        added = sorted(set(flat_new) - set(flat_old))
+        if added or set(flat_old) - set(flat_new):
+            if added:
+                _warn(f"{self.path}: settings {added} are not in the stored fingerprint (recorded before they "
+                      f"were); adopting the records as made with {[flat_new[k] for k in added]}")
+            _write_fingerprint(self.path, new)
 
     def __contains__(self, key: Any) -> bool:
         return _hashable(key) in self._records
@@ -91,8 +157,14 @@ class JsonlStore:
         k = _hashable(record[self.key])
         if k in self._records:
             raise ValueError(f"{self.path}: record {record[self.key]!r} is already stored")
-        line = json.dumps(record, ensure_ascii=False) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
+        lock_dir(self.path.parent)
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        with open(self.path, "a+b") as f:
+            end = f.seek(0, os.SEEK_END)
+            if end:
+                f.seek(end - 1)
+                if f.read(1) != b"\n":  # a last record without its newline: do not glue this one onto it
+                    line = b"\n" + line
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
@@ -101,6 +173,196 @@ class JsonlStore:
     def extend(self, records: Iterable[dict]) -> None:
         for r in records:
             self.append(r)
+
+
+def _parse_records(path: Path, key: str, repair: bool) -> tuple[dict[Any, dict], bool]:
+    """Records of a store file by key. A torn last line is dropped (``repair``: cut from the file); a
+    duplicate key or a bad line elsewhere raises an error naming the file and line."""
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    records: dict[Any, dict] = {}
+    first_line: dict[Any, int] = {}
+    good_bytes = 0
+    torn = False
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            good_bytes += len(line) + 1
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            is_last = all(not rest.strip() for rest in lines[lineno:])
+            if is_last:  # torn write from a crash: keep everything before it
+                torn = True
+                if repair:
+                    print(f"[lwlib] {path}:{lineno}: dropping torn last line ({e.msg})", file=sys.stderr)
+                    with open(path, "r+b") as f:
+                        f.truncate(good_bytes)
+                else:
+                    print(f"[lwlib] {path}:{lineno}: ignoring torn last line ({e.msg})", file=sys.stderr)
+                break
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+        if not isinstance(rec, dict) or key not in rec:
+            raise ValueError(f"{path}:{lineno}: record has no field {key!r}")
+        k = _hashable(rec[key])
+        if k in records:
+            raise ValueError(
+                f"{path}:{lineno}: duplicate key {rec[key]!r} (first at line {first_line[k]}): two processes wrote "
+                f"this file at once; keep one line per key (or delete the file) and rerun")
+        records[k] = rec
+        first_line[k] = lineno
+        good_bytes += len(line) + 1
+    return records, torn
+
+
+def read_records(path: str | Path, key: str = "id") -> list[dict]:
+    """The records of a :class:`JsonlStore` file, for readers: a duplicate key or a bad line is an error
+    naming the file and line; a torn last line (a writer mid-append) is ignored, not cut."""
+    return list(_parse_records(Path(path), key, repair=False)[0].values())
+
+
+# ------------------------------------------------------------------------------------------ fingerprints
+
+
+def fingerprint_path(store_path: str | Path) -> Path:
+    """``<file>.fingerprint.json`` beside a store file."""
+    p = Path(store_path)
+    return p.with_name(p.name + ".fingerprint.json")
+
+
+def read_fingerprint(store_path: str | Path) -> dict | None:
+    """The fingerprint a store file was written under (None if it has none)."""
+    p = fingerprint_path(store_path)
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))["fingerprint"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{p}: not a fingerprint file ({e}); delete it to adopt the records") from e
+
+
+def fingerprint_id(fingerprint: dict) -> str:
+    """A short stable hash of a fingerprint (its canonical JSON)."""
+    blob = json.dumps(_canonical(fingerprint), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def data_fingerprint(path: str | Path) -> str:
+    """``<file name>@<sha256 prefix>``: identifies a data file by content (not by where it lies)."""
+    return f"{Path(path).name}@{sha256_file(path)[:16]}"
+
+
+def model_fingerprint(model: str | os.PathLike, run_dir: str | Path | None = None) -> str:
+    """A model's identity for fingerprints: a name or hub id as it is; a local folder as its path (relative
+    to ``run_dir`` when inside it, so a moved run root keeps it) plus ``@`` a hash of its config and of its
+    weight files (name, size, first and last MiB), so a retrained checkpoint in the same folder differs."""
+    p = Path(model)
+    if not p.is_dir():
+        return str(model)
+    h = hashlib.sha256()
+    if (p / "config.json").exists():
+        h.update((p / "config.json").read_bytes())
+    for w in sorted(x for x in p.iterdir() if x.suffix in (".safetensors", ".bin", ".gguf", ".pt")):
+        size = w.stat().st_size
+        h.update(f"{w.name}:{size}".encode())
+        with open(w, "rb") as f:
+            h.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(size - (1 << 20))
+                h.update(f.read())
+    shown = p.resolve()
+    if run_dir is not None:
+        try:
+            shown = shown.relative_to(Path(run_dir).resolve())
+        except ValueError:
+            pass
+    return f"{shown}@{h.hexdigest()[:16]}"
+
+
+def _canonical(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, ensure_ascii=False, sort_keys=True, default=str))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _describe(changed: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{k}: {json.dumps(a, ensure_ascii=False)} -> {json.dumps(b, ensure_ascii=False)}"
+                     for k, (a, b) in sorted(changed.items()))
+
+
+def _write_fingerprint(store_path: Path, fingerprint: dict) -> None:
+    atomic_write_json(fingerprint_path(store_path), {
+        "fingerprint": fingerprint, "id": fingerprint_id(fingerprint),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "note": f"settings that decide the records of {store_path.name}; lwlib refuses to mix other settings into it"})
+
+
+def _warn(msg: str) -> None:
+    warnings.warn(msg, stacklevel=3)
+    print(f"[lwlib] {msg}", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------------ locks
+
+_HELD: dict[str, int] = {}  # folder (real path) -> fd of its .lock, held until the process ends
+
+
+def lock_dir(folder: str | Path) -> Path:
+    """Take the exclusive lock of ``folder`` (``folder/.lock``, ``fcntl.flock``) for the rest of this process;
+    a second call in the same process is a no-op. Another live process holding it raises
+    :class:`RunLockedError` naming its PID (read from the lock file); the kernel drops the lock of a process
+    that dies, so a killed run never leaves a stale lock. Returns the lock file.
+
+    Usage: ``lock_dir(prof.stage_dir("probe") / "base")``
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    real = os.path.realpath(folder)
+    if real in _HELD:
+        return path
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            os.close(fd)
+            raise
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+        os.close(fd)
+        pid = int(holder.split()[0]) if holder.split() and holder.split()[0].isdigit() else None
+        raise RunLockedError(
+            f"{folder} is being written by another process (PID {pid if pid is not None else '?'}"
+            f"{': ' + holder if holder else ''}); two writers would store every record twice. Wait for it to "
+            f"finish or stop it (kill {pid if pid is not None else '<pid>'}), then run again.", pid) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {platform.node()} {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} "
+                  f"{' '.join(sys.argv)[:120]}\n".encode(), 0)
+    _HELD[real] = fd
+    return path
+
+
+def unlock_dir(folder: str | Path) -> None:
+    """Give back the lock :func:`lock_dir` took on ``folder`` (no-op if this process does not hold it)."""
+    fd = _HELD.pop(os.path.realpath(folder), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def _hashable(key: Any) -> Any:

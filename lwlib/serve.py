@@ -4,7 +4,9 @@ It lets every API path (AgentWrite with an API model, the LongBench-Write judge,
 for real without network access: tests use it as a fixture, and the smoke/gpu profiles use it as the
 "local judge" when no API model is configured. It speaks ``POST /v1/chat/completions`` (non-streaming)
 and ``GET /v1/models``. Fault injection for tests: ``fail_first`` answers the first N requests with HTTP
-500, and ``delay_s`` sleeps before answering (to exercise client timeouts).
+500, ``malformed_first`` answers the next N with HTTP 200 and a body that is not JSON, and ``delay_s``
+sleeps before answering (to exercise client timeouts and interrupts). ``requests`` counts the chat requests
+received.
 
 Usage::
 
@@ -26,26 +28,37 @@ from .backends import Backend, GenParams
 
 
 class ChatServer(ThreadingHTTPServer):
-    daemon_threads = True
+    daemon_threads = False  # closing the server waits for its handlers: none generates after ``serve`` returns
 
     def __init__(self, backend: Backend, host: str = "127.0.0.1", port: int = 0,
-                 fail_first: int = 0, delay_s: float = 0.0, model_name: str | None = None):
+                 fail_first: int = 0, delay_s: float = 0.0, model_name: str | None = None,
+                 malformed_first: int = 0):
         super().__init__((host, port), _Handler)
         self.backend = backend
         self.model = model_name or backend.name
         self.fail_first = fail_first
+        self.malformed_first = malformed_first
         self.delay_s = delay_s
         self.requests = 0
+        self.closing = threading.Event()  # set by serve() on exit: a delayed request is then dropped unanswered
         self._count_lock = threading.Lock()
 
     @property
     def url(self) -> str:
         return f"http://{self.server_address[0]}:{self.server_address[1]}/v1"
 
-    def next_request_fails(self) -> bool:
+    def next_request_fault(self) -> str | None:
+        """Count a chat request; ``"fail"`` (HTTP 500), ``"malformed"`` (200, not JSON) or None (answer)."""
         with self._count_lock:
             self.requests += 1
-            return self.requests <= self.fail_first
+            if self.requests <= self.fail_first:
+                return "fail"
+            if self.requests <= self.fail_first + self.malformed_first:
+                return "malformed"
+            return None
+
+    def next_request_fails(self) -> bool:
+        return self.next_request_fault() == "fail"
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -81,11 +94,20 @@ class _Handler(BaseHTTPRequestHandler):
         except (ValueError, KeyError) as e:
             self._send(400, {"error": {"message": f"bad request: {e}"}})
             return
-        if self.server.next_request_fails():
+        fault = self.server.next_request_fault()
+        if fault == "fail":
             self._send(500, {"error": {"message": "injected failure", "type": "server_error"}})
             return
-        if self.server.delay_s:
-            time.sleep(self.server.delay_s)
+        if fault == "malformed":
+            body = b'{"id": "chatcmpl-x", "choices": [{"message": {"content": "cut off'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        if self.server.delay_s and self.server.closing.wait(self.server.delay_s):
+            return  # the server is closing: drop the request (the client sees the connection close)
         params = GenParams(
             max_new_tokens=int(req.get("max_tokens") or req.get("max_completion_tokens") or 512),
             temperature=float(req.get("temperature", 1.0)),
@@ -120,5 +142,6 @@ def serve(backend: Backend, **kwargs: Any) -> Iterator[ChatServer]:
     try:
         yield server
     finally:
+        server.closing.set()
         server.shutdown()
-        server.server_close()
+        server.server_close()  # joins the request threads

@@ -55,8 +55,8 @@ from .packing import (FA4_ATTENTION, IGNORE, VARLEN_ATTENTION, PackCollator, Pac
                       fa4_available, flash_attn2_available, flat_packs, pack_examples, pack_stats,
                       register_varlen_attention, split_batch, tokenize_chat, training_template, varlen_available)
 from .plots import pyplot, save_figure
-from .runs import (REPO_ROOT, JsonlStore, atomic_write_json, iter_jsonl, read_log_history, training_finished,
-                   write_manifest)
+from .runs import (REPO_ROOT, JsonlStore, atomic_write_json, iter_jsonl, model_fingerprint, read_log_history,
+                   training_finished, write_manifest)
 from .text import count_words, truncate_words
 
 Messages = list[dict[str, str]]
@@ -131,7 +131,9 @@ class SFTConfig:
         deepspeed: DeepSpeed config (``env/ds_zero3_offload.json``); null = none. Relative to the repo.
         save_steps: write a resumable checkpoint every N steps (0 = only the final model).
         logging_steps: log the loss every N steps.
-        overwrite: retrain even if the final model exists.
+        overwrite: retrain even if the final model exists; and when the stored self-distillation answers
+            were made with other settings (model, token budget, seed; lwlib.runs.StaleRunError), move them
+            aside and start anew instead of refusing.
     """
 
     data_path: str | None = None
@@ -277,7 +279,10 @@ def self_distill(prof: Profile, n: int, cfg: SFTConfig, backend=None) -> list[Me
     says ``source: self-distillation`` and the model. Answers cut by the token limit are skipped."""
     from .backends import GenParams, make_backend, BackendConfig
 
-    store = JsonlStore(prof.stage_dir("sft") / "general_self_distill.jsonl", key="id")
+    store = JsonlStore(prof.stage_dir("sft") / "general_self_distill.jsonl", key="id", stage="sft",
+                       overwrite=cfg.overwrite, fingerprint={  # greedy; the instructions are prefix-stable in n
+                           "model": model_fingerprint(prof.model, prof.run_dir), "temperature": 0.0,
+                           "max_new_tokens": cfg.self_distill_max_new_tokens, "seed": prof.seed})
     items = general_instructions(n, prof.seed)
     todo = [it for it in items if it["id"] not in store]
     if todo:

@@ -1,4 +1,5 @@
-"""Run a notebook through papermill with small parameters (the recommenders pattern)."""
+"""Run a notebook through papermill with small parameters (the recommenders pattern); a stand-in repository
+for running ``run_all.sh`` without the real notebooks."""
 
 from __future__ import annotations
 
@@ -29,3 +30,45 @@ def execute_notebook(name: str, tmp_path: Path, profile: str = "smoke", override
         progress_bar=False,
     )
     return out
+
+
+def fake_repo(tmp_path: Path, papermill: str | None = None, notebooks: dict[str, Any] | None = None) -> Path:
+    """A copy of ``run_all.sh`` in ``tmp_path/repo`` beside a no-op ``env/setup.sh``, this checkout's ``lwlib`` and
+    a ``.venv`` that is this interpreter's environment: ``run_all.sh`` runs there without setting anything up.
+
+    ``papermill``: None = the real papermill; else the text of a script that stands in for it. ``notebooks``:
+    ``{file name: nbformat notebook}`` to run (None = the repository's notebooks, linked).
+    """
+    import shutil
+    import sys
+
+    import nbformat
+    import pytest
+
+    if sys.prefix == sys.base_prefix:
+        pytest.skip("needs the tests to run in a virtual environment (the runner calls .venv/bin/...)")
+    repo = tmp_path / "repo"
+    (repo / "env").mkdir(parents=True)
+    shutil.copy(REPO / "run_all.sh", repo / "run_all.sh")
+    (repo / "env" / "setup.sh").write_text("#!/bin/sh\nexit 0\n")
+    (repo / "env" / "setup.sh").chmod(0o755)
+    (repo / "lwlib").symlink_to(REPO / "lwlib")
+    venv = repo / ".venv"
+    (venv / "bin").mkdir(parents=True)
+    shutil.copy(Path(sys.prefix) / "pyvenv.cfg", venv / "pyvenv.cfg")
+    for sub in ("lib", "lib64", "share"):
+        if (Path(sys.prefix) / sub).exists():
+            (venv / sub).symlink_to(Path(sys.prefix) / sub)
+    (venv / "bin" / "python").symlink_to(Path(sys.prefix) / "bin" / "python")
+    if papermill is None:
+        (venv / "bin" / "papermill").symlink_to(Path(sys.prefix) / "bin" / "papermill")
+    else:
+        (venv / "bin" / "papermill").write_text(papermill)
+        (venv / "bin" / "papermill").chmod(0o755)
+    if notebooks is None:
+        (repo / "notebooks").symlink_to(REPO / "notebooks")
+    else:
+        (repo / "notebooks").mkdir()
+        for name, nb in notebooks.items():
+            nbformat.write(nb, str(repo / "notebooks" / name))
+    return repo
