@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .backends import Backend, BackendConfig, GenParams, OpenAIBackend, make_backend
+from .backends import Backend, BackendConfig, GenParams, OpenAIBackend, make_backend, release
 from .config import Profile
 from .data import WritingItem, data_file, load_longbench_write
 from .decodings import Decoding, model_label, profile_decodings
@@ -689,7 +689,8 @@ def evaluate_models(
                 model = cfg.backend.model or run_model(profile, tag)
                 backend = make_backend(cfg.backend, model, profile.device, profile.dtype)
             run_predictions(profile, tag, cfg, backend=backend, decoding=dec)
-        del backend
+        if tag not in backends:
+            release(backend)
     own = judge_backend is None and cfg.judge.kind != "none"
     judge_backend = judge_backend or make_judge_backend(profile, cfg)
     try:

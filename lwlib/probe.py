@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .backends import Backend, BackendConfig, GenParams, make_backend
+from .backends import Backend, BackendConfig, GenParams, make_backend, release
 from .config import Profile
 from .data import WritingItem, data_file, load_ruler
 from .decodings import Decoding, model_label, profile_decodings
@@ -172,7 +172,7 @@ def probe_models(profile: Profile, models: dict[str, str], cfg: ProbeConfig | No
             backend = make_backend(cfg.backend, model, profile.device, profile.dtype)
         for dec in decs:
             frames[model_label(tag, dec)] = run_probe(profile, model, tag, cfg, backend, dec)
-        del backend
+        release(backend)
     return frames
 
 
