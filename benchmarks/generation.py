@@ -1,97 +1,291 @@
-"""Generation throughput of the local backend: plain ``generate`` vs static KV cache + torch.compile.
+"""Generation throughput of the local backend's two engines on the shapes of the stages that generate.
 
-Every stage that generates (probe, AgentWrite, DPO sampling, LongBench-Write) goes through
-``lwlib.backends.LocalBackend``; this measures its tokens/s at several batch sizes, each output forced
-to exactly ``--new-tokens`` tokens (``ignore_eos``), after one untimed warm-up call per setting (which
-also pays for compilation). It also checks that the fast path decodes the same tokens as plain
-``generate`` under greedy decoding.
+Workloads (``lwlib.backends.LocalBackend``, the bundled model unless ``--model``):
 
-Usage (GPU)::
+- ``decode-B``: ``B`` prompts of ~``--decode-context`` tokens, ``--decode-tokens`` new tokens each
+  (``ignore_eos``): the bare decoding step at batch ``B`` against the KV-read floor.
+- ``probe``: the 48 LongWrite-Ruler prompts (``lwlib.data.load_ruler``), up to ``--probe-tokens`` each,
+  temperature 0.5 (notebook 01).
+- ``agentwrite``: ``--aw-prompts`` prompts of 1k-6k tokens (the written-so-far text of an AgentWrite step),
+  up to ``--aw-tokens`` new tokens each (notebook 02's write rounds).
+- ``dpo``: ``--dpo-prompts`` LongBench-Write prompts x 4 samples at temperature 0.8; three samples of each
+  prompt have limits of 256-1,536 tokens, one ``--dpo-long`` tokens (the looping sample that keeps a
+  ``generate`` batch busy; notebook 04's sampling).
 
-    python benchmarks/generation.py --batch-sizes 1 8 64 256 --new-tokens 512 --out results.json
+Each workload runs with the ``slots`` engine at its real limits, and both engines with every limit capped
+at ``--generate-tokens`` (plain ``generate`` at a batch of the same size as the slots engine's; its time
+grows with the step count, ~25-40 ms a step, so the full limits would take minutes): ``x gen`` is the
+ratio of tokens/s at the cap. ``ms/step`` is the slots engine's decoding time per step (its host looks
+included); ``floor`` the KV-read floor of those steps: the KV bytes of the rows' cached tokens
+(``2 x layers x kv_heads x head_dim x dtype bytes`` per token) over ``--bandwidth`` (4.3e12 B/s, the H200's
+measured copy bandwidth). ``capture s`` is CUDA-graph capture time (no compilation). Greedy identity:
+8 ruler prompts, slots vs plain ``generate`` in fp32 (and bf16 on CUDA, with CUDA graphs vs eager steps).
+
+Usage::
+
+    python benchmarks/generation.py                 # GPU: all rows (~3 minutes), table last
+    python benchmarks/generation.py --tiny          # CPU smoke test (< 1 minute), tiny sizes
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from lwlib.backends import GenParams, LocalBackend
-from lwlib.data import load_ruler
+from lwlib.data import load_longbench_write, load_ruler
+from lwlib.decoding import H200_COPY_BANDWIDTH, kv_bytes_per_token
 from lwlib.models import load_model
 
+RESULTS = Path(__file__).resolve().parent / "results"
 
-def run(args: argparse.Namespace) -> dict:
+
+@dataclass
+class Workload:
+    name: str
+    prompts: list  # chat prompts (str = one user message)
+    limits: list[int]
+    params: GenParams
+
+
+def _material(tok, n_tokens: int) -> list[int]:
+    """Token ids of real prose to cut long prompts from (the ruler and LongBench-Write prompts, repeated)."""
+    text = "\n\n".join(it.prompt for it in load_ruler() + load_longbench_write())
+    ids = tok.encode(text, add_special_tokens=False)
+    while len(ids) < n_tokens:
+        ids = ids + ids
+    return ids
+
+
+def _long_prompt(tok, material: list[int], n: int, start: int, ask: str) -> str:
+    return f"Here is the text written so far:\n\n{tok.decode(material[start:start + n])}\n\n{ask}"
+
+
+def workloads(args, tok) -> list[Workload]:
+    rng = random.Random(0)
+    lo, hi = args.aw_context
+    material = _material(tok, max(hi, args.decode_context) * 2)
+    out = []
+    for b in args.decode_batches:
+        prompts = [_long_prompt(tok, material, args.decode_context - 60, rng.randrange(0, len(material) // 2),
+                                "Continue.") for _ in range(b)]
+        out.append(Workload(f"decode-{b}", prompts, [args.decode_tokens] * b,
+                            GenParams(temperature=0.5, ignore_eos=True, seed=0)))
+    ruler = [it.prompt for it in load_ruler()][: args.probe_prompts]
+    out.append(Workload("probe", ruler, [args.probe_tokens] * len(ruler), GenParams(temperature=0.5, seed=0)))
+    aw = [_long_prompt(tok, material, rng.randint(lo, hi), rng.randrange(0, len(material) // 2),
+                       "Write the next paragraph of about 700 words.") for _ in range(args.aw_prompts)]
+    out.append(Workload("agentwrite", aw, [args.aw_tokens] * len(aw), GenParams(temperature=0.5, seed=0)))
+    lbw = [it.prompt for it in load_longbench_write()][: args.dpo_prompts]
+    prompts, limits = [], []
+    for p in lbw:
+        for k in range(4):
+            prompts.append(p)
+            limits.append(args.dpo_long if k == 3 else rng.randint(*args.dpo_short))
+    out.append(Workload("dpo", prompts, limits, GenParams(temperature=0.8, seed=0)))
+    return out
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(be: LocalBackend, wl: Workload, limits: list[int]) -> tuple[list, float, float]:
+    _sync()
+    t0 = time.perf_counter()
+    first, gens = None, [None] * len(wl.prompts)
+    for i, g in be.generate_iter(wl.prompts, wl.params, max_new_tokens=limits, desc=wl.name):
+        first = first if first is not None else time.perf_counter() - t0
+        gens[i] = g
+    _sync()
+    return gens, time.perf_counter() - t0, first or 0.0
+
+
+def _generate_steps(be: LocalBackend, wl: Workload, limits: list[int], gens: list) -> int:
+    """Decoding steps the generate engine ran: each batch (sorted as it sorts) decodes to its longest row."""
+    lens = [len(be.encode(p)) for p in wl.prompts]
+    order = sorted(range(len(lens)), key=lambda i: (-lens[i], -limits[i]))
+    return sum(max(gens[i].completion_tokens for i in order[s:s + be.batch_size])
+               for s in range(0, len(order), be.batch_size))
+
+
+def run_row(be: LocalBackend, wl: Workload, limits: list[int], kvb: int, bandwidth: float, batch: int) -> dict:
+    eng = be.slot_engine
+    before = eng.stats.as_dict() if eng else None
+    gens, wall, first = _timed(be, wl, limits)
+    toks = sum(g.completion_tokens for g in gens)
+    row = {"workload": wl.name, "engine": be.engine, "rows": len(gens), "batch": batch, "max_new": max(limits),
+           "tokens": toks, "stopped": sum(g.finish_reason == "stop" for g in gens), "wall_s": round(wall, 3),
+           "first_s": round(first, 3), "tokens_per_s": round(toks / wall, 1)}
+    if eng is None:
+        steps = _generate_steps(be, wl, limits, gens)
+        row.update(steps=steps, ms_per_step=round(1000 * wall / steps, 3), capture_s=0.0)
+        return row
+    after = eng.stats.as_dict()
+    d = {k: after[k] - before[k] for k in after if isinstance(after[k], (int, float))}
+    steps = max(d["steps"], 1)
+    floor = d["context_tokens"] * kvb / bandwidth / steps * 1000
+    ms = 1000 * d["decode_s"] / steps
+    row.update(steps=d["steps"], ms_per_step=round(ms, 3), floor_ms=round(floor, 3),
+               x_floor=round(ms / floor, 2) if floor else None,
+               bucket_floor_ms=round(d["read_tokens"] * kvb / bandwidth / steps * 1000, 3),
+               occupancy=round(d["active_steps"] / max(d["slot_steps"], 1), 3),
+               capture_s=round(d["capture_s"], 3), captures=d["captures"], prefill_s=round(d["prefill_s"], 3),
+               prefill_calls=d["prefill_calls"], decode_s=round(d["decode_s"], 3),
+               context_tokens=d["context_tokens"], read_tokens=d["read_tokens"],
+               shapes=sorted(set(map(tuple, after["shapes"])) - set(map(tuple, before["shapes"]))))
+    return row
+
+
+def greedy_check(args, tok, model, dtypes: list[str]) -> list[dict]:
+    """Greedy outputs of the slots engine (CUDA graphs where on CUDA, and eager) vs plain generate."""
+    prompts = [it.prompt for it in load_ruler()][: args.check_prompts]
+    p = GenParams(max_new_tokens=args.check_tokens, temperature=0)
+    out = []
+    for dt in dtypes:
+        m = model if str(model.dtype) == f"torch.{dt}" else load_model(args.model, args.device, dt)[0]
+        ref = LocalBackend(m, tok, batch_size=len(prompts), name=args.model).generate(prompts, p)
+        res = {"dtype": dt, "prompts": len(prompts), "tokens": args.check_tokens}
+        variants = {"slots": {}}
+        if m.device.type == "cuda":
+            variants["slots_eager"] = {"cuda_graphs": False}
+        texts = {}
+        for name, kw in variants.items():
+            be = LocalBackend(m, tok, name=args.model, engine="slots", max_batch=len(prompts), **kw)
+            g = be.generate(prompts, p)
+            texts[name] = g
+            res[f"{name}_vs_generate"] = sum(fields(a) == fields(b) for a, b in zip(g, ref))
+            st = be.slot_engine.stats
+            res[f"{name}_captures"] = st.captures
+            del be
+        if "slots_eager" in texts:
+            res["graphs_vs_eager"] = sum(fields(a) == fields(b) for a, b in zip(texts["slots"], texts["slots_eager"]))
+        res["first_difference_chars"] = [next((k for k, (x, y) in enumerate(zip(a.text, b.text)) if x != y),
+                                              None if a.text == b.text else min(len(a.text), len(b.text)))
+                                         for a, b in zip(texts["slots"], ref)]
+        out.append(res)
+        print(json.dumps(res), flush=True)
+        if m is not model:
+            del m
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return out
+
+
+def fields(g):
+    return (g.text, g.prompt_tokens, g.completion_tokens, g.finish_reason)
+
+
+TINY = dict(decode_batches=[4], decode_context=160, decode_tokens=8, probe_prompts=4, probe_tokens=12,
+            aw_prompts=4, aw_context=(80, 240), aw_tokens=12, dpo_prompts=2, dpo_short=(4, 10), dpo_long=16,
+            generate_tokens=8, check_prompts=2, check_tokens=12, max_batch=4, segment_tokens=4)
+
+
+def run(args) -> dict:
+    t_start = time.perf_counter()
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
-    prompts = [it.prompt for it in load_ruler()]
-    modes = {
-        "plain": dict(),
-        "static+compile": dict(cache_implementation="static", compile=True),
-    }
-    modes = {k: v for k, v in modes.items() if k in args.modes}
-    rows, texts = [], {}
-    check_model = model if args.check_dtype == args.dtype else load_model(args.model, args.device, args.check_dtype)[0]
-    for mode, kw in modes.items():
-        # greedy agreement check on real prompts (outputs may stop early at the end token)
-        if args.check_tokens:
-            chk = LocalBackend(check_model, tok, name=args.model, batch_size=8, **kw)
-            g = chk.generate(prompts[:8], GenParams(max_new_tokens=args.check_tokens, temperature=0))
-            texts[mode] = [x.text for x in g]
-        be = LocalBackend(model, tok, name=args.model, **kw)
-        for b in args.batch_sizes:
-            be.batch_size = b
-            batch = [prompts[i % len(prompts)] for i in range(b)]
-            p = GenParams(max_new_tokens=args.new_tokens, temperature=0.5, ignore_eos=True, seed=0)
-            be.generate(batch, p)  # warm-up / compile
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = be.generate(batch, p)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            ntok = sum(x.completion_tokens for x in out)
-            rows.append({"mode": mode, "batch": b, "new_tokens": args.new_tokens, "tokens": ntok,
-                         "seconds": round(dt, 3), "tokens_per_s": round(ntok / dt, 1),
-                         "ms_per_step": round(1000 * dt / args.new_tokens, 2)})
-            print(json.dumps(rows[-1]), flush=True)
-    base = {r["batch"]: r["tokens_per_s"] for r in rows if r["mode"] == "plain"}
-    for r in rows:
-        r["speedup_vs_plain"] = round(r["tokens_per_s"] / base[r["batch"]], 2) if r["batch"] in base else None
-    same = None
-    if "plain" in texts and "static+compile" in texts:
-        same = sum(a == b for a, b in zip(texts["plain"], texts["static+compile"]))
-    return {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-            "model": args.model, "dtype": str(model.dtype), "rows": rows,
-            "greedy_identical": f"{same}/8" if same is not None else None, "check_dtype": args.check_dtype,
-            "check_tokens": args.check_tokens,
-            "torch": torch.__version__}
+    cuda = model.device.type == "cuda"
+    kvb = kv_bytes_per_token(model.config, model.dtype)
+    check = greedy_check(args, tok, model, ["float32", "bfloat16"] if cuda else ["float32"]) if args.check_prompts else []
+    slots = LocalBackend(model, tok, name=args.model, engine="slots", max_batch=args.max_batch,
+                         segment_tokens=args.segment_tokens)
+    rows = []
+    for wl in workloads(args, tok):
+        longest = max(len(slots.encode(p)) + m for p, m in zip(wl.prompts, wl.limits))
+        batch = slots.slot_engine.plan(len(wl.prompts), min(longest, slots.slot_engine.max_len))[0]  # its slot count
+        capped = [min(m, args.generate_tokens) for m in wl.limits]
+        todo = [("slots", wl.limits)] + ([("slots", capped)] if capped != wl.limits else []) + [("generate", capped)]
+        for engine, limits in todo:
+            if engine == "generate":
+                be = LocalBackend(model, tok, name=args.model, batch_size=batch,
+                                  **({"cache_implementation": "static", "compile": True} if args.generate_mode == "static" else {}))
+            else:
+                be = slots
+            row = run_row(be, wl, limits, kvb, args.bandwidth, batch)
+            row["capped"] = limits is capped
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        gen = next(r for r in rows[::-1] if r["workload"] == wl.name and r["engine"] == "generate")
+        same = next(r for r in rows if r["workload"] == wl.name and r["engine"] == "slots" and r["max_new"] == gen["max_new"])
+        for r in rows:
+            if r["workload"] == wl.name:
+                r["x_generate"] = round(same["tokens_per_s"] / gen["tokens_per_s"], 2) if r is same else None
+    return {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "model": args.model, "dtype": str(model.dtype),
+            "kv_bytes_per_token": kvb, "bandwidth_B_per_s": args.bandwidth, "generate_mode": args.generate_mode,
+            "segment_tokens": args.segment_tokens, "max_batch": args.max_batch, "tiny": args.tiny,
+            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+            "greedy_check": check, "rows": rows, "total_s": round(time.perf_counter() - t_start, 1)}
 
 
-def main() -> None:
+COLUMNS = [("workload", "workload", "{}"), ("engine", "engine", "{}"), ("rows", "rows", "{}"), ("batch", "batch", "{}"),
+           ("max_new", "max new", "{}"), ("tokens", "tokens", "{:,}"), ("wall_s", "wall s", "{:.1f}"),
+           ("first_s", "first s", "{:.1f}"), ("capture_s", "capture s", "{:.1f}"), ("ms_per_step", "ms/step", "{:.2f}"),
+           ("floor_ms", "floor ms", "{:.2f}"), ("x_floor", "x floor", "{:.1f}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
+           ("x_generate", "x gen", "{:.1f}")]
+
+
+def table(res: dict) -> str:
+    """The rows as a Markdown table (the one in benchmarks/README.md)."""
+    lines = ["| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in res["rows"]:
+        cells = []
+        for k, _, f in COLUMNS:
+            v = r.get(k)
+            cells.append("" if v is None else f.format(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    for c in res["greedy_check"]:
+        lines.append(f"\ngreedy identity ({c['dtype']}, {c['prompts']} ruler prompts x {c['tokens']} tokens): slots vs "
+                     f"generate {c['slots_vs_generate']}/{c['prompts']}"
+                     + (f", CUDA graphs vs eager steps {c['graphs_vs_eager']}/{c['prompts']}" if "graphs_vs_eager" in c else ""))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 64, 256])
-    ap.add_argument("--new-tokens", type=int, default=512)
-    ap.add_argument("--check-tokens", type=int, default=128, help="greedy agreement check length (0 = skip)")
-    ap.add_argument("--check-dtype", default="float32", help="dtype of the greedy agreement check")
-    ap.add_argument("--modes", nargs="+", default=["plain", "static+compile"])
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    ap.add_argument("--tiny", action="store_true", help="tiny sizes for a CPU smoke test")
+    ap.add_argument("--decode-batches", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--decode-context", type=int, default=2048)
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--probe-prompts", type=int, default=48)
+    ap.add_argument("--probe-tokens", type=int, default=2048)
+    ap.add_argument("--aw-prompts", type=int, default=192)
+    ap.add_argument("--aw-context", type=int, nargs=2, default=(1000, 6000))
+    ap.add_argument("--aw-tokens", type=int, default=1000)
+    ap.add_argument("--dpo-prompts", type=int, default=48)
+    ap.add_argument("--dpo-short", type=int, nargs=2, default=(256, 1536))
+    ap.add_argument("--dpo-long", type=int, default=4096)
+    ap.add_argument("--generate-tokens", type=int, default=256, help="token cap of the rows that compare the engines")
+    ap.add_argument("--generate-mode", choices=["plain", "static"], default="plain",
+                    help="plain generate, or static cache + torch.compile (recompiles per shape: slow)")
+    ap.add_argument("--check-prompts", type=int, default=8, help="greedy identity check (0 = skip)")
+    ap.add_argument("--check-tokens", type=int, default=128)
+    ap.add_argument("--max-batch", type=int, default=256)
+    ap.add_argument("--segment-tokens", type=int, default=32)
+    ap.add_argument("--bandwidth", type=float, default=H200_COPY_BANDWIDTH)
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/generation_engines_<device>.json)")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        defaults = {a.dest: a.default for a in ap._actions}
+        for k, v in TINY.items():
+            if getattr(args, k) == defaults[k] or (isinstance(v, tuple) and tuple(getattr(args, k)) == tuple(defaults[k])):
+                setattr(args, k, v)
     res = run(args)
-    print(f"\n{'mode':<16}{'batch':>6}{'tokens/s':>12}{'ms/step':>10}{'speedup':>9}")
-    for r in res["rows"]:
-        print(f"{r['mode']:<16}{r['batch']:>6}{r['tokens_per_s']:>12.1f}{r['ms_per_step']:>10.2f}{r['speedup_vs_plain'] or 0:>9.2f}")
-    print(f"greedy outputs identical (plain vs static+compile, {res['check_dtype']}, {res['check_tokens']} tokens): "
-          f"{res['greedy_identical']}  [{res['device']}, timing dtype {res['dtype']}]")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=2)
+    out = Path(args.out) if args.out else RESULTS / (
+        "generation_engines_" + ("tiny" if args.tiny else res["device"].split()[-1].lower()) + ".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(f"\n{table(res)}\n\n[{res['device']}, {res['dtype']}, {res['total_s']} s; written to {out}]")
+    return res
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ Usage::
     gens = be.generate(["Write a 300-word story."], GenParams(max_new_tokens=512, temperature=0.5))
     gens[0].text, gens[0].completion_tokens, gens[0].hit_limit
 
+    be = LocalBackend("smollm2-135m-instruct", engine="slots")        # continuous batching, CUDA graphs
+    p = GenParams(max_new_tokens=4096, repetition_penalty=1.2, repetition_window=64)   # loop-free decoding
+
     be = OpenAIBackend("gpt-4o-2024-05-13", base_url=None, concurrency=8)   # key from $OPENAI_API_KEY
 
 A failed request (after retries) comes back as a ``Generation`` with ``error`` set and is not to be
@@ -42,9 +45,17 @@ class GenParams:
         max_new_tokens: token budget per output (the paper: 32768 for open models).
         temperature: 0 means greedy decoding; the paper samples at 0.5.
         top_p: nucleus sampling mass (1.0 = off).
-        repetition_penalty: 1.0 = off (local backend only; OpenAI servers ignore it).
+        repetition_penalty: 1.0 = off. Local backend (both engines, :class:`lwlib.decoding.GenerationPenalty`):
+            penalizes only tokens that occur in the generated text, never the prompt and never end tokens
+            (a positive logit is divided by it, a negative one multiplied: the CTRL rule). Unlike
+            transformers' own processor, which penalizes the prompt's end-of-turn token so that the model
+            can hardly stop. OpenAI servers ignore it.
         seed: seeds sampling (local backend: once per ``generate`` call; OpenAI: passed through).
         ignore_eos: keep generating past end tokens to exactly ``max_new_tokens`` (throughput benchmarks).
+        repetition_window: penalize only tokens among the last N generated tokens (0 = all generated
+            tokens); with a penalty this is a "loop-free" decoding for small models that repeat themselves.
+        no_repeat_ngram_size: n > 0 forbids any n-gram of the generated text to occur twice (end tokens
+            excepted); 0 = off. Local backend only.
     """
 
     max_new_tokens: int = 1024
@@ -53,6 +64,16 @@ class GenParams:
     repetition_penalty: float = 1.0
     seed: int | None = 0
     ignore_eos: bool = False
+    repetition_window: int = 0
+    no_repeat_ngram_size: int = 0
+
+    def __post_init__(self):
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"GenParams.repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.repetition_window < 0:
+            raise ValueError(f"GenParams.repetition_window must be >= 0, got {self.repetition_window}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"GenParams.no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
 
 
 @dataclass
@@ -126,13 +147,34 @@ class _PerRowLimit:
         return (input_ids.shape[1] - self.prompt_len) >= self.limits
 
 
-class LocalBackend(_CollectMixin):
-    """Batched generation with transformers ``generate`` (left padding, per-item token limits).
+def compile_cache_dir() -> str:
+    """Where torch.compile (inductor) keeps its compiled artifacts between runs: ``$TORCHINDUCTOR_CACHE_DIR``,
+    set to ``<lwlib cache>/inductor`` (``~/.cache/lwlib/inductor``) when unset. Stages record it in their
+    manifest.
 
-    Prompts are sorted by length and cut into batches of ``batch_size``, so each ``generate`` call
-    holds prompts of similar length. Generation stops per row at an end-of-turn token or at that row's
-    ``max_new_tokens``. ``cache_implementation="static"`` with ``compile=True`` turns on transformers'
-    static KV cache and ``torch.compile`` for the decoding step (GPU; see benchmarks/generation.py).
+    Usage: ``manifest["inductor_cache"] = compile_cache_dir()``
+    """
+    from .models import cache_dir
+
+    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+
+
+ENGINES = ("generate", "slots")
+
+
+class LocalBackend(_CollectMixin):
+    """Batched local generation with transformers models; two engines, the same outputs under greedy decoding.
+
+    ``engine="generate"``: prompts sorted by length, cut into batches of ``batch_size``, one transformers
+    ``generate`` call per batch (left padding, per-row token limits; ``cache_implementation="static"`` with
+    ``compile=True`` turns on transformers' static KV cache and ``torch.compile``). A batch decodes until its
+    longest row is done.
+
+    ``engine="slots"`` (:class:`lwlib.decoding.SlotEngine`): continuous batching over a static KV cache of
+    ``max_batch`` slots; finished rows leave (and are yielded) at once and pending prompts take their slots;
+    decoding steps run at fixed (batch, cache length) buckets, one CUDA graph each on CUDA, so nothing
+    recompiles from call to call. Generation stops per row at an end-of-turn token or at that row's
+    ``max_new_tokens`` in both engines.
     """
 
     def __init__(
@@ -145,9 +187,21 @@ class LocalBackend(_CollectMixin):
         cache_implementation: str | None = None,
         compile: bool = False,
         name: str | None = None,
+        engine: str = "generate",
+        segment_tokens: int = 32,
+        max_batch: int | None = None,
+        batch_buckets: Sequence[int] | None = None,
+        cache_buckets: Sequence[int] | None = None,
+        prefill_tokens: int = 32768,
+        kv_cache_gb: float | None = None,
+        cuda_graphs: bool = True,
     ):
         from .models import end_token_ids, load_model, load_tokenizer
 
+        if engine not in ENGINES:
+            raise ValueError(f"LocalBackend: engine must be one of {ENGINES}, got {engine!r}")
+        if compile:
+            compile_cache_dir()  # before the first compilation, so inductor's artifacts persist between runs
         if isinstance(model, (str, os.PathLike)):
             self.name = name or str(model)
             self.model, self.tok = load_model(model, device=device, dtype=dtype)
@@ -162,11 +216,26 @@ class LocalBackend(_CollectMixin):
         self.batch_size = batch_size
         self.cache_implementation = cache_implementation
         self.compile = compile
+        self.engine = engine
+        self.max_batch = max_batch
+        self._slots = None
+        if engine == "slots":
+            from .decoding import SlotConfig, SlotEngine
+
+            self._slots = SlotEngine(self.model, self.end_ids, self.tok.pad_token_id, SlotConfig(
+                max_batch=max_batch, batch_buckets=list(batch_buckets) if batch_buckets else None,
+                cache_buckets=list(cache_buckets) if cache_buckets else None, segment_tokens=segment_tokens,
+                prefill_tokens=prefill_tokens, kv_cache_gb=kv_cache_gb, cuda_graphs=cuda_graphs))
         self._lock = threading.Lock()
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def slot_engine(self):
+        """The :class:`lwlib.decoding.SlotEngine` (``engine="slots"``; its ``stats``), else None."""
+        return self._slots
 
     def encode(self, p: Messages | str) -> list[int]:
         ids = self.tok.apply_chat_template(as_messages(p), add_generation_prompt=True, tokenize=True)
@@ -179,22 +248,50 @@ class LocalBackend(_CollectMixin):
         if len(limits) != len(prompts):
             raise ValueError(f"max_new_tokens has {len(limits)} entries for {len(prompts)} prompts")
         encoded = [self.encode(p) for p in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), -limits[i]))
         bar = tqdm(total=len(prompts), desc=desc or f"generate ({self.name})", unit="out", leave=False)
         try:
             with self._lock:
-                if params.seed is not None:
-                    torch.manual_seed(params.seed)
-                for s in range(0, len(order), self.batch_size):
-                    idx = order[s : s + self.batch_size]
-                    for i, g in zip(idx, self._generate_batch([encoded[i] for i in idx], [limits[i] for i in idx], params)):
-                        bar.update(1)
-                        yield i, g
+                it = self._iter_slots(encoded, limits, params) if self._slots else self._iter_generate(encoded, limits, params)
+                for i, g in it:
+                    bar.update(1)
+                    yield i, g
         finally:
             bar.close()
 
+    def _iter_slots(self, encoded, limits, params):
+        eng = self._slots
+        if self.max_batch is None:  # follow batch_size on CPU (benchmarks change it); CUDA: sized from memory
+            eng.cfg.max_batch = None if self.device.type == "cuda" else self.batch_size
+        for i, toks, ended, seconds in eng.run(encoded, limits, params):
+            yield i, self._finish(encoded[i], toks, limits[i], seconds)
+
+    def _iter_generate(self, encoded, limits, params):
+        order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), -limits[i]))
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s : s + self.batch_size]
+            yield from zip(idx, self._generate_batch([encoded[i] for i in idx], [limits[i] for i in idx], params))
+
+    def _finish(self, prompt: list[int], toks: list[int], limit: int, seconds: float) -> Generation:
+        """A ``Generation`` from a row's generated ids: cut at the first end token ("stop", which counts as a
+        completion token) or at ``limit`` ("length")."""
+        toks = toks[:limit]
+        end = next((k for k, t in enumerate(toks) if t in self.end_ids), None)
+        if end is not None:
+            toks, reason = toks[:end], "stop"
+        else:
+            reason = "length"
+        text = self.tok.decode(toks, skip_special_tokens=True)
+        n = len(toks) + (1 if reason == "stop" else 0)
+        return Generation(text, len(prompt), n, reason, seconds)
+
     @torch.no_grad()
     def _generate_batch(self, batch: list[list[int]], limits: list[int], params: GenParams) -> list[Generation]:
+        from transformers import LogitsProcessorList
+
+        from .decoding import GenerationPenalty
+
         t0 = time.perf_counter()
         pad = self.tok.pad_token_id
         width = max(len(x) for x in batch)
@@ -219,8 +316,9 @@ class LocalBackend(_CollectMixin):
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if params.ignore_eos:
             kwargs["min_new_tokens"] = max(limits)
-        if params.repetition_penalty != 1.0:
-            kwargs["repetition_penalty"] = params.repetition_penalty
+        pen = GenerationPenalty.from_params(params, self.end_ids)
+        if pen.active:  # generated text only, never end tokens (not transformers' repetition_penalty)
+            kwargs["logits_processor"] = LogitsProcessorList([pen.for_generate(width)])
         if self.cache_implementation:
             kwargs["cache_implementation"] = self.cache_implementation
             # On CUDA, transformers compiles the decoding step of a static cache (CUDA graphs) by itself.
@@ -228,18 +326,7 @@ class LocalBackend(_CollectMixin):
         out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         new = out[:, width:].tolist()
         dt = time.perf_counter() - t0
-        gens = []
-        for r, toks in enumerate(new):
-            toks = toks[: limits[r]]
-            end = next((k for k, t in enumerate(toks) if t in self.end_ids), None)
-            if end is not None:
-                toks, reason = toks[:end], "stop"
-            else:
-                reason = "length"
-            text = self.tok.decode(toks, skip_special_tokens=True)
-            n = len(toks) + (1 if reason == "stop" else 0)
-            gens.append(Generation(text, len(batch[r]), n, reason, dt / len(batch)))
-        return gens
+        return [self._finish(batch[r], toks, limits[r], dt / len(batch)) for r, toks in enumerate(new)]
 
 
 class OpenAIBackend(_CollectMixin):
@@ -331,6 +418,17 @@ class BackendConfig:
         concurrency: requests in flight (openai).
         max_retries: retries per request with exponential backoff (openai).
         timeout_s: per-request timeout in seconds (openai).
+        engine: local decoding engine: ``generate`` (transformers ``generate`` per batch) or ``slots``
+            (continuous batching over a static KV cache, CUDA graphs per shape bucket; lwlib.decoding).
+        segment_tokens: slots: decoding steps between two looks at the rows (finished rows leave, pending
+            prompts take their slots, buckets are re-chosen).
+        max_batch: slots: number of slots (the largest batch); null = 256 on CUDA (lowered to what
+            ``kv_cache_gb`` holds), ``batch_size`` on CPU.
+        batch_buckets: slots: the smaller batch sizes decoded at; null = 8, 16, 32, ...
+        cache_buckets: slots: KV-cache lengths decoded at; null = 512, 1024, ... up to the model's context.
+        prefill_tokens: slots: padded prompt tokens per prefill forward.
+        kv_cache_gb: slots: memory for the KV cache; null = 60% of free GPU memory (CPU: 4 GB).
+        cuda_graphs: slots: one CUDA graph per (batch, cache) bucket on CUDA; false = eager steps.
     """
 
     kind: str = "local"
@@ -344,6 +442,19 @@ class BackendConfig:
     max_retries: int = 5
     timeout_s: float = 600.0
     extra: dict[str, Any] = field(default_factory=dict)
+    # local engine (lwlib.decoding)
+    engine: str = "generate"
+    segment_tokens: int = 32
+    max_batch: int | None = None
+    batch_buckets: list[int] | None = None
+    cache_buckets: list[int] | None = None
+    prefill_tokens: int = 32768
+    kv_cache_gb: float | None = None
+    cuda_graphs: bool = True
+
+    def __post_init__(self):
+        if self.engine not in ENGINES:
+            raise ValueError(f"backend.engine must be one of {ENGINES}, got {self.engine!r}")
 
 
 def make_backend(cfg: BackendConfig, default_model: str = "", device: str = "auto", dtype: str = "auto") -> Backend:
@@ -352,7 +463,10 @@ def make_backend(cfg: BackendConfig, default_model: str = "", device: str = "aut
     if cfg.kind == "local":
         return LocalBackend(
             model, batch_size=cfg.batch_size, device=device, dtype=dtype,
-            cache_implementation=cfg.cache_implementation, compile=cfg.compile,
+            cache_implementation=cfg.cache_implementation, compile=cfg.compile, engine=cfg.engine,
+            segment_tokens=cfg.segment_tokens, max_batch=cfg.max_batch, batch_buckets=cfg.batch_buckets,
+            cache_buckets=cfg.cache_buckets, prefill_tokens=cfg.prefill_tokens, kv_cache_gb=cfg.kv_cache_gb,
+            cuda_graphs=cfg.cuda_graphs,
         )
     if cfg.kind == "openai":
         return OpenAIBackend(

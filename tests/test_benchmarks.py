@@ -1,5 +1,6 @@
 """The benchmarks' own logic: ``benchmarks/sft_throughput.py``'s flex-attention BlockMask of packed sequences
-equals the one torch builds from the mask function, token for token."""
+equals the one torch builds from the mask function, token for token; ``benchmarks/generation.py`` runs end to
+end on CPU at tiny sizes and its table's ratios and KV-read floors follow from its own counts."""
 
 import importlib.util
 
@@ -39,3 +40,59 @@ def test_document_block_mask_equals_torchs_block_mask(bench):
     assert bool(got.mask_mod(torch.tensor(0), None, torch.tensor(99), torch.tensor(0)))
     with pytest.raises(ValueError, match="multiple of the block size"):
         bench.document_block_mask(pos[:, :500], 64)
+
+
+@pytest.fixture(scope="module")
+def gen_bench():
+    import sys
+
+    spec = importlib.util.spec_from_file_location("generation_bench", REPO_ROOT / "benchmarks" / "generation.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop(spec.name, None)
+
+
+def _check_generation_result(res, out):
+    import json
+
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    rows = res["rows"]
+    assert {r["workload"] for r in rows} >= {"probe", "agentwrite", "dpo"} and any(r["workload"].startswith("decode-") for r in rows)
+    for wl in {r["workload"] for r in rows}:
+        mine = [r for r in rows if r["workload"] == wl]
+        gen = [r for r in mine if r["engine"] == "generate"]
+        assert len(gen) == 1 and gen[0]["capped"]
+        ratio = [r for r in mine if r["x_generate"] is not None]  # the slots row at the generate row's cap
+        assert len(ratio) == 1 and ratio[0]["max_new"] == gen[0]["max_new"] and ratio[0]["engine"] == "slots"
+        assert ratio[0]["x_generate"] == round(ratio[0]["tokens_per_s"] / gen[0]["tokens_per_s"], 2)
+        for r in mine:
+            assert 0 < r["first_s"] <= r["wall_s"] and r["tokens"] > 0
+            if r["engine"] == "slots":  # the floor is the rows' cached KV bytes over the bandwidth, per step
+                floor = r["context_tokens"] * res["kv_bytes_per_token"] / res["bandwidth_B_per_s"] / r["steps"] * 1000
+                assert r["floor_ms"] == pytest.approx(floor, abs=1e-3) and r["floor_ms"] <= r["bucket_floor_ms"]
+                assert 0 < r["occupancy"] <= 1
+    for r in rows:  # ignore_eos: every decode row makes exactly its tokens, on both engines
+        if r["workload"].startswith("decode-"):
+            assert r["tokens"] == r["rows"] * r["max_new"] and r["stopped"] == 0
+    assert res["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 4  # fp32 on CPU
+    assert [c["slots_vs_generate"] == c["prompts"] for c in res["greedy_check"]] == [True]
+
+
+def test_generation_benchmark_minimal(gen_bench, tmp_path, capsys):
+    """The generation benchmark end to end at its smallest (every workload, both engines, the greedy check)."""
+    out = tmp_path / "gen.json"
+    res = gen_bench.main(["--tiny", "--device", "cpu", "--decode-batches", "2", "--decode-tokens", "4",
+                          "--probe-prompts", "2", "--probe-tokens", "6", "--aw-prompts", "2", "--aw-tokens", "6",
+                          "--dpo-prompts", "1", "--dpo-long", "8", "--dpo-short", "2", "5", "--generate-tokens", "4",
+                          "--check-prompts", "1", "--check-tokens", "6", "--out", str(out)])
+    _check_generation_result(res, out)
+    printed = capsys.readouterr().out
+    assert "| workload | engine | rows | batch |" in printed and "greedy identity (float32" in printed
+
+
+@pytest.mark.slow
+def test_generation_benchmark_tiny(gen_bench, tmp_path):
+    out = tmp_path / "gen.json"
+    _check_generation_result(gen_bench.main(["--tiny", "--device", "cpu", "--out", str(out)]), out)
