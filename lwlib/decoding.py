@@ -710,7 +710,7 @@ class SlotEngine:
                 for _ in range(steps):
                     logits = self._decode(b_, l_)
                     act = act_all.clone()
-                    st._ctx_tokens += (lens * act).sum()
+                    st._ctx_tokens += ((lens + 1) * act).sum()  # the step reads its new token too
                     st._active += act.sum()
                     lens.add_(act)
                     nxt = choose(logits, toks[:b_], ngen[:b_])
