@@ -183,9 +183,10 @@ def fields(g):
     return (g.text, g.prompt_tokens, g.completion_tokens, g.finish_reason)
 
 
-TINY = dict(decode_batches=[4], decode_context=160, decode_tokens=8, probe_prompts=4, probe_tokens=12,
-            aw_prompts=4, aw_context=(80, 240), aw_tokens=12, dpo_prompts=2, dpo_short=(4, 10), dpo_long=16,
-            generate_tokens=8, check_prompts=2, check_tokens=12, max_batch=4, segment_tokens=4)
+TINY = {"decode_batches": [4], "decode_context": 160, "decode_tokens": 8, "probe_prompts": 4, "probe_tokens": 12,
+        "aw_prompts": 4, "aw_context": (80, 240), "aw_tokens": 12, "dpo_prompts": 2, "dpo_short": (4, 10),
+        "dpo_long": 16, "generate_tokens": 8, "check_prompts": 2, "check_tokens": 12, "max_batch": 4,
+        "segment_tokens": 4}
 
 
 def run(args) -> dict:

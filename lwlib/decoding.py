@@ -31,7 +31,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,7 +153,7 @@ class GenerationPenalty:
         self._end_masks: dict[tuple, torch.Tensor] = {}
 
     @classmethod
-    def from_params(cls, params: Any, end_ids: Sequence[int]) -> "GenerationPenalty":
+    def from_params(cls, params: Any, end_ids: Sequence[int]) -> GenerationPenalty:
         """From a :class:`lwlib.backends.GenParams` (``repetition_penalty``, ``repetition_window``,
         ``no_repeat_ngram_size``)."""
         return cls(params.repetition_penalty, getattr(params, "repetition_window", 0),
@@ -515,7 +515,8 @@ class SlotEngine:
                 out = self._decode_eager(b, length)
         except Exception as e:  # noqa: BLE001 - any capture failure: decode eagerly instead
             self._graphs_off = True
-            torch.cuda.synchronize(self.device)
+            with suppress(Exception):  # the warning below names the first error
+                torch.cuda.synchronize(self.device)
             self._warn_once("capture", f"slots engine: CUDA graph capture failed at batch {b}, cache {length} "
                                        f"({type(e).__name__}: {e}); decoding eagerly")
             return None
@@ -709,7 +710,7 @@ class SlotEngine:
                 for _ in range(steps):
                     logits = self._decode(b_, l_)
                     act = act_all.clone()
-                    st._ctx_tokens += (lens * act).sum()
+                    st._ctx_tokens += ((lens + 1) * act).sum()  # the step reads its new token too
                     st._active += act.sum()
                     lens.add_(act)
                     nxt = choose(logits, toks[:b_], ngen[:b_])

@@ -57,7 +57,7 @@ def gen_bench():
 def _check_generation_result(res, out):
     import json
 
-    assert json.loads(out.read_text()) == res
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
     rows = res["rows"]
     assert {r["workload"] for r in rows} >= {"probe", "agentwrite", "dpo"} and any(r["workload"].startswith("decode-") for r in rows)
     for wl in {r["workload"] for r in rows}:

@@ -10,9 +10,26 @@ import math
 import pytest
 import torch
 
-from lwlib.backends import BackendConfig, GenParams, LocalBackend, compile_cache_dir, make_backend
-from lwlib.decoding import (GenerationPenalty, SlotConfig, SlotEngine, batch_buckets, cache_buckets,
-                            kv_bytes_per_token, pick_bucket, pow2_buckets, round_up, sample_next, top_p_filter)
+from lwlib.backends import (
+    BackendConfig,
+    GenParams,
+    LocalBackend,
+    compile_cache_dir,
+    make_backend,
+)
+from lwlib.decoding import (
+    GenerationPenalty,
+    SlotConfig,
+    SlotEngine,
+    batch_buckets,
+    cache_buckets,
+    kv_bytes_per_token,
+    pick_bucket,
+    pow2_buckets,
+    round_up,
+    sample_next,
+    top_p_filter,
+)
 
 # (prompt, max_new_tokens), in 4 slots: the first four (longest first) fill the slots, the last two refill the
 # slots that the 6-token row and the stopping row free; the story (slot 1) runs longest, so the batch shrinks and
@@ -28,7 +45,7 @@ CASES = [
 PROMPTS = [p for p, _ in CASES]
 LIMITS = [m for _, m in CASES]
 GREEDY: dict[str, str] = {}
-SLOTS = dict(engine="slots", batch_size=4, segment_tokens=4, batch_buckets=[1, 2], cache_buckets=[40, 56, 80])
+SLOTS = {"engine": "slots", "max_batch": 4, "segment_tokens": 4, "batch_buckets": [1, 2], "cache_buckets": [40, 56, 80]}
 
 
 def fields(g):
@@ -56,7 +73,7 @@ def test_bucket_selection():
 
 
 def test_kv_size_and_slot_plan(model_and_tok):
-    model, tok = model_and_tok
+    model, _ = model_and_tok
     assert kv_bytes_per_token(model.config, torch.bfloat16) == 2 * 30 * 3 * 64 * 2 == 23040
     assert kv_bytes_per_token(model.config, torch.float32) == 46080
     eng = SlotEngine(model, [2], 2, SlotConfig(max_batch=64, kv_cache_gb=1.0))
@@ -111,7 +128,10 @@ def test_penalty_matches_plain_python_reference(penalty, window, ngram):
 def test_penalty_equals_transformers_processors_on_generated_text():
     """Without end tokens in the text and with no window, the rule is transformers' own repetition penalty and
     no-repeat-n-gram ban applied to the generated ids alone (the prompt left out)."""
-    from transformers import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
+    from transformers import (
+        NoRepeatNGramLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+    )
 
     g = torch.Generator().manual_seed(1)
     gen = torch.randint(3, 40, (3, 25), generator=g)
