@@ -26,10 +26,10 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 Messages = list[dict[str, str]]
 
@@ -333,7 +333,7 @@ class BackendConfig:
         timeout_s: per-request timeout in seconds (openai).
     """
 
-    kind: str = "local"
+    kind: Literal["local", "openai"] = "local"
     model: str = ""
     batch_size: int = 8
     cache_implementation: str | None = None
