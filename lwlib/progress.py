@@ -12,7 +12,8 @@ closes::
     [lwlib 12:03:04] generate (smollm2-135m-instruct): 40% 8/20 [01:12<01:48]
 
 Outside a kernel (a terminal, ``python -m lwlib.train``, pytest) the bar itself is on the console and no
-extra line is written. Trainer runs get the same lines through :func:`console_callback`.
+extra line is written. (papermill's own ``--log-output`` was not used: it copies every cell output, tables
+and all, to the console, while widget bars, which update through comm messages, would still show nothing.) Trainer runs get the same lines through :func:`console_callback`.
 
 Usage::
 
