@@ -1,31 +1,65 @@
 #!/usr/bin/env bash
 # Run every notebook headlessly for a profile, in order, through papermill.
-#   ./run_all.sh [PROFILE] [--from NN] [--only NN] [--resume]   PROFILE: smoke (default) | gpu_short | gpu | paper | x.yaml
-# Executed copies go to <run folder>/notebooks/ (run folder: ${LWLIB_RUNS:-runs}/<profile's name>); figures to figures/<name>/.
+#   ./run_all.sh [PROFILE] [--from NN] [--only NN] [--resume] [--set KEY=VALUE ...]
+#   PROFILE: smoke (default) | gpu_short | gpu | paper | a YAML file (a relative path is taken from where you are)
+# Executed copies go to <run folder>/notebooks/ (run folder: ${LWLIB_RUNS:-runs}/<profile's name>); figures to
+# figures/<name>/; an HTML report of the run (executed notebooks, manifests, claims) to <run folder>/report/index.html.
 # Stages resume from their run-folder files, so re-running after an interruption continues where it stopped;
 # --from NN starts at notebook NN, --only NN runs one notebook, --resume skips notebooks whose executed copy
 # finished without error (for machines that cut jobs at a time limit: run the same command again).
+# --set KEY=VALUE overrides a profile value in every notebook (repeatable; the value is read as YAML, e.g.
+# --set sft.max_steps=10 --set "probe.lengths=[1000, 2000]"). Before any notebook starts, the whole profile
+# and its overrides are checked (python -m lwlib.config check): a mistake is reported with the file (or the
+# --set) and the field, and nothing is created.
 set -euo pipefail
+CALLER_DIR=$PWD  # a relative PROFILE or $LWLIB_RUNS is the caller's (papermill runs the notebooks in notebooks/)
 cd "$(dirname "$0")"
-PROFILE=smoke FROM=00 ONLY="" RESUME=0
+
+# --- arguments -----------------------------------------------------------------------------------------------
+PROFILE=smoke FROM="" ONLY="" RESUME=0 SETS=()
 while [ $# -gt 0 ]; do
+  case "$1" in
+    --from|--only|--set) [ $# -ge 2 ] || { echo "run_all.sh: $1 needs a value" >&2; exit 2; } ;;
+  esac
   case "$1" in
     --from) FROM=$2; shift 2 ;;
     --only) ONLY=$2; shift 2 ;;
+    --set) SETS+=(--set "$2"); shift 2 ;;
+    --set=*) SETS+=(--set "${1#--set=}"); shift ;;
     --resume) RESUME=1; shift ;;
-    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     -*) echo "run_all.sh: unknown option $1" >&2; exit 2 ;;
     *) PROFILE=$1; shift ;;
   esac
 done
+check_notebook() {  # check_notebook OPTION NN: NN must be the number of a notebook
+  local nb
+  [ -z "$2" ] && return 0
+  for nb in notebooks/[0-9][0-9]_*.ipynb; do nb=$(basename "$nb"); [ "${nb:0:2}" = "$2" ] && return 0; done
+  { echo "run_all.sh: $1 $2: no such notebook; give the two-digit number of one of:"
+    for nb in notebooks/[0-9][0-9]_*.ipynb; do echo "  $(basename "$nb")"; done; } >&2
+  exit 2
+}
+check_notebook --from "$FROM"
+check_notebook --only "$ONLY"
+case "${LWLIB_RUNS:-}" in "" | /*) ;; *) export LWLIB_RUNS="$CALLER_DIR/$LWLIB_RUNS" ;; esac
+case "${LWLIB_FIGURES:-}" in "" | /*) ;; *) export LWLIB_FIGURES="$CALLER_DIR/$LWLIB_FIGURES" ;; esac
+export LWLIB_CONSOLE_PROGRESS=${LWLIB_CONSOLE_PROGRESS:-1}  # lwlib's bars: a line per 10% on this console too
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the kernels import this checkout's lwlib (a venv may serve several)
+
 env/setup.sh
 
-# --- run folder, one writer, signals (issue 19) -----------------------------------------------------------------
+# --- the profile: loaded and validated (sections, fields, types, values, overrides) before anything is created --
+checked=$(.venv/bin/python -m lwlib.config check "$PROFILE" --base-dir "$CALLER_DIR" --papermill-params \
+          ${SETS[@]+"${SETS[@]}"}) || exit 2
+{ read -r name; read -r params; } <<< "$checked"  # the profile's name; papermill parameters (profile, overrides)
+rerun=$(printf '%q ' ./run_all.sh "$PROFILE" ${SETS[@]+"${SETS[@]}"}); rerun=${rerun% }  # for the failure message
+write_report() {  # the HTML report of what ran (also after a failure); a failed report does not fail the run
+  .venv/bin/python -m lwlib.report "$run_dir" || echo "run_all.sh: the HTML report failed" >&2
+}
 # The run folder follows one rule, the notebooks' own (README "Run folder"): <run root>/<the profile's name field,
-# default its file stem>, run root = $LWLIB_RUNS or runs/. Asked of lwlib so that both can never disagree.
-run_dir=$(.venv/bin/python -c 'import sys; from lwlib.config import load_profile; print(load_profile(sys.argv[1]).run_dir)' "$PROFILE") \
-  || { echo "run_all.sh: cannot load profile $PROFILE (above)" >&2; exit 2; }
-name=$(basename "$run_dir")
+# default its file stem>, run root = $LWLIB_RUNS or runs/.
+run_dir="${LWLIB_RUNS:-$PWD/runs}/$name"
 out="$run_dir/notebooks"
 mkdir -p "$out"
 # One run_all.sh per run folder: an exclusive lock on $run_dir/.lock for the whole run. It is inherited by papermill
@@ -86,7 +120,7 @@ trap 'stop_all INT 130' INT
 for nb in notebooks/[0-9][0-9]_*.ipynb; do
   base=$(basename "$nb")
   num=${base:0:2}
-  [[ "$num" < "$FROM" ]] && continue
+  [ -n "$FROM" ] && [[ "$num" < "$FROM" ]] && continue
   [ -n "$ONLY" ] && [ "$num" != "$ONLY" ] && continue
   if [ "$RESUME" = 1 ] && .venv/bin/python - "$out/$base" <<'PYEOF'
 import json, sys
@@ -101,8 +135,10 @@ PYEOF
     continue
   fi
   echo "=== [$name] $base  ($(date -u +%H:%M:%S) UTC)"
-  set -m  # papermill in a process group of its own, so that stop_all can signal all of it
-  .venv/bin/papermill "$nb" "$out/$base" -p profile "$PROFILE" -k python3 --cwd notebooks --progress-bar &
+  # lwlib.nbrun: papermill with kernel python3 (this venv's python) and an encrypted kernel connection; in a process
+  # group of its own (set -m), so that stop_all can signal all of it
+  set -m
+  .venv/bin/python -m lwlib.nbrun "$nb" "$out/$base" -y "$params" -k python3 --cwd notebooks --progress-bar &
   child=$!
   set +m
   status=0
@@ -111,8 +147,12 @@ PYEOF
   if [ "$status" != 0 ]; then
     echo "run_all.sh: $base FAILED for profile $name." >&2
     echo "  The executed copy, with the error in it: $out/$base" >&2
-    echo "  Fix it, then resume with: ./run_all.sh $PROFILE --resume   (or --from $num)" >&2
+    echo "  Fix it, then resume with: $rerun --resume   (or --from $num)" >&2
+    write_report
     exit 1
   fi
 done
+write_report
+.venv/bin/python -m lwlib.results "$run_dir" || echo "run_all.sh: copying the results to results/$name failed" >&2
 echo "=== [$name] all notebooks done: executed copies in $out, figures in figures/$name"
+echo "    report: $run_dir/report/index.html; small result files: results/$name"

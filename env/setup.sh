@@ -15,9 +15,10 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${LWLIB_VENV:-.venv}
 TORCH_VERSION=2.13.0
-# flash-attn-4 and what it needs (the wheel set env/download_wheels.sh fetches for offline machines)
+# flash-attn-4 and what it needs (the wheel set env/download_wheels.sh fetches for offline machines); CU is the
+# CUDA major version of the installed torch (torch.version.cuda: 12 or 13), which picks the CUTLASS DSL libraries
 FA4_CLOSURE="flash-attn-4==4.0.0b36 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1
-  nvidia-cutlass-dsl-libs-core==4.8.1 nvidia-cutlass-dsl-libs-cu12==4.8.1 quack-kernels==0.6.5
+  nvidia-cutlass-dsl-libs-core==4.8.1 nvidia-cutlass-dsl-libs-cu{CU}==4.8.1 quack-kernels==0.6.5
   apache-tvm-ffi==0.1.15.post2 torch-c-dlpack-ext==0.1.5"
 WHEELS=""
 SYSTEM_SITE=0
@@ -89,7 +90,12 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then 
   # the fa4 extra on Hopper/Blackwell GPUs: FlashAttention-4's kernels for flattened packs (attn_implementation fa4_varlen)
   if "$VENV/bin/python" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() and torch.cuda.get_device_capability(0)[0] in (9, 10) else 1)" 2>/dev/null; then
     nd=(); [ -n "$WHEELS" ] && nd=(--no-deps)  # online, pip adds what the closure needs (einops, cuda-bindings)
-    "${pip[@]}" install -q "${src[@]}" "${nd[@]}" $FA4_CLOSURE || echo "[setup] flash-attn-4 not installed: attn_implementation auto picks PyTorch's own kernels" >&2
+    cu=$("$VENV/bin/python" -c "import torch; print((torch.version.cuda or '').split('.')[0])" 2>/dev/null || true)
+    case "$cu" in
+      12|13) "${pip[@]}" install -q "${src[@]}" "${nd[@]}" ${FA4_CLOSURE//\{CU\}/$cu} \
+               || echo "[setup] flash-attn-4 not installed: attn_implementation auto picks PyTorch's own kernels" >&2 ;;
+      *) echo "[setup] flash-attn-4 not installed: torch is built for CUDA '${cu:-none}', its CUTLASS DSL libraries exist for 12 and 13" >&2 ;;
+    esac
   fi
 fi
 "$VENV/bin/python" -m ipykernel install --sys-prefix --name lwlib --display-name "Python (lwlib)" >/dev/null \

@@ -110,19 +110,27 @@ def _cn_number(s: str) -> int | None:
     return None
 
 
-_SEP = r"\s*(?:[-–—:：.|,，]\s*)*"
+# full-width digits and the separators that come with them (０-９, －, ～, ．) read as ASCII
+_FULLWIDTH = str.maketrans({**{chr(0xFF10 + i): str(i) for i in range(10)}, "－": "-", "～": "~", "．": "."})
+_CN_NUM = r"[0-9一二两三四五六七八九十〇零]+"
+_SEP = r"\s*(?:[-–—:：.|,，、]\s*)*"
 _HEADERS = [
     re.compile(r"^(?:paragraph|para\.?|section|part|step)\s*(\d+)\b" + _SEP + r"(.*)$", re.I),
-    re.compile(r"^第\s*([0-9一二两三四五六七八九十]+)\s*(?:段落?|部分|节|章)" + _SEP + r"(.*)$"),
+    re.compile(r"^第\s*(" + _CN_NUM + r")\s*(?:段落?|部分|节|章)" + _SEP + r"(.*)$"),
+    re.compile(r"^(?:段落|部分)\s*(" + _CN_NUM + r")(?![0-9])" + _SEP + r"(.*)$"),  # 段落1 / 段落一 / 部分2
     re.compile(r"^\(?(\d{1,2})\s*[.)、:：](?!\d)" + _SEP + r"(.*)$"),
 ]
-_WC_LABEL = re.compile(r"(?:word\s*count|words?\s*(?:requirement|limit)|length|字数要求|字数|篇幅)\s*[:：]\s*(.*)$", re.I)
-_MP_LABEL = re.compile(r"^(?:main\s*points?|main\s*idea|content|topic|主要内容|内容|要点)\s*[:：]\s*", re.I)
+_WC_LABEL = re.compile(r"(?:(?:word\s*count|words?\s*(?:requirement|limit)|length)\s*[:：]"
+                       r"|(?:字数要求|字数|篇幅)\s*(?:[:：]|(?=(?:约|大约|大概)?\s*\d)))\s*(.*)$", re.I)
+_MP_LABEL = re.compile(r"^(?:main\s*points?|main\s*idea|content|topic|主要内容|内容要点|主要观点|核心内容|内容|要点|观点|主旨)"
+                       r"\s*[:：]\s*", re.I)
 _NUM = r"(\d[\d,]*)"
 _RANGE = re.compile(_NUM + r"(?:\s*(?:-|–|—|~|to|至|到)\s*" + _NUM + r")?")
-_TRAILING_WC = re.compile(
-    r"[\s(（\-–—,，;；]*(?:approx\.?|approximately|about|around|~|约)?\s*" + _NUM
-    + r"(?:\s*(?:-|–|—|~|to|至|到)\s*" + _NUM + r")?\s*(?:words?|字)\s*[)）]?\s*[.。]?\s*$", re.I)
+_APPROX = r"(?:approx\.?|approximately|about|around|~|约|大约|大概)?"
+_COUNT = _NUM + r"(?:\s*(?:-|–|—|~|to|至|到)\s*" + _NUM + r")?\s*(?:words?|字)(?:左右)?"
+_TRAILING_WC = re.compile(r"[\s(（\-–—,，;；]*" + _APPROX + r"\s*" + _COUNT + r"\s*[)）]?\s*[.。]?\s*$", re.I)
+# a count in parentheses before the main point: "第1段（约300字）：描写清晨的市场"
+_LEADING_WC = re.compile(r"^[(（]\s*" + _APPROX + r"\s*" + _COUNT + r"\s*[)）]" + _SEP, re.I)
 
 
 def parse_word_count(s: str) -> int | None:
@@ -130,7 +138,7 @@ def parse_word_count(s: str) -> int | None:
 
     A range gives its **midpoint** (rounded down), the length the planner aimed at on average.
     """
-    m = _RANGE.search(s)
+    m = _RANGE.search(s.translate(_FULLWIDTH))
     if not m:
         return None
     lo = int(m.group(1).replace(",", ""))
@@ -148,6 +156,10 @@ def _clean(line: str) -> str:
 
 def _split_main_and_words(rest: str) -> tuple[str, int | None]:
     words = None
+    lead = _LEADING_WC.match(rest)
+    if lead:
+        words = parse_word_count(lead.group(0))
+        rest = rest[lead.end():]
     m = _WC_LABEL.search(rest)
     if m:
         words = parse_word_count(m.group(1))
@@ -167,14 +179,16 @@ def parse_plan(text: str) -> list[PlanStep]:
 
     Copes with hyphen/en dash/em dash/colon separators, markdown bold, headings and bullets, blank lines,
     preambles, "approx. 400 words", ranges ("400-500 words" -> midpoint 450), Chinese plans
-    ("第1段 - 主要内容：... - 字数要求：400字"), numbered lists without "Paragraph", and steps whose main
+    ("第1段 - 主要内容：... - 字数要求：400字", and the common variants: 段落N / 第N部分 headers, 要点 /
+    主要观点 / 内容 labels, 字数 / 约400字 / 400字左右 / a count in parentheses before the main point, Chinese
+    numerals, full-width digits and colons), numbered lists without "Paragraph", and steps whose main
     point / word count sit on the following lines (labelled bullets, or bare text under "Paragraph 1:").
     Lines that are not steps are dropped, as are steps without a main point and repeated paragraph numbers
     (the first occurrence wins).
     """
     steps: list[PlanStep] = []
     for raw in text.splitlines():
-        line = _clean(raw)
+        line = _clean(raw.translate(_FULLWIDTH))
         if not line:
             continue
         for rx in _HEADERS:
@@ -213,12 +227,13 @@ def plan_failure(steps: list[PlanStep], max_steps: int = 50) -> str | None:
     return None
 
 
+_CN_STEP = r"第\s*[0-9０-９一二两三四五六七八九十]+\s*(?:段落?|部分)|段落\s*[0-9０-９一二两三四五六七八九十]+"
 _LABEL_LINE = re.compile(
-    r"^\s*(?:#+\s*)?(?:\*\*)?\s*(?:paragraph\s*\d+|第\s*[0-9一二三四五六七八九十]+\s*段)\s*(?:\*\*)?"
-    r"\s*(?:[-–—:：]\s*)?(?:main\s*point|主要内容)\s*[:：].*$", re.I | re.M)
-_WC_LINE = re.compile(r"^\s*[-*]?\s*(?:\*\*)?(?:word\s*count|字数要求)\s*[:：].*$", re.I | re.M)
+    r"^\s*(?:#+\s*)?(?:\*\*)?\s*(?:paragraph\s*\d+|" + _CN_STEP + r")\s*(?:\*\*)?"
+    r"\s*(?:[-–—:：]\s*)?(?:main\s*point|主要内容|主要观点|要点)\s*[:：].*$", re.I | re.M)
+_WC_LINE = re.compile(r"^\s*[-*]?\s*(?:\*\*)?(?:word\s*count|字数要求|字数)\s*[:：].*$", re.I | re.M)
 _LABEL_PREFIX = re.compile(
-    r"^(\s*(?:#+\s*)?)(?:\*\*)?\s*(?:paragraph\s*\d+|第\s*[0-9一二三四五六七八九十]+\s*段)\s*(?:\*\*)?\s*(?:[-–—:：.]\s*|$)",
+    r"^(\s*(?:#+\s*)?)(?:\*\*)?\s*(?:paragraph\s*\d+|" + _CN_STEP + r")\s*(?:\*\*)?\s*(?:[-–—:：.]\s*|$)",
     re.I | re.M)
 
 
@@ -538,7 +553,7 @@ def _run_pool(jobs: list[_Job], backend: Backend, rec: _Recorder, cfg: AgentWrit
                 return
             job.accept(req, rec.record(job, req, g))
 
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     with ThreadPoolExecutor(max_workers=max(1, cfg.concurrent_instructions)) as pool:
         for f in tqdm(pool.map(work, jobs), total=len(jobs), desc="agentwrite instructions"):

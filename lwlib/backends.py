@@ -30,10 +30,10 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
-from tqdm.auto import tqdm
+from .progress import tqdm
 
 Messages = list[dict[str, str]]
 
@@ -504,7 +504,7 @@ class BackendConfig:
         cuda_graphs: slots: one CUDA graph per (batch, cache) bucket on CUDA; false = eager steps.
     """
 
-    kind: str = "local"
+    kind: Literal["local", "openai"] = "local"
     model: str = ""
     batch_size: int = 8
     cache_implementation: str | None = None

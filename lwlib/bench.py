@@ -35,7 +35,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -199,7 +199,7 @@ class JudgeConfig:
             (one request at a time); false = call the local backend directly (batched, faster on GPU).
     """
 
-    kind: str = "local"
+    kind: Literal["local", "openai", "none"] = "local"
     model: str = ""
     temperature: float = 0.5
     max_tokens: int = 1024

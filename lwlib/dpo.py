@@ -39,6 +39,7 @@ import dataclasses
 import json
 import math
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ from .bench import JudgeConfig
 from .config import Profile
 from .decodings import Decoding, get_decoding
 from .plots import pyplot, save_figure
+from .progress import console_callback
 from .runs import (JsonlStore, atomic_write_json, fingerprint_id, model_fingerprint, read_log_history,
                    read_records, training_finished, write_manifest)
 from .text import repetition_report
@@ -549,7 +551,7 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
     from trl import DPOConfig, DPOTrainer
 
     from .models import load_tokenizer, resolve_model, run_model
-    from .sft import batch_plan, deepspeed_config
+    from .sft import batch_plan, checkpointing_args, deepspeed_config
 
     cfg = cfg or prof.section("dpo", DPOStageConfig)
     out_dir = Path(out_dir) if out_dir else prof.stage_dir("dpo") / "model"
@@ -578,8 +580,7 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
         max_steps=cfg.steps, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, beta=cfg.beta,
         max_length=plan["max_length"], bf16=cuda, fp16=False, use_cpu=not cuda,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        **checkpointing_args(cfg.gradient_checkpointing),
         logging_steps=cfg.logging_steps, save_strategy="no", report_to=[], seed=prof.seed,
         dataloader_num_workers=0, deepspeed=ds_cfg, disable_tqdm=False,
     )
@@ -594,10 +595,15 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
     cols = ("prompt", "chosen", "rejected")
     ds = Dataset.from_list([{c: p[c] for c in cols} for p in pairs])
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
+    trainer.add_callback(console_callback("dpo train"))
     write_manifest(run, {"profile": prof.resolved(), "dpo": dataclasses.asdict(cfg), "start_model": start,
                          "pairs": len(pairs), "length_plan": plan, "attn_implementation": attn,
                          "gradient_accumulation_steps": args.gradient_accumulation_steps})
-    result = trainer.train()
+    with warnings.catch_warnings():
+        # TRL's DPOTrainer reads model.is_gradient_checkpointing at every step, which transformers 5.2x
+        # deprecates (a FutureWarning per step, in TRL's code, not ours)
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        result = trainer.train()
     trainer.save_model(str(out_dir))
     if trainer.is_world_process_zero():
         model.config.use_cache = True

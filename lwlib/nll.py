@@ -171,7 +171,7 @@ def token_nll(model, tok, conversations: Sequence[Messages], batch_size: int = 4
     """Per-token NLL of each conversation's assistant response (see :func:`token_nll_batch`).
 
     Conversations are batched in order of length (results come back in input order)."""
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     enc = [encode_conversation(tok, m, include_end_token, max_tokens) for m in conversations]
     order = sorted(range(len(enc)), key=lambda i: -len(enc[i][0]))

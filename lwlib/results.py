@@ -3,8 +3,8 @@ curves, per-notebook timings, environment) copied to ``results/<profile>/``, wit
 
 ``run_all.sh`` calls it after the last notebook; by hand::
 
-    python -m lwlib.results gpu                 # runs/gpu -> results/gpu
-    export_results(load_profile("gpu"))         # the same from Python
+    python -m lwlib.results runs/gpu            # runs/gpu -> results/gpu
+    export_results("runs/gpu")                  # the same from Python
 """
 
 from __future__ import annotations
@@ -50,13 +50,14 @@ def notebook_timing(run_dir: str | Path) -> dict[str, Any]:
     return {"notebooks": out, "total_seconds": round(sum(done), 1) if done else None}
 
 
-def export_results(prof, dest: str | Path | None = None) -> Path:
-    """Copy the run's small result files to ``dest`` (default ``results/<profile name>``), write ``timing.json``
-    (:func:`notebook_timing`) and ``environment.json`` (versions, git SHA, host of the newest stage manifest)."""
-    run = prof.run_dir
+def export_results(run_dir: str | Path, dest: str | Path | None = None) -> Path:
+    """Copy the small result files of the run folder ``run_dir`` to ``dest`` (default ``results/<its name>``), write
+    ``timing.json`` (:func:`notebook_timing`) and ``environment.json`` (versions, git SHA, host and resolved profile
+    of the newest stage manifest)."""
+    run = Path(run_dir)
     if not run.exists():
-        raise FileNotFoundError(f"{run} does not exist: run the notebooks for profile {prof.name!r} first")
-    dest = Path(dest) if dest else default_results_root() / prof.name
+        raise FileNotFoundError(f"{run} does not exist: run the notebooks first")
+    dest = Path(dest) if dest else default_results_root() / run.name
     dest.mkdir(parents=True, exist_ok=True)
     copied = []
     for pattern in PATTERNS:
@@ -70,19 +71,17 @@ def export_results(prof, dest: str | Path | None = None) -> Path:
     if manifests:
         m = json.loads(manifests[-1].read_text(encoding="utf-8"))
         atomic_write_json(dest / "environment.json", {k: m.get(k) for k in ("versions", "git_sha", "host", "time_utc")}
-                          | {"profile": prof.resolved()})
+                          | {"profile": (m.get("config") or {}).get("profile")})
     atomic_write_json(dest / "files.json", {"run_dir": str(run), "files": copied})
     return dest
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .config import load_profile
-
     ap = argparse.ArgumentParser(prog="python -m lwlib.results", description=__doc__.splitlines()[0])
-    ap.add_argument("profile", help="profile name or YAML path (the run folder is runs/<its name>)")
-    ap.add_argument("--dest", default=None, help="target folder (default: results/<profile name>)")
+    ap.add_argument("run_dir", help="the run folder (runs/<profile name>)")
+    ap.add_argument("--dest", default=None, help="target folder (default: results/<run folder name>)")
     args = ap.parse_args(argv)
-    print(f"[results] {export_results(load_profile(args.profile), args.dest)}")
+    print(f"[results] {export_results(args.run_dir, args.dest)}")
 
 
 if __name__ == "__main__":

@@ -12,11 +12,21 @@ Usage::
 
     with serve(LocalBackend("smollm2-135m-instruct")) as server:
         be = OpenAIBackend(server.model, base_url=server.url)
+
+    python -m lwlib.serve                                   # the bundled model on http://127.0.0.1:8000/v1
+    python -m lwlib.serve --model runs/gpu/sft/model --port 8001 --model-name longwriter-sft
+
+From the command line it serves until Ctrl-C (or SIGTERM), for other tools (an OpenAI client, a chat UI,
+``bench.judge.kind: openai`` with ``base_url``). Requests are answered one at a time (the local backend
+holds a lock); ``--batch-size`` bounds the prompts of one request decoded together.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import signal
+import sys
 import threading
 import time
 import uuid
@@ -145,3 +155,50 @@ def serve(backend: Backend, **kwargs: Any) -> Iterator[ChatServer]:
         server.closing.set()
         server.shutdown()
         server.server_close()  # joins the request threads
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lwlib.serve``: serve a local model over the OpenAI chat-completions API until Ctrl-C."""
+    ap = argparse.ArgumentParser(prog="python -m lwlib.serve", description="Serve a local model (the bundled one, "
+                                 "a checkpoint folder or a Hugging Face id) as an OpenAI-compatible chat-completions "
+                                 "server: POST /v1/chat/completions, GET /v1/models. Ctrl-C stops it.")
+    ap.add_argument("--model", default="smollm2-135m-instruct",
+                    help="built-in name, model folder (e.g. runs/gpu/sft/model) or Hugging Face id "
+                         "(default: the bundled smollm2-135m-instruct)")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    ap.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    ap.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    ap.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32 (default auto)")
+    ap.add_argument("--model-name", default=None,
+                    help="the model id clients send and /v1/models lists (default: --model as given)")
+    args = ap.parse_args(argv)
+
+    from .backends import LocalBackend
+
+    print(f"lwlib.serve: loading {args.model} ...", file=sys.stderr, flush=True)
+    backend = LocalBackend(args.model, batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+    try:
+        server = ChatServer(backend, host=args.host, port=args.port, model_name=args.model_name or args.model)
+    except OSError as e:
+        print(f"lwlib.serve: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 1
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    print(f"lwlib.serve: serving model {server.model!r} on {backend.device} at {server.url} "
+          f"(OpenAI-compatible; Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    print("lwlib.serve: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -55,6 +55,7 @@ from .packing import (FA4_ATTENTION, IGNORE, VARLEN_ATTENTION, PackCollator, Pac
                       fa4_available, flash_attn2_available, flat_packs, pack_examples, pack_stats,
                       register_varlen_attention, split_batch, tokenize_chat, training_template, varlen_available)
 from .plots import pyplot, save_figure
+from .progress import console_callback
 from .runs import (REPO_ROOT, JsonlStore, atomic_write_json, iter_jsonl, model_fingerprint, read_log_history,
                    training_finished, write_manifest)
 from .text import count_words, truncate_words
@@ -596,6 +597,17 @@ def deepspeed_config(path: str | None) -> str | None:
     return str(p if p.is_absolute() else REPO_ROOT / p)
 
 
+def checkpointing_args(enabled: bool) -> dict[str, Any]:
+    """``TrainingArguments`` keywords for activation (gradient) checkpointing, non-reentrant. transformers
+    5.2x renamed ``gradient_checkpointing[_kwargs]`` to ``activation_checkpointing[_kwargs]`` and warns
+    (FutureWarning, in every training cell) when the old names are passed; older 5.x know only the old ones."""
+    from transformers import TrainingArguments
+
+    new = "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if new else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
 def pick_attn(name: str, device: str, compiled: bool = False) -> str:
     """``auto`` (see :class:`SFTConfig`): on CUDA ``fa4_varlen`` when flash-attn-4 is installed on a Hopper or
     Blackwell GPU, else flash_attention_2 when that package is installed, else ``torch_varlen`` when compiled
@@ -630,7 +642,7 @@ def pick_liger(setting: bool | str, cuda: bool, ds_cfg: str | None, compiled: bo
 
 
 def tokenize_all(tok, data: list[Messages], template: str, max_tokens: int) -> list[TokenizedExample]:
-    from tqdm.auto import tqdm
+    from .progress import tqdm
 
     return [tokenize_chat(tok, m, template, max_tokens) for m in tqdm(data, desc="tokenize", leave=False)]
 
@@ -684,8 +696,7 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
         warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of all steps (transformers 5)
         weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
         adam_beta2=cfg.adam_beta2, max_grad_norm=cfg.max_grad_norm, bf16=cuda,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        **checkpointing_args(cfg.gradient_checkpointing),
         logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500, save_total_limit=2, report_to=[], seed=prof.seed,
         remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not cuda, deepspeed=ds_cfg,
@@ -703,6 +714,7 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
     trainer = _trainer_cls()(model=model, args=args, train_dataset=PackedDataset(examples, packs),
                              data_collator=collator, loss_mode=cfg.loss, loss_chunk_size=cfg.loss_chunk_size,
                              liger=liger)
+    trainer.add_callback(console_callback(f"sft train ({out_dir.parent.name}/{out_dir.name})"))
     optim = {k: getattr(args, k) for k in ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
                                            "adam_beta1", "adam_beta2", "max_grad_norm")}
     write_manifest(run, {"profile": prof.resolved(), "sft": dataclasses.asdict(cfg), "attn_implementation": attn,

@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import argparse
 
-import yaml
-
 
 def parse_sets(items: list[str]) -> dict:
-    """``["sft.max_steps=2", "sft.caps=[500, 1000]"]`` -> overrides (values parsed as YAML)."""
-    out = {}
-    for it in items:
-        key, sep, value = it.partition("=")
-        if not sep:
-            raise SystemExit(f"--set needs KEY=VALUE, got {it!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+    """``["sft.max_steps=2", "sft.caps=[500, 1000]"]`` -> overrides (values parsed as YAML); the parser of
+    :func:`lwlib.config.parse_sets`, a malformed item exiting with its message."""
+    from .config import ConfigError
+    from .config import parse_sets as _parse
+
+    try:
+        return _parse(items)
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,9 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--caps", action="store_true", help="sft: also train the length-capped models (sft.caps)")
     args = ap.parse_args(argv)
 
-    from .config import load_profile
+    from .config import load_profile, set_labels
 
-    prof = load_profile(args.profile, parse_sets(args.sets), args.run_root)
+    prof = load_profile(args.profile, parse_sets(args.sets), args.run_root, override_labels=set_labels(args.sets))
     if args.stage == "sft":
         from .sft import SFTConfig, train_capped, train_sft
 

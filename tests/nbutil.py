@@ -16,19 +16,15 @@ def execute_notebook(name: str, tmp_path: Path, profile: str = "smoke", override
     The notebook's ``parameters`` cell must define ``profile``, ``overrides``, ``run_root`` and
     ``figures_root``.
     """
-    import papermill as pm
+    from lwlib.nbrun import KERNEL, execute_notebook as run
 
     out = tmp_path / "executed" / name
     out.parent.mkdir(parents=True, exist_ok=True)
-    pm.execute_notebook(
-        str(REPO / "notebooks" / name),
-        str(out),
+    # kernel python3 = this interpreter, whether or not the notebooks' "lwlib" kernelspec is registered
+    run(REPO / "notebooks" / name, out,
         parameters={"profile": profile, "overrides": overrides or {}, "run_root": str(tmp_path / "runs"),
                     "figures_root": str(tmp_path / "figures"), **params},
-        kernel_name="python3",
-        cwd=str(REPO / "notebooks"),
-        progress_bar=False,
-    )
+        kernel_name=KERNEL, cwd=REPO / "notebooks", progress_bar=False)
     return out
 
 

@@ -88,6 +88,24 @@ PLANS = [
     ("Paragraph 1:\n\nThe first train ride across the steppe (300 words)\nParagraph 2:\nWord Count: 500 words\n"
      "Arriving in Samarkand\nParagraph 3:",
      [(1, "The first train ride across the steppe", 300), (2, "Arriving in Samarkand", 500)]),
+    # 20-27 Chinese plans with other labels than the prompt's own (段落N, 第N部分, 要点 / 主要观点 / 内容,
+    # 字数 / 约 / 左右), full-width digits and colons
+    ("段落1：要点：城市的起源；字数：300字\n段落2：要点：工业革命；字数：500字",
+     [(1, "城市的起源", 300), (2, "工业革命", 500)]),
+    ("第１部分 - 主要观点：气候变化的证据 - 字数：约６００字\n第２部分 - 主要观点：应对措施 - 字数：４００字",
+     [(1, "气候变化的证据", 600), (2, "应对措施", 400)]),
+    ("第一部分：内容：童年回忆（约400字）\n第二部分：内容：离家求学（约600字）",
+     [(1, "童年回忆", 400), (2, "离家求学", 600)]),
+    ("段落一 - 主要内容：开头 - 字数要求：500字左右\n段落二 - 主要内容：结尾 - 字数要求：300～400字",
+     [(1, "开头", 500), (2, "结尾", 350)]),
+    ("**第1段**\n- 要点：介绍人物\n- 字数：400字\n\n**第2段**\n- 要点：冲突爆发\n- 字数：约600字",
+     [(1, "介绍人物", 400), (2, "冲突爆发", 600)]),
+    ("第1段（约300字）：描写清晨的市场\n第2段（500字）：市场里的人们",
+     [(1, "描写清晨的市场", 300), (2, "市场里的人们", 500)]),
+    ("第１段：主要内容：序幕 字数约200字\n第２段：主要内容：相遇，约800字。",
+     [(1, "序幕", 200), (2, "相遇", 800)]),
+    ("以下是写作计划：\n段落１：主要观点：为什么要保护湿地 字数要求：８００\n段落２：主要观点：湿地的现状 字数要求：1,200字\n希望对你有帮助。",
+     [(1, "为什么要保护湿地", 800), (2, "湿地的现状", 1200)]),
 ]
 
 
@@ -113,6 +131,7 @@ def test_parse_word_count_rules():
     assert parse_word_count("400-500 words") == 450
     assert parse_word_count("1,200 words") == 1200
     assert parse_word_count("约800字") == 800
+    assert parse_word_count("约６００字") == 600 and parse_word_count("３００～４００字") == 350
     assert parse_word_count("many words") is None
 
 
@@ -123,6 +142,14 @@ def test_strip_labels_removes_copied_scaffolding_keeps_text():
     out = strip_labels(text)
     assert "Paragraph" not in out and "Word Count" not in out and "第3段" not in out
     assert "The Storm Arrives" in out and "The wind rose at dusk." in out and "雨停了。" in out
+
+
+def test_strip_labels_chinese_variants():
+    text = ("段落2 - 要点：暴雨 - 字数：400字\n第２部分：雨停了。\n字数要求：300字\n**段落三**：天亮了。\n"
+            "第三段落 - 主要观点：结局 - 字数：200字\n第二天，他们出发了。")
+    out = strip_labels(text)
+    assert "段落" not in out and "部分" not in out and "字数" not in out and "要点" not in out
+    assert [l for l in out.splitlines() if l.strip()] == ["雨停了。", "天亮了。", "第二天，他们出发了。"], out
 
 
 def test_prompts_are_the_papers():

@@ -101,3 +101,45 @@ def test_missing_api_key_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("LWLIB_TEST_NO_KEY", raising=False)
     with pytest.raises(ValueError, match=r"\$LWLIB_TEST_NO_KEY"):
         OpenAIBackend("gpt-4o", api_key_env="LWLIB_TEST_NO_KEY")
+
+
+def test_serve_cli_help():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "lwlib.serve", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0
+    for opt in ("--model", "--host", "--port", "--batch-size", "--device", "--dtype", "--model-name"):
+        assert opt in r.stdout
+
+
+def test_serve_cli_serves_the_bundled_model_until_interrupted():
+    """``python -m lwlib.serve --port 0``: prints its URL, answers the OpenAI client, stops cleanly on Ctrl-C."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    import openai
+
+    from lwlib.runs import REPO_ROOT
+
+    p = subprocess.Popen([sys.executable, "-m", "lwlib.serve", "--port", "0", "--device", "cpu", "--model-name", "tiny"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    try:
+        line = p.stdout.readline()
+        m = re.search(r"serving model 'tiny' on cpu at (http://127\.0\.0\.1:\d+/v1)", line)
+        assert m, (line, p.stderr.read() if p.poll() is not None else "")
+        client = openai.OpenAI(base_url=m.group(1), api_key="EMPTY", max_retries=0, timeout=120)
+        assert [x.id for x in client.models.list().data] == ["tiny"]
+        r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Say hi."}],
+                                           max_tokens=8, temperature=0)
+        assert r.choices[0].message.content and 0 < r.usage.completion_tokens <= 8
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=30) == 0 and "stopped" in p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

@@ -2,13 +2,16 @@
 
 import json
 import os
+import re
 import subprocess
 from dataclasses import dataclass, field
 
 import pytest
+import yaml
 
 from nbutil import fake_repo
-from lwlib.config import from_dict, load_profile
+from lwlib import config
+from lwlib.config import ConfigError, coerce, from_dict, load_profile, validate_profile
 from lwlib.decodings import profile_decodings
 from lwlib.probe import ProbeConfig
 from lwlib.runs import (REPO_ROOT, JsonlStore, StaleRunError, atomic_write_json, read_jsonl, read_log_history,
@@ -148,30 +151,21 @@ def test_from_dict_nested():
 
 def test_run_all_resume_skips_finished_notebooks_and_runs_the_rest(tmp_path):
     """./run_all.sh --resume skips a notebook whose executed copy papermill finished without error and runs
-    one that was cut off (no end_time): here a stand-in papermill that fails at once. The executed copies live
-    in the run folder the profile's name gives (not the file's name)."""
-    repo = fake_repo(tmp_path, papermill="#!/bin/sh\necho \"papermill $*\"\nexit 1\n")
-    prof_file = tmp_path / "copy_of_something.yaml"
-    prof_file.write_text("name: nope\nmodel: x\n")
-    out = tmp_path / "runs" / "nope" / "notebooks"
+    one that was cut off (no end_time): here notebook 04 fails at once (no SFT checkpoint in this run folder)."""
+    out = tmp_path / "smoke" / "notebooks"
     out.mkdir(parents=True)
     names = sorted(p.name for p in (REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     for name in names:
         cut = name.startswith("04")
         meta = {"papermill": {"end_time": None if cut else "2026-11-23T15:12:32+00:00", "exception": None}}
         (out / name).write_text(json.dumps({"cells": [], "metadata": meta, "nbformat": 4, "nbformat_minor": 5}))
-    r = subprocess.run([str(repo / "run_all.sh"), str(prof_file), "--resume"], capture_output=True, text=True,
-                       env={**os.environ, "LWLIB_RUNS": str(tmp_path / "runs"), "PYTHONPATH": str(REPO_ROOT)},
-                       timeout=120)
+    r = subprocess.run(["./run_all.sh", "smoke", "--resume"], cwd=REPO_ROOT, capture_output=True, text=True,
+                       env={**os.environ, "LWLIB_RUNS": str(tmp_path)}, timeout=300)
     skipped = [n for n in names if f"{n}: finished earlier (--resume), skipped" in r.stdout]
-    assert skipped == [n for n in names if n[:2] in ("01", "02", "03")], r.stdout + r.stderr  # stops at 04
-    assert f"papermill notebooks/04_dpo.ipynb {out}/04_dpo.ipynb -p profile {prof_file}" in r.stdout
-    assert r.returncode == 1 and "04_dpo.ipynb FAILED for profile nope" in r.stderr
-    assert f"./run_all.sh {prof_file} --resume" in r.stderr
-    bad = subprocess.run([str(repo / "run_all.sh"), "no_such_profile"], capture_output=True, text=True,
-                         env={**os.environ, "LWLIB_RUNS": str(tmp_path / "runs"), "PYTHONPATH": str(REPO_ROOT)},
-                         timeout=60)
-    assert bad.returncode == 2 and "no profile 'no_such_profile'" in bad.stderr
+    assert skipped == [n for n in names if n[:2] in ("01", "02", "03")], r.stdout  # stops at the failure in 04
+    assert r.returncode == 1 and "04_dpo.ipynb FAILED for profile smoke" in r.stderr
+    assert "./run_all.sh smoke --resume" in r.stderr
+    assert (tmp_path / "smoke" / "report" / "index.html").exists()  # the report of what ran, after the failure
 
 
 def test_training_finished_and_log_history(tmp_path):
@@ -185,3 +179,172 @@ def test_training_finished_and_log_history(tmp_path):
     atomic_write_json(model.parent / "train_log.json", {"log_history": [{"step": 1, "loss": 2.0}]})
     assert training_finished(model)
     assert read_log_history(model, "x") == read_log_history(model.parent, "x") == [{"step": 1, "loss": 2.0}]
+
+
+# ------------------------------------------------------------------------------------------ typed profiles
+
+
+def _profile(tmp_path, text, name="x.yaml", **kw):
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return load_profile(p, run_root=tmp_path / "runs", **kw)
+
+
+def test_coerce_rules():
+    assert coerce("1e-4", float) == 1e-4 and coerce(3, float) == 3.0 and isinstance(coerce(3, float), float)
+    assert coerce(5.0, int) == 5 and coerce("1e3", int) == 1000 and coerce("-7", int) == -7
+    for bad, tp in [("ten", int), (5.5, int), (True, int), ("abc", float), (True, float), ("yes", bool),
+                    (1, bool), (7, str), ("x", list[int]), ([1, "x"], list[int]), (None, int), ("nan", float)]:
+        with pytest.raises(ConfigError, match="expected"):
+            coerce(bad, tp, "f")
+    assert coerce(True, bool | str) is True and coerce("auto", bool | str) == "auto"
+    assert coerce(None, int | None) is None and coerce("12", int | None) == 12
+    assert coerce(None, str | None) is None and coerce([1, 2.0], list[int] | None) == [1, 2]
+    assert coerce({"m": ["1.5", 2]}, dict[str, list[float]]) == {"m": [1.5, 2.0]}
+    with pytest.raises(ConfigError, match=r"^f\[1\]: expected int, got 'x'$"):
+        coerce([1, "x"], list[int], "f")
+
+
+def test_profile_values_are_typed_with_file_and_field_in_errors(tmp_path):
+    from lwlib.dpo import DPOStageConfig
+    from lwlib.sft import SFTConfig
+
+    prof = _profile(tmp_path, "model: m\nsft:\n  learning_rate: 1e-4\n  max_steps: 1e3\n  liger_kernel: false\n")
+    cfg = prof.section("sft", SFTConfig)
+    assert cfg.learning_rate == 1e-4 and cfg.max_steps == 1000 and cfg.liger_kernel is False
+    assert prof.section("sft") == cfg  # the registered class
+    f = tmp_path / "x.yaml"
+    cases = [("sft:\n  learning_rate: abc\n", r"sft\.learning_rate: expected float, got 'abc'"),
+             ("dpo:\n  steps: ten\n", r"dpo\.steps: expected int, got 'ten'"),
+             ("sft:\n  caps: [500, x]\n", r"sft\.caps\[1\]: expected int, got 'x'"),
+             ("sft:\n  gradient_checkpointing: 1\n", r"sft\.gradient_checkpointing: expected bool"),
+             ("probe:\n  backend: {kind: opneai}\n", r"probe\.backend\.kind: expected one of 'local', 'openai', got 'opneai'"),
+             ("bench:\n  judge: {kind: gpt}\n", r"bench\.judge\.kind: expected one of 'local', 'openai', 'none'"),
+             ("dpo:\n  judge: {kind: none, max_tokens: lots}\n", r"dpo\.judge\.max_tokens: expected int"),
+             ("sft:\n  loss: mean\n", r"sft: sft\.loss must be 'token' or 'sequence'")]
+    for text, msg in cases:
+        prof = _profile(tmp_path, "model: m\n" + text)
+        errors = validate_profile(prof)
+        assert len(errors) == 1 and re.fullmatch(re.escape(str(f)) + ": " + msg + ".*", errors[0]), errors
+    with pytest.raises(ConfigError, match=re.escape(str(f)) + r": dpo\.steps: expected int"):
+        _profile(tmp_path, "model: m\ndpo:\n  steps: ten\n").section("dpo", DPOStageConfig)
+
+
+def test_profile_sections_and_top_level_are_checked_at_load(tmp_path):
+    f = re.escape(str(tmp_path / "x.yaml"))
+    with pytest.raises(ConfigError, match=f + r": probee: unknown section \(did you mean 'probe'\?\); known sections: "
+                       r"\['agentwrite', 'bench', 'dpo', 'nll', 'probe', 'sft'"):
+        _profile(tmp_path, "model: m\nprobee:\n  lengths: [1000]\n")
+    with pytest.raises(ConfigError, match=f + r": seed: expected int, got 'x'"):
+        _profile(tmp_path, "model: m\nseed: x\n")
+    with pytest.raises(ConfigError, match=f + r": device must be auto, cpu, cuda or cuda:N, got 'gpu'"):
+        _profile(tmp_path, "model: m\ndevice: gpu\n")
+    with pytest.raises(ConfigError, match=f + r": dtype: expected one of"):
+        _profile(tmp_path, "model: m\ndtype: bf16\n")
+    with pytest.raises(ConfigError, match=f + r": missing field 'model'"):
+        _profile(tmp_path, "seed: 1\n")
+    with pytest.raises(ConfigError, match=f + r": sft: a section must be a mapping"):
+        _profile(tmp_path, "model: m\nsft: 5\n")
+
+
+def test_override_errors_name_the_override_not_the_file(tmp_path):
+    labels = {"sft.max_stepz": "--set sft.max_stepz=10"}
+    prof = _profile(tmp_path, "model: m\n", overrides={"sft.max_stepz": 10}, override_labels=labels)
+    [err] = validate_profile(prof)
+    assert err.startswith("--set sft.max_stepz=10: sft: unknown field(s) ['max_stepz'] (did you mean 'max_steps'")
+    [err] = validate_profile(_profile(tmp_path, "model: m\n", overrides={"probe.backend": {"kind": "opneai"}}))
+    assert err.startswith('override probe.backend={"kind": "opneai"}: probe.backend.kind: expected one of')
+    with pytest.raises(ConfigError, match=r"^override probee\.x=1: probee: unknown section"):
+        _profile(tmp_path, "model: m\n", overrides={"probee.x": 1})
+    with pytest.raises(ConfigError, match=r"^override seed=\"x\": seed: expected int"):
+        _profile(tmp_path, "model: m\n", overrides={"seed": "x"})
+    # a file's own mistake is still the file's, even with overrides elsewhere
+    [err] = validate_profile(_profile(tmp_path, "model: m\ndpo:\n  steps: ten\n", overrides={"sft.max_steps": 3}))
+    assert err.startswith(str(tmp_path / "x.yaml") + ": dpo.steps")
+    # a section-level check (__post_init__) of a section an override changed names both
+    [err] = validate_profile(_profile(tmp_path, "model: m\n", overrides={"sft.loss": "mean"}))
+    assert err.startswith(str(tmp_path / "x.yaml") + ' with override sft.loss="mean": sft: sft.loss must be')
+
+
+def test_section_registry_is_one_place_and_tolerates_broken_modules(tmp_path, monkeypatch):
+    from dataclasses import dataclass
+
+    from lwlib.sft import SFTConfig
+
+    assert config.section_class("sft") is SFTConfig and set(config.SECTIONS) >= {"probe", "sft", "dpo", "bench"}
+
+    @dataclass
+    class CorpusConfig:
+        books: int = 3
+
+    monkeypatch.setitem(config.SECTIONS, "corpus", CorpusConfig)
+    prof = _profile(tmp_path, "model: m\ncorpus:\n  books: '7'\n")
+    assert prof.section("corpus") == CorpusConfig(7) and validate_profile(prof) == []
+    monkeypatch.setitem(config.SECTIONS, "corpus", "lwlib.no_such_module:CorpusConfig")
+    [err] = validate_profile(prof)
+    assert "corpus: section registered as 'lwlib.no_such_module:CorpusConfig'" in err and "does not import" in err
+    with pytest.raises(ValueError, match="module:Class"):
+        config.register_section("x", "nocolon")
+
+
+def test_profile_paths_resolve_from_the_callers_directory(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "p.yaml").write_text("model: m\n")
+    monkeypatch.chdir(REPO_ROOT / "notebooks")  # where papermill runs the notebooks
+    prof = load_profile("sub/p.yaml", base_dir=tmp_path)
+    assert prof.source == tmp_path / "sub" / "p.yaml" and prof.name == "p"
+    assert prof.resolved()["source"] == str(tmp_path / "sub" / "p.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert load_profile("sub/p.yaml").source.is_absolute()
+    with pytest.raises(FileNotFoundError, match="no profile file " + re.escape(str(tmp_path / "nope.yaml"))):
+        load_profile("nope.yaml")
+    assert load_profile("smoke").source == config.PROFILE_DIR / "smoke.yaml"
+
+
+def test_config_check_cli(tmp_path, capsys):
+    (tmp_path / "p.yaml").write_text("name: mine\nmodel: m\ndevice: cpu\nsft:\n  max_steps: 3\n")
+    assert config.main(["check", "p.yaml", "--base-dir", str(tmp_path), "--papermill-params",
+                        "--set", "sft.learning_rate=1e-4", "--set", "probe.lengths=[1000, 2000]"]) == 0
+    name, params = capsys.readouterr().out.splitlines()
+    assert name == "mine" and yaml.safe_load(params) == {
+        "profile": str(tmp_path / "p.yaml"), "overrides": {"sft.learning_rate": "1e-4", "probe.lengths": [1000, 2000]}}
+    assert config.main(["check", "smoke", "--papermill-params"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out.splitlines()[1]) == {"profile": "smoke", "overrides": {}}
+    assert config.main(["check", "smoke", "--set", "sft.max_steps=ten"]) == 2
+    assert "error: --set sft.max_steps=ten: sft.max_steps: expected int, got 'ten'" in capsys.readouterr().err
+    assert config.main(["check", "smoke", "--set", "sft.max_steps"]) == 2
+    assert "--set sft.max_steps: needs KEY=VALUE" in capsys.readouterr().err
+
+
+def test_gpu_profile_without_gpu_warns(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "no CUDA GPU is visible" in config.gpu_warning(load_profile("gpu"))
+    assert config.gpu_warning(load_profile("smoke")) is None
+    assert config.gpu_warning(load_profile("gpu", {"device": "cpu"})) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert config.gpu_warning(load_profile("gpu")) is None
+
+
+def test_run_all_rejects_bad_input_before_any_notebook_and_creates_nothing(tmp_path):
+    """Mistakes fail in seconds with the real error, exit non-zero, and leave no run folder (no papermill)."""
+    run_all = str(REPO_ROOT / "run_all.sh")
+    (tmp_path / "bad.yaml").write_text("model: m\nsft:\n  learning_rate: abc\n")
+    r = subprocess.run([run_all, "bad.yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "LWLIB_RUNS": "runs"})  # relative to the caller too
+    assert r.returncode == 2 and f"{tmp_path / 'bad.yaml'}: sft.learning_rate: expected float, got 'abc'" in r.stderr
+    r = subprocess.run([run_all, "smoke", "--set", "sft.max_stepz=10", "--set", "probe.lengths=[1000]"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "LWLIB_RUNS": "runs"})
+    assert r.returncode == 2 and "--set sft.max_stepz=10: sft: unknown field(s) ['max_stepz']" in r.stderr
+    for args, msg in [(["nope"], "no profile 'nope'; built-in profiles"),
+                      (["smoke", "--only", "1"], "--only 1: no such notebook"),
+                      (["smoke", "--from", "07"], "--from 07: no such notebook"),
+                      (["smoke", "--set"], "--set needs a value")]:
+        r = subprocess.run([run_all, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "LWLIB_RUNS": "runs"})
+        assert r.returncode == 2 and msg in r.stderr and "Executing" not in r.stderr, (args, r.stderr)
+        if "no such notebook" in msg:
+            assert "01_output_length_probe.ipynb" in r.stderr and "06_longbench_write.ipynb" in r.stderr
+    assert not (tmp_path / "runs").exists()
+    assert not (REPO_ROOT / "runs" / "bad").exists()

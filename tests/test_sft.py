@@ -459,3 +459,19 @@ def test_train_cli_parses_overrides():
         "sft.max_steps": 10, "sft.caps": [500, 1000], "sft.deepspeed": None}
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         parse_sets(["sft.max_steps"])
+
+
+def test_checkpointing_arguments_raise_no_deprecation_warning(tmp_path):
+    import warnings
+
+    from transformers import TrainingArguments
+
+    from lwlib.sft import checkpointing_args
+
+    for on in (True, False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, **checkpointing_args(on))
+        assert args.gradient_checkpointing is on  # the old name still reads the setting (TRL reads it)
+        if on:
+            assert (args.gradient_checkpointing_kwargs or {}).get("use_reentrant") is False

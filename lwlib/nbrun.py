@@ -1,0 +1,73 @@
+"""Run notebooks headless: papermill with this project's kernel settings (``run_all.sh``, the notebook tests).
+
+Two settings differ from bare papermill:
+
+* kernel ``python3`` unless another is named: jupyter_client resolves it to the interpreter that runs
+  papermill (the venv's python), whether or not the ``lwlib`` kernelspec is registered. The committed
+  notebooks name ``lwlib`` ("Python (lwlib)", what JupyterLab should pick, ``env/set_kernelspec.py``), but
+  a kernelspec of that name registered elsewhere (``~/.local``, another checkout) may start another
+  environment's python, so executed runs never rely on it.
+* CurveZMQ transport encryption (``KernelManager.transport_encryption = "auto"``, when pyzmq has curve
+  support): the kernel manager provisions the keys, and ipykernel 7 no longer prints "Kernel is running over
+  TCP without encryption" for every notebook.
+
+Usage::
+
+    python -m lwlib.nbrun IN.ipynb OUT.ipynb -y "{profile: smoke}" --cwd notebooks   # papermill's options
+    execute_notebook("notebooks/01_output_length_probe.ipynb", out, {"profile": "smoke"}, cwd="notebooks")
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+KERNEL = "python3"
+
+
+def kernel_config() -> Any:
+    """The traitlets config papermill passes to nbclient's kernel manager (transport encryption on)."""
+    from traitlets.config import Config
+
+    c = Config()
+    try:
+        import zmq
+
+        if zmq.has("curve"):
+            c.KernelManager.transport_encryption = "auto"
+    except ImportError:
+        pass
+    return c
+
+
+def execute_notebook(input_path: str | Path, output_path: str | Path, parameters: dict[str, Any] | None = None,
+                     cwd: str | Path | None = None, kernel_name: str = KERNEL, progress_bar: bool = False,
+                     **kwargs: Any) -> Any:
+    """``papermill.execute_notebook`` with :data:`KERNEL` and :func:`kernel_config`; returns the executed notebook."""
+    import papermill as pm
+
+    return pm.execute_notebook(str(input_path), str(output_path), parameters=parameters or {},
+                               kernel_name=kernel_name, cwd=str(cwd) if cwd is not None else None,
+                               progress_bar=progress_bar, config=kernel_config(), **kwargs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """papermill's command line, with :data:`KERNEL` as the default kernel and :func:`kernel_config`."""
+    import papermill.cli as cli
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not any(a in ("-k", "--kernel") or a.startswith("--kernel=") for a in args) and "--help" not in args:
+        args += ["-k", KERNEL]
+    execute = cli.execute_notebook
+
+    def run(*a: Any, **kw: Any) -> Any:
+        kw.setdefault("config", kernel_config())
+        return execute(*a, **kw)
+
+    cli.execute_notebook = run
+    cli.papermill.main(args=args, prog_name="python -m lwlib.nbrun")
+
+
+if __name__ == "__main__":
+    main()
