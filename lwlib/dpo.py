@@ -53,7 +53,7 @@ from .config import Profile
 from .decodings import Decoding, get_decoding
 from .plots import pyplot, save_figure
 from .progress import console_callback
-from .runs import (JsonlStore, atomic_write_json, fingerprint_id, model_fingerprint, read_log_history,
+from .runs import (JsonlStore, atomic_write_json, fingerprint_id, model_fingerprint, read_jsonl, read_log_history,
                    read_records, training_finished, write_manifest)
 from .text import repetition_report
 

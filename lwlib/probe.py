@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .backends import Backend, BackendConfig, GenParams, make_backend, release
+from .backends import Backend, BackendConfig, make_backend, release
 from .config import Profile
 from .data import WritingItem, data_file, load_ruler
 from .decodings import Decoding, model_label, profile_decodings

@@ -9,7 +9,7 @@ from lwlib.agentwrite import (
     AgentWriteConfig, build_dataset, dry_run, parse_plan, parse_word_count, plan_failure, plan_template,
     strip_labels, write_template,
 )
-from lwlib.backends import BackendConfig, OpenAIBackend
+from lwlib.backends import BackendConfig
 from lwlib.config import load_profile
 from lwlib.instructions import (
     TYPES, Instruction, check_no_benchmark_leak, generate_instructions, load_instructions, required_length,

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from lwlib import bench
-from lwlib.backends import GenParams, Generation, OpenAIBackend
+from lwlib.backends import Generation, OpenAIBackend
 from lwlib.config import load_profile
 from lwlib.serve import serve
 from lwlib.text import count_words

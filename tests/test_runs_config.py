@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 import pytest
 import yaml
 
-from nbutil import fake_repo
 from lwlib import config
 from lwlib.config import ConfigError, coerce, from_dict, load_profile, validate_profile
 from lwlib.decodings import profile_decodings
@@ -103,7 +102,8 @@ def test_atomic_write_and_manifest(tmp_path):
     atomic_write_json(tmp_path / "m.json", {"a": 1})
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": 1}
     assert not list(tmp_path.glob(".*tmp"))
-    umask = os.umask(0); os.umask(umask)
+    umask = os.umask(0)
+    os.umask(umask)
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     m = json.loads(write_manifest(tmp_path, {"lr": 1e-5}).read_text())
     assert m["config"] == {"lr": 1e-5}
