@@ -363,5 +363,7 @@ def test_notebook_02_builds_a_dataset_on_smoke(tmp_path):
     # one held out when at least two items survive (the training set is never emptied for it)
     assert len(read_jsonl(folder / "heldout.jsonl")) == s["heldout"] == min(1, s["kept"] - 1)
     assert s["instructions"] == 2 and s["provenance"]["model"]
-    for name in ("agentwrite_length_hist.png", "agentwrite_planned_vs_actual.png"):
+    corpus = read_jsonl(tmp_path / "runs" / "smoke" / "corpus" / "longwriter.jsonl")  # the stand-in data, smoke-sized
+    assert len(corpus) == 12 and all(60 <= r["words"] <= 400 for r in corpus)
+    for name in ("agentwrite_length_hist.png", "agentwrite_planned_vs_actual.png", "corpus_length_hist.png"):
         assert (tmp_path / "figures" / "smoke" / name).stat().st_size > 10_000

@@ -301,8 +301,9 @@ def test_notebook_06_smoke(tmp_path, local_backend):
     for name in ("longbench_write_scatter.png", "longbench_write_buckets.png", "ruler_all_models.png"):
         assert (figs / name).stat().st_size > 5000
     summary = json.loads((tmp_path / "runs" / "smoke" / "bench" / "summary.json").read_text())
-    assert set(summary) == {"base"}  # sft/dpo not trained in this fresh run: skipped
-    j = summary["base"]["judge"]
+    assert set(summary) == {"base (paper)", "base (loopfree)"}  # sft/dpo not trained in this fresh run: skipped
+    assert json.loads((tmp_path / "runs" / "smoke" / "claims.json").read_text()) == []  # nothing measured here
+    j = summary["base (paper)"]["judge"]
     assert j["items"] == 2 and j["judged"] + j["failed (unparseable after all tries)"] == 2
     text = out.read_text()
     assert "skipping 'sft'" in text

@@ -157,5 +157,9 @@ def test_notebook_04_smoke(tmp_path):
     run = tmp_path / "runs" / "smoke" / "dpo"
     assert (run / "model" / "config.json").exists() and (run / "train_log.json").exists()
     assert (tmp_path / "figures" / "smoke" / "dpo_training.png").exists()
-    assert (tmp_path / "runs" / "smoke" / "probe" / "dpo" / "generations.jsonl").exists()
+    for dec in ("paper", "loopfree"):
+        assert (tmp_path / "runs" / "smoke" / "probe" / "dpo" / dec / "generations.jsonl").exists()
+    diff = json.loads((run / "length_score_difference.json").read_text())
+    assert set(diff) == {"paper", "loopfree"} and diff["loopfree"]["before_model"] == "base"
+    assert (tmp_path / "figures" / "smoke" / "dpo_length_score_by_bucket.png").exists()
     assert "chosen" in out.read_text()

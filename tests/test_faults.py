@@ -64,17 +64,18 @@ def test_changed_config_is_refused_names_the_change_and_mixes_nothing(tmp_path):
     be = Counting()
     prof = _probe_profile(tmp_path)
     run_probe(prof, prof.model, "base", backend=be)
-    out = tmp_path / "smoke" / "probe" / "base"
+    out = tmp_path / "smoke" / "probe" / "base" / "paper"  # smoke's first decoding
     before = (out / "generations.jsonl").read_bytes()
     manifest = (out / "manifest.json").read_bytes()
     assert json.loads((out / "generations.jsonl.fingerprint.json").read_text())["fingerprint"]["max_new_tokens"] == 4
-    changed = _probe_profile(tmp_path, **{"probe.max_new_tokens": 6, "probe.temperature": 0.9})
+    changed = _probe_profile(tmp_path, **{"probe.max_new_tokens": 6,
+                                          "decodings": [{"name": "paper", "temperature": 0.9}]})
     with pytest.raises(StaleRunError) as e:
         run_probe(changed, changed.model, "base", backend=be)
     msg = str(e.value)
-    assert "max_new_tokens: 4 -> 6" in msg and "temperature: 0.5 -> 0.9" in msg
+    assert "max_new_tokens: 4 -> 6" in msg and "0.5 -> 0.9" in msg
     assert "probe.overwrite: true" in msg and "`name`" in msg and str(out / "generations.jsonl") in msg
-    assert set(e.value.changed) == {"max_new_tokens", "temperature"} and be.prompts == 1  # nothing generated
+    assert {k.split(".")[0] for k in e.value.changed} == {"max_new_tokens", "decoding"} and be.prompts == 1
     assert (out / "generations.jsonl").read_bytes() == before  # nothing mixed in
     assert (out / "manifest.json").read_bytes() == manifest  # and the manifest still describes the records
     with pytest.raises(StaleRunError, match="model: \"smollm2-135m-instruct\" -> \"other-model\""):
@@ -257,7 +258,7 @@ def test_interrupt_during_an_api_stage_returns_at_once_and_sends_nothing_after(t
         time.sleep(2.5)  # longer than the server's delay: anything still queued would have been sent by now
         assert server.requests == sent <= 6
         assert returned - t0 < 3.5
-    stored = read_jsonl(tmp_path / "smoke" / "probe" / "api" / "generations.jsonl")
+    stored = read_jsonl(tmp_path / "smoke" / "probe" / "api" / "paper" / "generations.jsonl")
     assert 1 <= len(stored) <= 2 and all(r["response"].startswith("An answer") for r in stored)
 
 
@@ -266,10 +267,10 @@ def test_deadline_bounds_a_stage_call_and_errors_are_not_stored(tmp_path):
     with serve(Echo(), delay_s=0.6) as server:
         be = OpenAIBackend(server.model, base_url=server.url, concurrency=1, max_retries=0, deadline_s=1.5)
         t0 = time.monotonic()
-        with pytest.raises(RuntimeError, match=r"probe \(api\): [45] generations failed \(rerun to retry them\)"):
+        with pytest.raises(RuntimeError, match=r"probe \(api, paper\): [45] generations failed \(rerun to retry them\)"):
             run_probe(prof, "echo", "api", backend=be)
         assert time.monotonic() - t0 < 2.5 and server.requests <= 3
-    assert len(read_jsonl(tmp_path / "smoke" / "probe" / "api" / "generations.jsonl")) in (1, 2)
+    assert len(read_jsonl(tmp_path / "smoke" / "probe" / "api" / "paper" / "generations.jsonl")) in (1, 2)
     assert be.request_timeout(100) == 60.0 + 100 / 10.0  # derived from max_tokens when timeout_s is None
 
 
@@ -284,7 +285,7 @@ def test_malformed_json_is_retried_then_recorded_as_an_error(tmp_path):
         with pytest.raises(RuntimeError, match="JSONDecodeError"):
             run_probe(prof, "echo", "api", backend=be1)
         assert server.requests == 2  # one try and one retry
-        path = tmp_path / "smoke" / "probe" / "api" / "generations.jsonl"
+        path = tmp_path / "smoke" / "probe" / "api" / "paper" / "generations.jsonl"
         assert not path.exists() or read_jsonl(path) == []  # an error is not a result
         server.malformed_first = 0
         assert len(run_probe(prof, "echo", "api", backend=be1)) == 1  # the rerun retries it

@@ -70,7 +70,8 @@ def test_notebook_01_runs_and_writes_figure_and_metrics(tmp_path):
     fig = tmp_path / "figures" / "smoke" / "ruler_probe.png"
     assert fig.exists() and fig.stat().st_size > 10_000
     metrics = json.loads((tmp_path / "runs" / "smoke" / "probe" / "metrics.json").read_text())
-    assert metrics["base"]["n_outputs"] == 2 and metrics["base"]["max_output_words_raw"] > 0
+    assert set(metrics) == {"base (paper)", "base (loopfree)"}  # every model under both decodings
+    assert metrics["base (paper)"]["n_outputs"] == 2 and metrics["base (paper)"]["max_output_words_raw"] > 0
 
 
 class Recorder:

@@ -233,7 +233,7 @@ def test_profile_values_are_typed_with_file_and_field_in_errors(tmp_path):
 def test_profile_sections_and_top_level_are_checked_at_load(tmp_path):
     f = re.escape(str(tmp_path / "x.yaml"))
     with pytest.raises(ConfigError, match=f + r": probee: unknown section \(did you mean 'probe'\?\); known sections: "
-                       r"\['agentwrite', 'bench', 'dpo', 'nll', 'probe', 'sft'"):
+                       r"\['agentwrite', 'bench', 'corpus', 'dpo', 'nll', 'probe', 'sft'"):
         _profile(tmp_path, "model: m\nprobee:\n  lengths: [1000]\n")
     with pytest.raises(ConfigError, match=f + r": seed: expected int, got 'x'"):
         _profile(tmp_path, "model: m\nseed: x\n")

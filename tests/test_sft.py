@@ -437,18 +437,23 @@ def test_notebook_03_smoke(tmp_path):
 
     _write_agentwrite_output(tmp_path / "runs", sizes=(1, 2, 5))
     execute_notebook("03_sft.ipynb", tmp_path, overrides={
-        "probe.lengths": [1000], "probe.max_new_tokens": 16, "sft.general_per_long": 0.7,
-        "sft.self_distill_max_new_tokens": 16, "sft.packing_length": 512, "sft.max_steps": 2,
-        "sft.caps": [50, 200], "sft.cap_max_steps": 1})
+        "probe.lengths": [1000], "probe.max_new_tokens": 16, "sft.data_path": "agentwrite", "sft.general_per_long": 0.7,
+        "sft.general_max": 2, "sft.arms": {"general": "none"}, "sft.self_distill_max_new_tokens": 16,
+        "sft.packing_length": 512, "sft.max_steps": 2, "sft.caps": [50, 200], "sft.cap_max_steps": 1})
     run = tmp_path / "runs" / "smoke"
     metrics = json.loads((run / "sft" / "metrics.json").read_text())
     assert metrics["mix"]["long_examples"] == 3 and metrics["mix"]["general_source"] == "self-distill"
-    caps = {r["cap"]: r for r in metrics["cap_experiment"]}
-    assert caps[50]["data_max_output_words"] <= 50 < caps[200]["data_max_output_words"] <= 200
-    for tag in ("base", "sft", "sft-cap50", "sft-cap200"):
-        assert (run / "probe" / tag / "generations.jsonl").exists()
+    caps = {(r["cap"], r["decoding"]): r for r in metrics["cap_experiment"]}
+    assert caps[(50, "paper")]["data_max_output_words"] <= 50 < caps[(200, "paper")]["data_max_output_words"] <= 200
+    assert set(d for _, d in caps) == {"paper", "loopfree"} and ("none", "loopfree") in caps
+    for tag in ("base", "sft", "sft_general", "cap50", "cap200"):
+        for dec in ("paper", "loopfree"):  # every model under both decodings
+            assert (run / "probe" / tag / dec / "generations.jsonl").exists(), (tag, dec)
     assert (run / "sft" / "model" / "config.json").exists() and (run / "sft" / "cap200" / "model").exists()
-    for name in ("sft_loss.png", "ruler_base_vs_sft.png", "sft_length_cap_experiment.png"):
+    arms = json.loads((run / "sft" / "arms.json").read_text())
+    assert set(arms) == {"paper", "loopfree"} and set(arms["loopfree"]) == {"sft", "sft_general"}
+    assert set(json.loads((run / "sft" / "cap_experiment.json").read_text())) == {"paper", "loopfree"}
+    for name in ("sft_loss.png", "ruler_base_vs_sft.png", "sft_length_cap_experiment.png", "sft_arms_max_length.png"):
         assert (tmp_path / "figures" / "smoke" / name).stat().st_size > 10_000
 
 
