@@ -438,7 +438,7 @@ def test_notebook_03_smoke(tmp_path):
     _write_agentwrite_output(tmp_path / "runs", sizes=(1, 2, 5))
     execute_notebook("03_sft.ipynb", tmp_path, overrides={
         "probe.lengths": [1000], "probe.max_new_tokens": 16, "sft.data_path": "agentwrite", "sft.general_per_long": 0.7,
-        "sft.general_max": 2, "sft.arms": {"general": "none"}, "sft.self_distill_max_new_tokens": 16,
+        "sft.general_max": 3, "sft.arms": {"general": "none"}, "sft.self_distill_max_new_tokens": 128,
         "sft.packing_length": 512, "sft.max_steps": 2, "sft.caps": [50, 200], "sft.cap_max_steps": 1})
     run = tmp_path / "runs" / "smoke"
     metrics = json.loads((run / "sft" / "metrics.json").read_text())
