@@ -45,7 +45,7 @@ from .config import Profile
 from .data import WritingItem, data_file, load_longbench_write
 from .decodings import Decoding, model_label, profile_decodings
 from .plots import pyplot, save_figure
-from .runs import (JsonlStore, atomic_write_json, data_fingerprint, fingerprint_id, model_fingerprint,
+from .runs import (JsonlStore, atomic_write_json, data_fingerprint, fingerprint_id, has_records, model_fingerprint,
                    read_fingerprint, sha256_file, write_manifest)
 from .text import count_words, repetition_report, truncate_words
 
@@ -505,11 +505,8 @@ def bench_dir(profile: Profile, tag: str, decoding: str) -> Path:
 
 
 def _predictions_done(profile: Profile, tag: str, decoding: str, cfg: BenchConfig) -> bool:
-    path = profile.run_dir / "bench" / tag / decoding / "predictions.jsonl"
-    if not path.exists():
-        return False
-    want = {it.id for it in select_items(load_longbench_write(cfg.data_path, cfg.en_data_path), cfg)}
-    return want <= {r["id"] for r in JsonlStore(path).records()}
+    items = select_items(load_longbench_write(cfg.data_path, cfg.en_data_path), cfg)
+    return has_records(profile.run_dir / "bench" / tag / decoding / "predictions.jsonl", (it.id for it in items))
 
 
 def add_length_scores(df: pd.DataFrame) -> pd.DataFrame:

@@ -38,7 +38,8 @@ from .config import Profile
 from .data import WritingItem, data_file, load_ruler
 from .decodings import Decoding, model_label, profile_decodings
 from .plots import pyplot, save_figure
-from .runs import JsonlStore, atomic_write_json, data_fingerprint, model_fingerprint, read_records, write_manifest
+from .runs import (JsonlStore, atomic_write_json, data_fingerprint, has_records, model_fingerprint, read_records,
+                   write_manifest)
 from .text import repetition_report
 
 
@@ -184,11 +185,9 @@ def probe_dir(profile: Profile, tag: str, decoding: str) -> Path:
 
 
 def _probe_done(profile: Profile, tag: str, decoding: str, cfg: ProbeConfig) -> bool:
-    path = profile.run_dir / "probe" / tag / decoding / "generations.jsonl"
-    if not path.exists():
-        return False
-    want = {f"{it.id}-s{s}" for it in select_items(load_ruler(cfg.data_path), cfg) for s in range(cfg.samples_per_prompt)}
-    return want <= {r["id"] for r in read_records(path)}
+    items = select_items(load_ruler(cfg.data_path), cfg)
+    return has_records(profile.run_dir / "probe" / tag / decoding / "generations.jsonl",
+                       (f"{it.id}-s{s}" for it in items for s in range(cfg.samples_per_prompt)))
 
 
 def load_probe(profile: Profile, tag: str, decoding: str) -> pd.DataFrame:

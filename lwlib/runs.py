@@ -215,6 +215,13 @@ def _parse_records(path: Path, key: str, repair: bool) -> tuple[dict[Any, dict],
     return records, torn
 
 
+def has_records(path: str | Path, keys: Iterable[Any], key: str = "id") -> bool:
+    """Whether the store at ``path`` holds a record for every one of ``keys`` (a missing file holds none); used to
+    skip loading a model for work that is already done."""
+    path = Path(path)
+    return path.exists() and set(keys) <= {r[key] for r in read_records(path, key)}
+
+
 def read_records(path: str | Path, key: str = "id") -> list[dict]:
     """The records of a :class:`JsonlStore` file, for readers: a duplicate key or a bad line is an error
     naming the file and line; a torn last line (a writer mid-append) is ignored, not cut."""
