@@ -22,6 +22,7 @@ stored as done, so a resumed stage retries it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -111,7 +112,7 @@ class Backend(Protocol):
     def generate_iter(
         self,
         prompts: Sequence[Messages | str],
-        params: GenParams,
+        params: GenParams | Sequence[GenParams],
         max_new_tokens: Sequence[int] | None = None,
         desc: str | None = None,
     ) -> Iterator[tuple[int, Generation]]: ...
@@ -119,10 +120,28 @@ class Backend(Protocol):
     def generate(
         self,
         prompts: Sequence[Messages | str],
-        params: GenParams,
+        params: GenParams | Sequence[GenParams],
         max_new_tokens: Sequence[int] | None = None,
         desc: str | None = None,
     ) -> list[Generation]: ...
+
+
+def row_params(params: GenParams | Sequence[GenParams], n: int) -> list[GenParams]:
+    """One :class:`GenParams` per prompt: ``params`` repeated, or the given per-prompt list (checked)."""
+    if isinstance(params, GenParams):
+        return [params] * n
+    out = list(params)
+    if len(out) != n:
+        raise ValueError(f"{len(out)} sampling settings (GenParams) for {n} prompts")
+    return out
+
+
+def _groups(keys: Sequence[Any]) -> list[list[int]]:
+    """Indices grouped by equal key, groups in order of first appearance."""
+    out: dict[Any, list[int]] = {}
+    for i, k in enumerate(keys):
+        out.setdefault(k, []).append(i)
+    return list(out.values())
 
 
 def as_messages(p: Messages | str) -> Messages:
@@ -245,34 +264,46 @@ class LocalBackend(_CollectMixin):
         return list(ids)
 
     def generate_iter(self, prompts, params, max_new_tokens=None, desc=None):
-        limits = list(max_new_tokens) if max_new_tokens is not None else [params.max_new_tokens] * len(prompts)
+        """Yields ``(index, Generation)`` as outputs finish. ``params``: one :class:`GenParams` or one per
+        prompt (rows of several decodings: the slots engine decodes them in one batch, each row with its own
+        temperature and penalty; ``generate`` runs one group of equal settings after another)."""
+        plist = row_params(params, len(prompts))
+        limits = list(max_new_tokens) if max_new_tokens is not None else [p.max_new_tokens for p in plist]
         if len(limits) != len(prompts):
             raise ValueError(f"max_new_tokens has {len(limits)} entries for {len(prompts)} prompts")
         encoded = [self.encode(p) for p in prompts]
         bar = tqdm(total=len(prompts), desc=desc or f"generate ({self.name})", unit="out", leave=False)
         try:
             with self._lock:
-                it = self._iter_slots(encoded, limits, params) if self._slots else self._iter_generate(encoded, limits, params)
+                it = self._iter_slots(encoded, limits, plist) if self._slots else self._iter_generate(encoded, limits, plist)
                 for i, g in it:
                     bar.update(1)
                     yield i, g
         finally:
             bar.close()
 
-    def _iter_slots(self, encoded, limits, params):
+    def _iter_slots(self, encoded, limits, plist):
+        from .decoding import shared_key
+
         eng = self._slots
         if self.max_batch is None:  # follow batch_size on CPU (benchmarks change it); CUDA: sized from memory
             eng.cfg.max_batch = None if self.device.type == "cuda" else self.batch_size
-        for i, toks, ended, seconds in eng.run(encoded, limits, params):
-            yield i, self._finish(encoded[i], toks, limits[i], seconds)
+        for grp in _groups([shared_key(p) for p in plist]):
+            sub = [plist[i] for i in grp]
+            for j, toks, ended, seconds in eng.run([encoded[i] for i in grp], [limits[i] for i in grp],
+                                                   sub[0] if len(set(map(id, sub))) == 1 else sub):
+                i = grp[j]
+                yield i, self._finish(encoded[i], toks, limits[i], seconds)
 
-    def _iter_generate(self, encoded, limits, params):
-        order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), -limits[i]))
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
-        for s in range(0, len(order), self.batch_size):
-            idx = order[s : s + self.batch_size]
-            yield from zip(idx, self._generate_batch([encoded[i] for i in idx], [limits[i] for i in idx], params))
+    def _iter_generate(self, encoded, limits, plist):
+        for grp in _groups([dataclasses.astuple(p) for p in plist]):
+            params = plist[grp[0]]
+            order = sorted(grp, key=lambda i: (-len(encoded[i]), -limits[i]))
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            for s in range(0, len(order), self.batch_size):
+                idx = order[s : s + self.batch_size]
+                yield from zip(idx, self._generate_batch([encoded[i] for i in idx], [limits[i] for i in idx], params))
 
     def _finish(self, prompt: list[int], toks: list[int], limit: int, seconds: float) -> Generation:
         """A ``Generation`` from a row's generated ids: cut at the first end token ("stop", which counts as a
@@ -453,15 +484,16 @@ class OpenAIBackend(_CollectMixin):
         return Generation("", 0, 0, "error", time.perf_counter() - t0, error=err)
 
     def generate_iter(self, prompts, params, max_new_tokens=None, desc=None):
-        limits = list(max_new_tokens) if max_new_tokens is not None else [params.max_new_tokens] * len(prompts)
+        plist = row_params(params, len(prompts))
+        limits = list(max_new_tokens) if max_new_tokens is not None else [p.max_new_tokens for p in plist]
         if len(limits) != len(prompts):
             raise ValueError(f"max_new_tokens has {len(limits)} entries for {len(prompts)} prompts")
         stop = threading.Event()
         deadline = time.monotonic() + self.deadline_s if self.deadline_s is not None else None
         pool = ThreadPoolExecutor(max_workers=self.concurrency)
         try:
-            futs = {pool.submit(self._one, as_messages(p), params, m, stop, deadline): i
-                    for i, (p, m) in enumerate(zip(prompts, limits))}
+            futs = {pool.submit(self._one, as_messages(p), pp, m, stop, deadline): i
+                    for i, (p, pp, m) in enumerate(zip(prompts, plist, limits))}
             for f in tqdm(as_completed(futs), total=len(futs), desc=desc or f"api ({self.name})", leave=False):
                 yield futs[f], f.result()
         finally:  # normal end, KeyboardInterrupt, or the consumer closing the generator

@@ -29,6 +29,7 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -40,12 +41,13 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from .backends import Backend, BackendConfig, GenParams, OpenAIBackend, make_backend, release
+from .backends import Backend, BackendConfig, Generation, GenParams, OpenAIBackend, make_backend
 from .config import Profile
 from .data import WritingItem, data_file, load_longbench_write
 from .decodings import Decoding, model_label, profile_decodings
+from .generation import Job, generate_into
 from .plots import pyplot, save_figure
-from .runs import (JsonlStore, atomic_write_json, data_fingerprint, fingerprint_id, has_records, model_fingerprint,
+from .runs import (JsonlStore, atomic_write_json, data_fingerprint, fingerprint_id, model_fingerprint,
                    read_fingerprint, sha256_file, write_manifest)
 from .text import count_words, repetition_report, truncate_words
 
@@ -451,50 +453,62 @@ def run_predictions(
     effective_length, collapsed, repeated_rate) as each output arrives, and ``manifest.json``.
     ``tag`` is resolved with :func:`lwlib.models.run_model` (missing checkpoints raise FileNotFoundError).
     """
+    decoding = decoding or profile_decodings(profile)[0]
+    return predict_decodings(profile, tag, [decoding], cfg, backend, items)[decoding.name]
+
+
+def predict_decodings(
+    profile: Profile,
+    tag: str,
+    decodings: Sequence[Decoding],
+    cfg: BenchConfig | None = None,
+    backend: Backend | None = None,
+    items: list[WritingItem] | None = None,
+) -> dict[str, pd.DataFrame]:
+    """:func:`run_predictions` under several decodings in one backend call (one batch of all their rows), a
+    store per decoding; ``{decoding name: predictions}``. The backend is built only if something is missing."""
     from .models import run_model
 
     cfg = cfg or profile.section("bench", BenchConfig)
-    decoding = decoding or profile_decodings(profile)[0]
     model = cfg.backend.model or (run_model(profile, tag) if backend is None else getattr(backend, "name", tag))
-    out = bench_dir(profile, tag, decoding.name)
     data = ([data_fingerprint(data_file("longbench_write.jsonl", cfg.data_path)),
              data_fingerprint(data_file("longbench_write_en.jsonl", cfg.en_data_path))] if items is None else
             fingerprint_id({it.id: [it.prompt, it.lang, it.length] for it in items}))
-    fingerprint = {  # what decides a record (not the selection: records are per item)
-        "model": model_fingerprint(model, profile.run_dir), "max_new_tokens": cfg.max_new_tokens,
-        "decoding": decoding.as_dict(), "seed": profile.seed, "data": data,
-        "repetition": [cfg.rep_ngram, cfg.rep_window, cfg.rep_threshold],  # stored per record
-    }
-    store = JsonlStore(out / "predictions.jsonl", key="id", fingerprint=fingerprint, overwrite=cfg.overwrite,
-                       stage="bench")
-    write_manifest(out, {"profile": profile.resolved(), "bench": dataclasses.asdict(cfg), "model": model, "tag": tag,
-                         "decoding": decoding.as_dict(), "fingerprint": fingerprint})
     items = items if items is not None else select_items(load_longbench_write(cfg.data_path, cfg.en_data_path), cfg)
-    todo = [it for it in items if it.id not in store]
-    errors = []
-    if todo:
-        backend = backend or make_backend(cfg.backend, model, profile.device, profile.dtype)
-        params = decoding.params(cfg.max_new_tokens, seed=profile.seed)
-        for i, g in backend.generate_iter([it.prompt for it in todo], params,
-                                          desc=f"LongBench-Write ({model_label(tag, decoding)})"):
-            it = todo[i]
-            if g.error:
-                errors.append(f"{it.id}: {g.error}")
-                continue
-            rep = _rep(g.text, cfg)
-            store.append({
-                "id": it.id, "tag": tag, "model": model, "decoding": decoding.name, "prompt": it.prompt,
-                "type": it.type, "lang": it.lang,
-                "length": it.length, "bucket": bucket_of(it.length), "response": g.text,
-                "response_length": count_words(g.text), "tokens": g.completion_tokens, "hit_limit": g.hit_limit,
-                "finish_reason": g.finish_reason, "effective_length": rep.effective_words,
-                "collapsed": rep.collapsed, "repeated_rate": round(rep.repeated_rate, 4),
-            })
-    if errors:
-        raise RuntimeError(f"bench predictions ({model_label(tag, decoding)}): {len(errors)} failed (rerun to retry them): "
-                           f"{errors[:3]}")
+    stores, jobs = {}, []
+    for dec in decodings:
+        out = bench_dir(profile, tag, dec.name)
+        fingerprint = {  # what decides a record (not the selection: records are per item)
+            "model": model_fingerprint(model, profile.run_dir), "max_new_tokens": cfg.max_new_tokens,
+            "decoding": dec.as_dict(), "seed": profile.seed, "data": data,
+            "repetition": [cfg.rep_ngram, cfg.rep_window, cfg.rep_threshold],  # stored per record
+        }
+        store = stores[dec.name] = JsonlStore(out / "predictions.jsonl", key="id", fingerprint=fingerprint,
+                                              overwrite=cfg.overwrite, stage="bench")
+        write_manifest(out, {"profile": profile.resolved(), "bench": dataclasses.asdict(cfg), "model": model,
+                             "tag": tag, "decoding": dec.as_dict(), "fingerprint": fingerprint})
+        params = dec.params(cfg.max_new_tokens, seed=profile.seed)
+        jobs += [Job(it.id, it.prompt, params, store,
+                     functools.partial(_prediction_record, it=it, tag=tag, model=model, dec=dec.name, cfg=cfg))
+                 for it in items]
+    names = "+".join(d.name for d in decodings)
+    generate_into(jobs, backend, make=lambda: make_backend(cfg.backend, model, profile.device, profile.dtype),
+                  desc=f"LongBench-Write ({tag}: {names})", what=f"bench predictions ({tag}, {names})")
     ids = {it.id for it in items}
-    return add_length_scores(pd.DataFrame([r for r in store.records() if r["id"] in ids]))
+    return {d.name: add_length_scores(pd.DataFrame([r for r in stores[d.name].records() if r["id"] in ids]))
+            for d in decodings}
+
+
+def _prediction_record(g: Generation, it: WritingItem, tag: str, model: str, dec: str, cfg: BenchConfig) -> dict:
+    rep = _rep(g.text, cfg)
+    return {
+        "id": it.id, "tag": tag, "model": model, "decoding": dec, "prompt": it.prompt,
+        "type": it.type, "lang": it.lang,
+        "length": it.length, "bucket": bucket_of(it.length), "response": g.text,
+        "response_length": count_words(g.text), "tokens": g.completion_tokens, "hit_limit": g.hit_limit,
+        "finish_reason": g.finish_reason, "effective_length": rep.effective_words,
+        "collapsed": rep.collapsed, "repeated_rate": round(rep.repeated_rate, 4),
+    }
 
 
 def bench_dir(profile: Profile, tag: str, decoding: str) -> Path:
@@ -502,11 +516,6 @@ def bench_dir(profile: Profile, tag: str, decoding: str) -> Path:
     p = profile.stage_dir("bench") / tag / decoding
     p.mkdir(parents=True, exist_ok=True)
     return p
-
-
-def _predictions_done(profile: Profile, tag: str, decoding: str, cfg: BenchConfig) -> bool:
-    items = select_items(load_longbench_write(cfg.data_path, cfg.en_data_path), cfg)
-    return has_records(profile.run_dir / "bench" / tag / decoding / "predictions.jsonl", (it.id for it in items))
 
 
 def add_length_scores(df: pd.DataFrame) -> pd.DataFrame:
@@ -671,7 +680,7 @@ def evaluate_models(
     One judge serves all models (built from the config unless given). ``backends`` may give a
     prediction backend per tag (tests). Writes ``summary_path`` (default ``<run>/bench/summary.json``).
     """
-    from .models import available_tags, run_model
+    from .models import available_tags
 
     cfg = cfg or profile.section("bench", BenchConfig)
     backends = backends or {}
@@ -679,15 +688,8 @@ def evaluate_models(
     if not tags:
         raise RuntimeError(f"bench: none of the models {cfg.models} exists in {profile.run_dir}")
     decs = profile_decodings(profile)
-    for tag in tags:
-        backend = backends.get(tag)
-        for dec in decs:
-            if backend is None and not _predictions_done(profile, tag, dec.name, cfg):
-                model = cfg.backend.model or run_model(profile, tag)
-                backend = make_backend(cfg.backend, model, profile.device, profile.dtype)
-            run_predictions(profile, tag, cfg, backend=backend, decoding=dec)
-        if tag not in backends:
-            release(backend)
+    for tag in tags:  # every decoding of a model in one batch; its backend built only if something is missing
+        predict_decodings(profile, tag, decs, cfg, backend=backends.get(tag))
     own = judge_backend is None and cfg.judge.kind != "none"
     judge_backend = judge_backend or make_judge_backend(profile, cfg)
     try:

@@ -172,9 +172,13 @@ class GenerationPenalty:
             self._end_masks[key] = m.to(device)
         return self._end_masks[key]
 
-    def apply(self, scores: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
-        """The processed ``scores`` (a new tensor; ``scores`` itself is left alone)."""
-        if not self.active or tokens.shape[1] == 0:
+    def apply(self, scores: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor | None = None,
+              penalty: torch.Tensor | None = None, window: torch.Tensor | None = None) -> torch.Tensor:
+        """The processed ``scores`` (a new tensor; ``scores`` itself is left alone). ``penalty`` and ``window``
+        (``[B]`` tensors) give each row its own penalty and window (rows of several decodings in one batch;
+        a row with penalty 1.0 is left exactly as it is); by default every row uses this object's."""
+        rows = penalty is not None
+        if not (self.active or rows) or tokens.shape[1] == 0:
             return scores
         b, t = tokens.shape
         vocab = scores.shape[-1]
@@ -182,7 +186,13 @@ class GenerationPenalty:
         n = counts if counts is not None else torch.full((b,), t, dtype=torch.long, device=tokens.device)
         valid = pos[None, :] < n[:, None]
         keep = ~self.end_mask(vocab, scores.device)
-        if self.penalty != 1.0:
+        if rows:
+            w = window if window is not None else torch.full((b,), self.window, dtype=torch.long, device=tokens.device)
+            in_window = valid & ((w <= 0)[:, None] | (pos[None, :] >= (n - w)[:, None]))
+            seen = _mark(tokens, in_window, vocab) & keep
+            p = penalty.to(scores.dtype)[:, None]
+            scores = torch.where(seen, torch.where(scores < 0, scores * p, scores / p), scores)
+        elif self.penalty != 1.0:
             in_window = valid if self.window <= 0 else valid & (pos[None, :] >= (n - self.window)[:, None])
             seen = _mark(tokens, in_window, vocab) & keep
             penalized = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
@@ -234,6 +244,28 @@ def sample_next(scores: torch.Tensor, temperature: float, top_p: float = 1.0,
         scores = top_p_filter(scores, top_p)
     probs = torch.softmax(scores, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def sample_rows(scores: torch.Tensor, temperature: torch.Tensor, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """:func:`sample_next` with a temperature per row (``[B]``; 0 = greedy for that row): rows of several
+    decodings in one batch. A row's draw equals :func:`sample_next`'s at its temperature in distribution."""
+    greedy = temperature <= 0
+    t = torch.where(greedy, torch.ones_like(temperature), temperature).to(scores.dtype)[:, None]
+    scaled = scores / t
+    if top_p is not None and top_p < 1.0:
+        scaled = top_p_filter(scaled, top_p)
+    drawn = torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=generator).squeeze(1)
+    return torch.where(greedy, scores.argmax(dim=-1), drawn)
+
+
+# Sampling settings that one slots-engine call shares across its rows (the rest may differ per row).
+SHARED_PARAMS = ("top_p", "seed", "ignore_eos", "no_repeat_ngram_size")
+
+
+def shared_key(params: Any) -> tuple:
+    """What rows must agree on to share one slots-engine call (:data:`SHARED_PARAMS`)."""
+    return tuple(getattr(params, k, None) for k in SHARED_PARAMS)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -386,7 +418,9 @@ class SlotEngine:
     ``(index, tokens, ended, seconds)`` as rows finish, in any order: ``tokens`` are the generated ids
     (ending with the end token if ``ended``), ``seconds`` the row's time from prefill to finish. Sampling
     (``temperature``, ``top_p``, :class:`GenerationPenalty`, ``ignore_eos``) runs in torch outside the graph,
-    seeded once per call (``params.seed``, a ``torch.Generator`` on the model's device).
+    seeded once per call (``params.seed``, a ``torch.Generator`` on the model's device). ``params`` may be
+    one setting per prompt: rows of several decodings then share the batch, each with its own temperature,
+    repetition penalty and window (the settings of :data:`SHARED_PARAMS` must agree).
 
     Usage: ``for i, toks, ended, s in SlotEngine(model, [2], 2).run([[1, 5, 7]], [32], params): ...``
     """
@@ -582,12 +616,25 @@ class SlotEngine:
         if st._ctx_tokens is None or st._ctx_tokens.device != dev:
             st._ctx_tokens = torch.zeros((), dtype=torch.long, device=dev)
             st._active = torch.zeros((), dtype=torch.long, device=dev)
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(plist)} sampling settings for {len(prompts)} prompts")
+        params = plist[0]
+        if any(shared_key(p) != shared_key(params) for p in plist):
+            raise ValueError(f"slots engine: the rows of one call must share {SHARED_PARAMS}; run groups separately")
+        row_set = [(float(p.temperature or 0.0), float(p.repetition_penalty), int(getattr(p, "repetition_window", 0)))
+                   for p in plist]
+        uniform = len(set(row_set)) == 1  # one decoding: the plain path; else each row its own
         pen = GenerationPenalty.from_params(params, self.end_ids)
-        greedy = not params.temperature or params.temperature <= 0
+        greedy = all(t <= 0 for t, _, _ in row_set)
         gen = None
         if not greedy and params.seed is not None:
             gen = torch.Generator(device=dev)
             gen.manual_seed(int(params.seed))
+        p_temp, p_pen, p_win = (torch.tensor(c, device=dev) for c in zip(*row_set))
+        r_temp = torch.zeros(slots, dtype=p_temp.dtype, device=dev)
+        r_pen = torch.ones(slots, dtype=p_pen.dtype, device=dev)
+        r_win = torch.zeros(slots, dtype=torch.long, device=dev)
         vocab = self.head.weight.shape[0]
         end_mask = pen.end_mask(vocab, dev)
         ignore_eos = bool(getattr(params, "ignore_eos", False))
@@ -608,12 +655,18 @@ class SlotEngine:
         t_in = [0.0] * slots
         pending = deque(sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), -limits[i])))
 
-        def choose(scores: torch.Tensor, hist: torch.Tensor | None, counts: torch.Tensor | None) -> torch.Tensor:
+        def choose(scores: torch.Tensor, hist: torch.Tensor | None, counts: torch.Tensor | None,
+                   sel: torch.Tensor | slice) -> torch.Tensor:
+            """Next tokens of the slots ``sel`` (an index tensor at prefill, ``[:B]`` when decoding)."""
             if ignore_eos:
                 scores = scores.masked_fill(end_mask, float("-inf"))
-            if hist is not None:  # (nothing generated yet at prefill)
-                scores = pen.apply(scores, hist, counts)
-            return sample_next(scores, params.temperature, params.top_p, gen)
+            if uniform:
+                if hist is not None:  # (nothing generated yet at prefill)
+                    scores = pen.apply(scores, hist, counts)
+                return sample_next(scores, params.temperature, params.top_p, gen)
+            if hist is not None:
+                scores = pen.apply(scores, hist, counts, r_pen[sel], r_win[sel])
+            return sample_rows(scores, r_temp[sel], params.top_p, gen)
 
         def admit() -> None:
             free = [b for b in range(slots) if item[b] < 0]
@@ -626,8 +679,10 @@ class SlotEngine:
                 g = max(1, min(len(take) - s, cfg.prefill_tokens // w))
                 rows, idx = free[s : s + g], take[s : s + g]
                 logits = self._prefill(rows, [prompts[i] for i in idx])
-                first = choose(logits, None, None)
                 r = torch.tensor(rows, device=dev)
+                pi = torch.tensor(idx, device=dev)
+                r_temp[r], r_pen[r], r_win[r] = p_temp[pi], p_pen[pi], p_win[pi]
+                first = choose(logits, None, None, r)
                 lim = torch.tensor([limits[i] for i in idx], device=dev)
                 self._last[r] = first
                 self._lens[r] = torch.tensor([len(prompts[i]) for i in idx], device=dev)
@@ -680,7 +735,7 @@ class SlotEngine:
             for kc, vc in zip(self.k, self.v):
                 kc[d, :, :cols] = kc[s, :, :cols]
                 vc[d, :, :cols] = vc[s, :, :cols]
-            for t in (self._last, self._lens, ngen, limit, active, toks):
+            for t in (self._last, self._lens, ngen, limit, active, toks, r_temp, r_pen, r_win):
                 t[d] = t[s]
             for a, z in zip(src, dst):
                 item[z], cached[z], made[z], t_in[z] = item[a], cached[a], made[a], t_in[a]
@@ -713,7 +768,7 @@ class SlotEngine:
                     st._ctx_tokens += ((lens + 1) * act).sum()  # the step reads its new token too
                     st._active += act.sum()
                     lens.add_(act)
-                    nxt = choose(logits, toks[:b_], ngen[:b_])
+                    nxt = choose(logits, toks[:b_], ngen[:b_], slice(0, b_))
                     col = ngen[:b_].clamp(max=tmax - 1).unsqueeze(1)
                     toks[:b_].scatter_(1, col, torch.where(act, nxt, toks[:b_].gather(1, col)[:, 0]).unsqueeze(1))
                     self._last[:b_].copy_(torch.where(act, nxt, self._last[:b_]))

@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import functools
 import math
 import random
 import warnings
@@ -47,10 +48,11 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .backends import Backend, BackendConfig, GenParams, make_backend
+from .backends import Backend, BackendConfig, Generation, GenParams, make_backend
 from .bench import JudgeConfig
 from .config import Profile
 from .decodings import Decoding, get_decoding
+from .generation import Job, generate_into
 from .plots import pyplot, save_figure
 from .progress import console_callback
 from .runs import (JsonlStore, atomic_write_json, fingerprint_id, model_fingerprint, read_jsonl, read_log_history,
@@ -202,27 +204,22 @@ def sample_outputs(prof: Profile, cfg: DPOStageConfig, instructions: list[dict[s
 
     dec = sampling_decoding(prof, cfg)
     store = _samples_store(prof, cfg)
-    todo = [(it, k) for it in instructions for k in range(cfg.samples) if f"{it['id']}-s{k}" not in store]
-    errors = []
-    if todo:
-        model = run_model(prof, cfg.start_model)
-        backend = backend or make_backend(cfg.backend, model, prof.device, prof.dtype)
-        params = dec.params(cfg.max_new_tokens, seed=prof.seed)
-        prompts = [[{"role": "user", "content": it["prompt"]}] for it, _ in todo]
-        for i, g in backend.generate_iter(prompts, params, desc=f"DPO sampling ({dec.name})"):
-            it, k = todo[i]
-            if g.error:
-                errors.append(f"{it['id']}-s{k}: {g.error}")
-                continue
-            rep = repetition_report(g.text)
-            store.append({"id": f"{it['id']}-s{k}", "instruction_id": it["id"], "sample": k,
-                          "prompt": it["prompt"], "type": it["type"], "lang": it["lang"],
-                          "required_length": it["length"], "response": g.text, "words": rep.words,
-                          "effective_words": rep.effective_words, "collapsed": rep.collapsed,
-                          "tokens": g.completion_tokens, "finish_reason": g.finish_reason,
-                          "model": str(cfg.start_model), "decoding": dec.name})
-    if errors:
-        raise RuntimeError(f"DPO sampling: {len(errors)} generations failed (rerun to retry them): {errors[:3]}")
+    params = dec.params(cfg.max_new_tokens, seed=prof.seed)
+
+    def record(g: Generation, it: dict[str, Any], k: int) -> dict[str, Any]:
+        rep = repetition_report(g.text)
+        return {"id": f"{it['id']}-s{k}", "instruction_id": it["id"], "sample": k,
+                "prompt": it["prompt"], "type": it["type"], "lang": it["lang"],
+                "required_length": it["length"], "response": g.text, "words": rep.words,
+                "effective_words": rep.effective_words, "collapsed": rep.collapsed,
+                "tokens": g.completion_tokens, "finish_reason": g.finish_reason,
+                "model": str(cfg.start_model), "decoding": dec.name}
+
+    jobs = [Job(f"{it['id']}-s{k}", [{"role": "user", "content": it["prompt"]}], params, store,
+                functools.partial(record, it=it, k=k)) for it in instructions for k in range(cfg.samples)]
+    generate_into(jobs, backend, make=lambda: make_backend(cfg.backend, run_model(prof, cfg.start_model), prof.device,
+                                                           prof.dtype),
+                  desc=f"DPO sampling ({dec.name})", what="DPO sampling")
     want = {f"{it['id']}-s{k}" for it in instructions for k in range(cfg.samples)}
     return pd.DataFrame([r for r in store.records() if r["id"] in want])
 

@@ -25,7 +25,9 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,12 +35,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .backends import Backend, BackendConfig, make_backend, release
+from .backends import Backend, BackendConfig, Generation, make_backend
 from .config import Profile
 from .data import WritingItem, data_file, load_ruler
 from .decodings import Decoding, model_label, profile_decodings
+from .generation import Job, generate_into
 from .plots import pyplot, save_figure
-from .runs import (JsonlStore, atomic_write_json, data_fingerprint, has_records, model_fingerprint, read_records,
+from .runs import (JsonlStore, atomic_write_json, data_fingerprint, model_fingerprint, read_records,
                    write_manifest)
 from .text import repetition_report
 
@@ -118,62 +121,73 @@ def run_probe(
     ``summary.json`` and ``manifest.json``. Stored outputs made with other settings raise
     ``lwlib.runs.StaleRunError`` (``cfg.overwrite`` moves them aside); the selection may change freely.
     """
-    cfg = cfg or profile.section("probe", ProbeConfig)
     decoding = decoding or profile_decodings(profile)[0]
-    out = probe_dir(profile, tag, decoding.name)
-    fingerprint = {  # what decides a record (not the selection: records are per item)
-        "model": model_fingerprint(model if backend is not None else cfg.backend.model or model, profile.run_dir),
-        "max_new_tokens": cfg.max_new_tokens, "decoding": decoding.as_dict(),
-        "seed": profile.seed, "data": data_fingerprint(data_file("longwrite_ruler.jsonl", cfg.data_path)),
-        "repetition": [cfg.rep_ngram, cfg.rep_window, cfg.rep_threshold],  # stored per record
-    }
-    store = JsonlStore(out / "generations.jsonl", key="id", fingerprint=fingerprint, overwrite=cfg.overwrite,
-                       stage="probe")
-    write_manifest(out, {"profile": profile.resolved(), "probe": dataclasses.asdict(cfg), "model": model, "tag": tag,
-                         "decoding": decoding.as_dict(), "fingerprint": fingerprint})
+    return probe_decodings(profile, model, tag, [decoding], cfg, backend)[decoding.name]
+
+
+def probe_decodings(
+    profile: Profile,
+    model: str,
+    tag: str,
+    decodings: Sequence[Decoding],
+    cfg: ProbeConfig | None = None,
+    backend: Backend | None = None,
+) -> dict[str, pd.DataFrame]:
+    """:func:`run_probe` under several decodings at once: one backend call (the slots engine decodes the rows
+    of every decoding in one batch), a store per decoding. ``{decoding name: records}``; the backend is built
+    only if something is missing (and released after)."""
+    cfg = cfg or profile.section("probe", ProbeConfig)
     items = select_items(load_ruler(cfg.data_path), cfg)
-    todo = [(it, s) for it in items for s in range(cfg.samples_per_prompt) if f"{it.id}-s{s}" not in store]
-    errors = []
-    if todo:
-        backend = backend or make_backend(cfg.backend, model, profile.device, profile.dtype)
-        params = decoding.params(cfg.max_new_tokens, seed=profile.seed)
-        for i, g in backend.generate_iter([it.prompt for it, _ in todo], params,
-                                          desc=f"ruler probe ({model_label(tag, decoding)})"):
-            it, s = todo[i]
-            if g.error:
-                errors.append(f"{it.id}-s{s}: {g.error}")
-                continue
-            rep = repetition_report(g.text, cfg.rep_ngram, cfg.rep_window, cfg.rep_threshold)
-            store.append({
-                "id": f"{it.id}-s{s}", "model": model, "tag": tag, "decoding": decoding.name, "prompt": it.prompt,
-                "type": it.type, "lang": it.lang, "required_length": it.length, "sample": s, "response": g.text,
-                "words": rep.words, "tokens": g.completion_tokens, "hit_limit": g.hit_limit,
-                "finish_reason": g.finish_reason, "effective_words": rep.effective_words,
-                "collapsed": rep.collapsed, "repeated_rate": round(rep.repeated_rate, 4),
-            })
-    if errors:
-        raise RuntimeError(f"probe ({tag}, {decoding.name}): {len(errors)} generations failed (rerun to retry them): "
-                           f"{errors[:3]}")
+    stores, jobs = {}, []
+    for dec in decodings:
+        out = probe_dir(profile, tag, dec.name)
+        fingerprint = {  # what decides a record (not the selection: records are per item)
+            "model": model_fingerprint(model if backend is not None else cfg.backend.model or model, profile.run_dir),
+            "max_new_tokens": cfg.max_new_tokens, "decoding": dec.as_dict(),
+            "seed": profile.seed, "data": data_fingerprint(data_file("longwrite_ruler.jsonl", cfg.data_path)),
+            "repetition": [cfg.rep_ngram, cfg.rep_window, cfg.rep_threshold],  # stored per record
+        }
+        store = stores[dec.name] = JsonlStore(out / "generations.jsonl", key="id", fingerprint=fingerprint,
+                                              overwrite=cfg.overwrite, stage="probe")
+        write_manifest(out, {"profile": profile.resolved(), "probe": dataclasses.asdict(cfg), "model": model,
+                             "tag": tag, "decoding": dec.as_dict(), "fingerprint": fingerprint})
+        params = dec.params(cfg.max_new_tokens, seed=profile.seed)
+        jobs += [Job(f"{it.id}-s{s}", it.prompt, params, store,
+                     functools.partial(_probe_record, it=it, s=s, model=model, tag=tag, dec=dec.name, cfg=cfg))
+                 for it in items for s in range(cfg.samples_per_prompt)]
+    names = "+".join(d.name for d in decodings)
+    generate_into(jobs, backend, make=lambda: make_backend(cfg.backend, model, profile.device, profile.dtype),
+                  desc=f"ruler probe ({tag}: {names})", what=f"probe ({tag}, {names})")
     want = {f"{it.id}-s{s}" for it in items for s in range(cfg.samples_per_prompt)}
-    df = pd.DataFrame([r for r in store.records() if r["id"] in want])
-    atomic_write_json(out / "summary.json", summarize_probe(df, cfg.quantile))
-    return df
+    frames = {}
+    for dec in decodings:
+        df = frames[dec.name] = pd.DataFrame([r for r in stores[dec.name].records() if r["id"] in want])
+        atomic_write_json(probe_dir(profile, tag, dec.name) / "summary.json", summarize_probe(df, cfg.quantile))
+    return frames
+
+
+def _probe_record(g: Generation, it: WritingItem, s: int, model: str, tag: str, dec: str, cfg: ProbeConfig) -> dict:
+    rep = repetition_report(g.text, cfg.rep_ngram, cfg.rep_window, cfg.rep_threshold)
+    return {
+        "id": f"{it.id}-s{s}", "model": model, "tag": tag, "decoding": dec, "prompt": it.prompt,
+        "type": it.type, "lang": it.lang, "required_length": it.length, "sample": s, "response": g.text,
+        "words": rep.words, "tokens": g.completion_tokens, "hit_limit": g.hit_limit,
+        "finish_reason": g.finish_reason, "effective_words": rep.effective_words,
+        "collapsed": rep.collapsed, "repeated_rate": round(rep.repeated_rate, 4),
+    }
 
 
 def probe_models(profile: Profile, models: dict[str, str], cfg: ProbeConfig | None = None) -> dict[str, pd.DataFrame]:
-    """:func:`run_probe` for every ``{tag: model}`` under every decoding of the profile, one backend per model.
+    """:func:`probe_decodings` for every ``{tag: model}`` under every decoding of the profile, one backend
+    (and one batch of all decodings) per model.
 
     Returns ``{"<tag> (<decoding>)": records}``, models in the given order, decodings in profile order."""
     cfg = cfg or profile.section("probe", ProbeConfig)
+    decs = profile_decodings(profile)
     frames = {}
     for tag, model in models.items():
-        decs = profile_decodings(profile)
-        backend = None
-        if any(not _probe_done(profile, tag, d.name, cfg) for d in decs):
-            backend = make_backend(cfg.backend, model, profile.device, profile.dtype)
-        for dec in decs:
-            frames[model_label(tag, dec)] = run_probe(profile, model, tag, cfg, backend, dec)
-        release(backend)
+        got = probe_decodings(profile, model, tag, decs, cfg)
+        frames.update({model_label(tag, dec): got[dec.name] for dec in decs})
     return frames
 
 
@@ -182,12 +196,6 @@ def probe_dir(profile: Profile, tag: str, decoding: str) -> Path:
     p = profile.stage_dir("probe") / tag / decoding
     p.mkdir(parents=True, exist_ok=True)
     return p
-
-
-def _probe_done(profile: Profile, tag: str, decoding: str, cfg: ProbeConfig) -> bool:
-    items = select_items(load_ruler(cfg.data_path), cfg)
-    return has_records(profile.run_dir / "probe" / tag / decoding / "generations.jsonl",
-                       (f"{it.id}-s{s}" for it in items for s in range(cfg.samples_per_prompt)))
 
 
 def load_probe(profile: Profile, tag: str, decoding: str) -> pd.DataFrame:

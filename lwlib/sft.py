@@ -278,26 +278,26 @@ def self_distill(prof: Profile, n: int, cfg: SFTConfig, backend=None) -> list[Me
     """General SFT data by self-distillation: the profile's model answers ``n`` built-in short
     instructions (greedy). Resumable cache ``<run>/sft/general_self_distill.jsonl``; every record
     says ``source: self-distillation`` and the model. Answers cut by the token limit are skipped."""
-    from .backends import GenParams, make_backend, BackendConfig
+    from .backends import BackendConfig, GenParams, make_backend
+    from .generation import Job, generate_into
 
     store = JsonlStore(prof.stage_dir("sft") / "general_self_distill.jsonl", key="id", stage="sft",
                        overwrite=cfg.overwrite, fingerprint={  # greedy; the instructions are prefix-stable in n
                            "model": model_fingerprint(prof.model, prof.run_dir), "temperature": 0.0,
                            "max_new_tokens": cfg.self_distill_max_new_tokens, "seed": prof.seed})
     items = general_instructions(n, prof.seed)
-    todo = [it for it in items if it["id"] not in store]
-    if todo:
-        backend = backend or make_backend(BackendConfig(batch_size=cfg.self_distill_batch_size), prof.model,
-                                          prof.device, prof.dtype)
-        params = GenParams(cfg.self_distill_max_new_tokens, temperature=0.0, seed=prof.seed)
-        for i, g in backend.generate_iter([[{"role": "user", "content": it["prompt"]}] for it in todo], params,
-                                          desc="self-distillation (general SFT data)"):
-            if g.error:
-                continue
-            store.append({"id": todo[i]["id"], "source": "self-distillation", "model": prof.model,
-                          "finish_reason": g.finish_reason, "messages": [
-                              {"role": "user", "content": todo[i]["prompt"]},
-                              {"role": "assistant", "content": g.text.strip()}]})
+    params = GenParams(cfg.self_distill_max_new_tokens, temperature=0.0, seed=prof.seed)
+
+    def record(g, it: dict[str, str]) -> dict[str, Any]:
+        return {"id": it["id"], "source": "self-distillation", "model": prof.model, "finish_reason": g.finish_reason,
+                "messages": [{"role": "user", "content": it["prompt"]},
+                             {"role": "assistant", "content": g.text.strip()}]}
+
+    generate_into([Job(it["id"], [{"role": "user", "content": it["prompt"]}], params, store,
+                       functools.partial(record, it=it)) for it in items], backend,
+                  make=lambda: make_backend(BackendConfig(batch_size=cfg.self_distill_batch_size), prof.model,
+                                            prof.device, prof.dtype),
+                  desc="self-distillation (general SFT data)", what="self-distillation")
     want = {it["id"] for it in items}
     return [r["messages"] for r in store.records() if r["id"] in want and r["finish_reason"] == "stop"
             and r["messages"][1]["content"]]

@@ -28,6 +28,7 @@ from lwlib.decoding import (
     pow2_buckets,
     round_up,
     sample_next,
+    sample_rows,
     top_p_filter,
 )
 
@@ -174,6 +175,27 @@ def test_sampling():
     assert torch.equal(sample_next(scores, 1.0, 1e-9, g), scores.argmax(-1))  # a tiny nucleus is the argmax
 
 
+def test_per_row_penalty_and_temperature_equal_one_setting_per_row():
+    """Rows of several decodings in one batch: each row is processed exactly as its own setting would."""
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randn(4, 20, generator=g) * 2
+    toks = torch.randint(3, 20, (4, 9), generator=g)
+    counts = torch.tensor([9, 6, 0, 9])
+    pen, win = torch.tensor([1.0, 1.5, 1.3, 1.15]), torch.tensor([0, 3, 2, 4])
+    got = GenerationPenalty(end_ids=[2]).apply(scores, toks, counts, pen, win)
+    for b in range(4):
+        one = GenerationPenalty(float(pen[b]), int(win[b]), end_ids=[2]).apply(scores[b:b + 1], toks[b:b + 1],
+                                                                              counts[b:b + 1])
+        assert torch.equal(got[b], one[0]), b
+    assert torch.equal(got[0], scores[0])  # penalty 1.0: untouched
+    # per-row temperature: greedy rows take the argmax, sampled rows stay inside their own distribution
+    temps = torch.tensor([0.0, 0.5, 0.0, 2.0])
+    draws = torch.stack([sample_rows(scores, temps, 1.0, torch.Generator().manual_seed(k)) for k in range(200)])
+    assert torch.equal(draws[:, 0], scores[0].argmax().repeat(200)) and torch.equal(draws[:, 2], scores[2].argmax().repeat(200))
+    hot, cold = (len(set(draws[:, 3].tolist())), len(set(draws[:, 1].tolist())))
+    assert hot > cold  # temperature 2 spreads wider than 0.5
+
+
 # -- the engine on the real model ------------------------------------------------------------------------
 
 
@@ -219,6 +241,23 @@ def test_slots_with_penalty_equal_generate_engine(engines):
     plain = GREEDY.get("story") or slots.generate(
         PROMPTS[1:2], GenParams(temperature=0), max_new_tokens=LIMITS[1:2])[0].text
     assert plain != got[1].text  # the penalty changed the story
+
+
+def test_rows_of_two_decodings_in_one_call_equal_separate_calls(engines):
+    """Greedy rows with and without the penalty in one slots-engine batch give exactly the outputs of one call
+    per decoding (and of the generate engine, which runs the groups one after another)."""
+    _, batched, slots = engines
+    plain, pen = GenParams(temperature=0), GenParams(temperature=0, repetition_penalty=1.3, repetition_window=16)
+    want = (slots.generate(PROMPTS, plain, max_new_tokens=LIMITS)
+            + slots.generate(PROMPTS, pen, max_new_tokens=LIMITS))
+    mixed = [plain] * len(PROMPTS) + [pen] * len(PROMPTS)
+    got = slots.generate(PROMPTS + PROMPTS, mixed, max_new_tokens=LIMITS + LIMITS)
+    assert [fields(g) for g in got] == [fields(g) for g in want]
+    assert got[1].text != got[len(PROMPTS) + 1].text  # the penalty changed the story: the rows did differ
+    assert [fields(g) for g in batched.generate(PROMPTS + PROMPTS, mixed, max_new_tokens=LIMITS + LIMITS)] == \
+        [fields(g) for g in want]
+    with pytest.raises(ValueError, match="sampling settings"):
+        slots.generate(PROMPTS, [plain])
 
 
 def test_slots_sampling_seeded_and_ignore_eos(engines):

@@ -267,7 +267,7 @@ def test_deadline_bounds_a_stage_call_and_errors_are_not_stored(tmp_path):
     with serve(Echo(), delay_s=0.6) as server:
         be = OpenAIBackend(server.model, base_url=server.url, concurrency=1, max_retries=0, deadline_s=1.5)
         t0 = time.monotonic()
-        with pytest.raises(RuntimeError, match=r"probe \(api, paper\): [45] generations failed \(rerun to retry them\)"):
+        with pytest.raises(RuntimeError, match=r"probe \(api, paper\): [45] of 6 generations failed \(rerun to retry them\)"):
             run_probe(prof, "echo", "api", backend=be)
         assert time.monotonic() - t0 < 2.5 and server.requests <= 3
     assert len(read_jsonl(tmp_path / "smoke" / "probe" / "api" / "paper" / "generations.jsonl")) in (1, 2)

@@ -99,12 +99,15 @@ def test_every_model_is_probed_under_every_decoding(tmp_path, monkeypatch):
     frames = probe_models(prof, {"base": "model-a", "sft": "model-b"})
     decs = profile_decodings(prof)
     assert list(frames) == [f"{t} ({d.name})" for t in ("base", "sft") for d in decs]
-    assert [(m, p) for m, p in log] == [(m, d.params(8, prof.seed)) for m in ("model-a", "model-b") for d in decs]
+    # one call per model, its prompts under every decoding in one batch (each prompt its own settings)
+    n = len(frames["base (paper)"])
+    assert [(m, p) for m, p in log] == [(m, [d.params(8, prof.seed) for d in decs for _ in range(n)])
+                                        for m in ("model-a", "model-b")]
     for name, df in frames.items():
         tag, dec = name.split(" (")
         assert set(df["decoding"]) == {dec.rstrip(")")} and set(df["tag"]) == {tag}
         assert (tmp_path / "smoke" / "probe" / tag / dec.rstrip(")") / "generations.jsonl").exists()
-    assert log[0][1].repetition_penalty == 1.0 and log[1][1].repetition_penalty > 1.0
+    assert log[0][1][0].repetition_penalty == 1.0 and log[0][1][-1].repetition_penalty > 1.0
     log.clear()
     probe_models(prof, {"base": "model-a", "sft": "model-b"})  # all stored: no backend is built, nothing generated
     assert log == []
