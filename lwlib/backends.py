@@ -506,8 +506,10 @@ class BackendConfig:
     """Which backend a stage uses.
 
     Fields:
-        kind: ``local`` (transformers, batched) or ``openai`` (any OpenAI-compatible server).
-        model: model name/path (local) or served model id (openai); empty = the profile's model.
+        kind: ``local`` (transformers, batched), ``openai`` (any OpenAI-compatible server) or ``server`` (an
+            inference server started for the stage's model, used as ``openai`` and stopped afterwards:
+            :mod:`lwlib.served`; vLLM by default).
+        model: model name/path (local, server) or served model id (openai); empty = the profile's model.
         batch_size: prompts per ``generate`` call (local).
         cache_implementation: ``static`` for a static KV cache (local, GPU), or null.
         compile: torch.compile the decoding step (local, with a static cache).
@@ -534,9 +536,13 @@ class BackendConfig:
         prefill_tokens: slots: padded prompt tokens per prefill forward.
         kv_cache_gb: slots: memory for the KV cache; null = 60% of free GPU memory (CPU: 4 GB).
         cuda_graphs: slots: one CUDA graph per (batch, cache) bucket on CUDA; false = eager steps.
+        server_command: server: the command that serves ``{model}`` on ``{port}`` with ``{gpus}`` GPUs; null =
+            ``lwlib.served.VLLM_COMMAND`` (``vllm serve``; ``lwlib.served.SGLANG_COMMAND`` for SGLang).
+        server_ready_s: server: seconds to wait for the server to answer (loading an 8B model takes minutes).
+        server_log: server: file for the server's output; null = a temporary file (named in errors).
     """
 
-    kind: Literal["local", "openai"] = "local"
+    kind: Literal["local", "openai", "server"] = "local"
     model: str = ""
     batch_size: int = 8
     cache_implementation: str | None = None
@@ -559,6 +565,10 @@ class BackendConfig:
     prefill_tokens: int = 32768
     kv_cache_gb: float | None = None
     cuda_graphs: bool = True
+    # server (lwlib.served)
+    server_command: list[str] | None = None
+    server_ready_s: float = 1800.0
+    server_log: str | None = None
 
     def __post_init__(self):
         if self.engine not in ENGINES:
@@ -566,8 +576,14 @@ class BackendConfig:
 
 
 def release(backend: Any) -> None:
-    """Drop a local backend's model, KV cache and CUDA graphs now (a training step may need the memory next)."""
+    """Drop a local backend's model, KV cache and CUDA graphs now (a training step may need the memory next);
+    stop a started server (``kind: server``)."""
     if backend is None:
+        return
+    from .served import ServedBackend
+
+    if isinstance(backend, ServedBackend):
+        backend.close()
         return
     for attr in ("_slots", "model"):
         if hasattr(backend, attr):
@@ -596,4 +612,12 @@ def make_backend(cfg: BackendConfig, default_model: str = "", device: str = "aut
             max_retries=cfg.max_retries, timeout_s=cfg.timeout_s, timeout_base_s=cfg.timeout_base_s,
             min_tokens_per_s=cfg.min_tokens_per_s, deadline_s=cfg.deadline_s,
         )
-    raise ValueError(f"backend kind must be 'local' or 'openai', got {cfg.kind!r}")
+    if cfg.kind == "server":
+        from .served import VLLM_COMMAND, ServedBackend
+
+        return ServedBackend(
+            model, command=cfg.server_command or VLLM_COMMAND, ready_timeout_s=cfg.server_ready_s,
+            log_path=cfg.server_log, concurrency=cfg.concurrency, max_retries=cfg.max_retries, timeout_s=cfg.timeout_s,
+            timeout_base_s=cfg.timeout_base_s, min_tokens_per_s=cfg.min_tokens_per_s, deadline_s=cfg.deadline_s,
+        )
+    raise ValueError(f"backend kind must be 'local', 'openai' or 'server', got {cfg.kind!r}")

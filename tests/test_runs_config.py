@@ -218,7 +218,7 @@ def test_profile_values_are_typed_with_file_and_field_in_errors(tmp_path):
              ("dpo:\n  steps: ten\n", r"dpo\.steps: expected int, got 'ten'"),
              ("sft:\n  caps: [500, x]\n", r"sft\.caps\[1\]: expected int, got 'x'"),
              ("sft:\n  gradient_checkpointing: 1\n", r"sft\.gradient_checkpointing: expected bool"),
-             ("probe:\n  backend: {kind: opneai}\n", r"probe\.backend\.kind: expected one of 'local', 'openai', got 'opneai'"),
+             ("probe:\n  backend: {kind: opneai}\n", r"probe\.backend\.kind: expected one of 'local', 'openai', 'server', got 'opneai'"),
              ("bench:\n  judge: {kind: gpt}\n", r"bench\.judge\.kind: expected one of 'local', 'openai', 'none'"),
              ("dpo:\n  judge: {kind: none, max_tokens: lots}\n", r"dpo\.judge\.max_tokens: expected int"),
              ("sft:\n  loss: mean\n", r"sft: sft\.loss must be 'token' or 'sequence'")]
