@@ -85,10 +85,11 @@ def plot_cap_experiment(table: pd.DataFrame, path: str | Path, title: str) -> Pa
         ax.plot(x, t["model_max_output_words_raw"], "o-", color=f"C{k}", label=f"{dec}: p95 raw words")
         ax.plot(x, t["model_max_output_words_effective"], "s--", color=f"C{k}", alpha=0.7,
                 label=f"{dec}: p95 effective words")
-        for _, r in t.iterrows():
+        for j, (_, r) in enumerate(t.iterrows()):  # alternate above/below: neighbouring caps sit close together
             ax.annotate(f"cap {r['cap']}, stop {r['share_stopped']:.0%}",
                         (r["data_max_output_words"], r["model_max_output_words_raw"]),
-                        textcoords="offset points", xytext=(4, 4), fontsize=7, color=f"C{k}")
+                        textcoords="offset points", xytext=(4, 6 if j % 2 == 0 else -12), fontsize=7,
+                        color=f"C{k}")
         top = max(top, float(x.max()), float(t["model_max_output_words_raw"].max()))
     ax.plot([0, top * 1.1], [0, top * 1.1], ":", color="gray", label="y = x")
     ax.set_xlabel("max output length in SFT data (words)")
