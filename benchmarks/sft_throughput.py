@@ -26,9 +26,9 @@ bf16 keeps fp32 masters, so this is a speed reference, not the recipe).
 ``packed``; flattened packs compile with dynamic shapes), in ``--compile-mode`` (``reduce-overhead``: CUDA graphs);
 the loss of the full logits is then compiled too (:func:`lwlib.sft.compiled_sft_loss`, as the trainer does with
 ``sft.torch_compile``) unless ``--compile-loss 0``.
-``--attn torch_varlen``: PyTorch's FlashAttention varlen kernel (:func:`lwlib.packing.varlen_attention_forward`);
+``--attn torch_varlen``: PyTorch's FlashAttention varlen kernel (:func:`lwlib.attention.varlen_attention_forward`);
 ``--attn fa4_varlen``: FlashAttention-4's varlen kernels (``flash-attn-4``, Hopper/Blackwell;
-:func:`lwlib.packing.fa4_attention_forward`).
+:func:`lwlib.attention.fa4_attention_forward`).
 ``--flex-mask`` (packed + flex_attention): ``prebuilt`` passes the ``BlockMask`` of :func:`document_block_mask`,
 ``transformers`` lets transformers build it from ``position_ids`` on every forward.
 ``--profile``: one more step, profiled, adds its wall and GPU-busy time, top CUDA kernels and top CPU operators
@@ -61,9 +61,9 @@ import time
 
 import torch
 
+from lwlib.attention import flash_attn2_available, flat_packs
 from lwlib.models import load_model
-from lwlib.packing import (IGNORE, PackCollator, PackedDataset, TokenizedExample, flash_attn2_available, flat_packs,
-                           pack_examples, split_batch)
+from lwlib.packing import IGNORE, PackCollator, PackedDataset, TokenizedExample, pack_examples, split_batch
 from lwlib.sft import forward_loss, use_liger
 
 

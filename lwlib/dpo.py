@@ -550,6 +550,7 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
+    from .attention import pick_padded_attn
     from .models import load_tokenizer, resolve_model, run_model
     from .sft import batch_plan, checkpointing_args, deepspeed_config
 
@@ -584,7 +585,7 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
         logging_steps=cfg.logging_steps, save_strategy="no", report_to=[], seed=prof.seed,
         dataloader_num_workers=0, deepspeed=ds_cfg, disable_tqdm=False,
     )
-    attn = dpo_attn(prof.device)
+    attn = pick_padded_attn(prof.device)
     model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32, attn_implementation=attn)
     model.config.use_cache = False
     ref = None
@@ -614,17 +615,6 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
                                                    "metrics": result.metrics, "global_step": result.global_step,
                                                    "start_model": start, "length_plan": plan})
     return out_dir
-
-
-def dpo_attn(device: str) -> str:
-    """Attention for DPO's padded (unpacked) batches: flash_attention_2 where :func:`lwlib.sft.pick_attn` picks
-    it (it handles padding), else sdpa. flex_attention only pays off for packs, and the flattened-pack kernels
-    (``torch_varlen``, ``fa4_varlen``) need the SFT collator's flattened packs, which TRL's DPO collator does
-    not make."""
-    from .sft import pick_attn
-
-    attn = pick_attn("auto", device)
-    return attn if attn == "flash_attention_2" else "sdpa"
 
 
 def load_dpo_log(folder: str | Path) -> pd.DataFrame:

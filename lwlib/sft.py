@@ -8,7 +8,7 @@ batch (every gradient-accumulation step, every data-parallel rank) rather than t
 means, which would let a 20-token answer weigh as much as a 10,000-word one and so under-train exactly
 the long outputs this data is for (the paper's "loss weighting"); lr 1e-5, batch 8 packs, 4 epochs,
 cosine schedule, warmup ratio 0.03, weight decay 0.1, Adam betas (0.9, 0.95), bf16, ZeRO-3 + CPU offload
-on 8 GPUs. Packing and targets: :mod:`lwlib.packing`.
+on 8 GPUs. Packing and targets: :mod:`lwlib.packing`; attention on packs: :mod:`lwlib.attention`.
 
 The loss is computed in :class:`LongWriterTrainer` (a small ``transformers.Trainer`` subclass):
 ``get_batch_samples`` counts the target tokens (or sequences, for the ablation) of all micro-batches
@@ -50,10 +50,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .attention import flat_packs, pick_attn, register_varlen_attention
 from .config import Profile
-from .packing import (FA4_ATTENTION, IGNORE, VARLEN_ATTENTION, PackCollator, PackedDataset, TokenizedExample,
-                      fa4_available, flash_attn2_available, flat_packs, pack_examples, pack_stats,
-                      register_varlen_attention, split_batch, tokenize_chat, training_template, varlen_available)
+from .packing import (IGNORE, PackCollator, PackedDataset, TokenizedExample, pack_examples, pack_stats, split_batch,
+                      tokenize_chat, training_template)
 from .plots import pyplot, save_figure
 from .progress import console_callback
 from .runs import (REPO_ROOT, JsonlStore, atomic_write_json, iter_jsonl, model_fingerprint, read_log_history,
@@ -123,12 +123,12 @@ class SFTConfig:
             The first steps pay for compilation (a minute or two); with flattened packs (``torch_varlen``,
             ``fa4_varlen``) the step is then GPU-bound and faster than any eager one (measured: benchmarks/README.md,
             "Packed steps compiled" and "FlashAttention-4 and a compiled loss").
-        attn_implementation: ``auto``: on CUDA ``fa4_varlen`` (FlashAttention-4's kernels on flattened packs,
-            :mod:`lwlib.packing`) where flash-attn-4 is installed on a Hopper/Blackwell GPU, else flash_attention_2
-            when the flash-attn 2 package is installed, else ``torch_varlen`` (PyTorch's own FlashAttention-2 varlen
-            kernel) when compiling and flex_attention when not (the fastest available in each case: see
-            benchmarks/README.md, "FlashAttention-4 and a compiled loss");
-            sdpa on CPU. Or a name.
+        attn_implementation: ``auto`` (:func:`lwlib.attention.pick_attn`): on CUDA ``fa4_varlen``
+            (FlashAttention-4's kernels on flattened packs, :mod:`lwlib.attention`) where flash-attn-4 is installed
+            on a Hopper/Blackwell GPU, else flash_attention_2 when the flash-attn 2 package is installed, else
+            ``torch_varlen`` (PyTorch's own FlashAttention-2 varlen kernel) when compiling and flex_attention when
+            not (the fastest available in each case: see benchmarks/README.md, "FlashAttention-4 and a compiled
+            loss"); sdpa on CPU. Or a name.
         deepspeed: DeepSpeed config (``env/ds_zero3_offload.json``); null = none. Relative to the repo.
         save_steps: write a resumable checkpoint every N steps (0 = only the final model).
         logging_steps: log the loss every N steps.
@@ -606,22 +606,6 @@ def checkpointing_args(enabled: bool) -> dict[str, Any]:
     new = "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
     name = "activation_checkpointing" if new else "gradient_checkpointing"
     return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
-
-
-def pick_attn(name: str, device: str, compiled: bool = False) -> str:
-    """``auto`` (see :class:`SFTConfig`): on CUDA ``fa4_varlen`` when flash-attn-4 is installed on a Hopper or
-    Blackwell GPU, else flash_attention_2 when that package is installed, else ``torch_varlen`` when compiled
-    (PyTorch 2.10+) and flex_attention otherwise (packed training measured 1.6x faster than sdpa on an H100:
-    ``benchmarks/results/sft_h100.json``); sdpa on CPU."""
-    if name != "auto":
-        return name
-    if not (torch.cuda.is_available() and device != "cpu"):
-        return "sdpa"
-    if fa4_available():
-        return FA4_ATTENTION
-    if flash_attn2_available():
-        return "flash_attention_2"
-    return VARLEN_ATTENTION if compiled and varlen_available() else "flex_attention"
 
 
 def pick_liger(setting: bool | str, cuda: bool, ds_cfg: str | None, compiled: bool = False) -> bool:

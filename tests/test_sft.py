@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lwlib.attention import FA4_ATTENTION, VARLEN_ATTENTION, flat_packs
 from lwlib.config import load_profile
-from lwlib.packing import (FA4_ATTENTION, IGNORE, VARLEN_ATTENTION, PackCollator, PackedDataset, flat_packs,
-                           load_template, pack_examples, split_batch, tokenize_chat, training_template)
+from lwlib.packing import (IGNORE, PackCollator, PackedDataset, load_template, pack_examples, split_batch,
+                           tokenize_chat, training_template)
 from lwlib.runs import REPO_ROOT
 from lwlib.sft import (SFTConfig, _trainer_cls, apply_length_cap, load_sft_data, load_train_log, output_words,
                        pick_liger, sft_loss, train_sft)
@@ -367,31 +368,29 @@ def test_attention_choice_per_machine_and_compilation(monkeypatch):
     else flash-attn 2, else PyTorch's varlen kernel when compiled (1.6x eager flex on an H100) and flex_attention
     when not (faster than eager varlen); varlen kernels take flattened packs. flash-attn-4 alone installs the
     namespace package ``flash_attn`` (no ``flash_attn_2_cuda``): that is not flash-attn 2."""
-    import lwlib.sft as sft
+    import lwlib.attention as attention
 
-    assert sft.pick_attn("auto", "cpu", compiled=True) == "sdpa"
-    assert sft.pick_attn("eager", "cuda") == "eager"
+    assert attention.pick_attn("auto", "cpu", compiled=True) == "sdpa"
+    assert attention.pick_attn("eager", "cuda") == "eager"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(sft, "varlen_available", lambda: True)
-    monkeypatch.setattr(sft, "fa4_available", lambda: False)
-    monkeypatch.setattr(sft.importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
-    assert sft.pick_attn("auto", "cuda", compiled=True) == VARLEN_ATTENTION
-    assert sft.pick_attn("auto", "cuda", compiled=False) == "flex_attention"
-    assert sft.pick_attn("auto", "cpu", compiled=True) == "sdpa"  # the profile's device wins
-    monkeypatch.setattr(sft.importlib.util, "find_spec", lambda name: object() if name == "flash_attn_2_cuda" else None)
-    assert sft.pick_attn("auto", "cuda", compiled=True) == "flash_attention_2"
-    monkeypatch.setattr(sft, "fa4_available", lambda: True)
-    assert sft.pick_attn("auto", "cuda", compiled=True) == FA4_ATTENTION
-    assert sft.pick_attn("auto", "cuda", compiled=False) == FA4_ATTENTION
-    assert sft.pick_attn("auto", "cpu", compiled=True) == "sdpa"
+    monkeypatch.setattr(attention, "varlen_available", lambda: True)
+    monkeypatch.setattr(attention, "fa4_available", lambda: False)
+    monkeypatch.setattr(attention.importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
+    assert attention.pick_attn("auto", "cuda", compiled=True) == VARLEN_ATTENTION
+    assert attention.pick_attn("auto", "cuda", compiled=False) == "flex_attention"
+    assert attention.pick_attn("auto", "cpu", compiled=True) == "sdpa"  # the profile's device wins
+    monkeypatch.setattr(attention.importlib.util, "find_spec", lambda name: object() if name == "flash_attn_2_cuda" else None)
+    assert attention.pick_attn("auto", "cuda", compiled=True) == "flash_attention_2"
+    monkeypatch.setattr(attention, "fa4_available", lambda: True)
+    assert attention.pick_attn("auto", "cuda", compiled=True) == FA4_ATTENTION
+    assert attention.pick_attn("auto", "cuda", compiled=False) == FA4_ATTENTION
+    assert attention.pick_attn("auto", "cpu", compiled=True) == "sdpa"
     assert [flat_packs(a) for a in (VARLEN_ATTENTION, FA4_ATTENTION, "flash_attention_2", "flex_attention",
                                     "sdpa")] == [True, True, True, False, False]
     # DPO's batches are padded, not flattened packs: sdpa unless flash-attn 2 (which handles padding) is there
-    from lwlib.dpo import dpo_attn
-
-    assert dpo_attn("cuda") == "sdpa" and dpo_attn("cpu") == "sdpa"
-    monkeypatch.setattr(sft, "fa4_available", lambda: False)
-    assert dpo_attn("cuda") == "flash_attention_2"
+    assert attention.pick_padded_attn("cuda") == "sdpa" and attention.pick_padded_attn("cpu") == "sdpa"
+    monkeypatch.setattr(attention, "fa4_available", lambda: False)
+    assert attention.pick_padded_attn("cuda") == "flash_attention_2"
 
 
 def test_profiles_have_sft_sections():

@@ -11,11 +11,11 @@ import json
 import pytest
 import torch
 
+from lwlib.attention import (FA4_ATTENTION, VARLEN_ATTENTION, _varlen_reference, fa4_attention_forward, fa4_available,
+                             varlen_attention_forward, varlen_available)
 from lwlib.config import load_profile
 from lwlib.models import load_model
-from lwlib.packing import (FA4_ATTENTION, VARLEN_ATTENTION, PackCollator, PackedDataset, _varlen_reference,
-                           fa4_attention_forward, fa4_available, split_batch, tokenize_chat, training_template,
-                           varlen_attention_forward, varlen_available)
+from lwlib.packing import PackCollator, PackedDataset, split_batch, tokenize_chat, training_template
 from lwlib.sft import SFTConfig, _trainer_cls, compiled_sft_loss, load_train_log, sft_loss, train_sft, use_liger
 from conftest import MODEL
 from test_sft import CONVS
