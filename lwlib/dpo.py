@@ -552,7 +552,7 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
 
     from .attention import pick_padded_attn
     from .models import load_tokenizer, resolve_model, run_model
-    from .sft import batch_plan, checkpointing_args, deepspeed_config
+    from .training import batch_plan, checkpointing_args, deepspeed_config, save_trained
 
     cfg = cfg or prof.section("dpo", DPOStageConfig)
     out_dir = Path(out_dir) if out_dir else prof.stage_dir("dpo") / "model"
@@ -605,16 +605,7 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
         # deprecates (a FutureWarning per step, in TRL's code, not ours)
         warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         result = trainer.train()
-    trainer.save_model(str(out_dir))
-    if trainer.is_world_process_zero():
-        model.config.use_cache = True
-        model.config.save_pretrained(out_dir)
-        tok.padding_side = "left"
-        tok.save_pretrained(out_dir)
-        atomic_write_json(run / "train_log.json", {"log_history": trainer.state.log_history,
-                                                   "metrics": result.metrics, "global_step": result.global_step,
-                                                   "start_model": start, "length_plan": plan})
-    return out_dir
+    return save_trained(trainer, result, model, tok, out_dir, start_model=start, length_plan=plan)
 
 
 def load_dpo_log(folder: str | Path) -> pd.DataFrame:

@@ -11,11 +11,12 @@ import torch
 
 from lwlib.attention import FA4_ATTENTION, VARLEN_ATTENTION, flat_packs
 from lwlib.config import load_profile
+from lwlib.losses import sft_loss, trainer_class
 from lwlib.packing import (IGNORE, PackCollator, PackedDataset, load_template, pack_examples, split_batch,
                            tokenize_chat, training_template)
 from lwlib.runs import REPO_ROOT
-from lwlib.sft import (SFTConfig, _trainer_cls, apply_length_cap, load_sft_data, load_train_log, output_words,
-                       pick_liger, sft_loss, train_sft)
+from lwlib.sft import SFTConfig, apply_length_cap, load_sft_data, load_train_log, output_words, train_sft
+from lwlib.training import pick_liger
 
 CONVS = [
     [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],
@@ -160,7 +161,7 @@ def test_token_mean_loss_over_the_whole_step():
 def test_chunked_loss_equals_the_whole_pack_loss_and_gradients():
     """chunked_sft_loss(hidden, head) == sft_loss(head(hidden)) in value and in the gradients of the hidden
     states and the head, for chunk sizes that do and do not divide the length, with a chunk without targets."""
-    from lwlib.sft import chunked_sft_loss
+    from lwlib.losses import chunked_sft_loss
 
     torch.manual_seed(0)
     d, V, T = 16, 50, 23
@@ -209,7 +210,7 @@ def test_trainer_gradient_equals_direct_token_mean(model_and_tok, template, tmp_
     for mode in ("token", "sequence"):
         g_trainer = {}
         for chunk in (0, 7):  # 7: the output head + cross-entropy in chunks of 7 positions (chunked_sft_loss)
-            trainer = _trainer_cls()(model=model, args=args, data_collator=coll, loss_mode=mode, loss_chunk_size=chunk)
+            trainer = trainer_class()(model=model, args=args, data_collator=coll, loss_mode=mode, loss_chunk_size=chunk)
             got_batches, denom = trainer.get_batch_samples(iter(batches), 2, torch.device("cpu"))
             model.zero_grad()
             for b in got_batches:
@@ -470,7 +471,7 @@ def test_checkpointing_arguments_raise_no_deprecation_warning(tmp_path):
 
     from transformers import TrainingArguments
 
-    from lwlib.sft import checkpointing_args
+    from lwlib.training import checkpointing_args
 
     for on in (True, False):
         with warnings.catch_warnings():
