@@ -20,7 +20,10 @@ Data, as the paper builds it:
 Training: TRL's ``DPOTrainer`` (TRL 1.x: ``processing_class``; ``DPOConfig.max_length`` only) from the
 SFT checkpoint, with a frozen copy of it as the reference. ``max_length`` is set from the data (the
 longest prompt + response in tokens), capped by ``max_length`` of the config; how many pairs the cap
-truncates is reported in ``data_stats.json``, never silent.
+truncates is reported in ``length_plan.json``, never silent. TRL's trainer is used as it is (its DPO loss,
+collator and padded batches); around it, the helpers shared with SFT (:mod:`lwlib.training`: batch plan,
+DeepSpeed and checkpointing arguments, saving the result) and the attention for padded batches
+(:func:`lwlib.attention.pick_padded_attn`).
 
 Run folder ``<run>/dpo/``: ``instructions.jsonl``, ``samples.jsonl`` (resumable), ``scores.jsonl``
 (resumable; judge outputs kept), ``pairs.jsonl``, ``data_stats.json``, ``model/``, ``train_log.json``.

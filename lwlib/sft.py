@@ -16,6 +16,23 @@ choice in :mod:`lwlib.attention`, the token-mean loss and the trainer that norma
 in :mod:`lwlib.losses`, and what SFT shares with DPO (batch plan, DeepSpeed and checkpointing arguments, Liger
 choice, saving the result) in :mod:`lwlib.training`.
 
+Why not TRL's ``SFTTrainer`` (TRL 1.16 here). It could express most of the recipe: packing (``packing=True``,
+``packing_strategy="bfd"``: best-fit decreasing, an overlong example truncated, as here), padding-free batches
+(one flattened row with ``cu_seq_lens_q``/``max_length_q``, as ``PackCollator(flatten=True)``; the varlen
+kernels of :mod:`lwlib.attention` would read its rows too), the assistant-only loss (``assistant_only_loss``:
+the template's ``{% generation %}`` markers, as here) and the loss averaged over all target tokens of the batch
+(transformers counts ``num_items_in_batch`` over the accumulation micro-batches and, with
+``average_tokens_across_devices``, over the ranks). It is not used because:
+
+- the ablation ``sft.loss: sequence`` (mean of per-sequence means) needs a per-token weight from the collator;
+  SFTTrainer's losses are ``nll`` and ``dft``, and with padding-free batches it refuses a custom data collator;
+- SFTTrainer replaces the model's forward with its own fused LM head and rejects Liger's fused linear
+  cross-entropy, whereas here the loss kernel is a setting (``sft.loss_chunk_size``, ``sft.liger_kernel``, the
+  compiled loss: :func:`lwlib.losses.forward_loss`), tested against the plain loss, and the very step that
+  ``benchmarks/sft_throughput.py`` measures;
+- SFTTrainer logs entropy and token accuracy with an ``.item()`` after every micro-batch, a wait for the GPU;
+  this trainer takes the step's denominator from the collator's host-side counts and adds no wait of its own.
+
 Length cap (the paper's controlled experiment, Section 2): ``max_output_words`` limits the output length
 of training examples; ``cap_mode: drop`` removes examples whose assistant output is longer (the data
 set then only *contains* outputs up to the cap, which is what the experiment varies), ``truncate``
