@@ -188,21 +188,6 @@ class PackedDataset(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": labels, "position_ids": pos, "seq_lens": lens, "n_targets": nt}
 
 
-class SingleDataset(torch.utils.data.Dataset):
-    """Unpacked examples (one per row), for the padded baseline."""
-
-    def __init__(self, examples: list[TokenizedExample]):
-        self.examples = examples
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, k: int) -> dict[str, Any]:
-        e = self.examples[k]
-        return {"input_ids": e.input_ids, "labels": e.labels, "position_ids": list(range(len(e))),
-                "seq_lens": [len(e)], "n_targets": [e.n_targets]}
-
-
 @dataclass
 class PackCollator:
     """Batch packs (or single examples) for training.
