@@ -286,9 +286,19 @@ def test_long_data_from_a_hugging_face_id(tmp_path, monkeypatch):
     assert calls[-1] == ("other/set", None, "test")
 
 
+def assert_every_parameter_changed(before, after, what: str) -> None:
+    """Every trainable parameter of ``before`` differs in ``after`` (TRL's test of its trainers): a parameter
+    that a training run leaves as it was (detached, frozen, or cut off from the loss) fails, naming it."""
+    trained = dict(after.named_parameters())
+    assert set(trained) == {n for n, _ in before.named_parameters()}
+    unchanged = [n for n, p in before.named_parameters() if p.requires_grad and torch.equal(p, trained[n])]
+    assert not unchanged, f"{what} left {len(unchanged)} trainable parameters unchanged: {unchanged[:5]}"
+
+
 def test_cpu_training_changes_weights_lowers_loss_and_reloads(tmp_path, model_and_tok):
     """A real run of a few steps on the bundled model: all data in one pack, so every step sees the
-    same tokens and the loss must fall; the checkpoint reloads and generates."""
+    same tokens and the loss must fall; every trainable parameter changes; the checkpoint reloads and
+    generates."""
     from lwlib.backends import GenParams, LocalBackend
     from lwlib.models import load_model
 
@@ -308,6 +318,7 @@ def test_cpu_training_changes_weights_lowers_loss_and_reloads(tmp_path, model_an
     base = model_and_tok[0]
     delta = sum((a - b).abs().sum().item() for a, b in zip(trained.parameters(), base.parameters()))
     assert delta > 0
+    assert_every_parameter_changed(base, trained, "SFT")
     g = LocalBackend(trained, tok, batch_size=1).generate([[{"role": "user", "content": "Name a colour."}]],
                                                          GenParams(max_new_tokens=8, temperature=0.0))[0]
     assert g.error is None and g.completion_tokens > 0
