@@ -2,7 +2,7 @@
 
 Each setting runs ``--steps`` timed optimizer steps (after ``--warmup`` untimed ones, which also pay for
 compilation) of the real training step of :mod:`lwlib.sft`: the trainer's forward and token-mean loss
-(:func:`lwlib.sft.forward_loss`), backward, AdamW. Weights are fp32 with bf16 autocast on CUDA, as the
+(:func:`lwlib.losses.forward_loss`), backward, AdamW. Weights are fp32 with bf16 autocast on CUDA, as the
 ``Trainer`` runs with ``bf16=True``. Tokens/s counts real tokens only (padding is waste).
 
 Settings (``--settings``):
@@ -14,21 +14,21 @@ Settings (``--settings``):
                   ``torch_varlen``, get the packs flattened into one row with their boundaries)
   dense           random unpacked ``--rows`` x ``--pack`` token rows (the ceiling: no masking at all)
 
-``--loss-chunk N``: the loss of ``sft.loss_chunk_size: N`` (:func:`lwlib.sft.chunked_sft_loss`: output head and
+``--loss-chunk N``: the loss of ``sft.loss_chunk_size: N`` (:func:`lwlib.losses.chunked_sft_loss`: output head and
 cross-entropy over N positions at a time, logits recomputed in the backward pass); 0 = whole-batch logits.
 
 ``--kernels``: ``none`` (transformers' modules) or ``liger`` (``sft.liger_kernel``: Liger-Kernel's fused RMSNorm
-and SwiGLU Triton kernels patched in by :func:`lwlib.sft.use_liger`, and the loss by its fused linear
-cross-entropy, :func:`lwlib.sft.liger_sft_loss`; needs ``pip install -e .[gpu]``).
+and SwiGLU Triton kernels patched in by :func:`lwlib.training.use_liger`, and the loss by its fused linear
+cross-entropy, :func:`lwlib.losses.liger_sft_loss`; needs ``pip install -e .[gpu]``).
 ``--weights bf16`` keeps the parameters and AdamW state in bf16 (no fp32 master weights; the paper's DeepSpeed
 bf16 keeps fp32 masters, so this is a speed reference, not the recipe).
 ``--compile 1`` wraps the model in ``torch.compile`` (shapes are fixed for ``dense`` and one-row-per-pack
 ``packed``; flattened packs compile with dynamic shapes), in ``--compile-mode`` (``reduce-overhead``: CUDA graphs);
-the loss of the full logits is then compiled too (:func:`lwlib.sft.compiled_sft_loss`, as the trainer does with
+the loss of the full logits is then compiled too (:func:`lwlib.losses.compiled_sft_loss`, as the trainer does with
 ``sft.torch_compile``) unless ``--compile-loss 0``.
-``--attn torch_varlen``: PyTorch's FlashAttention varlen kernel (:func:`lwlib.packing.varlen_attention_forward`);
+``--attn torch_varlen``: PyTorch's FlashAttention varlen kernel (:func:`lwlib.attention.varlen_attention_forward`);
 ``--attn fa4_varlen``: FlashAttention-4's varlen kernels (``flash-attn-4``, Hopper/Blackwell;
-:func:`lwlib.packing.fa4_attention_forward`).
+:func:`lwlib.attention.fa4_attention_forward`).
 ``--flex-mask`` (packed + flex_attention): ``prebuilt`` passes the ``BlockMask`` of :func:`document_block_mask`,
 ``transformers`` lets transformers build it from ``position_ids`` on every forward.
 ``--profile``: one more step, profiled, adds its wall and GPU-busy time, top CUDA kernels and top CPU operators
@@ -61,10 +61,11 @@ import time
 
 import torch
 
+from lwlib.attention import flash_attn2_available, flat_packs
+from lwlib.losses import forward_loss
 from lwlib.models import load_model
-from lwlib.packing import (IGNORE, PackCollator, PackedDataset, TokenizedExample, flash_attn2_available, flat_packs,
-                           pack_examples, split_batch)
-from lwlib.sft import forward_loss, use_liger
+from lwlib.packing import IGNORE, PackCollator, PackedDataset, TokenizedExample, pack_examples, split_batch
+from lwlib.training import use_liger
 
 
 def document_block_mask(position_ids: torch.Tensor, block_size: int = 128):

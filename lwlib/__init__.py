@@ -3,7 +3,8 @@
 Stages follow the paper: ``probe`` (LongWrite-Ruler), ``agentwrite`` (long-output SFT data),
 ``sft`` (packed SFT with token-averaged loss), ``dpo``, ``nll`` (NLL by position) and ``bench``
 (LongBench-Write). Shared pieces: ``text`` (word counting, repetition), ``models``, ``backends``,
-``runs`` (run folders, resumable JSONL) and ``config`` (profiles).
+``runs`` (run folders, resumable JSONL) and ``config`` (profiles); for training, ``packing`` (targets, packs),
+``attention`` (kernels for flattened packs), ``losses`` (the SFT loss) and ``training`` (what SFT and DPO share).
 """
 
 __version__ = "0.1.0"

@@ -690,14 +690,6 @@ def _finalize(out: Path, jobs: list[_Job], cfg: AgentWriteConfig, provenance: di
     return AgentWriteResult(items, summary, out)
 
 
-def load_items(prof: Profile) -> list[dict]:
-    """The side file of a finished build (``FileNotFoundError`` names the notebook that makes it)."""
-    path = prof.run_dir / "agentwrite" / "items.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: build the data set first (notebook 02)")
-    return [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
-
-
 # --- figures ----------------------------------------------------------------------------------------------
 def plot_length_histogram(items: list[dict], path: str | Path, title: str) -> Path:
     """The paper's LongWriter-6k histogram: output words of the kept items (2k-wide bins over 0-32k words

@@ -523,14 +523,6 @@ def validate_profile(prof: Profile) -> list[str]:
     return errors
 
 
-def check_profile(prof: Profile) -> Profile:
-    """:func:`validate_profile`, raising one :class:`ValueError` with every error."""
-    errors = validate_profile(prof)
-    if errors:
-        raise ValueError("\n".join(errors))
-    return prof
-
-
 def parse_set(item: str) -> tuple[str, Any]:
     """``"sft.caps=[500, 1000]"`` -> ``("sft.caps", [500, 1000])`` (the value parsed as YAML)."""
     key, sep, value = item.partition("=")

@@ -20,7 +20,10 @@ Data, as the paper builds it:
 Training: TRL's ``DPOTrainer`` (TRL 1.x: ``processing_class``; ``DPOConfig.max_length`` only) from the
 SFT checkpoint, with a frozen copy of it as the reference. ``max_length`` is set from the data (the
 longest prompt + response in tokens), capped by ``max_length`` of the config; how many pairs the cap
-truncates is reported in ``data_stats.json``, never silent.
+truncates is reported in ``length_plan.json``, never silent. TRL's trainer is used as it is (its DPO loss,
+collator and padded batches); around it, the helpers shared with SFT (:mod:`lwlib.training`: batch plan,
+DeepSpeed and checkpointing arguments, saving the result) and the attention for padded batches
+(:func:`lwlib.attention.pick_padded_attn`).
 
 Run folder ``<run>/dpo/``: ``instructions.jsonl``, ``samples.jsonl`` (resumable), ``scores.jsonl``
 (resumable; judge outputs kept), ``pairs.jsonl``, ``data_stats.json``, ``model/``, ``train_log.json``.
@@ -547,8 +550,9 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
+    from .attention import pick_padded_attn
     from .models import load_tokenizer, resolve_model, run_model
-    from .sft import batch_plan, checkpointing_args, deepspeed_config
+    from .training import batch_plan, checkpointing_args, deepspeed_config, save_trained
 
     cfg = cfg or prof.section("dpo", DPOStageConfig)
     out_dir = Path(out_dir) if out_dir else prof.stage_dir("dpo") / "model"
@@ -581,7 +585,7 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
         logging_steps=cfg.logging_steps, save_strategy="no", report_to=[], seed=prof.seed,
         dataloader_num_workers=0, deepspeed=ds_cfg, disable_tqdm=False,
     )
-    attn = dpo_attn(prof.device)
+    attn = pick_padded_attn(prof.device)
     model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32, attn_implementation=attn)
     model.config.use_cache = False
     ref = None
@@ -601,27 +605,7 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
         # deprecates (a FutureWarning per step, in TRL's code, not ours)
         warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         result = trainer.train()
-    trainer.save_model(str(out_dir))
-    if trainer.is_world_process_zero():
-        model.config.use_cache = True
-        model.config.save_pretrained(out_dir)
-        tok.padding_side = "left"
-        tok.save_pretrained(out_dir)
-        atomic_write_json(run / "train_log.json", {"log_history": trainer.state.log_history,
-                                                   "metrics": result.metrics, "global_step": result.global_step,
-                                                   "start_model": start, "length_plan": plan})
-    return out_dir
-
-
-def dpo_attn(device: str) -> str:
-    """Attention for DPO's padded (unpacked) batches: flash_attention_2 where :func:`lwlib.sft.pick_attn` picks
-    it (it handles padding), else sdpa. flex_attention only pays off for packs, and the flattened-pack kernels
-    (``torch_varlen``, ``fa4_varlen``) need the SFT collator's flattened packs, which TRL's DPO collator does
-    not make."""
-    from .sft import pick_attn
-
-    attn = pick_attn("auto", device)
-    return attn if attn == "flash_attention_2" else "sdpa"
+    return save_trained(trainer, result, model, tok, out_dir, start_model=start, length_plan=plan)
 
 
 def load_dpo_log(folder: str | Path) -> pd.DataFrame:

@@ -169,12 +169,12 @@ def load_model(
     """Load ``(model, tokenizer)`` in eval mode on ``device``.
 
     ``attn_implementation`` defaults to ``sdpa`` (``flash_attention_2`` where asked and installed;
-    ``torch_varlen`` / ``fa4_varlen``: :func:`lwlib.packing.varlen_attention_forward` /
-    :func:`lwlib.packing.fa4_attention_forward`, for flattened packs).
+    ``torch_varlen`` / ``fa4_varlen``: :func:`lwlib.attention.varlen_attention_forward` /
+    :func:`lwlib.attention.fa4_attention_forward`, for flattened packs).
     """
     from transformers import AutoModelForCausalLM
 
-    from .packing import register_varlen_attention
+    from .attention import register_varlen_attention
 
     register_varlen_attention()  # attn_implementation="torch_varlen" / "fa4_varlen" (packed training on CUDA)
     dev = pick_device(device)

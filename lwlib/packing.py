@@ -1,21 +1,16 @@
 """Tokenize chat examples with assistant-only targets, and pack them padding-free into fixed-length packs.
 
+Data code only; the attention that runs on packs flattened into one row is :mod:`lwlib.attention`.
+
 The paper trains on packs of up to 32,768 tokens, several conversations per pack, with attention kept
 inside each conversation. Here a pack is the concatenation of whole tokenized examples, with
 ``position_ids`` restarting at 0 for every example. transformers derives the per-sequence attention
 from those position ids when no ``attention_mask`` is given (``masking_utils.find_packed_sequence_indices``
 turns every position reset into a new block of a block-diagonal causal mask for sdpa/eager; the
 flash-attention path turns them into ``cu_seqlens`` for the varlen kernel). The model must be called
-with ``use_cache=False`` (a cache disables the packed-sequence detection).
-
-On CUDA without the flash-attn package, ``attn_implementation="torch_varlen"`` (:data:`VARLEN_ATTENTION`,
-registered with transformers by :func:`register_varlen_attention`) runs PyTorch's own FlashAttention varlen
-kernel (``torch.nn.attention.varlen``, FlashAttention-2) on the packs flattened into one row: the sequence
-boundaries come from the collator as ``cu_seq_lens_q``/``max_length_q`` (transformers' flash-attention
-keywords), so no mask is built and nothing waits for the GPU. ``attn_implementation="fa4_varlen"``
-(:data:`FA4_ATTENTION`) does the same with FlashAttention-4's kernels (the ``flash-attn-4`` package, CuTe DSL,
-Hopper and Blackwell GPUs: FlashAttention-3's Hopper algorithm on an H100), wrapped as PyTorch custom
-operators that ``torch.compile`` keeps as opaque calls.
+with ``use_cache=False`` (a cache disables the packed-sequence detection). ``PackCollator(flatten=True)``
+flattens a batch into one row and adds the sequence boundaries (``cu_seq_lens_q``/``max_length_q``,
+transformers' flash-attention keywords) that the varlen kernels of :mod:`lwlib.attention` read.
 
 Targets are stored already shifted (``labels[i]`` is the token to predict at position ``i``), one
 sequence at a time, so no target ever crosses from one packed example into the next; the last position
@@ -36,12 +31,7 @@ Usage::
 
 from __future__ import annotations
 
-import functools
-import importlib
-import importlib.util
-import inspect
 import random
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,8 +39,6 @@ from typing import Any
 import torch
 
 IGNORE = -100
-VARLEN_ATTENTION = "torch_varlen"
-FA4_ATTENTION = "fa4_varlen"
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 
 
@@ -200,21 +188,6 @@ class PackedDataset(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": labels, "position_ids": pos, "seq_lens": lens, "n_targets": nt}
 
 
-class SingleDataset(torch.utils.data.Dataset):
-    """Unpacked examples (one per row), for the padded baseline."""
-
-    def __init__(self, examples: list[TokenizedExample]):
-        self.examples = examples
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, k: int) -> dict[str, Any]:
-        e = self.examples[k]
-        return {"input_ids": e.input_ids, "labels": e.labels, "position_ids": list(range(len(e))),
-                "seq_lens": [len(e)], "n_targets": [e.n_targets]}
-
-
 @dataclass
 class PackCollator:
     """Batch packs (or single examples) for training.
@@ -292,190 +265,3 @@ def split_batch(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """
     return ({k: v for k, v in batch.items() if k not in LOSS_KEYS},
             {k: v for k, v in batch.items() if k in LOSS_KEYS})
-
-
-# ------------------------------------------------------------------------------- packed attention
-
-def flat_packs(attn_implementation: str) -> bool:
-    """Whether an attention implementation takes packs flattened into one row (``PackCollator(flatten=True)``):
-    the varlen kernels do; sdpa, eager and flex_attention take one row per pack."""
-    return attn_implementation.startswith("flash_attention") or attn_implementation in (VARLEN_ATTENTION,
-                                                                                          FA4_ATTENTION)
-
-
-def varlen_available() -> bool:
-    """PyTorch ships ``torch.nn.attention.varlen.varlen_attn`` (2.10+) and this machine has CUDA."""
-    return _torch_varlen_attn is not None and torch.cuda.is_available()
-
-
-def flash_attn2_available() -> bool:
-    """The flash-attn 2 package (its CUDA extension ``flash_attn_2_cuda``) is installed. ``flash_attn`` alone does
-    not tell: flash-attn-4 installs ``flash_attn.cute`` into the same (namespace) package."""
-    return importlib.util.find_spec("flash_attn_2_cuda") is not None
-
-
-@functools.cache
-def fa4_available() -> bool:
-    """GPU 0 is a Hopper (sm90) or Blackwell (sm100) GPU, the architectures FlashAttention-4's kernels are written
-    for, and the ``flash-attn-4`` package imports (``pip install -e .[fa4]``; env/setup.sh installs it on such a
-    GPU). An installed package that fails to import says why in a warning."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability(0)[0] not in (9, 10):
-        return False
-    if importlib.util.find_spec("flash_attn") is None:
-        return False
-    try:
-        importlib.import_module("flash_attn.cute.interface")  # the CuTe DSL and its CUDA libraries load here
-    except Exception as e:  # noqa: BLE001 - any failure means: use another kernel
-        warnings.warn(f"flash-attn-4 is installed but does not import ({type(e).__name__}: {e}); "
-                      "attn_implementation auto falls back to PyTorch's kernels")
-        return False
-    return True
-
-
-def register_varlen_attention() -> None:
-    """Register the flattened-pack attention functions with transformers: :func:`varlen_attention_forward` as
-    ``attn_implementation="torch_varlen"`` and :func:`fa4_attention_forward` as ``"fa4_varlen"``. No mask
-    function is registered for them, so transformers builds no attention mask. Idempotent.
-
-    Usage: ``register_varlen_attention(); AutoModelForCausalLM.from_pretrained(p, attn_implementation="torch_varlen")``
-    """
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
-    AttentionInterface.register(FA4_ATTENTION, fa4_attention_forward)
-
-
-def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                             attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                             **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Causal attention inside each packed sequence of one flattened row (transformers' attention-function
-    signature: ``query`` ``(1, heads, total, head_dim)``, keys/values with fewer heads under GQA; returns
-    ``(1, total, heads, head_dim)``). Sequence boundaries: ``cu_seq_lens_q``/``max_length_q`` from
-    :class:`PackCollator` ``(flatten=True)``. On CUDA PyTorch's FlashAttention varlen kernel (in bf16/fp16:
-    the autocast dtype, bf16 for fp32 inputs); elsewhere a per-sequence sdpa loop with the same result."""
-    return _flat_attention(VARLEN_ATTENTION, query, key, value, dropout, scaling, kwargs)
-
-
-def fa4_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                          **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """:func:`varlen_attention_forward` with FlashAttention-4's varlen kernels on CUDA (``flash-attn-4``; GQA
-    without copying key/value heads); elsewhere the same per-sequence sdpa loop."""
-    return _flat_attention(FA4_ATTENTION, query, key, value, dropout, scaling, kwargs)
-
-
-def _flat_attention(name: str, query, key, value, dropout, scaling, kwargs) -> tuple[torch.Tensor, None]:
-    cu_q, max_q = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
-    if cu_q is None or max_q is None:
-        raise ValueError(f"attn_implementation={name!r} needs cu_seq_lens_q and max_length_q in the "
-                         "model's inputs: batches from PackCollator(flatten=True)")
-    cu_k, max_k = kwargs.get("cu_seq_lens_k", cu_q), kwargs.get("max_length_k", max_q)
-    if query.shape[0] != 1:
-        raise ValueError(f"{name}: packs must be flattened into one row, got batch {query.shape[0]}")
-    if dropout:
-        raise ValueError(f"{name}: attention dropout is not supported (got {dropout})")
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (total, heads, head_dim)
-    groups = q.shape[1] // k.shape[1]
-    if not q.is_cuda:
-        out = _varlen_reference(q, k, v, cu_q, scaling, groups)
-    else:
-        cu_q, cu_k = cu_q.to(q.device, torch.int32), cu_k.to(q.device, torch.int32)
-        dtype = q.dtype
-        q, k, v = (t.to(_kernel_dtype(dtype)) for t in (q, k, v))  # RoPE leaves q, k in fp32 under autocast
-        scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-        if name == FA4_ATTENTION:
-            out = torch.ops.lwlib.fa4_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale)[0]
-        else:
-            out = _varlen_cuda(q, k, v, cu_q, cu_k, max_q, max_k, scale, groups)
-        out = out.to(dtype)
-    return out.unsqueeze(0), None
-
-
-def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The half-precision dtype the flash kernels run in: autocast's, else bf16 for fp32 inputs."""
-    if torch.is_autocast_enabled("cuda"):
-        return torch.get_autocast_dtype("cuda")
-    return torch.bfloat16 if dtype == torch.float32 else dtype
-
-
-try:  # resolved once here, not inside the attention function, which torch.compile traces
-    from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
-    _VARLEN_PARAMS = frozenset(inspect.signature(_torch_varlen_attn).parameters)
-except ImportError:
-    _torch_varlen_attn, _VARLEN_PARAMS = None, frozenset()
-
-
-def _varlen_cuda(q, k, v, cu_q, cu_k, max_q, max_k, scaling, groups):
-    extra: dict[str, Any] = {"scale": scaling}
-    if "window_size" in _VARLEN_PARAMS:
-        extra["window_size"] = (-1, 0)  # causal
-    else:
-        extra["is_causal"] = True  # torch 2.10
-    if groups > 1:
-        if "enable_gqa" in _VARLEN_PARAMS:
-            extra["enable_gqa"] = True
-        else:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return _torch_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **extra)
-
-
-# FlashAttention-4 (flash-attn-4, CuTe DSL) as two custom operators with autograd: torch.compile keeps them as
-# opaque calls (the fake functions give it the output shapes) instead of tracing into the CuTe DSL launcher.
-# Causal attention only; lse is (heads, total) in fp32 as the kernels write it.
-
-@torch.library.custom_op("lwlib::fa4_varlen_fwd", mutates_args=(), device_types="cuda")
-def _fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-             max_q: int, max_k: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    from flash_attn.cute.interface import _flash_attn_fwd
-
-    out, lse = _flash_attn_fwd(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
-                               max_seqlen_k=max_k, softmax_scale=scale, causal=True, return_lse=True)[:2]
-    return out, lse
-
-
-@_fa4_fwd.register_fake
-def _(q, k, v, cu_q, cu_k, max_q, max_k, scale):
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
-
-
-@torch.library.custom_op("lwlib::fa4_varlen_bwd", mutates_args=(), device_types="cuda")
-def _fa4_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-             lse: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int,
-             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from flash_attn.cute.interface import _flash_attn_bwd
-
-    dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=scale, causal=True, cu_seqlens_q=cu_q,
-                                 cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)[:3]
-    return dq, dk, dv
-
-
-@_fa4_bwd.register_fake
-def _(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _fa4_setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_q, cu_k, max_q, max_k, scale = inputs
-    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k)
-    ctx.max_q, ctx.max_k, ctx.scale = max_q, max_k, scale
-
-
-def _fa4_backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-    dq, dk, dv = torch.ops.lwlib.fa4_varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, ctx.max_q,
-                                                ctx.max_k, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None
-
-
-_fa4_fwd.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
-
-
-def _varlen_reference(q, k, v, cu, scaling, groups):
-    """Per-sequence causal sdpa over the same boundaries: the CPU path and the GPU kernel's reference."""
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    bounds = cu.tolist()
-    if bounds[0] != 0 or bounds[-1] != q.shape[0]:
-        raise ValueError(f"cu_seq_lens_q {bounds[:3]}...{bounds[-1]} does not cover the row of {q.shape[0]} tokens")
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    return torch.cat([sdpa(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True,
-                           scale=scaling).transpose(0, 1) for s, e in zip(bounds[:-1], bounds[1:]) if e > s])

@@ -365,13 +365,6 @@ def lock_dir(folder: str | Path) -> Path:
     return path
 
 
-def unlock_dir(folder: str | Path) -> None:
-    """Give back the lock :func:`lock_dir` took on ``folder`` (no-op if this process does not hold it)."""
-    fd = _HELD.pop(os.path.realpath(folder), None)
-    if fd is not None:
-        os.close(fd)
-
-
 def _hashable(key: Any) -> Any:
     return tuple(key) if isinstance(key, list) else key
 

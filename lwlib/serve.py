@@ -67,9 +67,6 @@ class ChatServer(ThreadingHTTPServer):
                 return "malformed"
             return None
 
-    def next_request_fails(self) -> bool:
-        return self.next_request_fault() == "fail"
-
 
 class _Handler(BaseHTTPRequestHandler):
     server: ChatServer

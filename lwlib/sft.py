@@ -8,13 +8,30 @@ batch (every gradient-accumulation step, every data-parallel rank) rather than t
 means, which would let a 20-token answer weigh as much as a 10,000-word one and so under-train exactly
 the long outputs this data is for (the paper's "loss weighting"); lr 1e-5, batch 8 packs, 4 epochs,
 cosine schedule, warmup ratio 0.03, weight decay 0.1, Adam betas (0.9, 0.95), bf16, ZeRO-3 + CPU offload
-on 8 GPUs. Packing and targets: :mod:`lwlib.packing`.
+on 8 GPUs.
 
-The loss is computed in :class:`LongWriterTrainer` (a small ``transformers.Trainer`` subclass):
-``get_batch_samples`` counts the target tokens (or sequences, for the ablation) of all micro-batches
-of one optimizer step, summed over data-parallel ranks, and ``compute_loss`` divides each micro-batch's
-summed token loss by that count (times the number of ranks, because DDP/DeepSpeed average gradients).
-The gradients of one optimizer step are then exactly those of ``sum(token losses) / total targets``.
+This module is the stage: the data (mix, length cap, arms, general data) and :func:`train_sft`. Its parts live
+beside it: packing and assistant-only targets in :mod:`lwlib.packing`, the attention on packs and the ``auto``
+choice in :mod:`lwlib.attention`, the token-mean loss and the trainer that normalises it over an optimizer step
+in :mod:`lwlib.losses`, and what SFT shares with DPO (batch plan, DeepSpeed and checkpointing arguments, Liger
+choice, saving the result) in :mod:`lwlib.training`.
+
+Why not TRL's ``SFTTrainer`` (TRL 1.16 here). It could express most of the recipe: packing (``packing=True``,
+``packing_strategy="bfd"``: best-fit decreasing, an overlong example truncated, as here), padding-free batches
+(one flattened row with ``cu_seq_lens_q``/``max_length_q``, as ``PackCollator(flatten=True)``; the varlen
+kernels of :mod:`lwlib.attention` would read its rows too), the assistant-only loss (``assistant_only_loss``:
+the template's ``{% generation %}`` markers, as here) and the loss averaged over all target tokens of the batch
+(transformers counts ``num_items_in_batch`` over the accumulation micro-batches and, with
+``average_tokens_across_devices``, over the ranks). It is not used because:
+
+- the ablation ``sft.loss: sequence`` (mean of per-sequence means) needs a per-token weight from the collator;
+  SFTTrainer's losses are ``nll`` and ``dft``, and with padding-free batches it refuses a custom data collator;
+- SFTTrainer replaces the model's forward with its own fused LM head and rejects Liger's fused linear
+  cross-entropy, whereas here the loss kernel is a setting (``sft.loss_chunk_size``, ``sft.liger_kernel``, the
+  compiled loss: :func:`lwlib.losses.forward_loss`), tested against the plain loss, and the very step that
+  ``benchmarks/sft_throughput.py`` measures;
+- SFTTrainer logs entropy and token accuracy with an ``.item()`` after every micro-batch, a wait for the GPU;
+  this trainer takes the step's denominator from the collator's host-side counts and adds no wait of its own.
 
 Length cap (the paper's controlled experiment, Section 2): ``max_output_words`` limits the output length
 of training examples; ``cap_mode: drop`` removes examples whose assistant output is longer (the data
@@ -38,26 +55,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import math
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from .attention import flat_packs, pick_attn, register_varlen_attention
 from .config import Profile
-from .packing import (FA4_ATTENTION, IGNORE, VARLEN_ATTENTION, PackCollator, PackedDataset, TokenizedExample,
-                      fa4_available, flash_attn2_available, flat_packs, pack_examples, pack_stats,
-                      register_varlen_attention, split_batch, tokenize_chat, training_template, varlen_available)
+from .losses import trainer_class
+from .packing import PackCollator, PackedDataset, TokenizedExample, pack_examples, pack_stats, tokenize_chat, training_template
 from .plots import pyplot, save_figure
 from .progress import console_callback
-from .runs import (REPO_ROOT, JsonlStore, atomic_write_json, iter_jsonl, model_fingerprint, read_log_history,
-                   training_finished, write_manifest)
+from .runs import (JsonlStore, atomic_write_json, iter_jsonl, model_fingerprint, read_log_history, training_finished,
+                   write_manifest)
+from .training import batch_plan, checkpointing_args, deepspeed_config, pick_liger, save_trained, use_liger
 from .text import count_words, truncate_words
 
 Messages = list[dict[str, str]]
@@ -119,16 +134,16 @@ class SFTConfig:
             compilation with dynamic shapes); ``true``: required (error otherwise); ``false``: off.
         gradient_checkpointing: recompute activations in the backward pass.
         torch_compile: compile the model with ``torch.compile`` (the Trainer's ``torch_compile``; dynamic shapes,
-            since flattened packs vary in length), and the full-logits loss with it (:func:`compiled_sft_loss`).
-            The first steps pay for compilation (a minute or two); with flattened packs (``torch_varlen``,
+            since flattened packs vary in length), and the full-logits loss with it
+            (:func:`lwlib.losses.compiled_sft_loss`). The first steps pay for compilation (a minute or two); with flattened packs (``torch_varlen``,
             ``fa4_varlen``) the step is then GPU-bound and faster than any eager one (measured: benchmarks/README.md,
             "Packed steps compiled" and "FlashAttention-4 and a compiled loss").
-        attn_implementation: ``auto``: on CUDA ``fa4_varlen`` (FlashAttention-4's kernels on flattened packs,
-            :mod:`lwlib.packing`) where flash-attn-4 is installed on a Hopper/Blackwell GPU, else flash_attention_2
-            when the flash-attn 2 package is installed, else ``torch_varlen`` (PyTorch's own FlashAttention-2 varlen
-            kernel) when compiling and flex_attention when not (the fastest available in each case: see
-            benchmarks/README.md, "FlashAttention-4 and a compiled loss");
-            sdpa on CPU. Or a name.
+        attn_implementation: ``auto`` (:func:`lwlib.attention.pick_attn`): on CUDA ``fa4_varlen``
+            (FlashAttention-4's kernels on flattened packs, :mod:`lwlib.attention`) where flash-attn-4 is installed
+            on a Hopper/Blackwell GPU, else flash_attention_2 when the flash-attn 2 package is installed, else
+            ``torch_varlen`` (PyTorch's own FlashAttention-2 varlen kernel) when compiling and flex_attention when
+            not (the fastest available in each case: see benchmarks/README.md, "FlashAttention-4 and a compiled
+            loss"); sdpa on CPU. Or a name.
         deepspeed: DeepSpeed config (``env/ds_zero3_offload.json``); null = none. Relative to the repo.
         save_steps: write a resumable checkpoint every N steps (0 = only the final model).
         logging_steps: log the loss every N steps.
@@ -386,260 +401,7 @@ def build_mix(prof: Profile, cfg: SFTConfig) -> tuple[list[Messages], dict[str, 
     return data, stats
 
 
-# ----------------------------------------------------------------------------------------------- loss
-
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor, denominator: torch.Tensor | float,
-             loss_weights: torch.Tensor | None = None, mode: str = "token") -> torch.Tensor:
-    """Summed cross-entropy of one micro-batch divided by the global ``denominator``.
-
-    ``labels`` are pre-shifted targets (``IGNORE`` = none). ``token``: sum of token losses /
-    denominator (= target tokens of the global batch). ``sequence``: sum of token losses weighted by
-    ``loss_weights`` (1 / targets of the token's sequence) / denominator (= sequences in the batch)."""
-    ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                         ignore_index=IGNORE, reduction="none")
-    if mode == "sequence":
-        if loss_weights is None:
-            raise ValueError("sequence mode needs loss_weights")
-        ce = ce * loss_weights.reshape(-1).to(ce.dtype)
-    elif mode != "token":
-        raise ValueError(f"unknown loss mode {mode!r}")
-    return ce.sum() / denominator
-
-
-def chunked_sft_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
-                     denominator: torch.Tensor | float, loss_weights: torch.Tensor | None = None,
-                     mode: str = "token", chunk_size: int = 4096) -> torch.Tensor:
-    """:func:`sft_loss` of ``head(hidden)`` without the logits of the whole pack in memory.
-
-    The output head and the cross-entropy run over ``chunk_size`` positions at a time under activation
-    checkpointing: the forward keeps no logits, the backward recomputes one chunk's logits at a time.
-    Peak memory holds one chunk's fp32 logits and their gradient instead of the pack's; the cost is one
-    more head matmul per position. ``hidden``: the final (normed) hidden states, ``(..., d)``.
-
-    Usage: ``chunked_sft_loss(out.hidden_states[-1], model.get_output_embeddings(), labels, n_targets)``
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    if mode == "sequence" and loss_weights is None:
-        raise ValueError("sequence mode needs loss_weights")
-    if mode not in ("token", "sequence"):
-        raise ValueError(f"unknown loss mode {mode!r}")
-    h = hidden.reshape(-1, hidden.shape[-1])
-    y = labels.reshape(-1)
-    w = loss_weights.reshape(-1) if mode == "sequence" else None
-    total = h.sum() * 0.0  # keeps the graph (and every rank's backward) when no chunk has targets
-    for s in range(0, h.shape[0], chunk_size):
-        ys = y[s:s + chunk_size]
-        if bool((ys != IGNORE).any()):
-            ws = None if w is None else w[s:s + chunk_size]
-            total = total + checkpoint(_chunk_ce, h[s:s + chunk_size], ys, ws, head, use_reentrant=False)
-    return total.float() / denominator
-
-
-def liger_sft_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
-                   denominator: torch.Tensor | float, loss_weights: torch.Tensor | None = None,
-                   mode: str = "token") -> torch.Tensor:
-    """:func:`sft_loss` of ``hidden @ head_weight.T`` by Liger-Kernel's fused linear cross-entropy (CUDA):
-    the logits are formed and consumed block by block inside the kernel, never stored.
-
-    Usage: ``liger_sft_loss(out.hidden_states[-1], model.get_output_embeddings().weight, labels, n_targets)``
-    """
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-    if mode not in ("token", "sequence"):
-        raise ValueError(f"unknown loss mode {mode!r}")
-    if mode == "sequence" and loss_weights is None:
-        raise ValueError("sequence mode needs loss_weights")
-    h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-    if mode == "token":
-        return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")(head_weight, h, y) / denominator
-    ce = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="none")(head_weight, h, y)
-    return (ce.float() * loss_weights.reshape(-1).to(torch.float32)).sum() / denominator
-
-
-def use_liger(model) -> None:
-    """Patch Liger-Kernel's fused RMSNorm and SwiGLU kernels into this model instance (the loss is separate:
-    :func:`liger_sft_loss`). Liger also swaps the classes in the model's transformers module, which would turn
-    every model created later in the process into a patched one; those module globals are put back, so only
-    ``model`` changes. RoPE stays transformers' (Liger patches it module-wide only). Raises if the package or
-    CUDA is missing."""
-    import importlib
-
-    if not torch.cuda.is_available():
-        raise RuntimeError("sft.liger_kernel needs CUDA (Liger-Kernel's kernels are Triton GPU kernels)")
-    try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-    except ImportError as e:
-        raise RuntimeError("sft.liger_kernel: the liger-kernel package is not installed "
-                           "(pip install -e .[gpu])") from e
-    module = importlib.import_module(type(model).__module__)
-    saved = dict(vars(module))
-    try:
-        _apply_liger_kernel_to_instance(model=model, rope=False, fused_linear_cross_entropy=False,
-                                        cross_entropy=False)
-    finally:
-        for name, value in saved.items():
-            if getattr(module, name, None) is not value:
-                setattr(module, name, value)
-
-
-def _chunk_ce(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, head: torch.nn.Module) -> torch.Tensor:
-    ce = F.cross_entropy(head(h).float(), y, ignore_index=IGNORE, reduction="none")
-    return (ce if w is None else ce * w.to(ce.dtype)).sum()
-
-
-@functools.cache
-def compiled_sft_loss():
-    """:func:`sft_loss` under ``torch.compile`` (dynamic shapes, compiled once per process): the fp32 upcast,
-    log-softmax and target gather become fused reductions over the half-precision logits, with no fp32 copy
-    of the logits and no separate softmax kernels (on an H100 these took ~10% of a compiled SFT step)."""
-    return torch.compile(sft_loss, dynamic=True)
-
-
-def forward_loss(model, inputs: dict[str, torch.Tensor], labels: torch.Tensor, denominator: torch.Tensor | float,
-                 loss_weights: torch.Tensor | None = None, mode: str = "token", chunk_size: int = 0,
-                 liger: bool = False, compiled: bool = False) -> tuple[torch.Tensor, Any]:
-    """The training step's forward and loss, ``(loss, model outputs)``: with ``liger`` the fused linear
-    cross-entropy (:func:`liger_sft_loss`), with ``chunk_size`` the chunked head (:func:`chunked_sft_loss`),
-    both from the final hidden states (the model computes logits for the last position only); otherwise
-    :func:`sft_loss` of the full logits, compiled (:func:`compiled_sft_loss`) when ``compiled`` (the model is
-    compiled too: ``sft.torch_compile``). The SFT trainer and ``benchmarks/sft_throughput.py`` call it.
-
-    Usage: ``loss, _ = forward_loss(model, {"input_ids": ids, "position_ids": pos}, labels, n_targets)``
-    """
-    if liger or chunk_size:
-        outputs = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-        hidden, head = outputs.hidden_states[-1], _unwrap(model).get_output_embeddings()
-        if liger:
-            return liger_sft_loss(hidden, head.weight, labels, denominator, loss_weights, mode), outputs
-        return chunked_sft_loss(hidden, head, labels, denominator, loss_weights, mode, chunk_size), outputs
-    outputs = model(**inputs, use_cache=False)
-    loss_fn = compiled_sft_loss() if compiled else sft_loss
-    return loss_fn(outputs.logits, labels, denominator, loss_weights, mode), outputs
-
-
-def _unwrap(model):
-    while hasattr(model, "module"):  # DDP / DeepSpeed engine
-        model = model.module
-    return model
-
-
-def _trainer_cls():
-    from transformers import Trainer
-
-    class LongWriterTrainer(Trainer):
-        """``Trainer`` whose loss is normalised over the whole optimizer step (all accumulation
-        micro-batches and data-parallel ranks): see the module docstring."""
-
-        loss_is_scaled_for_ga = True
-
-        def __init__(self, *args, loss_mode: str = "token", loss_chunk_size: int = 0, liger: bool = False,
-                     **kwargs):
-            super().__init__(*args, **kwargs)
-            self.loss_mode = loss_mode
-            self.loss_chunk_size = loss_chunk_size
-            self.liger = liger
-            self.compile_loss = bool(self.args.torch_compile)
-
-        def _denominator(self, batches: list[dict], device) -> torch.Tensor:
-            # the collator's host-side counts: no wait for the GPU before the step's first forward pass
-            if self.loss_mode == "token":
-                n = sum(b["num_targets"] if "num_targets" in b else int((b["labels"] != IGNORE).sum())
-                        for b in batches)
-            else:
-                n = sum(int(b["num_sequences"]) for b in batches)
-            n = torch.tensor(float(n), device=device)
-            if self.args.world_size > 1:
-                n = self.accelerator.gather(n.reshape(1)).sum()
-            return n
-
-        def get_batch_samples(self, epoch_iterator, num_batches, device):
-            batches = []
-            for _ in range(num_batches):
-                try:
-                    batches.append(next(epoch_iterator))
-                except StopIteration:
-                    break
-            return batches, (self._denominator(batches, device) if batches else None)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            inputs, loss_inputs = split_batch(inputs)
-            labels, weights = loss_inputs["labels"], loss_inputs.get("loss_weights")
-            if num_items_in_batch is None:  # evaluation: this batch alone
-                num_items_in_batch = self._denominator([{"labels": labels, "num_sequences": 0}], labels.device) \
-                    if self.loss_mode == "token" else torch.tensor(1.0)
-            loss, outputs = forward_loss(model, inputs, labels, num_items_in_batch, weights, self.loss_mode,
-                                         self.loss_chunk_size, self.liger, self.compile_loss)
-            if self.args.world_size > 1:  # DDP / DeepSpeed average gradients over ranks
-                loss = loss * self.args.world_size
-            return (loss, outputs) if return_outputs else loss
-
-    return LongWriterTrainer
-
-
 # ------------------------------------------------------------------------------------------- training
-
-def batch_plan(batch_size: int, per_device_batch_size: int, section: str) -> tuple[int, int]:
-    """``(world size, gradient accumulation steps)`` that make ``batch_size`` items per optimizer step
-    from ``per_device_batch_size`` on each of the ``WORLD_SIZE`` ranks (1 without a launcher)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_step = per_device_batch_size * world
-    if batch_size % per_step:
-        raise ValueError(f"{section}.batch_size {batch_size} is not a multiple of per-device batch x {world} devices")
-    return world, batch_size // per_step
-
-
-def deepspeed_config(path: str | None) -> str | None:
-    """A profile's DeepSpeed config path, relative to the repository unless absolute (None: no DeepSpeed)."""
-    if not path:
-        return None
-    p = Path(path)
-    return str(p if p.is_absolute() else REPO_ROOT / p)
-
-
-def checkpointing_args(enabled: bool) -> dict[str, Any]:
-    """``TrainingArguments`` keywords for activation (gradient) checkpointing, non-reentrant. transformers
-    5.2x renamed ``gradient_checkpointing[_kwargs]`` to ``activation_checkpointing[_kwargs]`` and warns
-    (FutureWarning, in every training cell) when the old names are passed; older 5.x know only the old ones."""
-    from transformers import TrainingArguments
-
-    new = "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
-    name = "activation_checkpointing" if new else "gradient_checkpointing"
-    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
-
-
-def pick_attn(name: str, device: str, compiled: bool = False) -> str:
-    """``auto`` (see :class:`SFTConfig`): on CUDA ``fa4_varlen`` when flash-attn-4 is installed on a Hopper or
-    Blackwell GPU, else flash_attention_2 when that package is installed, else ``torch_varlen`` when compiled
-    (PyTorch 2.10+) and flex_attention otherwise (packed training measured 1.6x faster than sdpa on an H100:
-    ``benchmarks/results/sft_h100.json``); sdpa on CPU."""
-    if name != "auto":
-        return name
-    if not (torch.cuda.is_available() and device != "cpu"):
-        return "sdpa"
-    if fa4_available():
-        return FA4_ATTENTION
-    if flash_attn2_available():
-        return "flash_attention_2"
-    return VARLEN_ATTENTION if compiled and varlen_available() else "flex_attention"
-
-
-def pick_liger(setting: bool | str, cuda: bool, ds_cfg: str | None, compiled: bool = False) -> bool:
-    """Resolve ``sft.liger_kernel`` (see :class:`SFTConfig`) for this machine, DeepSpeed config and
-    ``sft.torch_compile``."""
-    zero3 = bool(ds_cfg) and json.loads(Path(ds_cfg).read_text()).get("zero_optimization", {}).get("stage") == 3
-    if setting == "auto":
-        return cuda and not zero3 and not compiled and importlib.util.find_spec("liger_kernel") is not None
-    if setting and compiled:
-        raise ValueError("sft.liger_kernel: true does not work with sft.torch_compile: true (Liger's kernels fail "
-                         "under torch.compile's dynamic shapes; the compiled model fuses the same operations itself)")
-    if setting and zero3:
-        raise ValueError(f"sft.liger_kernel does not work with ZeRO-3 ({ds_cfg}): the fused loss reads the output "
-                         "head's weight, which ZeRO-3 partitions; use sft.loss_chunk_size instead")
-    if setting and not cuda:
-        raise RuntimeError("sft.liger_kernel: true needs CUDA (Liger-Kernel's kernels are Triton GPU kernels)")
-    return bool(setting)
-
 
 def tokenize_all(tok, data: list[Messages], template: str, max_tokens: int) -> list[TokenizedExample]:
     from .progress import tqdm
@@ -711,9 +473,9 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
     if liger:
         use_liger(model)
     collator = PackCollator(pad_id=tok.pad_token_id, flatten=flat_packs(attn))
-    trainer = _trainer_cls()(model=model, args=args, train_dataset=PackedDataset(examples, packs),
-                             data_collator=collator, loss_mode=cfg.loss, loss_chunk_size=cfg.loss_chunk_size,
-                             liger=liger)
+    trainer = trainer_class()(model=model, args=args, train_dataset=PackedDataset(examples, packs),
+                              data_collator=collator, loss_mode=cfg.loss, loss_chunk_size=cfg.loss_chunk_size,
+                              liger=liger)
     trainer.add_callback(console_callback(f"sft train ({out_dir.parent.name}/{out_dir.name})"))
     optim = {k: getattr(args, k) for k in ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
                                            "adam_beta1", "adam_beta2", "max_grad_norm")}
@@ -724,17 +486,8 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
                          "out_dir": str(out_dir), "data": stats})
     last = get_last_checkpoint(args.output_dir) if cfg.save_steps and Path(args.output_dir).exists() else None
     result = trainer.train(resume_from_checkpoint=last)
-    trainer.save_model(str(out_dir))
-    if trainer.is_world_process_zero():
-        model.config.use_cache = True
-        model.config.save_pretrained(out_dir)
-        tok.padding_side = "left"
-        if not tok.chat_template:  # a base model (Llama-3.1-8B): generate in the format it was trained on
-            tok.chat_template = template
-        tok.save_pretrained(out_dir)  # else keeps the model's own template (same text as the training one)
-        atomic_write_json(run / "train_log.json", {"log_history": trainer.state.log_history,
-                                                   "metrics": result.metrics, "global_step": result.global_step})
-    return out_dir
+    # a base model without a chat template (Llama-3.1-8B) keeps the training one: it generates in that format
+    return save_trained(trainer, result, model, tok, out_dir, chat_template=template)
 
 
 def load_train_log(folder: str | Path):

@@ -3,7 +3,8 @@
 ``sft`` runs :func:`lwlib.sft.train_sft` (and, with ``--caps``, the controlled-experiment runs);
 ``dpo`` runs :func:`lwlib.dpo.train_dpo` on the pairs notebook 04 built (``runs/<profile>/dpo/pairs.jsonl``:
 build them first, generation is not distributed). Every rank runs the same command; the Trainer
-takes the DeepSpeed config named by the profile (``sft.deepspeed`` / ``dpo.deepspeed``).
+takes the DeepSpeed config named by the profile (``sft.deepspeed`` / ``dpo.deepspeed``). (The training helpers
+the two stages share are :mod:`lwlib.training`; this module is only the command line.)
 
 Usage::
 

@@ -12,6 +12,7 @@ from lwlib.dpo import (DPOStageConfig, build_dpo_data, combine_scores, length_pl
                        load_general_pairs, make_pairs, reward_margins, train_dpo)
 from lwlib.runs import read_jsonl
 from nbutil import execute_notebook
+from test_sft import assert_every_parameter_changed
 
 
 def _scored(rows):
@@ -124,6 +125,8 @@ def test_build_dpo_data_with_the_real_model_resumes(tmp_path, local_backend):
 
 
 def test_dpo_steps_on_cpu_change_weights_and_move_the_margin(tmp_path, model_and_tok):
+    """Two real DPO steps (TRL's DPOTrainer) on the bundled model: the reward margin starts at 0 and grows, every
+    trainable parameter changes, and the margin computed without TRL agrees."""
     base, tok = model_and_tok
     prof = load_profile("smoke", run_root=tmp_path)
     cfg = DPOStageConfig(start_model="base", steps=2, batch_size=1, learning_rate=5e-5, warmup_ratio=0.0,
@@ -144,6 +147,7 @@ def test_dpo_steps_on_cpu_change_weights_and_move_the_margin(tmp_path, model_and
     policy, _ = load_model(folder, device="cpu", dtype="float32")
     changed = [n for (n, p), (_, q) in zip(policy.named_parameters(), base.named_parameters()) if not torch.equal(p, q)]
     assert changed, "DPO steps left the weights unchanged"
+    assert_every_parameter_changed(base, policy, "DPO")
     m = reward_margins(policy, base, tok, pairs, beta=0.1)
     assert m["margin"].iloc[0] > 0  # independent of TRL: the chosen answer gained over the rejected one
 

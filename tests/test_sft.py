@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from lwlib.attention import FA4_ATTENTION, VARLEN_ATTENTION, flat_packs
 from lwlib.config import load_profile
-from lwlib.packing import (FA4_ATTENTION, IGNORE, VARLEN_ATTENTION, PackCollator, PackedDataset, flat_packs,
-                           load_template, pack_examples, split_batch, tokenize_chat, training_template)
+from lwlib.losses import sft_loss, trainer_class
+from lwlib.packing import (IGNORE, PackCollator, PackedDataset, load_template, pack_examples, split_batch,
+                           tokenize_chat, training_template)
 from lwlib.runs import REPO_ROOT
-from lwlib.sft import (SFTConfig, _trainer_cls, apply_length_cap, load_sft_data, load_train_log, output_words,
-                       pick_liger, sft_loss, train_sft)
+from lwlib.sft import SFTConfig, apply_length_cap, load_sft_data, load_train_log, output_words, train_sft
+from lwlib.training import pick_liger
 
 CONVS = [
     [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}],
@@ -159,7 +161,7 @@ def test_token_mean_loss_over_the_whole_step():
 def test_chunked_loss_equals_the_whole_pack_loss_and_gradients():
     """chunked_sft_loss(hidden, head) == sft_loss(head(hidden)) in value and in the gradients of the hidden
     states and the head, for chunk sizes that do and do not divide the length, with a chunk without targets."""
-    from lwlib.sft import chunked_sft_loss
+    from lwlib.losses import chunked_sft_loss
 
     torch.manual_seed(0)
     d, V, T = 16, 50, 23
@@ -208,7 +210,7 @@ def test_trainer_gradient_equals_direct_token_mean(model_and_tok, template, tmp_
     for mode in ("token", "sequence"):
         g_trainer = {}
         for chunk in (0, 7):  # 7: the output head + cross-entropy in chunks of 7 positions (chunked_sft_loss)
-            trainer = _trainer_cls()(model=model, args=args, data_collator=coll, loss_mode=mode, loss_chunk_size=chunk)
+            trainer = trainer_class()(model=model, args=args, data_collator=coll, loss_mode=mode, loss_chunk_size=chunk)
             got_batches, denom = trainer.get_batch_samples(iter(batches), 2, torch.device("cpu"))
             model.zero_grad()
             for b in got_batches:
@@ -284,9 +286,19 @@ def test_long_data_from_a_hugging_face_id(tmp_path, monkeypatch):
     assert calls[-1] == ("other/set", None, "test")
 
 
+def assert_every_parameter_changed(before, after, what: str) -> None:
+    """Every trainable parameter of ``before`` differs in ``after`` (TRL's test of its trainers): a parameter
+    that a training run leaves as it was (detached, frozen, or cut off from the loss) fails, naming it."""
+    trained = dict(after.named_parameters())
+    assert set(trained) == {n for n, _ in before.named_parameters()}
+    unchanged = [n for n, p in before.named_parameters() if p.requires_grad and torch.equal(p, trained[n])]
+    assert not unchanged, f"{what} left {len(unchanged)} trainable parameters unchanged: {unchanged[:5]}"
+
+
 def test_cpu_training_changes_weights_lowers_loss_and_reloads(tmp_path, model_and_tok):
     """A real run of a few steps on the bundled model: all data in one pack, so every step sees the
-    same tokens and the loss must fall; the checkpoint reloads and generates."""
+    same tokens and the loss must fall; every trainable parameter changes; the checkpoint reloads and
+    generates."""
     from lwlib.backends import GenParams, LocalBackend
     from lwlib.models import load_model
 
@@ -306,6 +318,7 @@ def test_cpu_training_changes_weights_lowers_loss_and_reloads(tmp_path, model_an
     base = model_and_tok[0]
     delta = sum((a - b).abs().sum().item() for a, b in zip(trained.parameters(), base.parameters()))
     assert delta > 0
+    assert_every_parameter_changed(base, trained, "SFT")
     g = LocalBackend(trained, tok, batch_size=1).generate([[{"role": "user", "content": "Name a colour."}]],
                                                          GenParams(max_new_tokens=8, temperature=0.0))[0]
     assert g.error is None and g.completion_tokens > 0
@@ -367,31 +380,29 @@ def test_attention_choice_per_machine_and_compilation(monkeypatch):
     else flash-attn 2, else PyTorch's varlen kernel when compiled (1.6x eager flex on an H100) and flex_attention
     when not (faster than eager varlen); varlen kernels take flattened packs. flash-attn-4 alone installs the
     namespace package ``flash_attn`` (no ``flash_attn_2_cuda``): that is not flash-attn 2."""
-    import lwlib.sft as sft
+    import lwlib.attention as attention
 
-    assert sft.pick_attn("auto", "cpu", compiled=True) == "sdpa"
-    assert sft.pick_attn("eager", "cuda") == "eager"
+    assert attention.pick_attn("auto", "cpu", compiled=True) == "sdpa"
+    assert attention.pick_attn("eager", "cuda") == "eager"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(sft, "varlen_available", lambda: True)
-    monkeypatch.setattr(sft, "fa4_available", lambda: False)
-    monkeypatch.setattr(sft.importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
-    assert sft.pick_attn("auto", "cuda", compiled=True) == VARLEN_ATTENTION
-    assert sft.pick_attn("auto", "cuda", compiled=False) == "flex_attention"
-    assert sft.pick_attn("auto", "cpu", compiled=True) == "sdpa"  # the profile's device wins
-    monkeypatch.setattr(sft.importlib.util, "find_spec", lambda name: object() if name == "flash_attn_2_cuda" else None)
-    assert sft.pick_attn("auto", "cuda", compiled=True) == "flash_attention_2"
-    monkeypatch.setattr(sft, "fa4_available", lambda: True)
-    assert sft.pick_attn("auto", "cuda", compiled=True) == FA4_ATTENTION
-    assert sft.pick_attn("auto", "cuda", compiled=False) == FA4_ATTENTION
-    assert sft.pick_attn("auto", "cpu", compiled=True) == "sdpa"
+    monkeypatch.setattr(attention, "varlen_available", lambda: True)
+    monkeypatch.setattr(attention, "fa4_available", lambda: False)
+    monkeypatch.setattr(attention.importlib.util, "find_spec", lambda name: object() if name == "flash_attn" else None)
+    assert attention.pick_attn("auto", "cuda", compiled=True) == VARLEN_ATTENTION
+    assert attention.pick_attn("auto", "cuda", compiled=False) == "flex_attention"
+    assert attention.pick_attn("auto", "cpu", compiled=True) == "sdpa"  # the profile's device wins
+    monkeypatch.setattr(attention.importlib.util, "find_spec", lambda name: object() if name == "flash_attn_2_cuda" else None)
+    assert attention.pick_attn("auto", "cuda", compiled=True) == "flash_attention_2"
+    monkeypatch.setattr(attention, "fa4_available", lambda: True)
+    assert attention.pick_attn("auto", "cuda", compiled=True) == FA4_ATTENTION
+    assert attention.pick_attn("auto", "cuda", compiled=False) == FA4_ATTENTION
+    assert attention.pick_attn("auto", "cpu", compiled=True) == "sdpa"
     assert [flat_packs(a) for a in (VARLEN_ATTENTION, FA4_ATTENTION, "flash_attention_2", "flex_attention",
                                     "sdpa")] == [True, True, True, False, False]
     # DPO's batches are padded, not flattened packs: sdpa unless flash-attn 2 (which handles padding) is there
-    from lwlib.dpo import dpo_attn
-
-    assert dpo_attn("cuda") == "sdpa" and dpo_attn("cpu") == "sdpa"
-    monkeypatch.setattr(sft, "fa4_available", lambda: False)
-    assert dpo_attn("cuda") == "flash_attention_2"
+    assert attention.pick_padded_attn("cuda") == "sdpa" and attention.pick_padded_attn("cpu") == "sdpa"
+    monkeypatch.setattr(attention, "fa4_available", lambda: False)
+    assert attention.pick_padded_attn("cuda") == "flash_attention_2"
 
 
 def test_profiles_have_sft_sections():
@@ -471,7 +482,7 @@ def test_checkpointing_arguments_raise_no_deprecation_warning(tmp_path):
 
     from transformers import TrainingArguments
 
-    from lwlib.sft import checkpointing_args
+    from lwlib.training import checkpointing_args
 
     for on in (True, False):
         with warnings.catch_warnings():

@@ -11,12 +11,14 @@ import json
 import pytest
 import torch
 
+from lwlib.attention import (FA4_ATTENTION, VARLEN_ATTENTION, _varlen_reference, fa4_attention_forward, fa4_available,
+                             varlen_attention_forward, varlen_available)
 from lwlib.config import load_profile
+from lwlib.losses import compiled_sft_loss, sft_loss, trainer_class
 from lwlib.models import load_model
-from lwlib.packing import (FA4_ATTENTION, VARLEN_ATTENTION, PackCollator, PackedDataset, _varlen_reference,
-                           fa4_attention_forward, fa4_available, split_batch, tokenize_chat, training_template,
-                           varlen_attention_forward, varlen_available)
-from lwlib.sft import SFTConfig, _trainer_cls, compiled_sft_loss, load_train_log, sft_loss, train_sft, use_liger
+from lwlib.packing import PackCollator, PackedDataset, split_batch, tokenize_chat, training_template
+from lwlib.sft import SFTConfig, load_train_log, train_sft
+from lwlib.training import use_liger
 from conftest import MODEL
 from test_sft import CONVS
 
@@ -49,7 +51,7 @@ def _loss_and_grads(model, batches, mode, liger, tmp_path, autocast):
 
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=2,
                              report_to=[], bf16=autocast)
-    trainer = _trainer_cls()(model=model, args=args, loss_mode=mode, liger=liger)
+    trainer = trainer_class()(model=model, args=args, loss_mode=mode, liger=liger)
     got, denom = trainer.get_batch_samples(iter(batches), 2, torch.device("cuda"))
     model.zero_grad()
     total = 0.0

@@ -1,0 +1,126 @@
+"""Training helpers shared by the SFT and DPO stages (:mod:`lwlib.sft`, :mod:`lwlib.dpo`); not the command line,
+which is :mod:`lwlib.train`.
+
+- :func:`batch_plan`: world size and gradient accumulation for a batch size over the launcher's ranks;
+- :func:`deepspeed_config`: a profile's DeepSpeed config path, resolved against the repository;
+- :func:`checkpointing_args`: ``TrainingArguments`` keywords for activation checkpointing under either
+  transformers name;
+- :func:`pick_liger` and :func:`use_liger`: whether Liger-Kernel's Triton kernels run here (``sft.liger_kernel``),
+  and patching them into one model instance (the fused loss itself: :func:`lwlib.losses.liger_sft_loss`);
+- :func:`save_trained`: the end of a training run, the same for both stages: final model, config and tokenizer
+  for generation, ``train_log.json``.
+
+Usage::
+
+    world, accumulation = batch_plan(cfg.batch_size, cfg.per_device_batch_size, "sft")
+    args = TrainingArguments(..., gradient_accumulation_steps=accumulation, deepspeed=deepspeed_config(cfg.deepspeed),
+                             **checkpointing_args(cfg.gradient_checkpointing))
+    result = trainer.train()
+    save_trained(trainer, result, model, tok, out_dir)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .runs import REPO_ROOT, atomic_write_json
+
+
+def batch_plan(batch_size: int, per_device_batch_size: int, section: str) -> tuple[int, int]:
+    """``(world size, gradient accumulation steps)`` that make ``batch_size`` items per optimizer step
+    from ``per_device_batch_size`` on each of the ``WORLD_SIZE`` ranks (1 without a launcher)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = per_device_batch_size * world
+    if batch_size % per_step:
+        raise ValueError(f"{section}.batch_size {batch_size} is not a multiple of per-device batch x {world} devices")
+    return world, batch_size // per_step
+
+
+def deepspeed_config(path: str | None) -> str | None:
+    """A profile's DeepSpeed config path, relative to the repository unless absolute (None: no DeepSpeed)."""
+    if not path:
+        return None
+    p = Path(path)
+    return str(p if p.is_absolute() else REPO_ROOT / p)
+
+
+def checkpointing_args(enabled: bool) -> dict[str, Any]:
+    """``TrainingArguments`` keywords for activation (gradient) checkpointing, non-reentrant. transformers
+    5.2x renamed ``gradient_checkpointing[_kwargs]`` to ``activation_checkpointing[_kwargs]`` and warns
+    (FutureWarning, in every training cell) when the old names are passed; older 5.x know only the old ones."""
+    from transformers import TrainingArguments
+
+    new = "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
+    name = "activation_checkpointing" if new else "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
+def pick_liger(setting: bool | str, cuda: bool, ds_cfg: str | None, compiled: bool = False) -> bool:
+    """Resolve ``sft.liger_kernel`` (see :class:`lwlib.sft.SFTConfig`) for this machine, DeepSpeed config and
+    ``sft.torch_compile``."""
+    zero3 = bool(ds_cfg) and json.loads(Path(ds_cfg).read_text()).get("zero_optimization", {}).get("stage") == 3
+    if setting == "auto":
+        return cuda and not zero3 and not compiled and importlib.util.find_spec("liger_kernel") is not None
+    if setting and compiled:
+        raise ValueError("sft.liger_kernel: true does not work with sft.torch_compile: true (Liger's kernels fail "
+                         "under torch.compile's dynamic shapes; the compiled model fuses the same operations itself)")
+    if setting and zero3:
+        raise ValueError(f"sft.liger_kernel does not work with ZeRO-3 ({ds_cfg}): the fused loss reads the output "
+                         "head's weight, which ZeRO-3 partitions; use sft.loss_chunk_size instead")
+    if setting and not cuda:
+        raise RuntimeError("sft.liger_kernel: true needs CUDA (Liger-Kernel's kernels are Triton GPU kernels)")
+    return bool(setting)
+
+
+def use_liger(model) -> None:
+    """Patch Liger-Kernel's fused RMSNorm and SwiGLU kernels into this model instance (the loss is separate:
+    :func:`lwlib.losses.liger_sft_loss`). Liger also swaps the classes in the model's transformers module, which
+    would turn every model created later in the process into a patched one; those module globals are put back, so
+    only ``model`` changes. RoPE stays transformers' (Liger patches it module-wide only). Raises if the package or
+    CUDA is missing."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("sft.liger_kernel needs CUDA (Liger-Kernel's kernels are Triton GPU kernels)")
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as e:
+        raise RuntimeError("sft.liger_kernel: the liger-kernel package is not installed "
+                           "(pip install -e .[gpu])") from e
+    module = importlib.import_module(type(model).__module__)
+    saved = dict(vars(module))
+    try:
+        _apply_liger_kernel_to_instance(model=model, rope=False, fused_linear_cross_entropy=False,
+                                        cross_entropy=False)
+    finally:
+        for name, value in saved.items():
+            if getattr(module, name, None) is not value:
+                setattr(module, name, value)
+
+
+def save_trained(trainer, result, model, tok, out_dir: str | Path, chat_template: str | None = None,
+                 **log: Any) -> Path:
+    """End a training run: ``trainer.save_model(out_dir)`` (called on every rank, as DeepSpeed needs), then on the
+    main process the model's config with the KV cache on again, the tokenizer padding on the left (for generation;
+    given ``chat_template`` when it has none: a base model then generates in the format it was trained on) and
+    ``train_log.json`` beside the folder: log history, metrics, global step and the ``log`` keywords.
+    ``result`` is what ``trainer.train()`` returned. Returns ``out_dir``."""
+    out_dir = Path(out_dir)
+    trainer.save_model(str(out_dir))
+    if trainer.is_world_process_zero():
+        model.config.use_cache = True
+        model.config.save_pretrained(out_dir)
+        tok.padding_side = "left"
+        if chat_template and not tok.chat_template:
+            tok.chat_template = chat_template
+        tok.save_pretrained(out_dir)  # else keeps the model's own template
+        atomic_write_json(out_dir.parent / "train_log.json", {"log_history": trainer.state.log_history,
+                                                              "metrics": result.metrics,
+                                                              "global_step": result.global_step, **log})
+    return out_dir
