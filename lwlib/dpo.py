@@ -51,6 +51,7 @@ import torch
 
 from .backends import Backend, BackendConfig, make_backend
 from .config import Profile
+from .data import is_hf_spec, parse_hf_spec
 from .decodings import Decoding, get_decoding
 from .judge import Judged, JudgeConfig, JudgeResult, close_judge, judge_cache, judge_records, make_judge, quality_score
 from .plots import pyplot, save_figure
@@ -101,7 +102,8 @@ class DPOStageConfig:
         quality_weight: weight of S_q under ``weighted``.
         drop_ties: drop pairs whose chosen and rejected scores are equal (no preference).
         general_data: general preference pairs to mix in: a JSONL path with ``prompt``/``chosen``/
-            ``rejected`` (strings or message lists), ``hf:<dataset id>[:config]`` (same columns), or null.
+            ``rejected`` (strings or message lists), ``hf:<dataset id>[:<config>][@<split>]`` (same columns; split
+            default ``train``; lwlib.data.parse_hf_spec), or null.
         general_per_long: general pairs per long-writing pair (paper: ~50k / ~4k, about 12).
         general_max: upper bound on general pairs (null = none).
 
@@ -389,14 +391,11 @@ def _as_turns(x: Any, role: str, where: str) -> list[dict[str, str]]:
 
 def load_general_pairs(src: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
     """``n`` general preference pairs (conversational ``prompt``/``chosen``/``rejected``) from a JSONL
-    path or ``hf:<id>[:config]``; shuffled with ``seed``."""
+    path or ``hf:<id>[:<config>][@<split>]`` (:func:`lwlib.data.parse_hf_spec`); shuffled with ``seed``."""
     if n <= 0:
         return []
-    if src.startswith("hf:"):
-        from datasets import load_dataset
-
-        name, _, conf = src[3:].partition(":")
-        ds = load_dataset(name, conf or None, split="train")
+    if is_hf_spec(src):
+        ds = parse_hf_spec(src, "dpo.general_data").load()
         missing = {"prompt", "chosen", "rejected"} - set(ds.column_names)
         if missing:
             raise ValueError(f"dpo.general_data {src!r}: missing column(s) {sorted(missing)}")

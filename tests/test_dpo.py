@@ -99,6 +99,28 @@ def test_general_pairs_from_jsonl(tmp_path):
         load_general_pairs(str(path), 1)
 
 
+def test_general_pairs_from_a_hugging_face_spec(monkeypatch):
+    """dpo.general_data "hf:<id>[:<config>][@<split>]" (lwlib.data.parse_hf_spec) goes to datasets.load_dataset
+    (stubbed: no hub access); a malformed spec is an error naming the field."""
+    import datasets
+
+    calls = []
+    rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(4)]
+
+    def fake_load(name, conf=None, split=None):
+        calls.append((name, conf, split))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    got = load_general_pairs("hf:org/prefs:default@test_prefs", 2, seed=0)
+    assert calls == [("org/prefs", "default", "test_prefs")] and len(got) == 2
+    assert all(g["source"] == "general" and g["chosen"][0]["role"] == "assistant" for g in got)
+    load_general_pairs("hf:org/prefs", 1)
+    assert calls[-1] == ("org/prefs", None, "train")
+    with pytest.raises(ValueError, match=r"dpo\.general_data: 'hf:org/prefs@' .*empty split"):
+        load_general_pairs("hf:org/prefs@", 1)
+
+
 def _samples():
     rows = []
     for i in range(2):
