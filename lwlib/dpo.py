@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import random
 import warnings
@@ -56,8 +55,8 @@ from .decodings import Decoding, get_decoding
 from .judge import Judged, JudgeConfig, JudgeResult, close_judge, judge_cache, judge_records, make_judge, quality_score
 from .plots import pyplot, save_figure
 from .progress import console_callback
-from .runs import (JsonlStore, atomic_write_json, fingerprint_id, model_fingerprint, read_jsonl, read_log_history,
-                   read_records, training_finished, write_manifest)
+from .runs import (JsonlStore, atomic_write_json, atomic_write_jsonl, fingerprint_id, model_fingerprint, read_jsonl,
+                   read_log_history, read_records, training_finished, write_manifest)
 from .scoring import length_score
 from .text import repetition_report
 
@@ -464,10 +463,7 @@ def build_dpo_data(prof: Profile, cfg: DPOStageConfig | None = None, backend: Ba
             n_gen = min(n_gen, cfg.general_max)
         general = load_general_pairs(cfg.general_data, n_gen, prof.seed)
     data = long_pairs + general
-    with open(out / "pairs.jsonl.tmp", "w", encoding="utf-8") as f:
-        for p in data:
-            f.write(json.dumps(p, ensure_ascii=False) + "\n")
-    Path(out / "pairs.jsonl.tmp").replace(out / "pairs.jsonl")
+    atomic_write_jsonl(out / "pairs.jsonl", data)
     n_quality = int(scores["quality"].notna().sum()) if len(scores) else 0
     stats = {"instructions": len(instructions), "samples": int(len(samples)), "judged_with_quality": n_quality,
              "quality_missing": int(len(scores) - n_quality),
