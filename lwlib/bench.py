@@ -1,25 +1,28 @@
-"""LongBench-Write: the paper's benchmark (Section 4.1, Table 2), scored exactly as its official code.
+"""LongBench-Write: the paper's benchmark stage (Section 4.1, Table 2), scored exactly as its official code.
+
+This module holds the stage: the section config (:class:`BenchConfig`), item selection, predictions
+(:func:`run_predictions`), judging them (:func:`run_judge`), the whole evaluation (:func:`evaluate_models`), the
+tables (:func:`score_table`, :func:`paper_table`, ...), the comparison with the paper's published scores
+(``lwlib/paper_scores.json``) and the figures. The scores it uses live in shared modules:
+:mod:`lwlib.scoring` (length score, buckets) and :mod:`lwlib.judge` (the LLM judge: prompt, parsing, quality
+score, judge config, cache, the judging loop).
 
 The score of a model is ``S = (S_l + S_q) / 2``:
 
-* ``S_l`` (length): per item :func:`length_score` of required vs output words (``lwlib.text.count_words``),
-  averaged over items (official ``evaluation/eval_length.py``);
+* ``S_l`` (length): per item :func:`lwlib.scoring.length_score` of required vs output words
+  (``lwlib.text.count_words``), averaged over items (official ``evaluation/eval_length.py``);
 * ``S_q`` (quality): an LLM judge scores each response 1-5 on six dimensions with the official prompt
   (``lwlib/prompts/judge.txt``, verbatim); each dimension maps to 0-100 by ``(mean - 1) * 25`` and
-  ``S_q`` is the mean of the six (official ``evaluation/eval_quality.py``). Unparseable answers are
-  retried up to 5 times; items still unjudged are recorded as failures and ``S_q`` is computed over
-  the judged items only, with the count always reported beside it.
+  ``S_q`` is the mean of the six (official ``evaluation/eval_quality.py``; :func:`lwlib.judge.quality_score`).
+  Unparseable answers are retried up to 5 times; items still unjudged are recorded as failures and ``S_q`` is
+  computed over the judged items only, with the count always reported beside it.
 
 Beyond the official scripts: bootstrap confidence intervals, tables per required-length bucket, type
 and language, repetition diagnostics (share of outputs that collapse into loops, ``S_l`` on raw and on
-effective length, :mod:`lwlib.text`), a cache of judge calls keyed by (judge model, prompt, response),
-and a comparison with the paper's published scores (``lwlib/paper_scores.json``).
+effective length, :mod:`lwlib.text`), a cache of judge calls keyed by (judge model, prompt, response)
+(:class:`lwlib.judge.JudgeCache`), and a comparison with the paper's published scores.
 
 Usage::
-
-    length_score(1000, 1500)                      # 83.33
-    scores = judge_one(judge_backend, prompt, response)   # {"Relevance": 4, ...} or None
-    quality_score(scores)                         # mean over dimensions of (s - 1) * 25
 
     cfg = prof.section("bench", BenchConfig)
     results = evaluate_models(prof, cfg)          # {tag: DataFrame} for every model found
@@ -30,344 +33,29 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .backends import Backend, BackendConfig, Generation, GenParams, OpenAIBackend, make_backend
+from .backends import Backend, BackendConfig, Generation, make_backend
 from .config import Profile
 from .data import WritingItem, data_file, load_longbench_write
 from .decodings import Decoding, model_label, profile_decodings
 from .generation import Job, generate_into
+from .judge import (JUDGE_DIMENSIONS, Judged, JudgeConfig, JudgeResult, close_judge, judge_cache, judge_label,
+                    judge_model_id, judge_records, judging_fingerprint, make_judge, quality_score)
 from .plots import pyplot, save_figure
 from .runs import (JsonlStore, atomic_write_json, data_fingerprint, fingerprint_id, model_fingerprint,
-                   read_fingerprint, sha256_file, write_manifest)
-from .text import count_words, repetition_report, truncate_words
+                   read_fingerprint, write_manifest)
+from .scoring import BUCKET_NAMES, bucket_of, length_score
+from .text import count_words, repetition_report
 
-JUDGE_DIMENSIONS: tuple[str, ...] = (
-    "Relevance", "Accuracy", "Coherence", "Clarity", "Breadth and Depth", "Reading Experience",
-)
-JUDGE_TEMPLATE_PATH = Path(__file__).parent / "prompts" / "judge.txt"
 PAPER_SCORES_PATH = Path(__file__).parent / "paper_scores.json"
-# The paper's Table 2 buckets of required length: [0,500), [500,2k), [2k,4k), [4k,20k].
-BUCKETS: tuple[tuple[str, int, float], ...] = (
-    ("[0,500)", 0, 500), ("[500,2k)", 500, 2000), ("[2k,4k)", 2000, 4000), ("[4k,20k]", 4000, float("inf")),
-)
-BUCKET_NAMES = tuple(b[0] for b in BUCKETS)
-
-
-# ----------------------------------------------------------------------------------------- scoring
-
-
-def length_score(required: float, actual: float) -> float:
-    """The official length score in [0, 100] of ``actual`` output words for ``required`` words.
-
-    Over-long: ``100 * max(0, 1 - (actual/required - 1) / 3)`` (0 at 4x); too short:
-    ``100 * max(0, 1 - (required/actual - 1) / 2)`` (0 at 1/3x). An empty output scores 0 (the official
-    script divides by zero there).
-
-    >>> round(length_score(1000, 1500), 2)
-    83.33
-    """
-    if required is None or not required > 0:
-        raise ValueError(f"length_score: required length must be > 0, got {required!r}")
-    if actual is None or actual < 0:
-        raise ValueError(f"length_score: actual length must be >= 0, got {actual!r}")
-    if actual == 0:
-        return 0.0
-    if actual > required:
-        return 100.0 * max(0.0, 1.0 - (actual / required - 1.0) / 3.0)
-    return 100.0 * max(0.0, 1.0 - (required / actual - 1.0) / 2.0)
-
-
-def bucket_of(required: int) -> str:
-    """The paper's required-length bucket of ``required`` words (``[0,500)`` ... ``[4k,20k]``)."""
-    for name, lo, hi in BUCKETS:
-        if lo <= required < hi:
-            return name
-    raise ValueError(f"bucket_of: required length {required!r} is negative")
-
-
-def judge_template() -> str:
-    """The official judge prompt (``lwlib/prompts/judge.txt``, verbatim from THUDM/LongWriter)."""
-    return JUDGE_TEMPLATE_PATH.read_text(encoding="utf-8")
-
-
-def judge_prompt(prompt: str, response: str) -> str:
-    """Fill the official template as the official code does (``$INST$`` then ``$RESPONSE$``)."""
-    return judge_template().replace("$INST$", prompt).replace("$RESPONSE$", response)
-
-
-_FENCE = re.compile(r"```(?:json|JSON)?[ \t]*\n?(.*?)```", re.DOTALL)
-
-
-def _json_objects(text: str):
-    """Every JSON object that decodes at some ``{`` in ``text`` (trailing text tolerated)."""
-    dec = json.JSONDecoder(strict=False)  # strict=False: raw newlines inside strings (the official code strips them)
-    for m in re.finditer(r"\{", text):
-        try:
-            obj, _ = dec.raw_decode(text, m.start())
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            yield obj
-
-
-def _as_score(v: Any) -> int | None:
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, str):
-        v = v.strip()
-        if not re.fullmatch(r"[1-5](\.0+)?", v):
-            return None
-        v = float(v)
-    if isinstance(v, (int, float)) and float(v).is_integer() and 1 <= v <= 5:
-        return int(v)
-    return None
-
-
-def _scores_from(obj: dict) -> dict[str, int] | None:
-    norm = {re.sub(r"\s+", " ", str(k)).strip().lower(): v for k, v in obj.items()}
-    out = {}
-    for dim in JUDGE_DIMENSIONS:
-        v = obj[dim] if dim in obj else norm.get(dim.lower())
-        s = _as_score(v)
-        if s is None:
-            return None
-        out[dim] = s
-    return out
-
-
-def parse_judgement(text: str | None) -> dict[str, int] | None:
-    """The six dimension scores (integers 1-5) of a judge answer, or None if it is unusable.
-
-    Looks in ```` ```json ```` fenced blocks first, then at every JSON object in the text (trailing
-    text is ignored). An object missing a dimension or with a score outside 1-5 (or not an integer)
-    is rejected. Keys match case- and whitespace-insensitively.
-
-    >>> parse_judgement('```json\\n{"Analysis": "ok", "Relevance": 5, ...}\\n```')  # doctest: +SKIP
-    """
-    if not text:
-        return None
-    candidates = [m.group(1) for m in _FENCE.finditer(text)] + [text]
-    for chunk in candidates:
-        for obj in _json_objects(chunk):
-            s = _scores_from(obj)
-            if s is not None:
-                return s
-    return None
-
-
-def quality_score(scores: dict[str, Any]) -> float:
-    """``S_q`` of one judgement: the mean over the six dimensions of ``(score - 1) * 25`` (0-100)."""
-    missing = [d for d in JUDGE_DIMENSIONS if d not in scores]
-    if missing:
-        raise ValueError(f"quality_score: missing dimension(s) {missing}")
-    return float(np.mean([(float(scores[d]) - 1.0) * 25.0 for d in JUDGE_DIMENSIONS]))
-
-
-# ----------------------------------------------------------------------------------------- judge
-
-
-@dataclass
-class JudgeConfig:
-    """The ``bench.judge`` section: who judges quality, and how.
-
-    Fields:
-        kind: ``local`` (a local model served through ``lwlib.serve``, reported as "local judge"),
-            ``openai`` (any OpenAI-compatible API) or ``none`` (no quality scores: S_q and S are
-            left empty).
-        model: judge model: API model id (paper: ``gpt-4o-2024-05-13``) or, for ``local``, anything
-            ``load_model`` accepts (empty = the profile's model).
-        temperature: judge sampling temperature (paper: 0.5).
-        max_tokens: judge answer budget (paper: 1024).
-        max_tries: attempts per item on unparseable/incomplete answers (official code: 5).
-        max_response_words: cut responses to this many words before judging (a local judge's context
-            is small); null = never (paper). Cut items are flagged ``judge_truncated``.
-        base_url: API server (openai); null = api.openai.com.
-        api_key_env: environment variable holding the API key (openai).
-        concurrency: requests in flight.
-        max_retries: transport retries per request (openai client, with backoff).
-        timeout_s: per-request timeout (s).
-        batch_size: batch size of the local judge model.
-        serve: local judge only: true = call it through the OpenAI-compatible ``lwlib.serve`` server
-            (one request at a time); false = call the local backend directly (batched, faster on GPU).
-    """
-
-    kind: Literal["local", "openai", "none"] = "local"
-    model: str = ""
-    temperature: float = 0.5
-    max_tokens: int = 1024
-    max_tries: int = 5
-    max_response_words: int | None = None
-    base_url: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = 8
-    max_retries: int = 5
-    timeout_s: float = 600.0
-    batch_size: int = 8
-    serve: bool = True
-
-
-def judge_model_id(backend: Any) -> str:
-    """The judge's model id used in cache keys (``OpenAIBackend.model``, else the backend's name)."""
-    return str(getattr(backend, "model", None) if isinstance(getattr(backend, "model", None), str) else backend.name)
-
-
-def judge_label(backend: Any) -> str:
-    """How a judge is named in tables: ``local judge (<model>)`` for a local one, else its model id."""
-    return getattr(backend, "label", None) or judge_model_id(backend)
-
-
-def cache_key(judge_model: str, prompt: str, response: str) -> str:
-    """sha256 of (judge model, prompt, response): the judge cache's key."""
-    return hashlib.sha256(json.dumps([judge_model, prompt, response], ensure_ascii=False).encode()).hexdigest()
-
-
-@dataclass
-class JudgeResult:
-    """The outcome of judging one response: ``scores`` (None = failed after ``tries``), the raw
-    answers of every try, and ``error`` (a transport error on the last try; such results are not
-    cached, so a resumed run retries them)."""
-
-    scores: dict[str, int] | None
-    tries: int
-    outputs: list[str]
-    error: str | None = None
-
-    @property
-    def status(self) -> str:
-        return "ok" if self.scores is not None else ("error" if self.error else "failed")
-
-
-def _judge_params(params: GenParams | None, attempt: int) -> GenParams:
-    p = dataclasses.replace(params) if params is not None else GenParams(max_new_tokens=1024, temperature=0.5, seed=0)
-    if p.seed is not None:
-        p.seed = p.seed + attempt  # a new sample on every retry (a fixed seed would repeat the answer)
-    return p
-
-
-def judge_many(
-    backend: Backend,
-    pairs: Sequence[tuple[str, str]],
-    max_tries: int = 5,
-    params: GenParams | None = None,
-    desc: str = "judge",
-):
-    """Judge ``(prompt, response)`` pairs in rounds; yields ``(index, JudgeResult)`` as items finish.
-
-    Each round sends every still-unjudged item at once (batched / concurrent), parses the answers
-    with :func:`parse_judgement` and retries the rest with a new seed, up to ``max_tries`` rounds.
-    """
-    outputs: list[list[str]] = [[] for _ in pairs]
-    errors: list[str | None] = [None] * len(pairs)
-    pending = list(range(len(pairs)))
-    prompts = [judge_prompt(p, r) for p, r in pairs]
-    for attempt in range(max_tries):
-        if not pending:
-            break
-        still = []
-        gp = _judge_params(params, attempt)
-        for j, g in backend.generate_iter([prompts[i] for i in pending], gp, desc=f"{desc} (try {attempt + 1})"):
-            i = pending[j]
-            errors[i] = g.error
-            outputs[i].append(g.text if not g.error else f"<error: {g.error}>")
-            s = None if g.error else parse_judgement(g.text)
-            if s is not None:
-                yield i, JudgeResult(s, attempt + 1, outputs[i])
-            else:
-                still.append(i)
-        pending = sorted(still)
-    for i in pending:
-        yield i, JudgeResult(None, len(outputs[i]), outputs[i], errors[i])
-
-
-def judge_one(
-    backend: Backend,
-    prompt: str,
-    response: str,
-    max_tries: int = 5,
-    params: GenParams | None = None,
-    cache: JudgeCache | None = None,
-) -> dict[str, int] | None:
-    """Judge one response with the official prompt; the six scores, or None after ``max_tries``
-    unusable answers. ``params`` default to the paper's (temperature 0.5, 1024 tokens). With a
-    ``cache`` (:class:`JudgeCache`), a (judge model, prompt, response) judged before is not re-sent.
-
-    Usage: ``s = judge_one(be, prompt, response); quality_score(s) if s else None``
-    """
-    if cache is not None:
-        hit = cache.get(judge_model_id(backend), prompt, response)
-        if hit is not None:
-            return hit.scores
-    _, res = next(iter(judge_many(backend, [(prompt, response)], max_tries, params)))
-    if cache is not None:
-        cache.put(judge_model_id(backend), prompt, response, res)
-    return res.scores
-
-
-class JudgeCache:
-    """Judge results on disk (JSONL), keyed by :func:`cache_key`; transport errors are not cached.
-
-    ``fingerprint``: the judging settings the cached answers depend on besides the key (tokens, temperature,
-    tries, template), checked as :class:`lwlib.runs.JsonlStore` does.
-
-    Usage: ``cache = JudgeCache(prof.stage_dir("bench") / "judge_cache.jsonl")``
-    """
-
-    def __init__(self, path: str | Path, fingerprint: dict | None = None, overwrite: bool = False):
-        self.store = JsonlStore(path, key="key", fingerprint=fingerprint, overwrite=overwrite, stage="bench")
-
-    def get(self, judge_model: str, prompt: str, response: str) -> JudgeResult | None:
-        rec = self.store.get(cache_key(judge_model, prompt, response))
-        if rec is None:
-            return None
-        return JudgeResult(rec["scores"], rec["tries"], rec["outputs"])
-
-    def put(self, judge_model: str, prompt: str, response: str, res: JudgeResult) -> None:
-        k = cache_key(judge_model, prompt, response)
-        if res.error or k in self.store:
-            return
-        self.store.append({"key": k, "judge_model": judge_model, "scores": res.scores, "tries": res.tries,
-                           "outputs": res.outputs})
-
-
-class LocalJudge(OpenAIBackend):
-    """A local model served through :func:`lwlib.serve.serve` and called as an OpenAI-compatible judge.
-
-    Reported as ``local judge (<model>)``; close it (or use it as a context manager) to stop the server.
-    """
-
-    def __init__(self, model: str, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
-                 concurrency: int = 8, timeout_s: float = 600.0, local_backend: Backend | None = None):
-        from contextlib import ExitStack
-
-        from .backends import LocalBackend
-        from .serve import serve
-
-        self._stack = ExitStack()
-        inner = local_backend or LocalBackend(model, batch_size=batch_size, device=device, dtype=dtype)
-        server = self._stack.enter_context(serve(inner, model_name=f"local:{model}"))
-        super().__init__(server.model, base_url=server.url, concurrency=concurrency, max_retries=2,
-                         timeout_s=timeout_s, name=f"local:{model}")
-        self.server = server
-        self.label = f"local judge ({model})"
-
-    def close(self) -> None:
-        self._stack.close()
-
-    def __enter__(self) -> LocalJudge:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 # ----------------------------------------------------------------------------------------- stage
@@ -387,7 +75,7 @@ class BenchConfig:
             the profile's ``decodings`` (:mod:`lwlib.decodings`; the paper's: temperature 0.5, as the official
             pred.py); every model is predicted under each of them.
         backend: prediction backend (lwlib.backends.BackendConfig); model empty = the tag's model.
-        judge: the quality judge (:class:`JudgeConfig`).
+        judge: the quality judge (:class:`lwlib.judge.JudgeConfig`).
         n_boot: bootstrap resamples for 95% confidence intervals (0 = none).
         rep_ngram: n of the repeated-n-gram measure (lwlib.text.repetition_report).
         rep_window: window (in n-grams) of the collapse rule.
@@ -527,27 +215,10 @@ def add_length_scores(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def make_judge_backend(profile: Profile, cfg: BenchConfig | None = None) -> Backend | None:
-    """The judge a config names: an API model (``kind: openai``), the local model served through
-    :mod:`lwlib.serve` (``kind: local``, labelled "local judge"), or None (``kind: none``)."""
+    """The judge of the ``bench`` section (:func:`lwlib.judge.make_judge` of ``bench.judge``): an API model, the
+    local model (labelled "local judge") or None (``kind: none``)."""
     cfg = cfg or profile.section("bench", BenchConfig)
-    j = cfg.judge
-    if j.kind == "none":
-        return None
-    if j.kind == "openai":
-        if not j.model:
-            raise ValueError("bench.judge.model must name the API judge model (paper: gpt-4o-2024-05-13)")
-        return OpenAIBackend(j.model, base_url=j.base_url, api_key_env=j.api_key_env, concurrency=j.concurrency,
-                             max_retries=j.max_retries, timeout_s=j.timeout_s)
-    if j.kind == "local" and not j.serve:
-        from .backends import LocalBackend
-
-        be = LocalBackend(j.model or profile.model, batch_size=j.batch_size, device=profile.device,
-                          dtype=profile.dtype, name=f"local:{j.model or profile.model}")
-        be.label = f"local judge ({j.model or profile.model})"
-        return be
-    if j.kind == "local":
-        return LocalJudge(j.model or profile.model, profile.device, profile.dtype, j.batch_size, j.concurrency, j.timeout_s)
-    raise ValueError(f"bench.judge.kind must be 'local', 'openai' or 'none', got {j.kind!r}")
+    return make_judge(profile, cfg.judge, where="bench.judge")
 
 
 def run_judge(
@@ -560,8 +231,8 @@ def run_judge(
     """Judge every prediction of ``tag`` under ``decoding`` (resumable; cached by judge model, prompt and response).
 
     Writes ``<run>/bench/<tag>/<decoding>/judgements.jsonl`` (id, judge, status ok/failed, tries, scores, S_q,
-    raw answers) and uses ``<run>/bench/judge_cache.jsonl``. Items whose every try hit a transport
-    error are not stored (a rerun retries them) but appear with status ``error``. Returns the
+    raw answers) and uses ``<run>/bench/judge_cache.jsonl`` (:func:`lwlib.judge.judge_records`). Items whose every
+    try hit a transport error are not stored (a rerun retries them) but appear with status ``error``. Returns the
     predictions with judgement columns (``judged``, ``judge_status``, ``judge_tries``, the six
     dimensions, ``S_q``; NaN where not judged).
     """
@@ -577,61 +248,31 @@ def run_judge(
     own = judge_backend is None
     judge_backend = judge_backend or make_judge_backend(profile, cfg)
     try:
-        jid, label = judge_model_id(judge_backend), judge_label(judge_backend)
         j = cfg.judge
-        judging = {"judge": jid, "max_tokens": j.max_tokens, "temperature": j.temperature, "max_tries": j.max_tries,
-                   "seed": profile.seed, "template": sha256_file(JUDGE_TEMPLATE_PATH)[:16]}
+        judging = judging_fingerprint(j, judge_model_id(judge_backend), profile.seed)
         pred_fp = read_fingerprint(pred_path)
         store = JsonlStore(out / "judgements.jsonl", key="id", overwrite=cfg.overwrite, stage="bench", fingerprint={
             **judging, "max_response_words": j.max_response_words,
             "predictions": fingerprint_id(pred_fp) if pred_fp is not None else None})
-        cache = JudgeCache(profile.stage_dir("bench") / "judge_cache.jsonl", fingerprint={
-            k: v for k, v in judging.items() if k != "judge"}, overwrite=cfg.overwrite)  # keys name the judge
-        todo = []
-        for r in preds.to_dict("records"):
-            if r["id"] in store and store.get(r["id"])["judge_model"] == jid:
-                continue
-            if r["id"] in store:
-                raise ValueError(f"{store.path}: {r['id']} was judged by {store.get(r['id'])['judge_model']!r}, "
-                                 f"not {jid!r}: use another run folder or delete the file to rejudge")
-            resp, cut = _judge_response(r["response"], cfg.judge.max_response_words)
-            hit = cache.get(jid, r["prompt"], resp)
-            if hit is not None:
-                store.append(_judgement_record(r["id"], jid, label, hit, cut, cached=True))
-            else:
-                todo.append((r, resp, cut))
-        errors: dict[str, JudgeResult] = {}
-        if todo:
-            params = GenParams(cfg.judge.max_tokens, cfg.judge.temperature, seed=profile.seed)
-            pairs = [(r["prompt"], resp) for r, resp, _ in todo]
-            for i, res in judge_many(judge_backend, pairs, cfg.judge.max_tries, params,
-                                    desc=f"judge ({model_label(tag, decoding)})"):
-                r, resp, cut = todo[i]
-                if res.error:
-                    errors[r["id"]] = res
-                    continue
-                cache.put(jid, r["prompt"], resp, res)
-                store.append(_judgement_record(r["id"], jid, label, res, cut, cached=False))
+        cache = judge_cache(profile.stage_dir("bench") / "judge_cache.jsonl", j, profile.seed, stage="bench",
+                            overwrite=cfg.overwrite)
+        errors = judge_records(preds.to_dict("records"), judge_backend, j, store, _judgement_record, cache,
+                               seed=profile.seed, desc=f"judge ({model_label(tag, decoding)})")
         if errors:
             print(f"[bench] judge ({tag}): {len(errors)} item(s) got only transport errors (not stored; rerun to "
                   f"retry): {next(iter(errors.values())).error}")
-        return _merge_judgements(preds, {r["id"]: r for r in store.records()}, errors, label)
+        return _merge_judgements(preds, {r["id"]: r for r in store.records()}, errors, judge_label(judge_backend))
     finally:
-        if own and hasattr(judge_backend, "close"):
-            judge_backend.close()
+        if own:
+            close_judge(judge_backend)
 
 
-def _judge_response(response: str, max_words: int | None) -> tuple[str, bool]:
-    if max_words is None or count_words(response) <= max_words:
-        return response, False
-    return truncate_words(response, max_words), True
-
-
-def _judgement_record(id_: str, jid: str, label: str, res: JudgeResult, cut: bool, cached: bool) -> dict:
+def _judgement_record(j: Judged) -> dict:
+    res = j.result
     return {
-        "id": id_, "judge_model": jid, "judge": label, "status": res.status, "tries": res.tries,
-        "scores": res.scores, "S_q": quality_score(res.scores) if res.scores else None,
-        "judge_truncated": cut, "cached": cached, "outputs": res.outputs,
+        "id": j.record["id"], "judge_model": j.judge_model, "judge": j.label, "status": res.status,
+        "tries": res.tries, "scores": res.scores, "S_q": quality_score(res.scores) if res.scores else None,
+        "judge_truncated": j.truncated, "cached": j.cached, "outputs": res.outputs,
     }
 
 

@@ -66,7 +66,8 @@ from .backends import BackendConfig, GenParams, make_backend
 from .config import Profile, from_dict
 from .instructions import TYPES, required_length
 from .models import cache_dir
-from .runs import REPO_ROOT, JsonlStore, atomic_write_json, atomic_write_text, iter_jsonl, read_jsonl, write_manifest
+from .runs import (REPO_ROOT, JsonlStore, atomic_write_bytes, atomic_write_json, atomic_write_text, iter_jsonl, read_jsonl,
+                   write_manifest)
 from .text import count_words, truncate_words
 
 BUNDLED_MANIFEST = Path(__file__).resolve().parent / "long_texts_manifest.jsonl"
@@ -206,9 +207,7 @@ def download_books(books: Sequence[Book], dest: str | Path, base_url: str | None
         if got != b.sha256:
             raise ValueError(f"corpus: book {b.id} ({b.title}) downloaded from {url} has sha256 {got}, "
                              f"the manifest says {b.sha256}; the file was not kept")
-        tmp = dest / f".{b.filename}.part"
-        tmp.write_bytes(data)
-        os.replace(tmp, dest / b.filename)
+        atomic_write_bytes(dest / b.filename, data)
     atomic_write_text(dest / "manifest.jsonl", "".join(
         json.dumps(dataclasses.asdict(b), ensure_ascii=False) + "\n" for b in books))
     return dest

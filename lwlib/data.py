@@ -4,10 +4,14 @@ Files are found, in order: an explicit ``path``; ``$LWLIB_DATA_DIR``; ``../share
 repository (this project's CI); the cache (``$LWLIB_CACHE/data``); else downloaded once from the
 paper's repository into the cache and checked (line count, fields).
 
+It also holds the one grammar of Hugging Face data sets in profiles (``sft.data_path``, ``sft.general_data``,
+``dpo.general_data``): ``hf:<id>[:<config>][@<split>]``, read by :func:`parse_hf_spec` into an :class:`HFSpec`.
+
 Usage::
 
     items = load_ruler()                    # 48 LongWrite-Ruler prompts
     bench = load_longbench_write()          # 120 LongBench-Write prompts, each tagged en/zh
+    parse_hf_spec("hf:HuggingFaceH4/ultrachat_200k@train_sft", "sft.general_data")
 """
 
 from __future__ import annotations
@@ -47,6 +51,62 @@ TYPE_EN = {
     "社区论坛": "Community Forum",
     "教育与培训": "Education and Training",
 }
+
+
+@dataclass(frozen=True)
+class HFSpec:
+    """A Hugging Face data set as a profile names it (``hf:<id>[:<config>][@<split>]``): the arguments of
+    ``datasets.load_dataset(id, config, split=split)``."""
+
+    id: str
+    config: str | None
+    split: str
+
+    def load(self):
+        """``datasets.load_dataset(id, config, split=split)`` (needs the ``datasets`` package and the hub or its cache)."""
+        from datasets import load_dataset
+
+        return load_dataset(self.id, self.config, split=self.split)
+
+
+HF_GRAMMAR = "hf:<id>[:<config>][@<split>]"
+
+
+def is_hf_spec(spec: object) -> bool:
+    """Whether ``spec`` names a Hugging Face data set (starts with ``hf:``) rather than a file."""
+    return isinstance(spec, str) and spec.startswith("hf:")
+
+
+def parse_hf_spec(spec: str, field: str, default_split: str = "train") -> HFSpec:
+    """Read ``hf:<id>[:<config>][@<split>]`` (e.g. ``hf:HuggingFaceH4/ultrachat_200k@train_sft``); the split
+    defaults to ``default_split``. The split may hold ``:`` (``@train[:100]``, a slice in datasets' syntax); the id
+    and config may not hold ``@``. A malformed spec is a ``ValueError`` naming ``field`` (the profile field it came
+    from, e.g. ``sft.general_data``), the spec and the grammar.
+
+    >>> parse_hf_spec("hf:THUDM/LongWriter-6k", "sft.data_path")
+    HFSpec(id='THUDM/LongWriter-6k', config=None, split='train')
+    """
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{field}: {spec!r} is not a Hugging Face data set spec ({why}); expected {HF_GRAMMAR}, "
+                          f"e.g. hf:THUDM/LongWriter-6k or hf:HuggingFaceH4/ultrachat_200k@train_sft")
+
+    if not is_hf_spec(spec):
+        raise bad("it does not start with 'hf:'")
+    if any(c.isspace() for c in spec):
+        raise bad("it holds whitespace")
+    body, at, split = spec[3:].partition("@")
+    name, colon, config = body.partition(":")
+    if not name:
+        raise bad("no data set id after 'hf:'")
+    if colon and not config:
+        raise bad("empty config after ':'")
+    if ":" in config:
+        raise bad("more than one ':' before the split")
+    if at and not split:
+        raise bad("empty split after '@'")
+    if "@" in split:
+        raise bad("more than one '@'")
+    return HFSpec(name, config or None, split or default_split)
 
 
 def data_file(name: str, path: str | Path | None = None, download: bool = True,

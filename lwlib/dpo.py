@@ -6,9 +6,10 @@ Data, as the paper builds it:
      the AgentWrite one; checked against LongBench-Write prompts, which are never used);
   2. ``samples`` outputs per instruction (paper: 4) sampled from the SFT model (notebook 03) under one of the
      profile's named decodings (``decoding``; the small-model profiles: ``loopfree``, see :class:`DPOStageConfig`);
-  3. every output scored: quality ``S_q`` from the LongBench-Write LLM judge
-     (:func:`lwlib.bench.judge_many` + :func:`lwlib.bench.quality_score`) and length ``S_l``
-     (:func:`lwlib.bench.length_score` against the instruction's required length, on *effective* length by
+  3. every output scored: quality ``S_q`` from the LongBench-Write LLM judge (:mod:`lwlib.judge`: the judging
+     loop :func:`lwlib.judge.judge_records` with its cache ``judge_cache.jsonl``, and
+     :func:`lwlib.judge.quality_score`) and length ``S_l`` (:func:`lwlib.scoring.length_score` against the
+     instruction's required length, on *effective* length by
      default: words before a collapse into repetition, so a loop is not rewarded), combined by the
      documented rule of :class:`DPOStageConfig` (``score_rule``); without a judge (``judge.kind: none``) the
      pairs rest on length alone, and every table says so (``rule``);
@@ -26,7 +27,8 @@ DeepSpeed and checkpointing arguments, saving the result) and the attention for 
 (:func:`lwlib.attention.pick_padded_attn`).
 
 Run folder ``<run>/dpo/``: ``instructions.jsonl``, ``samples.jsonl`` (resumable), ``scores.jsonl``
-(resumable; judge outputs kept), ``pairs.jsonl``, ``data_stats.json``, ``model/``, ``train_log.json``.
+(resumable; judge outputs kept), ``judge_cache.jsonl`` (judge calls by judge model, prompt and response),
+``pairs.jsonl``, ``data_stats.json``, ``model/``, ``train_log.json``.
 
 Usage::
 
@@ -39,7 +41,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import functools
 import math
 import random
@@ -51,15 +52,17 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .backends import Backend, BackendConfig, Generation, GenParams, make_backend
-from .bench import JudgeConfig
+from .backends import Backend, BackendConfig, Generation, make_backend
 from .config import Profile
+from .data import is_hf_spec, parse_hf_spec
 from .decodings import Decoding, get_decoding
 from .generation import Job, generate_into
+from .judge import Judged, JudgeConfig, JudgeResult, close_judge, judge_cache, judge_records, make_judge, quality_score
 from .plots import pyplot, save_figure
 from .progress import console_callback
-from .runs import (JsonlStore, atomic_write_json, fingerprint_id, model_fingerprint, read_jsonl, read_log_history,
-                   read_records, training_finished, write_manifest)
+from .runs import (JsonlStore, atomic_write_json, atomic_write_jsonl, fingerprint_id, model_fingerprint, read_jsonl,
+                   read_log_history, read_records, training_finished, write_manifest)
+from .scoring import length_score
 from .text import repetition_report
 
 SCORE_RULES = ("mean", "weighted", "length", "quality")
@@ -89,9 +92,9 @@ class DPOStageConfig:
             before the text collapses into repetition (:func:`lwlib.text.repetition_report`), so a loop that
             runs to the required length is not preferred; ``raw``: on all output words (the official scorer).
         backend: generation backend for sampling (lwlib.backends.BackendConfig; model = start model).
-        judge: the quality judge: ``lwlib.bench.JudgeConfig`` (kind ``local`` = the "local judge", a local
+        judge: the quality judge: ``lwlib.judge.JudgeConfig`` (kind ``local`` = the "local judge", a local
             model through ``lwlib.serve``; ``openai`` = any OpenAI-compatible API, the paper's GPT-4o;
-            ``none`` = no quality, scores from length alone), built by ``lwlib.bench.make_judge_backend``.
+            ``none`` = no quality, scores from length alone), built by ``lwlib.judge.make_judge``.
         score_rule: how quality ``S_q`` and length ``S_l`` (both 0-100) combine into the score:
             ``mean`` = (S_l + S_q) / 2 (LongBench-Write's overall score S; default), ``weighted`` =
             quality_weight * S_q + (1 - quality_weight) * S_l, ``length`` = S_l only, ``quality`` = S_q only.
@@ -103,7 +106,8 @@ class DPOStageConfig:
         quality_weight: weight of S_q under ``weighted``.
         drop_ties: drop pairs whose chosen and rejected scores are equal (no preference).
         general_data: general preference pairs to mix in: a JSONL path with ``prompt``/``chosen``/
-            ``rejected`` (strings or message lists), ``hf:<dataset id>[:config]`` (same columns), or null.
+            ``rejected`` (strings or message lists), ``hf:<dataset id>[:<config>][@<split>]`` (same columns; split
+            default ``train``; lwlib.data.parse_hf_spec), or null.
         general_per_long: general pairs per long-writing pair (paper: ~50k / ~4k, about 12).
         general_max: upper bound on general pairs (null = none).
 
@@ -266,62 +270,55 @@ def _scores_store(prof: Profile, cfg: DPOStageConfig) -> JsonlStore:
 # -------------------------------------------------------------------------------------------- scoring
 
 def make_dpo_judge(prof: Profile, cfg: DPOStageConfig):
-    """The judge backend (None for ``judge.kind: none``), from ``lwlib.bench.make_judge_backend``."""
-    from . import bench
-
-    return bench.make_judge_backend(prof, bench.BenchConfig(judge=cfg.judge))
+    """The judge backend of ``dpo.judge`` (None for ``judge.kind: none``), from :func:`lwlib.judge.make_judge`."""
+    return make_judge(prof, cfg.judge, where="dpo.judge")
 
 
 def judge_samples(prof: Profile, cfg: DPOStageConfig, samples: pd.DataFrame, judge=None) -> pd.DataFrame:
     """Quality and length scores of every sample; resumable (``<run>/dpo/scores.jsonl``).
 
     Each record: id, instruction_id, length_score, quality_scores (six dimensions or null), quality
-    (0-100 or null), judge (label), judge_tries, judge_outputs. A transport error leaves the sample
-    unscored (retried on rerun)."""
-    from . import bench
-    from .text import truncate_words
-
+    (0-100 or null), judge (label), judge_tries, judge_outputs, judge_model, judge_truncated, judge_cached.
+    Judged by :func:`lwlib.judge.judge_records` (as the benchmark's judgements): judge calls are cached in
+    ``<run>/dpo/judge_cache.jsonl``, and a sample stored with another judge model's scores is an error. A
+    transport error leaves the sample unscored (retried on rerun)."""
     store = _scores_store(prof, cfg)
-    todo = [r for r in samples.to_dict("records") if r["id"] not in store]
+    records = samples.to_dict("records")
+    todo = [r for r in records if r["id"] not in store]
     own = None
     if todo and judge is None and cfg.judge.kind != "none":
         judge = own = make_dpo_judge(prof, cfg)
-    if todo and judge is not None:
-        label = bench.judge_label(judge)
-        params = GenParams(cfg.judge.max_tokens, cfg.judge.temperature, seed=prof.seed)
-        resp = [r["response"] if cfg.judge.max_response_words is None
-                else truncate_words(r["response"], cfg.judge.max_response_words) for r in todo]
-        errors = []
+    if judge is not None:  # a given judge is checked against the stored scores even when none is missing
         try:
-            for i, res in bench.judge_many(judge, [(r["prompt"], x) for r, x in zip(todo, resp)],
-                                           cfg.judge.max_tries, params, desc="DPO judge"):
-                r = todo[i]
-                if res.error:
-                    errors.append(f"{r['id']}: {res.error}")
-                    continue
-                store.append(_score_record(r, res.scores, label, res.tries, res.outputs, cfg.length_basis))
+            cache = judge_cache(prof.stage_dir("dpo") / "judge_cache.jsonl", cfg.judge, prof.seed, stage="dpo",
+                                overwrite=cfg.overwrite) if todo else None
+            errors = judge_records(records, judge, cfg.judge, store,
+                                   lambda j: _score_record(j.record, cfg.length_basis, j), cache, seed=prof.seed,
+                                   desc="DPO judge")
         finally:
-            if own is not None and hasattr(own, "close"):
-                own.close()
+            close_judge(own)
         if errors:
-            raise RuntimeError(f"DPO judge: {len(errors)} calls failed (rerun to retry them): {errors[:3]}")
-    elif todo:
+            raise RuntimeError(f"DPO judge: {len(errors)} calls failed (rerun to retry them): "
+                               f"{[f'{i}: {res.error}' for i, res in errors.items()][:3]}")
+    else:
         for r in todo:
-            store.append(_score_record(r, None, "none", 0, [], cfg.length_basis))
+            store.append(_score_record(r, cfg.length_basis))
     want = set(samples["id"])
     return pd.DataFrame([r for r in store.records() if r["id"] in want])
 
 
-def _score_record(r: dict, scores: dict | None, judge: str, tries: int, outputs: list[str],
-                  length_basis: str = "effective") -> dict:
-    from . import bench
-
+def _score_record(r: dict, length_basis: str = "effective", judged: Judged | None = None) -> dict:
+    """A sample's score record: its length score on ``length_basis`` words and, when ``judged``, the judge's
+    scores (without a judge: quality null, judge ``none``)."""
+    j = judged or Judged(r, JudgeResult(None, 0, []), judge_model="none", label="none", truncated=False, cached=False)
     words = r["effective_words"] if length_basis == "effective" else r["words"]
+    scores = j.result.scores
     return {"id": r["id"], "instruction_id": r["instruction_id"], "required_length": r["required_length"],
             "words": r["words"], "length_basis": length_basis, "scored_words": words,
-            "length_score": bench.length_score(r["required_length"], words),
-            "quality_scores": scores, "quality": bench.quality_score(scores) if scores else None,
-            "judge": judge, "judge_tries": tries, "judge_outputs": outputs}
+            "length_score": length_score(r["required_length"], words),
+            "quality_scores": scores, "quality": quality_score(scores) if scores else None,
+            "judge": j.label, "judge_tries": j.result.tries, "judge_outputs": j.result.outputs,
+            "judge_model": j.judge_model, "judge_truncated": j.truncated, "judge_cached": j.cached}
 
 
 def combine_scores(scores: pd.DataFrame, rule: str = "mean", quality_weight: float = 0.5) -> pd.DataFrame:
@@ -393,14 +390,11 @@ def _as_turns(x: Any, role: str, where: str) -> list[dict[str, str]]:
 
 def load_general_pairs(src: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
     """``n`` general preference pairs (conversational ``prompt``/``chosen``/``rejected``) from a JSONL
-    path or ``hf:<id>[:config]``; shuffled with ``seed``."""
+    path or ``hf:<id>[:<config>][@<split>]`` (:func:`lwlib.data.parse_hf_spec`); shuffled with ``seed``."""
     if n <= 0:
         return []
-    if src.startswith("hf:"):
-        from datasets import load_dataset
-
-        name, _, conf = src[3:].partition(":")
-        ds = load_dataset(name, conf or None, split="train")
+    if is_hf_spec(src):
+        ds = parse_hf_spec(src, "dpo.general_data").load()
         missing = {"prompt", "chosen", "rejected"} - set(ds.column_names)
         if missing:
             raise ValueError(f"dpo.general_data {src!r}: missing column(s) {sorted(missing)}")
@@ -469,10 +463,7 @@ def build_dpo_data(prof: Profile, cfg: DPOStageConfig | None = None, backend: Ba
             n_gen = min(n_gen, cfg.general_max)
         general = load_general_pairs(cfg.general_data, n_gen, prof.seed)
     data = long_pairs + general
-    with open(out / "pairs.jsonl.tmp", "w", encoding="utf-8") as f:
-        for p in data:
-            f.write(json.dumps(p, ensure_ascii=False) + "\n")
-    Path(out / "pairs.jsonl.tmp").replace(out / "pairs.jsonl")
+    atomic_write_jsonl(out / "pairs.jsonl", data)
     n_quality = int(scores["quality"].notna().sum()) if len(scores) else 0
     stats = {"instructions": len(instructions), "samples": int(len(samples)), "judged_with_quality": n_quality,
              "quality_missing": int(len(scores) - n_quality),

@@ -38,7 +38,8 @@ import torch
 
 from .config import Profile
 from .plots import pyplot, save_figure
-from .runs import JsonlStore, atomic_write_json, data_fingerprint, model_fingerprint, read_jsonl, write_manifest
+from .runs import (JsonlStore, atomic_write_json, atomic_write_text, data_fingerprint, model_fingerprint, read_jsonl,
+                   write_manifest)
 
 Messages = list[dict[str, str]]
 
@@ -283,7 +284,7 @@ def run_nll(prof: Profile, tag: str, cfg: NLLConfig | None = None, model_and_tok
                               "nll": [round(float(x), 5) for x in r]})
     want = {i for i, _ in convs}
     df = pd.DataFrame([r for r in store.records() if r["id"] in want])
-    cumulative_curve(df["nll"].tolist()).to_csv(out / "curve.csv", index=False)
+    atomic_write_text(out / "curve.csv", cumulative_curve(df["nll"].tolist()).to_csv(index=False))
     atomic_write_json(out / "summary.json", {"samples": int(len(df)), "tokens": int(df["tokens"].sum()),
                                              "mean_token_nll": float(np.concatenate(df["nll"].map(np.asarray).tolist()).mean())})
     return df

@@ -11,7 +11,10 @@ Usage::
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from .runs import atomic_write_bytes
 
 
 def pyplot():
@@ -25,13 +28,15 @@ def pyplot():
 
 
 def save_figure(fig, path: str | Path, dpi: int = 130) -> Path:
-    """Lay out ``fig``, write it to ``path`` (parent folders created), close it, return the path."""
+    """Lay out ``fig``, write it to ``path`` (parent folders created; atomically, :func:`lwlib.runs.atomic_write_bytes`;
+    the format from the suffix, default png), close it, return the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")  # long two-line titles stay inside the image
+    buf = io.BytesIO()
+    fig.savefig(buf, format=path.suffix.lstrip(".").lower() or "png", dpi=dpi,
+                bbox_inches="tight")  # long two-line titles stay inside the image
     pyplot().close(fig)
-    return path
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 STAND_IN = "human-written public-domain passages (stand-in for LongWriter-6k)"

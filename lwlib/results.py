@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
-from .runs import REPO_ROOT, atomic_write_json
+from .runs import REPO_ROOT, atomic_write_bytes, atomic_write_json
 
 # small files worth keeping, as glob patterns relative to the run folder
 PATTERNS = (
@@ -63,8 +62,7 @@ def export_results(run_dir: str | Path, dest: str | Path | None = None) -> Path:
     for pattern in PATTERNS:
         for src in sorted(run.glob(pattern)):
             rel = src.relative_to(run)
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dest / rel)
+            atomic_write_bytes(dest / rel, src.read_bytes())
             copied.append(str(rel))
     atomic_write_json(dest / "timing.json", notebook_timing(run))
     manifests = sorted(run.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)

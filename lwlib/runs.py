@@ -6,6 +6,8 @@ key is already in the file are skipped, a torn last line from a crash is dropped
 Each store belongs to a *fingerprint* of the settings that decide its records (``<file>.fingerprint.json``):
 reopening it under other settings raises :class:`StaleRunError` instead of mixing old and new records.
 One process writes a folder at a time (:func:`lock_dir`; :class:`RunLockedError` names the other one).
+Files written whole go through a temporary file and an atomic rename (:func:`atomic_write_bytes`,
+:func:`atomic_write_text`, :func:`atomic_write_json`, :func:`atomic_write_jsonl`), so a crash never leaves a torn one.
 
 Usage::
 
@@ -215,13 +217,6 @@ def _parse_records(path: Path, key: str, repair: bool) -> tuple[dict[Any, dict],
     return records, torn
 
 
-def has_records(path: str | Path, keys: Iterable[Any], key: str = "id") -> bool:
-    """Whether the store at ``path`` holds a record for every one of ``keys`` (a missing file holds none); used to
-    skip loading a model for work that is already done."""
-    path = Path(path)
-    return path.exists() and set(keys) <= {r[key] for r in read_records(path, key)}
-
-
 def read_records(path: str | Path, key: str = "id") -> list[dict]:
     """The records of a :class:`JsonlStore` file, for readers: a duplicate key or a bad line is an error
     naming the file and line; a torn last line (a writer mid-append) is ignored, not cut."""
@@ -392,14 +387,16 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file beside it (flushed and fsynced) and an atomic rename:
+    a reader sees the old file or the new one, never a torn one. Every file lwlib writes whole goes through this
+    (or :func:`atomic_write_text`, :func:`atomic_write_json`, :func:`atomic_write_jsonl`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the usual permissions
@@ -410,8 +407,19 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and an atomic rename."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2, default=str) + "\n")
+
+
+def atomic_write_jsonl(path: str | Path, records: Iterable[Any]) -> Path:
+    """Write ``records`` as a whole JSONL file (one JSON value a line), atomically; for files rewritten whole
+    (a stage's final output), not for resumable stores (:class:`JsonlStore` appends)."""
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def training_finished(out_dir: str | Path) -> bool:

@@ -320,15 +320,14 @@ def self_distill(prof: Profile, n: int, cfg: SFTConfig, backend=None) -> list[Me
 
 def load_hf_messages(src: str, n: int | None = None, seed: int = 0, field: str = "sft.data_path") -> list[Messages]:
     """Conversations from a Hugging Face data set named ``hf:<id>[:<config>][@<split>]`` (split default
-    ``train``; a ``messages`` column), shuffled with ``seed`` and cut to ``n`` when ``n`` is given.
+    ``train``; :func:`lwlib.data.parse_hf_spec`; a ``messages`` column), shuffled with ``seed`` and cut to ``n`` when
+    ``n`` is given. ``field`` names the profile field in errors.
 
     Usage: ``load_hf_messages("hf:THUDM/LongWriter-6k")`` (the paper's long-output SFT data)
     """
-    from datasets import load_dataset
+    from .data import parse_hf_spec
 
-    spec, _, split = src.removeprefix("hf:").partition("@")
-    name, _, conf = spec.partition(":")
-    ds = load_dataset(name, conf or None, split=split or "train")
+    ds = parse_hf_spec(src, field).load()
     if "messages" not in ds.column_names:
         raise ValueError(f"{field} {src!r}: the data set has no 'messages' column ({ds.column_names})")
     if n is not None:

@@ -1,163 +1,22 @@
-"""LongBench-Write: official length score, judge parsing/retries/cache, the whole evaluation, notebook 06."""
+"""LongBench-Write, the stage: item selection, predictions, judging them (with a known judge and the real model),
+tables, figures, notebook 06. The length score is tested in test_scoring.py, the judge in test_judge.py."""
 
 from __future__ import annotations
 
 import json
-import threading
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from judgeutil import ScriptedBackend
+from judgeutil import answer as _answer
 from lwlib import bench
-from lwlib.backends import Generation, OpenAIBackend
+from lwlib.backends import OpenAIBackend
 from lwlib.config import load_profile
-from lwlib.serve import serve
+from lwlib.judge import JudgeConfig
+from lwlib.scoring import BUCKET_NAMES, bucket_of, length_score
 from lwlib.text import count_words
-
-DIMS = bench.JUDGE_DIMENSIONS
-
-
-def _answer(scores, analysis="Fine.", fenced=False, trailing=""):
-    obj = {"Analysis": analysis, **dict(zip(DIMS, scores))}
-    body = json.dumps(obj, indent=2)
-    return (f"```json\n{body}\n```" if fenced else body) + trailing
-
-
-class ScriptedBackend:
-    """Answers with the given texts in turn (the last one repeats): a judge whose output is known."""
-
-    def __init__(self, answers, name="scripted-judge"):
-        self.answers = list(answers)
-        self.name = name
-        self.calls = 0
-        self._lock = threading.Lock()
-
-    def _next(self):
-        with self._lock:
-            a = self.answers[min(self.calls, len(self.answers) - 1)]
-            self.calls += 1
-            return a
-
-    def generate_iter(self, prompts, params, max_new_tokens=None, desc=None):
-        for i, _ in enumerate(prompts):
-            yield i, Generation(self._next(), 10, 10, "stop")
-
-    def generate(self, prompts, params, max_new_tokens=None, desc=None):
-        return [g for _, g in self.generate_iter(prompts, params)]
-
-
-# ------------------------------------------------------------------------------ length score
-
-
-@pytest.mark.parametrize("required,actual,expected", [
-    (1000, 500, 50.0),          # 0.5x: 1 - (2 - 1)/2
-    (1000, 1500, 83.3333333),   # 1.5x: 1 - 0.5/3
-    (1000, 2000, 66.6666667),   # 2x
-    (1000, 3000, 33.3333333),   # 3x
-    (900, 300, 0.0),            # exactly 1/3x
-    (900, 100, 0.0),            # below 1/3x
-    (1000, 4000, 0.0),          # exactly 4x
-    (1000, 9000, 0.0),          # beyond 4x
-    (1000, 1000, 100.0),        # equal
-    (1000, 0, 0.0),             # empty response (official script divides by zero)
-    (200, 150, 100 * (1 - (200 / 150 - 1) / 2)),
-])
-def test_length_score_hand_values(required, actual, expected):
-    assert bench.length_score(required, actual) == pytest.approx(expected, abs=1e-6)
-
-
-def test_length_score_rejects_bad_lengths():
-    with pytest.raises(ValueError, match="required"):
-        bench.length_score(0, 10)
-    with pytest.raises(ValueError, match="actual"):
-        bench.length_score(100, -1)
-
-
-def test_buckets_follow_the_paper():
-    assert [bench.bucket_of(x) for x in (0, 499, 500, 1999, 2000, 3999, 4000, 20000)] == [
-        "[0,500)", "[0,500)", "[500,2k)", "[500,2k)", "[2k,4k)", "[2k,4k)", "[4k,20k]", "[4k,20k]"]
-
-
-# ------------------------------------------------------------------------------ judge prompt and parsing
-
-
-def test_judge_prompt_is_the_official_template():
-    t = bench.judge_template()
-    assert len(t) == 1884 and t.startswith("You are an expert in evaluating text quality.")
-    assert "You do not need to consider whether the response meets the user's length requirements" in t
-    for d in DIMS:
-        assert f"{d}:" in t
-    p = bench.judge_prompt("Write a poem about tea.", "Tea is warm.")
-    assert "<User Request>\n\nWrite a poem about tea.\n\n</User Request>" in p
-    assert "<Response>\n\nTea is warm.\n\n</Response>" in p and "$INST$" not in p and "$RESPONSE$" not in p
-
-
-def test_parse_fenced_bare_and_trailing():
-    want = dict(zip(DIMS, [5, 4, 3, 2, 1, 4]))
-    assert bench.parse_judgement(_answer([5, 4, 3, 2, 1, 4], fenced=True)) == want
-    assert bench.parse_judgement("Here is my evaluation:\n" + _answer([5, 4, 3, 2, 1, 4])) == want
-    assert bench.parse_judgement(_answer([5, 4, 3, 2, 1, 4], trailing="\nHope this helps! {not json}")) == want
-    # a raw newline inside the analysis string (the official code strips newlines before json.loads)
-    raw = '{"Analysis": "line one\nline two", ' + ", ".join(f'"{d}": 3' for d in DIMS) + "}"
-    assert bench.parse_judgement(raw) == dict.fromkeys(DIMS, 3)
-    # scores given as digit strings, and a first object that is not a judgement
-    s = '{"note": 1} then {' + ", ".join(f'"{d}": "2"' for d in DIMS) + "}"
-    assert bench.parse_judgement(s) == dict.fromkeys(DIMS, 2)
-
-
-@pytest.mark.parametrize("text", [
-    "",
-    None,
-    "The response is good. Relevance: 5, Accuracy: 4.",                      # not JSON
-    "```json\n{\"Analysis\": \"ok\", \"Relevance\": 5\n```",                  # broken JSON
-    json.dumps({"Analysis": "x", **dict(zip(DIMS[:-1], [4] * 5))}),          # missing Reading Experience
-    json.dumps({"Analysis": "x", **dict(zip(DIMS, [4, 4, 4, 4, 4, 6]))}),    # out of range
-    json.dumps({"Analysis": "x", **dict(zip(DIMS, [4, 4, 4, 4, 4, 0]))}),    # out of range
-    json.dumps({"Analysis": "x", **dict(zip(DIMS, [4, 4, 4, 4, 4, 3.5]))}),  # not an integer
-    json.dumps({"Analysis": "x", **dict(zip(DIMS, [4, 4, 4, 4, 4, True]))}),
-])
-def test_parse_rejects_unusable_answers(text):
-    assert bench.parse_judgement(text) is None
-
-
-def test_quality_score_formula():
-    assert bench.quality_score(dict.fromkeys(DIMS, 5)) == 100.0
-    assert bench.quality_score(dict.fromkeys(DIMS, 1)) == 0.0
-    s = dict(zip(DIMS, [5, 4, 3, 2, 1, 4]))
-    assert bench.quality_score(s) == pytest.approx(np.mean([100, 75, 50, 25, 0, 75]))
-    with pytest.raises(ValueError, match="Clarity"):
-        bench.quality_score({d: 3 for d in DIMS if d != "Clarity"})
-
-
-def test_judge_one_retries_over_http_and_caches(tmp_path):
-    answers = ["I think it is fine.", _answer([4, 4, 4, 4, 2, 2], fenced=True)]
-    with serve(ScriptedBackend(answers), model_name="scripted") as server:
-        be = OpenAIBackend(server.model, base_url=server.url, concurrency=2, max_retries=0)
-        cache = bench.JudgeCache(tmp_path / "cache.jsonl")
-        s = bench.judge_one(be, "Write about tea.", "Tea.", max_tries=5, cache=cache)
-        assert s == dict(zip(DIMS, [4, 4, 4, 4, 2, 2])) and server.requests == 2
-        assert bench.judge_one(be, "Write about tea.", "Tea.", cache=cache) == s
-        assert server.requests == 2  # cached: no new request
-        rec = bench.JudgeCache(tmp_path / "cache.jsonl").store.records()  # reopened from disk
-        assert len(rec) == 1 and rec[0]["tries"] == 2 and rec[0]["judge_model"] == "scripted"
-
-
-def test_judge_one_gives_up_after_max_tries():
-    with serve(ScriptedBackend(["no json here"]), model_name="bad") as server:
-        be = OpenAIBackend(server.model, base_url=server.url, max_retries=0)
-        assert bench.judge_one(be, "p", "r") is None
-        assert server.requests == 5  # the official retry policy
-
-
-def test_transport_errors_are_not_cached(tmp_path):
-    with serve(ScriptedBackend(["x"]), model_name="down", fail_first=100) as server:
-        be = OpenAIBackend(server.model, base_url=server.url, max_retries=0)
-        cache = bench.JudgeCache(tmp_path / "c.jsonl")
-        res = list(bench.judge_many(be, [("p", "r")], max_tries=2))[0][1]
-        assert res.status == "error" and res.tries == 2
-        cache.put("down", "p", "r", res)
-        assert len(cache.store) == 0
 
 
 # ------------------------------------------------------------------------------ items
@@ -172,7 +31,7 @@ def test_select_items_languages_and_spread():
     assert len(en) == 60 and {it.lang for it in en} == {"en"}
     cfg.max_items = 4
     four = bench.select_items(items, cfg)
-    assert len(four) == 4 and sorted({bench.bucket_of(it.length) for it in four}) == sorted(bench.BUCKET_NAMES)
+    assert len(four) == 4 and sorted({bucket_of(it.length) for it in four}) == sorted(BUCKET_NAMES)
     with pytest.raises(ValueError, match="languages"):
         bench.select_items(items, bench.BenchConfig(languages=["fr"]))
 
@@ -196,8 +55,8 @@ def test_predictions_records_and_resume(predicted, local_backend):
     for r in df.to_dict("records"):
         assert r["response_length"] == count_words(r["response"])
         assert r["tokens"] <= 8 and r["hit_limit"] == (r["finish_reason"] == "length")
-        assert r["bucket"] == bench.bucket_of(r["length"]) and r["lang"] == "en"
-        assert r["S_l"] == pytest.approx(bench.length_score(r["length"], r["response_length"]))
+        assert r["bucket"] == bucket_of(r["length"]) and r["lang"] == "en"
+        assert r["S_l"] == pytest.approx(length_score(r["length"], r["response_length"]))
     again = bench.run_predictions(prof, "base", cfg, backend=None)  # nothing left: no model is loaded
     assert again["response"].tolist() == df["response"].tolist()
     assert len((prof.run_dir / "bench" / "base" / "paper" / "predictions.jsonl").read_text().splitlines()) == 2
@@ -207,7 +66,7 @@ def test_evaluation_with_local_model_as_judge(predicted, chat_server):
     """The real bundled model judges through the OpenAI-compatible test server; its answers are
     whatever it writes: judged + failed must account for every item, and a rerun sends nothing."""
     prof, cfg, _ = predicted
-    cfg.judge = bench.JudgeConfig(max_tokens=16, max_tries=2)
+    cfg.judge = JudgeConfig(max_tokens=16, max_tries=2)
     judge = OpenAIBackend(chat_server.model, base_url=chat_server.url, max_retries=1)
     before = chat_server.requests
     df = bench.run_judge(prof, "base", judge, cfg)
@@ -234,7 +93,7 @@ def test_scores_with_a_known_judge(predicted, tmp_path):
     out = prof.stage_dir("bench") / "base" / "paper"
     out.mkdir(parents=True)
     (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preds.drop(columns=["S_l", "S_l_eff"]).to_dict("records")))
-    cfg.judge = bench.JudgeConfig(max_tries=3)
+    cfg.judge = JudgeConfig(max_tries=3)
     # rounds: try 1 -> both get garbage; try 2 -> first gets garbage, second a missing dimension;
     # try 3 -> first a valid answer, second a missing dimension again
     answers = ["nope", "nope", "nope", json.dumps({"Relevance": 5}), _answer([5, 5, 5, 5, 3, 3]), json.dumps({"Relevance": 5})]

@@ -1,14 +1,17 @@
 """DPO: score combination and its fallback, pair construction (best vs seeded random other, ties),
-the length plan, general pairs, the data stage (resume), real DPO steps on CPU, and notebook 04."""
+the length plan, general pairs, judging the samples (the judge's loop: cache, judge model), the data stage
+(resume), real DPO steps on CPU, and notebook 04."""
 
+import dataclasses
 import json
 
 import pandas as pd
 import pytest
 import torch
 
+from judgeutil import ScriptedBackend, answer
 from lwlib.config import load_profile
-from lwlib.dpo import (DPOStageConfig, build_dpo_data, combine_scores, length_plan, load_dpo_log,
+from lwlib.dpo import (DPOStageConfig, build_dpo_data, combine_scores, judge_samples, length_plan, load_dpo_log,
                        load_general_pairs, make_pairs, reward_margins, train_dpo)
 from lwlib.runs import read_jsonl
 from nbutil import execute_notebook
@@ -97,8 +100,68 @@ def test_general_pairs_from_jsonl(tmp_path):
         load_general_pairs(str(path), 1)
 
 
+def test_general_pairs_from_a_hugging_face_spec(monkeypatch):
+    """dpo.general_data "hf:<id>[:<config>][@<split>]" (lwlib.data.parse_hf_spec) goes to datasets.load_dataset
+    (stubbed: no hub access); a malformed spec is an error naming the field."""
+    import datasets
+
+    calls = []
+    rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(4)]
+
+    def fake_load(name, conf=None, split=None):
+        calls.append((name, conf, split))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    got = load_general_pairs("hf:org/prefs:default@test_prefs", 2, seed=0)
+    assert calls == [("org/prefs", "default", "test_prefs")] and len(got) == 2
+    assert all(g["source"] == "general" and g["chosen"][0]["role"] == "assistant" for g in got)
+    load_general_pairs("hf:org/prefs", 1)
+    assert calls[-1] == ("org/prefs", None, "train")
+    with pytest.raises(ValueError, match=r"dpo\.general_data: 'hf:org/prefs@' .*empty split"):
+        load_general_pairs("hf:org/prefs@", 1)
+
+
+def _samples():
+    rows = []
+    for i in range(2):
+        for k in range(2):
+            words = 20 + 10 * k
+            rows.append({"id": f"gen-{i}-s{k}", "instruction_id": f"gen-{i}", "sample": k,
+                         "prompt": f"Write {100 * (i + 1)} words.", "required_length": 100 * (i + 1),
+                         "response": " ".join(["word"] * words) + ".", "words": words, "effective_words": words})
+    return pd.DataFrame(rows)
+
+
+def test_judge_samples_caches_and_checks_the_judge_model(tmp_path):
+    """DPO's samples are judged by the judge's one loop (lwlib.judge.judge_records), as the benchmark's
+    predictions: resumed without calls, cached in dpo/judge_cache.jsonl, and never mixed with another judge's."""
+    prof = load_profile("smoke", run_root=tmp_path)
+    cfg = DPOStageConfig(start_model="base")
+    cfg.judge.max_tries = 1
+    samples = _samples()
+    j = ScriptedBackend([answer([4] * 6)], name="judge-a")
+    scores = judge_samples(prof, cfg, samples, judge=j)
+    assert j.calls == 4 and (scores["quality"] == 75.0).all() and (scores["judge_model"] == "judge-a").all()
+    assert (scores["judge"] == "judge-a").all() and not scores["judge_cached"].any()
+    assert len(read_jsonl(tmp_path / "smoke" / "dpo" / "judge_cache.jsonl")) == 4
+    assert judge_samples(prof, cfg, samples, judge=j).equals(scores) and j.calls == 4  # resumed: nothing sent
+    with pytest.raises(ValueError, match=r"gen-0-s0 was judged by 'judge-a', not 'judge-b'"):
+        judge_samples(prof, cfg, samples, judge=ScriptedBackend(["x"], name="judge-b"))
+    # other scoring settings (raw length) start the scores anew (overwrite): the judge's answers come from the cache
+    with pytest.warns(UserWarning, match="moved aside"):
+        again = judge_samples(prof, dataclasses.replace(cfg, length_basis="raw", overwrite=True), samples, judge=j)
+    assert j.calls == 4 and again["judge_cached"].all() and (again["quality"] == 75.0).all()
+    # no judge: length scores alone, recorded as such
+    none = dataclasses.replace(cfg, judge=dataclasses.replace(cfg.judge, kind="none"), overwrite=True)
+    with pytest.warns(UserWarning, match="moved aside"):
+        alone = judge_samples(prof, none, samples)
+    assert alone["quality"].isna().all() and (alone["judge"] == "none").all() and (alone["judge_tries"] == 0).all()
+
+
 class NoCalls:
-    name = "no-calls"
+    def __init__(self, name="no-calls"):
+        self.name = name  # a judge's model id (the stored scores name the judge model that made them)
 
     def generate_iter(self, *a, **k):
         raise AssertionError("a resumed stage must not generate again")
@@ -119,7 +182,7 @@ def test_build_dpo_data_with_the_real_model_resumes(tmp_path, local_backend):
         assert p["chosen_score"] > p["rejected_score"]
         assert p["prompt"][0]["role"] == "user" and p["chosen"][0]["role"] == p["rejected"][0]["role"] == "assistant"
         assert p["chosen_id"] != p["rejected_id"] and p["chosen_id"].startswith(p["instruction_id"])
-    again, stats2 = build_dpo_data(prof, cfg, backend=NoCalls(), judge=NoCalls())
+    again, stats2 = build_dpo_data(prof, cfg, backend=NoCalls(), judge=NoCalls(local_backend.name))
     assert again == pairs and stats2 == stats
     assert read_jsonl(tmp_path / "smoke" / "dpo" / "pairs.jsonl") == pairs
 

@@ -110,6 +110,27 @@ def test_atomic_write_and_manifest(tmp_path):
     assert m["versions"]["torch"] and m["versions"]["transformers"] and "git_sha" in m
 
 
+def test_atomic_writes_of_bytes_and_jsonl_replace_whole_files(tmp_path):
+    """The helpers every whole-file write of lwlib goes through: the new content or the old, no temporary left."""
+    from lwlib.runs import atomic_write_bytes, atomic_write_jsonl
+
+    p = atomic_write_jsonl(tmp_path / "sub" / "pairs.jsonl", [{"a": "ü"}, [1, 2]])
+    assert p.read_text(encoding="utf-8") == '{"a": "ü"}\n[1, 2]\n' and read_jsonl(p) == [{"a": "ü"}, [1, 2]]
+    atomic_write_jsonl(p, [])
+    assert p.read_bytes() == b""
+    b = atomic_write_bytes(tmp_path / "x.bin", b"\x00\x01")
+    assert b.read_bytes() == b"\x00\x01" and not list(tmp_path.rglob(".*tmp"))
+
+    class Boom:
+        def __iter__(self):
+            yield {"a": 1}
+            raise RuntimeError("mid-write")
+
+    with pytest.raises(RuntimeError):
+        atomic_write_jsonl(p, Boom())  # a failure while the content is made leaves the old file
+    assert p.read_bytes() == b"" and not list(tmp_path.rglob(".*tmp"))
+
+
 @pytest.mark.parametrize("name", ["smoke", "gpu", "gpu_short", "paper"])
 def test_builtin_profiles_load_every_section(name):
     prof = load_profile(name)
