@@ -573,21 +573,6 @@ def plot_bucket_bars(results: dict[str, pd.DataFrame], path: str | Path, title: 
     return save_figure(fig, path)
 
 
-def load_ruler_frames(profile: Profile, tags: Sequence[str] = ("base", "sft", "dpo")) -> dict[str, pd.DataFrame]:
-    """The ruler-probe records of every tag and decoding that has them (missing ones noted and skipped),
-    ``{"<tag> (<decoding>)": records}``."""
-    from .probe import load_probe
-
-    frames = {}
-    for tag in tags:
-        for dec in profile_decodings(profile):
-            try:
-                frames[model_label(tag, dec)] = load_probe(profile, tag, dec.name)
-            except FileNotFoundError as e:
-                print(f"[bench] no ruler curve for {model_label(tag, dec)!r}: {e}")
-    return frames
-
-
 def length_score_difference(before: pd.DataFrame, after: pd.DataFrame, by: str | None = "bucket",
                             n_boot: int = 1000, seed: int = 0, column: str = "S_l") -> pd.DataFrame:
     """``after - before`` of the mean ``column`` (S_l) on the same items, overall and per ``by`` group, with a paired

@@ -206,6 +206,19 @@ def load_probe(profile: Profile, tag: str, decoding: str) -> pd.DataFrame:
     return pd.DataFrame(read_records(path))
 
 
+def load_ruler_frames(profile: Profile, tags: Sequence[str] = ("base", "sft", "dpo")) -> dict[str, pd.DataFrame]:
+    """The ruler-probe records of every tag and decoding that has them (missing ones noted and skipped),
+    ``{"<tag> (<decoding>)": records}``."""
+    frames = {}
+    for tag in tags:
+        for dec in profile_decodings(profile):
+            try:
+                frames[model_label(tag, dec)] = load_probe(profile, tag, dec.name)
+            except FileNotFoundError as e:
+                print(f"[probe] no ruler curve for {model_label(tag, dec)!r}: {e}")
+    return frames
+
+
 def summarize_probe(df: pd.DataFrame, quantile: float = 0.95) -> dict[str, Any]:
     """Maximum output length (raw and effective, at ``quantile``) and failure shares of one model's outputs."""
     if df.empty:

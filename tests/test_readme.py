@@ -4,6 +4,7 @@ Usage: ``pytest tests/test_readme.py`` (no lwlib import, milliseconds)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,12 +15,17 @@ SOURCES = ["pyproject.toml", "run_all.sh", "test.sh", ".ci/run", "lwlib/*.py", "
 
 
 def tree_entries(readme: Path) -> list[str]:
-    """Paths of the README's "## Files" block: the first word of each line not indented (continuations are)."""
+    """Paths of the README's "## Files" block: the first column (up to two spaces) of each line not indented
+    (continuations are), several paths separated by ", "."""
     text = readme.read_text(encoding="utf-8")
     if "## Files" not in text:
         raise AssertionError(f"{readme}: no '## Files' section")
     block = text.split("## Files", 1)[1].split("```")[1]
-    return [line.split()[0] for line in block.splitlines() if line.strip() and not line[0].isspace()]
+    out = []
+    for line in block.splitlines():
+        if line.strip() and not line[0].isspace():
+            out += [p.strip() for p in re.split(r"\s{2,}", line.strip(), maxsplit=1)[0].split(", ")]
+    return out
 
 
 def covered(rel: str, entries: list[str]) -> bool:
