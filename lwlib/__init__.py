@@ -1,11 +1,13 @@
 """lwlib: a runnable reproduction of LongWriter (Bai et al., 2024, arXiv 2408.07055).
 
-Stages follow the paper: ``probe`` (LongWrite-Ruler), ``agentwrite`` (long-output SFT data),
-``sft`` (packed SFT with token-averaged loss), ``dpo``, ``nll`` (NLL by position) and ``bench``
-(LongBench-Write). Shared pieces: ``text`` (word counting, repetition), ``models``, ``backends``,
-``runs`` (run folders, resumable JSONL, atomic files), ``config`` (profiles), ``data`` (benchmark files, the
-``hf:`` data set spec), ``scoring`` (the length score and buckets) and ``judge`` (the LLM judge the benchmark and
-DPO share, so that neither stage imports the other); for training, ``packing`` (targets, packs),
+Stages follow the paper: ``probe`` (LongWrite-Ruler), ``agentwrite`` and ``corpus`` (long-output SFT data: AgentWrite
+and the human-written stand-in), ``sft`` (packed SFT with token-averaged loss), ``dpo``, ``nll`` (NLL by position)
+and ``bench`` (LongBench-Write); ``experiments`` and ``claims`` turn their files into the paper's claims. No stage
+imports another. Shared pieces: ``text`` (word counting, repetition), ``models``, ``backends`` (with ``decoding``,
+the slots engine, and ``served``, a server per model), ``decodings``, ``generation`` (generate into a store),
+``runs`` (run folders, resumable JSONL, atomic files), ``config`` (profiles), ``data`` (benchmark files, the ``hf:``
+data set spec), ``scoring`` (the length score and buckets), ``judge`` (the LLM judge the benchmark and DPO share)
+and ``logprobs`` (per-token log-likelihood, for NLL and DPO); for training, ``packing`` (targets, packs),
 ``attention`` (kernels for flattened packs), ``losses`` (the SFT loss) and ``training`` (what SFT and DPO share).
 """
 

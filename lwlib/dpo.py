@@ -614,8 +614,8 @@ def load_dpo_log(folder: str | Path) -> pd.DataFrame:
 def reward_margins(policy, reference, tok, pairs: list[dict[str, Any]], beta: float) -> pd.DataFrame:
     """DPO's implicit rewards of each pair, computed independently of TRL:
     ``r = beta * (log p_policy(y|x) - log p_ref(y|x))`` for chosen and rejected (response tokens and the
-    end-of-turn token, via :func:`lwlib.nll.token_nll`); margin = r_chosen - r_rejected."""
-    from .nll import token_nll
+    end-of-turn token, via :func:`lwlib.logprobs.token_nll`); margin = r_chosen - r_rejected."""
+    from .logprobs import token_nll
 
     conv = {s: [p["prompt"] + p[s] for p in pairs] for s in ("chosen", "rejected")}
     lp = {}

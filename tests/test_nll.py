@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lwlib.config import load_profile
-from lwlib.nll import (NLLConfig, cumulative_average, cumulative_curve, encode_conversation, load_conversations,
-                       run_nll, token_nll)
+from lwlib.logprobs import encode_conversation, token_nll
+from lwlib.nll import NLLConfig, cumulative_average, cumulative_curve, load_conversations, run_nll
 from lwlib.runs import read_jsonl
 from nbutil import execute_notebook
 
