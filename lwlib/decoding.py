@@ -66,28 +66,28 @@ def pow2_buckets(smallest: int, largest: int) -> list[int]:
     return out + [largest]
 
 
+def _buckets(limit: int, buckets: Sequence[int] | None, smallest: int, limit_name: str, field: str) -> list[int]:
+    """``buckets`` (default: powers of two from ``smallest``) below ``limit``, then ``limit``; errors name the
+    field."""
+    if limit < 1:
+        raise ValueError(f"{limit_name} must be >= 1, got {limit}")
+    if not buckets:
+        return pow2_buckets(min(smallest, limit), limit)
+    if any(int(b) < 1 for b in buckets):
+        raise ValueError(f"{field} must be >= 1, got {list(buckets)}")
+    return sorted({int(b) for b in buckets if int(b) < limit}) + [limit]
+
+
 def batch_buckets(max_batch: int, buckets: Sequence[int] | None = None) -> list[int]:
     """The batch sizes the slots engine decodes at: ``buckets`` (default ``8, 16, 32, ...``) below
     ``max_batch``, then ``max_batch``."""
-    if max_batch < 1:
-        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-    if not buckets:
-        return pow2_buckets(min(8, max_batch), max_batch)
-    if any(int(b) < 1 for b in buckets):
-        raise ValueError(f"batch_buckets must be >= 1, got {list(buckets)}")
-    return sorted({int(b) for b in buckets if int(b) < max_batch}) + [max_batch]
+    return _buckets(max_batch, buckets, 8, "max_batch", "batch_buckets")
 
 
 def cache_buckets(max_len: int, buckets: Sequence[int] | None = None) -> list[int]:
     """The KV-cache lengths the slots engine decodes at: ``buckets`` (default ``512, 1024, 2048, ...``)
     below ``max_len`` (the model's context), then ``max_len``."""
-    if max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
-    if not buckets:
-        return pow2_buckets(min(512, max_len), max_len)
-    if any(int(b) < 1 for b in buckets):
-        raise ValueError(f"cache_buckets must be >= 1, got {list(buckets)}")
-    return sorted({int(b) for b in buckets if int(b) < max_len}) + [max_len]
+    return _buckets(max_len, buckets, 512, "max_len", "cache_buckets")
 
 
 def pick_bucket(buckets: Sequence[int], n: int) -> int:
