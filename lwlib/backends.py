@@ -289,9 +289,8 @@ class LocalBackend(_CollectMixin):
         if self.max_batch is None:  # follow batch_size on CPU (benchmarks change it); CUDA: sized from memory
             eng.cfg.max_batch = None if self.device.type == "cuda" else self.batch_size
         for grp in _groups([shared_key(p) for p in plist]):
-            sub = [plist[i] for i in grp]
             for j, toks, ended, seconds in eng.run([encoded[i] for i in grp], [limits[i] for i in grp],
-                                                   sub[0] if len(set(map(id, sub))) == 1 else sub):
+                                                   [plist[i] for i in grp]):
                 i = grp[j]
                 yield i, self._finish(encoded[i], toks, limits[i], seconds)
 
