@@ -77,7 +77,7 @@ def workloads(args, tok) -> list[Workload]:
                                 "Continue.") for _ in range(b)]
         out.append(Workload(f"decode-{b}", prompts, [args.decode_tokens] * b,
                             GenParams(temperature=0.5, ignore_eos=True, seed=0)))
-    ruler = [it.prompt for it in load_ruler()][: args.probe_prompts]
+    ruler = [it.prompt for it in load_ruler()][: args.probe_prompts] * args.probe_samples
     out.append(Workload("probe", ruler, [args.probe_tokens] * len(ruler), GenParams(temperature=0.5, seed=0)))
     aw = [_long_prompt(tok, material, rng.randint(lo, hi), rng.randrange(0, len(material) // 2),
                        "Write the next paragraph of about 700 words.") for _ in range(args.aw_prompts)]
@@ -89,7 +89,7 @@ def workloads(args, tok) -> list[Workload]:
             prompts.append(p)
             limits.append(args.dpo_long if k == 3 else rng.randint(*args.dpo_short))
     out.append(Workload("dpo", prompts, limits, GenParams(temperature=0.8, seed=0)))
-    return out
+    return [w for w in out if w.name in args.workloads or w.name.split("-")[0] in args.workloads]
 
 
 def _sync():
@@ -121,7 +121,7 @@ def run_row(be: LocalBackend, wl: Workload, limits: list[int], kvb: int, bandwid
     before = eng.stats.as_dict() if eng else None
     gens, wall, first = _timed(be, wl, limits)
     toks = sum(g.completion_tokens for g in gens)
-    row = {"workload": wl.name, "engine": be.engine, "rows": len(gens), "batch": batch, "max_new": max(limits),
+    row = {"workload": wl.name, "engine": be.engine, "attention": eng.attention if eng else None, "rows": len(gens), "batch": batch, "max_new": max(limits),
            "tokens": toks, "stopped": sum(g.finish_reason == "stop" for g in gens), "wall_s": round(wall, 3),
            "first_s": round(first, 3), "tokens_per_s": round(toks / wall, 1)}
     if eng is None:
@@ -195,29 +195,33 @@ def run(args) -> dict:
     cuda = model.device.type == "cuda"
     kvb = kv_bytes_per_token(model.config, model.dtype)
     check = greedy_check(args, tok, model, ["float32", "bfloat16"] if cuda else ["float32"]) if args.check_prompts else []
-    slots = LocalBackend(model, tok, name=args.model, engine="slots", max_batch=args.max_batch,
-                         segment_tokens=args.segment_tokens)
+    engines = {a: LocalBackend(model, tok, name=args.model, engine="slots", max_batch=args.max_batch,
+                               segment_tokens=args.segment_tokens, attention=a) for a in args.attention}
+    first = engines[args.attention[0]]
     rows = []
     for wl in workloads(args, tok):
-        longest = max(len(slots.encode(p)) + m for p, m in zip(wl.prompts, wl.limits))
-        batch = slots.slot_engine.plan(len(wl.prompts), min(longest, slots.slot_engine.max_len))[0]  # its slot count
-        capped = [min(m, args.generate_tokens) for m in wl.limits]
-        todo = [("slots", wl.limits)] + ([("slots", capped)] if capped != wl.limits else []) + [("generate", capped)]
+        longest = max(len(first.encode(p)) + m for p, m in zip(wl.prompts, wl.limits))
+        batch = first.slot_engine.plan(len(wl.prompts), min(longest, first.slot_engine.max_len))[0]  # its slot count
+        capped = [min(m, args.generate_tokens) for m in wl.limits] if args.generate_tokens else None
+        todo = [(a, wl.limits) for a in args.attention]
+        if args.generate_tokens:
+            todo += ([(args.attention[0], capped)] if capped != wl.limits else []) + [("generate", capped)]
         for engine, limits in todo:
             if engine == "generate":
                 be = LocalBackend(model, tok, name=args.model, batch_size=batch,
                                   **({"cache_implementation": "static", "compile": True} if args.generate_mode == "static" else {}))
             else:
-                be = slots
+                be = engines[engine]
             row = run_row(be, wl, limits, kvb, args.bandwidth, batch)
             row["capped"] = limits is capped
             rows.append(row)
             print(json.dumps(row), flush=True)
-        gen = next(r for r in rows[::-1] if r["workload"] == wl.name and r["engine"] == "generate")
-        same = next(r for r in rows if r["workload"] == wl.name and r["engine"] == "slots" and r["max_new"] == gen["max_new"])
+        gen = next((r for r in rows[::-1] if r["workload"] == wl.name and r["engine"] == "generate"), None)
+        same = gen and next(r for r in rows if r["workload"] == wl.name and r["engine"] == "slots"
+                            and r["max_new"] == gen["max_new"])
         for r in rows:
             if r["workload"] == wl.name:
-                r["x_generate"] = round(same["tokens_per_s"] / gen["tokens_per_s"], 2) if r is same else None
+                r["x_generate"] = round(same["tokens_per_s"] / gen["tokens_per_s"], 2) if gen and r is same else None
     return {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "model": args.model, "dtype": str(model.dtype),
             "kv_bytes_per_token": kvb, "bandwidth_B_per_s": args.bandwidth, "generate_mode": args.generate_mode,
             "segment_tokens": args.segment_tokens, "max_batch": args.max_batch, "tiny": args.tiny,
@@ -225,7 +229,7 @@ def run(args) -> dict:
             "greedy_check": check, "rows": rows, "total_s": round(time.perf_counter() - t_start, 1)}
 
 
-COLUMNS = [("workload", "workload", "{}"), ("engine", "engine", "{}"), ("rows", "rows", "{}"), ("batch", "batch", "{}"),
+COLUMNS = [("workload", "workload", "{}"), ("engine", "engine", "{}"), ("attention", "attention", "{}"), ("rows", "rows", "{}"), ("batch", "batch", "{}"),
            ("max_new", "max new", "{}"), ("tokens", "tokens", "{:,}"), ("wall_s", "wall s", "{:.1f}"),
            ("first_s", "first s", "{:.1f}"), ("capture_s", "capture s", "{:.1f}"), ("ms_per_step", "ms/step", "{:.2f}"),
            ("floor_ms", "floor ms", "{:.2f}"), ("x_floor", "x floor", "{:.1f}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
@@ -259,18 +263,24 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--probe-prompts", type=int, default=48)
     ap.add_argument("--probe-tokens", type=int, default=2048)
+    ap.add_argument("--probe-samples", type=int, default=1, help="outputs per ruler prompt (the gpu probe: 4)")
     ap.add_argument("--aw-prompts", type=int, default=192)
     ap.add_argument("--aw-context", type=int, nargs=2, default=(1000, 6000))
     ap.add_argument("--aw-tokens", type=int, default=1000)
     ap.add_argument("--dpo-prompts", type=int, default=48)
     ap.add_argument("--dpo-short", type=int, nargs=2, default=(256, 1536))
     ap.add_argument("--dpo-long", type=int, default=4096)
-    ap.add_argument("--generate-tokens", type=int, default=256, help="token cap of the rows that compare the engines")
+    ap.add_argument("--generate-tokens", type=int, default=256,
+                    help="token cap of the rows that compare the engines (0: no plain generate rows)")
     ap.add_argument("--generate-mode", choices=["plain", "static"], default="plain",
                     help="plain generate, or static cache + torch.compile (recompiles per shape: slow)")
     ap.add_argument("--check-prompts", type=int, default=8, help="greedy identity check (0 = skip)")
     ap.add_argument("--check-tokens", type=int, default=128)
     ap.add_argument("--max-batch", type=int, default=256)
+    ap.add_argument("--attention", nargs="+", default=["auto"], choices=["auto", "triton", "sdpa"],
+                    help="slots engine decoding attention(s): one slots row per kernel (lwlib.decode_attention)")
+    ap.add_argument("--workloads", nargs="+", default=["decode", "probe", "agentwrite", "dpo"],
+                    help="which workloads (decode = every decode-B)")
     ap.add_argument("--segment-tokens", type=int, default=32)
     ap.add_argument("--bandwidth", type=float, default=H200_COPY_BANDWIDTH)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/generation_engines_<device>.json)")

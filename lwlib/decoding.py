@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 ATTENTION_NAME = "lwlib_slots"
 DEFAULT_MAX_SLOTS = 256
+ATTENTION_KERNELS = ("auto", "triton", "sdpa")
 H200_COPY_BANDWIDTH = 4.3e12  # bytes/s, a device-to-device copy measured on the H200 (counting read + write)
 
 
@@ -283,7 +284,8 @@ class _Ctx:
     width: int = 0  # prefill: columns written
     length: int = 0  # decode: columns attended (the cache bucket L)
     lens: torch.Tensor | None = None  # decode: each row's write column (= tokens already cached)
-    mask: torch.Tensor | None = None  # decode: [B, 1, 1, L] additive
+    mask: torch.Tensor | None = None  # decode: [B, 1, 1, L] additive (sdpa)
+    triton: bool = False  # decode: lwlib.decode_attention's length-exact kernel instead of masked sdpa
 
 
 def slots_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -293,9 +295,10 @@ def slots_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
 
     Prefill (``query`` ``[G, H, W, d]``, right-padded prompts): writes keys/values into slot columns
     ``0..W-1`` and runs causal sdpa on the prompt itself. Decode (``[B, H, 1, d]``): writes each row's
-    key/value at its column ``lens[b]``, then attends over the first ``L`` cache columns under the length
-    mask, the query heads grouped on their key/value head (no copy of the cache for GQA). Without the
-    engine's context it is plain sdpa.
+    key/value at its column ``lens[b]``, then attends over columns ``0..lens[b]``: with the Triton kernel of
+    :mod:`lwlib.decode_attention` (reads only those columns), or sdpa over the first ``L`` cache columns under
+    the length mask, the query heads grouped on their key/value head (no copy of the cache for GQA). Without
+    the engine's context it is plain sdpa.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -313,6 +316,11 @@ def slots_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     kvh = key.shape[1]
     kc[ctx.rows, :, ctx.lens] = key[:, :, 0]
     vc[ctx.rows, :, ctx.lens] = value[:, :, 0]
+    if ctx.triton:
+        from .decode_attention import decode_attention
+
+        out = decode_attention(query[:, :, 0], kc, vc, ctx.lens, scaling or d ** -0.5, ctx.length)
+        return out.unsqueeze(1), None
     q = query.reshape(b, kvh, heads // kvh, d)  # head h = kv_head * groups + j, as transformers' repeat_kv
     out = F.scaled_dot_product_attention(q, kc[:b, :, : ctx.length], vc[:b, :, : ctx.length],
                                          attn_mask=ctx.mask, scale=scaling)
@@ -357,6 +365,9 @@ class SlotConfig:
         prefill_tokens: padded prompt tokens per prefill forward (rows are grouped up to it).
         kv_cache_gb: memory for the KV cache; null = 60% of the free GPU memory (CPU: 4 GB).
         cuda_graphs: capture one CUDA graph per (batch, cache) bucket on CUDA (else eager steps).
+        attention: decoding attention: ``triton`` (:mod:`lwlib.decode_attention`: a split-K kernel that reads
+            each row's own context only), ``sdpa`` (PyTorch's, over the whole cache bucket under a length
+            mask), or ``auto``: ``triton`` on CUDA where Triton is installed, else ``sdpa``.
     """
 
     max_batch: int | None = None
@@ -366,8 +377,11 @@ class SlotConfig:
     prefill_tokens: int = 32768
     kv_cache_gb: float | None = None
     cuda_graphs: bool = True
+    attention: str = "auto"
 
     def __post_init__(self):
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
         if self.segment_tokens < 1:
             raise ValueError(f"segment_tokens must be >= 1, got {self.segment_tokens}")
         if self.prefill_tokens < 1:
@@ -440,7 +454,7 @@ class SlotEngine:
         self.cache_buckets = cache_buckets(self.max_len, self.cfg.cache_buckets)
         self.base = model.base_model
         self.head = model.get_output_embeddings()
-        heads = c.num_attention_heads
+        heads = self.heads = c.num_attention_heads
         self.kv_heads = getattr(c, "num_key_value_heads", None) or heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
         self.layers = c.num_hidden_layers
@@ -450,6 +464,23 @@ class SlotEngine:
         self._graphs_off = False
         self._warned: set[str] = set()
         register_slots_attention()
+        self.attention = self._pick_attention()
+
+    def _pick_attention(self) -> str:
+        """``sdpa`` or ``triton`` (cfg.attention; ``auto``: ``triton`` on CUDA if its self-check passes)."""
+        from . import decode_attention
+
+        want, dev = self.cfg.attention, self.device
+        if want == "sdpa" or (want == "auto" and dev.type != "cuda"):
+            return "sdpa"
+        why = decode_attention.self_check(dev, self.dtype, self.heads, self.kv_heads, self.head_dim)
+        if why is None:
+            return "triton"
+        if want == "triton":
+            raise ValueError(f"slots engine: attention 'triton' cannot run here: {why} (on CPU it needs Triton "
+                             "and TRITON_INTERPRET=1; attention 'sdpa' always runs)")
+        self._warn_once("attention", f"slots engine: the Triton decoding attention is off ({why}); using sdpa")
+        return "sdpa"
 
     # -- setup ---------------------------------------------------------------------------------------
 
@@ -527,9 +558,13 @@ class SlotEngine:
 
     def _decode_eager(self, b: int, length: int) -> torch.Tensor:
         lens = self._lens[:b]
-        mask = torch.zeros(b, length, dtype=self.dtype, device=self.device)
-        mask.masked_fill_(self._cols[None, :length] > lens[:, None], torch.finfo(self.dtype).min)
-        ctx = _Ctx(self.k, self.v, self._rows[:b], decode=True, length=length, lens=lens, mask=mask.view(b, 1, 1, length))
+        if self.attention == "triton":
+            ctx = _Ctx(self.k, self.v, self._rows[:b], decode=True, length=length, lens=lens, triton=True)
+        else:
+            mask = torch.zeros(b, length, dtype=self.dtype, device=self.device)
+            mask.masked_fill_(self._cols[None, :length] > lens[:, None], torch.finfo(self.dtype).min)
+            ctx = _Ctx(self.k, self.v, self._rows[:b], decode=True, length=length, lens=lens,
+                       mask=mask.view(b, 1, 1, length))
         with _attention(self.model, ATTENTION_NAME):
             h = self.base(input_ids=self._last[:b].view(b, 1), position_ids=lens.view(b, 1), use_cache=False,
                           lwlib_slots=ctx).last_hidden_state

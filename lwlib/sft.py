@@ -64,6 +64,7 @@ from typing import Any
 
 import torch
 
+from .backends import BackendConfig
 from .attention import flat_packs, pick_attn, register_varlen_attention
 from .config import Profile
 from .losses import trainer_class
@@ -99,7 +100,11 @@ class SFTConfig:
             LongWriter-6k, i.e. about 30).
         general_max: upper bound on the number of general examples (null = no bound).
         self_distill_max_new_tokens: answer length limit when self-distilling general data.
-        self_distill_batch_size: generation batch size when self-distilling.
+        self_distill_batch_size: generation batch size when self-distilling (the default backend's).
+        self_distill_backend: the backend that self-distills (``{kind: local, engine: slots}``: continuous
+            batching); null = local ``generate`` at ``self_distill_batch_size``. Greedy outputs are the same
+            in fp32; in bf16 another engine may flip a token, so the engine is part of the stored answers'
+            fingerprint.
         max_output_words: cap on the assistant output length (words, :func:`lwlib.text.count_words`) of
             training examples; null = no cap (the controlled experiment sets it).
         cap_mode: ``drop`` (remove longer examples; default, the data set then contains outputs up to
@@ -159,6 +164,7 @@ class SFTConfig:
     general_max: int | None = None
     self_distill_max_new_tokens: int = 256
     self_distill_batch_size: int = 8
+    self_distill_backend: BackendConfig | None = None
     max_output_words: int | None = None
     cap_mode: str = "drop"
     caps: list[int] = field(default_factory=list)
@@ -293,13 +299,17 @@ def self_distill(prof: Profile, n: int, cfg: SFTConfig, backend=None) -> list[Me
     """General SFT data by self-distillation: the profile's model answers ``n`` built-in short
     instructions (greedy). Resumable cache ``<run>/sft/general_self_distill.jsonl``; every record
     says ``source: self-distillation`` and the model. Answers cut by the token limit are skipped."""
-    from .backends import BackendConfig, GenParams, make_backend
+    from .backends import GenParams, make_backend
     from .generation import Job, generate_into
 
+    bcfg = cfg.self_distill_backend or BackendConfig(batch_size=cfg.self_distill_batch_size)
+    fingerprint = {  # greedy; the instructions are prefix-stable in n
+        "model": model_fingerprint(bcfg.model or prof.model, prof.run_dir), "temperature": 0.0,
+        "max_new_tokens": cfg.self_distill_max_new_tokens, "seed": prof.seed}
+    if bcfg.kind != "local" or bcfg.engine != "generate":  # (absent for the default: earlier runs stay valid)
+        fingerprint["backend"] = f"{bcfg.kind}/{bcfg.engine if bcfg.kind == 'local' else bcfg.model}"
     store = JsonlStore(prof.stage_dir("sft") / "general_self_distill.jsonl", key="id", stage="sft",
-                       overwrite=cfg.overwrite, fingerprint={  # greedy; the instructions are prefix-stable in n
-                           "model": model_fingerprint(prof.model, prof.run_dir), "temperature": 0.0,
-                           "max_new_tokens": cfg.self_distill_max_new_tokens, "seed": prof.seed})
+                       overwrite=cfg.overwrite, fingerprint=fingerprint)
     items = general_instructions(n, prof.seed)
     params = GenParams(cfg.self_distill_max_new_tokens, temperature=0.0, seed=prof.seed)
 
@@ -310,8 +320,7 @@ def self_distill(prof: Profile, n: int, cfg: SFTConfig, backend=None) -> list[Me
 
     generate_into([Job(it["id"], [{"role": "user", "content": it["prompt"]}], params, store,
                        functools.partial(record, it=it)) for it in items], backend,
-                  make=lambda: make_backend(BackendConfig(batch_size=cfg.self_distill_batch_size), prof.model,
-                                            prof.device, prof.dtype),
+                  make=lambda: make_backend(bcfg, prof.model, prof.device, prof.dtype),
                   desc="self-distillation (general SFT data)", what="self-distillation")
     want = {it["id"] for it in items}
     return [r["messages"] for r in store.records() if r["id"] in want and r["finish_reason"] == "stop"

@@ -12,6 +12,8 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 if SHARED_DATA.exists():
     os.environ.setdefault("LWLIB_DATA_DIR", str(SHARED_DATA))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not os.path.exists("/dev/nvidiactl"):  # no CUDA: Triton kernels (lwlib.decode_attention) run in its interpreter,
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # which must be chosen before triton is imported
 
 MODEL = "smollm2-135m-instruct"
 

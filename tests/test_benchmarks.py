@@ -89,7 +89,35 @@ def test_generation_benchmark_minimal(gen_bench, tmp_path, capsys):
                           "--check-prompts", "1", "--check-tokens", "6", "--out", str(out)])
     _check_generation_result(res, out)
     printed = capsys.readouterr().out
-    assert "| workload | engine | rows | batch |" in printed and "greedy identity (float32" in printed
+    assert "| workload | engine | attention | rows | batch |" in printed and "greedy identity (float32" in printed
+
+
+def test_generation_benchmark_attention_rows(gen_bench, tmp_path):
+    """One slots row per attention kernel and no generate rows (``--generate-tokens 0``); the probe workload holds
+    prompts x samples rows."""
+    pytest.importorskip("triton")
+    res = gen_bench.main(["--tiny", "--device", "cpu", "--attention", "sdpa", "triton", "--workloads", "decode", "probe",
+                          "--decode-batches", "2", "--decode-tokens", "3", "--probe-prompts", "2", "--probe-samples",
+                          "2", "--probe-tokens", "3", "--generate-tokens", "0", "--check-prompts", "0",
+                          "--out", str(tmp_path / "g.json")])
+    got = [(r["workload"], r["engine"], r["attention"], r["rows"], r["capped"], r["x_generate"]) for r in res["rows"]]
+    assert got == [("decode-2", "slots", "sdpa", 2, False, None), ("decode-2", "slots", "triton", 2, False, None),
+                   ("probe", "slots", "sdpa", 4, False, None), ("probe", "slots", "triton", 4, False, None)]
+    assert all(r["tokens"] == 6 for r in res["rows"][:2])  # ignore_eos: 2 rows x 3 tokens
+
+
+def test_stage_benchmark_tiny(tmp_path):
+    """benchmarks/stages.py runs the probe stage's own code in a fresh run folder and counts what it made."""
+    spec = importlib.util.spec_from_file_location("stages_bench", REPO_ROOT / "benchmarks" / "stages.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(["probe", "--tiny", "--probe-samples", "2", "--out", str(tmp_path / "s.json")])
+    (row,) = res["rows"]
+    # the smoke probe: 2 ruler prompts (en, lengths 1000/5000, 1 template) x 2 samples, 8 tokens each at most
+    assert (row["stage"], row["outputs"], row["max_new_tokens"], row["met"]) == ("probe", 4, 8, None)
+    assert 0 < row["tokens_out"] <= 4 * 8 and row["seconds"] > 0 and res["git_sha"]
+    with pytest.raises(SystemExit):
+        mod.main(["nope", "--tiny"])
 
 
 @pytest.mark.slow

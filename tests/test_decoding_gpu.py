@@ -1,5 +1,6 @@
 """The slots engine on CUDA: decoding steps captured as CUDA graphs give the tokens of eager steps (bf16) and of
-plain ``generate`` (fp32, greedy), with refills, compactions and cache-bucket changes; seeded sampling repeats;
+plain ``generate`` (fp32, greedy; the Triton decoding attention and sdpa), with refills, compactions and
+cache-bucket changes; seeded sampling repeats;
 many rows in few slots all come back within their limits. ``./test.sh gpu``."""
 
 import warnings
@@ -44,6 +45,10 @@ def test_graphs_equal_plain_generate_fp32(fp32):
     assert [fields(g) for g in got] == [fields(g) for g in want]
     st = slots.slot_engine.stats
     assert st.captures >= 3 and st.compactions >= 1 and {(4, 56), (1, 80)} <= st.shapes
+    assert slots.slot_engine.attention == "triton"  # auto on CUDA: the length-exact kernel (lwlib.decode_attention)
+    sdpa = LocalBackend(model, tok, name="m", attention="sdpa", **SLOTS)
+    assert [fields(g) for g in _no_capture_warning(lambda: sdpa.generate(PROMPTS, p, max_new_tokens=LIMITS))] == \
+        [fields(g) for g in want]
     # real prompts, longer outputs, one batch of plain generate as the reference
     ruler = [it.prompt for it in load_ruler()][:8]
     p = GenParams(max_new_tokens=96, temperature=0)
