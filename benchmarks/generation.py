@@ -121,7 +121,8 @@ def run_row(be: LocalBackend, wl: Workload, limits: list[int], kvb: int, bandwid
     before = eng.stats.as_dict() if eng else None
     gens, wall, first = _timed(be, wl, limits)
     toks = sum(g.completion_tokens for g in gens)
-    row = {"workload": wl.name, "engine": be.engine, "attention": eng.attention if eng else None, "rows": len(gens), "batch": batch, "max_new": max(limits),
+    row = {"workload": wl.name, "engine": be.engine, "attention": eng.attention if eng else None,
+           "fused": eng.fused if eng else None, "rows": len(gens), "batch": batch, "max_new": max(limits),
            "tokens": toks, "stopped": sum(g.finish_reason == "stop" for g in gens), "wall_s": round(wall, 3),
            "first_s": round(first, 3), "tokens_per_s": round(toks / wall, 1)}
     if eng is None:
@@ -195,23 +196,31 @@ def run(args) -> dict:
     cuda = model.device.type == "cuda"
     kvb = kv_bytes_per_token(model.config, model.dtype)
     check = greedy_check(args, tok, model, ["float32", "bfloat16"] if cuda else ["float32"]) if args.check_prompts else []
-    engines = {a: LocalBackend(model, tok, name=args.model, engine="slots", max_batch=args.max_batch,
-                               segment_tokens=args.segment_tokens, attention=a) for a in args.attention}
-    first = engines[args.attention[0]]
+    # unfused engines first: a Liger engine patches the model's RMSNorm and SwiGLU for good (lwlib.decoding)
+    kinds = [(a, f) for f in sorted(args.fused_kernels, key=lambda f: f != "none") for a in args.attention]
+    engines = {}
+
+    def engine(kind):
+        if kind not in engines:
+            engines[kind] = LocalBackend(model, tok, name=args.model, engine="slots", max_batch=args.max_batch,
+                                         segment_tokens=args.segment_tokens, attention=kind[0], fused_kernels=kind[1])
+        return engines[kind]
+
+    first = engine(kinds[0])
     rows = []
     for wl in workloads(args, tok):
         longest = max(len(first.encode(p)) + m for p, m in zip(wl.prompts, wl.limits))
         batch = first.slot_engine.plan(len(wl.prompts), min(longest, first.slot_engine.max_len))[0]  # its slot count
         capped = [min(m, args.generate_tokens) for m in wl.limits] if args.generate_tokens else None
-        todo = [(a, wl.limits) for a in args.attention]
+        todo = [(k, wl.limits) for k in kinds]
         if args.generate_tokens:
-            todo += ([(args.attention[0], capped)] if capped != wl.limits else []) + [("generate", capped)]
-        for engine, limits in todo:
-            if engine == "generate":
+            todo += ([(kinds[0], capped)] if capped != wl.limits else []) + [("generate", capped)]
+        for kind, limits in todo:
+            if kind == "generate":
                 be = LocalBackend(model, tok, name=args.model, batch_size=batch,
                                   **({"cache_implementation": "static", "compile": True} if args.generate_mode == "static" else {}))
             else:
-                be = engines[engine]
+                be = engine(kind)
             row = run_row(be, wl, limits, kvb, args.bandwidth, batch)
             row["capped"] = limits is capped
             rows.append(row)
@@ -229,7 +238,8 @@ def run(args) -> dict:
             "greedy_check": check, "rows": rows, "total_s": round(time.perf_counter() - t_start, 1)}
 
 
-COLUMNS = [("workload", "workload", "{}"), ("engine", "engine", "{}"), ("attention", "attention", "{}"), ("rows", "rows", "{}"), ("batch", "batch", "{}"),
+COLUMNS = [("workload", "workload", "{}"), ("engine", "engine", "{}"), ("attention", "attention", "{}"),
+           ("fused", "fused", "{}"), ("rows", "rows", "{}"), ("batch", "batch", "{}"),
            ("max_new", "max new", "{}"), ("tokens", "tokens", "{:,}"), ("wall_s", "wall s", "{:.1f}"),
            ("first_s", "first s", "{:.1f}"), ("capture_s", "capture s", "{:.1f}"), ("ms_per_step", "ms/step", "{:.2f}"),
            ("floor_ms", "floor ms", "{:.2f}"), ("x_floor", "x floor", "{:.1f}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
@@ -279,6 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-batch", type=int, default=256)
     ap.add_argument("--attention", nargs="+", default=["auto"], choices=["auto", "triton", "sdpa"],
                     help="slots engine decoding attention(s): one slots row per kernel (lwlib.decode_attention)")
+    ap.add_argument("--fused-kernels", nargs="+", default=["auto"], choices=["auto", "liger", "none"],
+                    help="slots engine: Liger's fused RMSNorm/SwiGLU/RoPE or not; one row per value (x --attention)")
     ap.add_argument("--workloads", nargs="+", default=["decode", "probe", "agentwrite", "dpo"],
                     help="which workloads (decode = every decode-B)")
     ap.add_argument("--segment-tokens", type=int, default=32)

@@ -216,6 +216,7 @@ class LocalBackend(_CollectMixin):
         kv_cache_gb: float | None = None,
         cuda_graphs: bool = True,
         attention: str = "auto",
+        fused_kernels: str = "auto",
     ):
         from .models import end_token_ids, load_model, load_tokenizer
 
@@ -247,7 +248,7 @@ class LocalBackend(_CollectMixin):
                 max_batch=max_batch, batch_buckets=list(batch_buckets) if batch_buckets else None,
                 cache_buckets=list(cache_buckets) if cache_buckets else None, segment_tokens=segment_tokens,
                 prefill_tokens=prefill_tokens, kv_cache_gb=kv_cache_gb, cuda_graphs=cuda_graphs,
-                attention=attention))
+                attention=attention, fused_kernels=fused_kernels))
         self._lock = threading.Lock()
 
     @property
@@ -540,6 +541,8 @@ class BackendConfig:
         attention: slots: decoding attention, ``triton`` (a split-K kernel reading each row's own context:
             lwlib.decode_attention), ``sdpa`` (PyTorch's over the cache bucket, length-masked) or ``auto``
             (``triton`` on CUDA where Triton is installed).
+        fused_kernels: slots: ``liger`` (Liger-Kernel's fused RMSNorm, SwiGLU and RoPE in the engine's passes:
+            fewer kernels per decoding step), ``none``, or ``auto`` (``liger`` on CUDA where installed).
         server_command: server: the command that serves ``{model}`` on ``{port}`` with ``{gpus}`` GPUs; null =
             ``lwlib.served.VLLM_COMMAND`` (``vllm serve``; ``lwlib.served.SGLANG_COMMAND`` for SGLang).
         server_ready_s: server: seconds to wait for the server to answer (loading an 8B model takes minutes).
@@ -570,6 +573,7 @@ class BackendConfig:
     kv_cache_gb: float | None = None
     cuda_graphs: bool = True
     attention: str = "auto"
+    fused_kernels: str = "auto"
     # server (lwlib.served)
     server_command: list[str] | None = None
     server_ready_s: float = 1800.0
@@ -609,7 +613,7 @@ def make_backend(cfg: BackendConfig, default_model: str = "", device: str = "aut
             cache_implementation=cfg.cache_implementation, compile=cfg.compile, engine=cfg.engine,
             segment_tokens=cfg.segment_tokens, max_batch=cfg.max_batch, batch_buckets=cfg.batch_buckets,
             cache_buckets=cfg.cache_buckets, prefill_tokens=cfg.prefill_tokens, kv_cache_gb=cfg.kv_cache_gb,
-            cuda_graphs=cfg.cuda_graphs, attention=cfg.attention,
+            cuda_graphs=cfg.cuda_graphs, attention=cfg.attention, fused_kernels=cfg.fused_kernels,
         )
     if cfg.kind == "openai":
         return OpenAIBackend(

@@ -41,6 +41,10 @@ import torch.nn.functional as F
 ATTENTION_NAME = "lwlib_slots"
 DEFAULT_MAX_SLOTS = 256
 ATTENTION_KERNELS = ("auto", "triton", "sdpa")
+FUSED_KERNELS = ("auto", "liger", "none")
+# model types whose attention applies the standard (rotate-half, full-width) RoPE through their module's
+# ``apply_rotary_pos_emb``, which Liger's fused kernel computes exactly (not GLM's partial rotary, for one)
+LIGER_ROPE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 H200_COPY_BANDWIDTH = 4.3e12  # bytes/s, a device-to-device copy measured on the H200 (counting read + write)
 
 
@@ -368,6 +372,11 @@ class SlotConfig:
         attention: decoding attention: ``triton`` (:mod:`lwlib.decode_attention`: a split-K kernel that reads
             each row's own context only), ``sdpa`` (PyTorch's, over the whole cache bucket under a length
             mask), or ``auto``: ``triton`` on CUDA where Triton is installed, else ``sdpa``.
+        fused_kernels: ``liger``: Liger-Kernel's fused RMSNorm and SwiGLU patched into the model instance
+            (:func:`lwlib.training.use_liger`; the same math) and its fused RoPE swapped in during the engine's
+            own forward passes only; ``none``; or ``auto``: ``liger`` on CUDA where liger-kernel is installed and
+            the model type is one of :data:`LIGER_ROPE_TYPES`. A small model's decoding step is bound by its
+            kernel count (about 40 per layer unfused, 17 fused), not by memory.
     """
 
     max_batch: int | None = None
@@ -378,8 +387,11 @@ class SlotConfig:
     kv_cache_gb: float | None = None
     cuda_graphs: bool = True
     attention: str = "auto"
+    fused_kernels: str = "auto"
 
     def __post_init__(self):
+        if self.fused_kernels not in FUSED_KERNELS:
+            raise ValueError(f"fused_kernels must be one of {FUSED_KERNELS}, got {self.fused_kernels!r}")
         if self.attention not in ATTENTION_KERNELS:
             raise ValueError(f"attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
         if self.segment_tokens < 1:
@@ -465,6 +477,46 @@ class SlotEngine:
         self._warned: set[str] = set()
         register_slots_attention()
         self.attention = self._pick_attention()
+        self.fused = self._pick_fused(c)
+
+    def _pick_fused(self, text_config: Any) -> str:
+        """``liger`` or ``none`` (cfg.fused_kernels); patches the model's RMSNorm and SwiGLU for ``liger``."""
+        import importlib
+        import importlib.util
+
+        want, mtype = self.cfg.fused_kernels, getattr(text_config, "model_type", "")
+        if want == "none" or (want == "auto" and (
+                self.device.type != "cuda" or importlib.util.find_spec("liger_kernel") is None
+                or mtype not in LIGER_ROPE_TYPES)):
+            return "none"
+        if mtype not in LIGER_ROPE_TYPES:
+            raise ValueError(f"slots engine: fused_kernels 'liger' supports model types {LIGER_ROPE_TYPES}, "
+                             f"not {mtype!r}; use 'none'")
+        from .training import use_liger
+
+        try:
+            use_liger(self.model)  # raises without CUDA or the package
+        except RuntimeError as e:
+            raise ValueError(f"slots engine: fused_kernels 'liger': {e}") from e
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+        self._rope = (importlib.import_module(type(self.model).__module__), liger_rotary_pos_emb)
+        return "liger"
+
+    @contextmanager
+    def _forward_ctx(self):
+        """The engine's forward passes: its attention function, and Liger's RoPE where ``fused == "liger"``."""
+        with _attention(self.model, ATTENTION_NAME):
+            if self.fused != "liger":
+                yield
+                return
+            module, rope = self._rope
+            old = module.apply_rotary_pos_emb
+            module.apply_rotary_pos_emb = rope
+            try:
+                yield
+            finally:
+                module.apply_rotary_pos_emb = old
 
     def _pick_attention(self) -> str:
         """``sdpa`` or ``triton`` (cfg.attention; ``auto``: ``triton`` on CUDA if its self-check passes)."""
@@ -565,7 +617,7 @@ class SlotEngine:
             mask.masked_fill_(self._cols[None, :length] > lens[:, None], torch.finfo(self.dtype).min)
             ctx = _Ctx(self.k, self.v, self._rows[:b], decode=True, length=length, lens=lens,
                        mask=mask.view(b, 1, 1, length))
-        with _attention(self.model, ATTENTION_NAME):
+        with self._forward_ctx():
             h = self.base(input_ids=self._last[:b].view(b, 1), position_ids=lens.view(b, 1), use_cache=False,
                           lwlib_slots=ctx).last_hidden_state
         return self.head(h[:, -1]).float()
@@ -613,7 +665,7 @@ class SlotEngine:
         ids = ids.to(dev)
         ctx = _Ctx(self.k, self.v, torch.tensor(rows, device=dev), decode=False, width=width)
         pos = torch.arange(width, device=dev).expand(g, width)
-        with _attention(self.model, ATTENTION_NAME):
+        with self._forward_ctx():
             h = self.base(input_ids=ids, position_ids=pos, use_cache=False, lwlib_slots=ctx).last_hidden_state
         last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
         self.stats.prefill_calls += 1

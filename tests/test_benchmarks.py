@@ -89,7 +89,7 @@ def test_generation_benchmark_minimal(gen_bench, tmp_path, capsys):
                           "--check-prompts", "1", "--check-tokens", "6", "--out", str(out)])
     _check_generation_result(res, out)
     printed = capsys.readouterr().out
-    assert "| workload | engine | attention | rows | batch |" in printed and "greedy identity (float32" in printed
+    assert "| workload | engine | attention | fused | rows | batch |" in printed and "greedy identity (float32" in printed
 
 
 def test_generation_benchmark_attention_rows(gen_bench, tmp_path):
@@ -100,9 +100,10 @@ def test_generation_benchmark_attention_rows(gen_bench, tmp_path):
                           "--decode-batches", "2", "--decode-tokens", "3", "--probe-prompts", "2", "--probe-samples",
                           "2", "--probe-tokens", "3", "--generate-tokens", "0", "--check-prompts", "0",
                           "--out", str(tmp_path / "g.json")])
-    got = [(r["workload"], r["engine"], r["attention"], r["rows"], r["capped"], r["x_generate"]) for r in res["rows"]]
-    assert got == [("decode-2", "slots", "sdpa", 2, False, None), ("decode-2", "slots", "triton", 2, False, None),
-                   ("probe", "slots", "sdpa", 4, False, None), ("probe", "slots", "triton", 4, False, None)]
+    got = [(r["workload"], r["engine"], r["attention"], r["fused"], r["rows"], r["capped"], r["x_generate"])
+           for r in res["rows"]]
+    assert got == [("decode-2", "slots", "sdpa", "none", 2, False, None), ("decode-2", "slots", "triton", "none", 2, False, None),
+                   ("probe", "slots", "sdpa", "none", 4, False, None), ("probe", "slots", "triton", "none", 4, False, None)]
     assert all(r["tokens"] == 6 for r in res["rows"][:2])  # ignore_eos: 2 rows x 3 tokens
 
 

@@ -288,6 +288,11 @@ def test_slots_errors_and_config(model_and_tok):
     assert (be.engine, c.segment_tokens, c.max_batch, c.cache_buckets, c.kv_cache_gb) == ("slots", 5, 16, [256], 2.0)
     assert be.slot_engine.cache_buckets == [256, 8192]
     assert LocalBackend(model, tok).slot_engine is None  # engine "generate" by default
+    with pytest.raises(ValueError, match="fused_kernels must be one of"):
+        SlotConfig(fused_kernels="yes")
+    assert SlotEngine(model, [2], 2).fused == "none"  # auto: Liger only on CUDA
+    with pytest.raises(ValueError, match="fused_kernels 'liger'"):  # the package missing, or no CUDA: said, not skipped
+        SlotEngine(model, [2], 2, SlotConfig(fused_kernels="liger"))
 
 
 def test_compile_cache_dir(monkeypatch, tmp_path):
