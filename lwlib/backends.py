@@ -169,14 +169,14 @@ class _PerRowLimit:
 
 def compile_cache_dir() -> str:
     """Where torch.compile (inductor) keeps its compiled artifacts between runs: ``$TORCHINDUCTOR_CACHE_DIR``,
-    set to ``<lwlib cache>/inductor`` (``~/.cache/lwlib/inductor``) when unset. Stages record it in their
-    manifest.
+    set to ``<lwlib cache>/inductor`` (``~/.cache/lwlib/inductor``) when unset (:func:`lwlib.runs.compile_caches`,
+    which every stage manifest records).
 
-    Usage: ``manifest["inductor_cache"] = compile_cache_dir()``
+    Usage: ``compile_cache_dir()``
     """
-    from .models import cache_dir
+    from .runs import compile_caches
 
-    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    return compile_caches()["inductor"]
 
 
 ENGINES = ("generate", "slots")

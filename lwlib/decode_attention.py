@@ -9,8 +9,8 @@ cache bucket, not the rows' contexts. Here each program reads one row's ``split`
 key/value head, and writes an unnormalized partial; a second kernel merges a row's partials. What a step reads is
 the rows' real contexts (to ``BLOCK`` columns), whatever the bucket.
 
-On CUDA the kernels are compiled by Triton on first use (seconds, once per process and dtype; Triton caches them
-on disk); on CPU they run in Triton's interpreter (slow: tests only). :func:`decode_attention_reference` is the
+On CUDA the kernels are compiled by Triton on first use (seconds, once per dtype; Triton keeps them on disk, in
+``$TRITON_CACHE_DIR``: :func:`lwlib.runs.compile_caches`); on CPU they run in Triton's interpreter (slow: tests only). :func:`decode_attention_reference` is the
 same computation in plain torch.
 
 Usage::

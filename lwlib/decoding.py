@@ -14,8 +14,12 @@ decoding step is one captured CUDA graph (no compilation, the shapes never chang
 fails (a warning, once), the same step runs eagerly.
 
 The model's own attention layers compute queries, keys and values (rotary embeddings included); the cache
-writes and the masked attention are done by :func:`slots_attention`, registered with transformers as the
-attention implementation ``lwlib_slots`` and switched on only inside the engine's forward calls.
+writes and the attention are done by :func:`slots_attention`, registered with transformers as the attention
+implementation ``lwlib_slots`` and switched on only inside the engine's forward calls. A decoding step attends with
+the length-exact Triton kernel of :mod:`lwlib.decode_attention` on CUDA (``attention``; sdpa under a length mask
+elsewhere) and, with ``fused_kernels``, through Liger-Kernel's fused RMSNorm, SwiGLU and RoPE: a small model's
+captured step is bound by its kernel count, not by memory (benchmarks/README.md, "the slots engine's decoding
+attention and fused kernels").
 
 Usage::
 
@@ -371,12 +375,14 @@ class SlotConfig:
         cuda_graphs: capture one CUDA graph per (batch, cache) bucket on CUDA (else eager steps).
         attention: decoding attention: ``triton`` (:mod:`lwlib.decode_attention`: a split-K kernel that reads
             each row's own context only), ``sdpa`` (PyTorch's, over the whole cache bucket under a length
-            mask), or ``auto``: ``triton`` on CUDA where Triton is installed, else ``sdpa``.
-        fused_kernels: ``liger``: Liger-Kernel's fused RMSNorm and SwiGLU patched into the model instance
-            (:func:`lwlib.training.use_liger`; the same math) and its fused RoPE swapped in during the engine's
-            own forward passes only; ``none``; or ``auto``: ``liger`` on CUDA where liger-kernel is installed and
-            the model type is one of :data:`LIGER_ROPE_TYPES`. A small model's decoding step is bound by its
-            kernel count (about 40 per layer unfused, 17 fused), not by memory.
+            mask), or ``auto`` (default): ``triton`` on CUDA where its self-check passes (a warning if not),
+            else ``sdpa``.
+        fused_kernels: ``liger``: Liger-Kernel's fused RMSNorm and SwiGLU patched into the model instance for
+            good (:func:`lwlib.training.use_liger`; the same math) and its fused RoPE swapped in during the
+            engine's own forward passes only (about 17 kernels per layer instead of 40: a small model's step is
+            bound by its kernel count); ``none``; or ``auto`` (default): ``liger`` on CUDA where liger-kernel is
+            installed and the model type is one of :data:`LIGER_ROPE_TYPES` (if patching fails: a warning, and
+            ``none``).
     """
 
     max_batch: int | None = None
@@ -411,7 +417,7 @@ class SlotStats:
     prefill_tokens: int = 0  # padded
     prefill_s: float = 0.0
     steps: int = 0
-    decode_s: float = 0.0  # wall time of the decoding segments, their host check included
+    decode_s: float = 0.0  # wall time of the decoding segments, their host check included, capture_s excluded
     slot_steps: int = 0  # sum of the batch bucket over steps
     read_tokens: int = 0  # sum of B x L over steps: KV entries the attention reads
     captures: int = 0
@@ -476,6 +482,9 @@ class SlotEngine:
         self._graphs_off = False
         self._warned: set[str] = set()
         register_slots_attention()
+        from .runs import compile_caches
+
+        compile_caches()  # Triton's kernels (attention, Liger) compile once and persist in the lwlib cache
         self.attention = self._pick_attention()
         self.fused = self._pick_fused(c)
 
@@ -496,7 +505,10 @@ class SlotEngine:
 
         try:
             use_liger(self.model)  # raises without CUDA or the package
-        except RuntimeError as e:
+        except Exception as e:  # noqa: BLE001 - auto: any failure leaves the model as it was
+            if want == "auto":
+                self._warn_once("fused", f"slots engine: Liger's kernels are off ({type(e).__name__}: {e})")
+                return "none"
             raise ValueError(f"slots engine: fused_kernels 'liger': {e}") from e
         from liger_kernel.transformers.rope import liger_rotary_pos_emb
 
@@ -847,7 +859,7 @@ class SlotEngine:
                 need = max(cached[b] + min(steps, limits[item[b]] - made[b]) for b in occ)
                 l_ = pick_bucket(lb, need)
                 st.shapes.add((b_, l_))
-                t0 = time.perf_counter()
+                t0, cap0 = time.perf_counter(), st.capture_s  # (a graph captured in this segment is not decoding)
                 lens, act_all = self._lens[:b_], active[:b_]
                 for _ in range(steps):
                     logits = self._decode(b_, l_)
@@ -868,5 +880,5 @@ class SlotEngine:
                 st.slot_steps += steps * b_
                 st.read_tokens += steps * b_ * l_
                 finished = look()  # syncs: the segment's time includes the device's work
-            st.decode_s += time.perf_counter() - t0
+            st.decode_s += time.perf_counter() - t0 - (st.capture_s - cap0)
             yield from finished

@@ -473,8 +473,22 @@ def library_versions() -> dict[str, str | None]:
     return out
 
 
+def compile_caches() -> dict[str, str]:
+    """Where compiled kernels persist between runs, set for this process when unset: torch.compile's
+    (``$TORCHINDUCTOR_CACHE_DIR``, default ``<lwlib cache>/inductor``) and Triton's (``$TRITON_CACHE_DIR``, default
+    ``<lwlib cache>/triton``: the slots engine's attention kernel, Liger's kernels). Every manifest records both.
+
+    Usage: ``compile_caches()["triton"]``
+    """
+    from .models import cache_dir
+
+    return {"inductor": os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor")),
+            "triton": os.environ.setdefault("TRITON_CACHE_DIR", str(cache_dir() / "triton"))}
+
+
 def write_manifest(folder: str | Path, config: Any, name: str = "manifest.json") -> Path:
-    """Record the resolved config, library versions, git SHA, host and time in ``folder/name``."""
+    """Record the resolved config, library versions, git SHA, host, time and the compile caches
+    (:func:`compile_caches`) in ``folder/name``."""
     from dataclasses import asdict, is_dataclass
 
     cfg = asdict(config) if is_dataclass(config) else config
@@ -484,6 +498,7 @@ def write_manifest(folder: str | Path, config: Any, name: str = "manifest.json")
             "config": cfg,
             "versions": library_versions(),
             "git_sha": git_sha(),
+            "compile_caches": compile_caches(),
             "host": platform.node(),
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "argv": sys.argv,

@@ -271,6 +271,31 @@ def test_slots_sampling_seeded_and_ignore_eos(engines):
     assert (forced.completion_tokens, forced.finish_reason) == (10, "length")
 
 
+def test_decode_time_excludes_graph_capture(model_and_tok, monkeypatch):
+    """``stats.decode_s`` (the benchmarks' ms per step) does not count CUDA-graph capture, which has its own
+    ``capture_s``: a capture that takes 1.5 s inside a segment is not in decode_s (12 steps of 2 rows: ~0.2 s)."""
+    import time
+
+    model, tok = model_and_tok
+    be = LocalBackend(model, tok, name="m", engine="slots", max_batch=2, segment_tokens=4)
+    eng, st = be.slot_engine, be.slot_engine.stats
+    plain = eng._decode
+
+    def capturing(b, length):  # what _capture does to the clock and the stats, once per shape
+        if (b, length) not in eng._graphs:
+            eng._graphs[(b, length)] = None
+            time.sleep(1.5)
+            st.capture_s += 1.5
+        return plain(b, length)
+
+    monkeypatch.setattr(eng, "_decode", capturing)
+    t0 = time.perf_counter()
+    be.generate(PROMPTS[:2], GenParams(temperature=0, ignore_eos=True), max_new_tokens=[6, 6])
+    wall = time.perf_counter() - t0
+    assert st.capture_s == pytest.approx(1.5 * len(eng._graphs)) and wall > st.capture_s
+    assert 0 < st.decode_s < 1.0
+
+
 def test_slots_errors_and_config(model_and_tok):
     model, tok = model_and_tok
     be = LocalBackend(model, tok, name="m", engine="slots")
@@ -296,8 +321,17 @@ def test_slots_errors_and_config(model_and_tok):
 
 
 def test_compile_cache_dir(monkeypatch, tmp_path):
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    import json
+
+    from lwlib.runs import compile_caches, write_manifest
+
+    for var in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # (set first, so monkeypatch restores them)
+        monkeypatch.setenv(var, "x")
+        monkeypatch.delenv(var)
     monkeypatch.setenv("LWLIB_CACHE", str(tmp_path))
     assert compile_cache_dir() == str(tmp_path / "inductor")
+    assert compile_caches() == {"inductor": str(tmp_path / "inductor"), "triton": str(tmp_path / "triton")}
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
     assert compile_cache_dir() == "/elsewhere"
+    man = json.loads(write_manifest(tmp_path, {"a": 1}).read_text())
+    assert man["compile_caches"] == {"inductor": "/elsewhere", "triton": str(tmp_path / "triton")}

@@ -46,9 +46,11 @@ def test_graphs_equal_plain_generate_fp32(fp32):
     st = slots.slot_engine.stats
     assert st.captures >= 3 and st.compactions >= 1 and {(4, 56), (1, 80)} <= st.shapes
     assert slots.slot_engine.attention == "triton"  # auto on CUDA: the length-exact kernel (lwlib.decode_attention)
-    import importlib.util
-
-    assert slots.slot_engine.fused == ("liger" if importlib.util.find_spec("liger_kernel") else "none")
+    # Liger's kernels: patches the model's RMSNorm/SwiGLU (the rows below compare engines on the patched model)
+    liger = LocalBackend(model, tok, name="m", fused_kernels="liger", **SLOTS)
+    assert liger.slot_engine.fused == "liger"
+    assert [fields(g) for g in _no_capture_warning(lambda: liger.generate(PROMPTS, p, max_new_tokens=LIMITS))] == \
+        [fields(g) for g in want]
     sdpa = LocalBackend(model, tok, name="m", attention="sdpa", **SLOTS)
     assert [fields(g) for g in _no_capture_warning(lambda: sdpa.generate(PROMPTS, p, max_new_tokens=LIMITS))] == \
         [fields(g) for g in want]
