@@ -30,6 +30,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import time
@@ -195,14 +196,13 @@ def run(args) -> dict:
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     cuda = model.device.type == "cuda"
     kvb = kv_bytes_per_token(model.config, model.dtype)
-    check = greedy_check(args, tok, model, ["float32", "bfloat16"] if cuda else ["float32"]) if args.check_prompts else []
-    # unfused engines first: a Liger engine patches the model's RMSNorm and SwiGLU for good (lwlib.decoding)
-    kinds = [(a, f) for f in sorted(args.fused_kernels, key=lambda f: f != "none") for a in args.attention]
-    engines = {}
+    kinds = [(a, f) for f in args.fused_kernels for a in args.attention]
+    engines, fused_models = {}, {}
 
     def engine(kind):
-        if kind not in engines:
-            engines[kind] = LocalBackend(model, tok, name=args.model, engine="slots", max_batch=args.max_batch,
+        if kind not in engines:  # a Liger engine patches its model's RMSNorm and SwiGLU for good: its own copy
+            m = model if kind[1] == "none" else fused_models.setdefault(kind[1], copy.deepcopy(model))
+            engines[kind] = LocalBackend(m, tok, name=args.model, engine="slots", max_batch=args.max_batch,
                                          segment_tokens=args.segment_tokens, attention=kind[0], fused_kernels=kind[1])
         return engines[kind]
 
@@ -231,6 +231,8 @@ def run(args) -> dict:
         for r in rows:
             if r["workload"] == wl.name:
                 r["x_generate"] = round(same["tokens_per_s"] / gen["tokens_per_s"], 2) if gen and r is same else None
+    # last: its slots engines (default settings) may patch the model (fused_kernels auto)
+    check = greedy_check(args, tok, model, ["float32", "bfloat16"] if cuda else ["float32"]) if args.check_prompts else []
     return {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "model": args.model, "dtype": str(model.dtype),
             "kv_bytes_per_token": kvb, "bandwidth_B_per_s": args.bandwidth, "generate_mode": args.generate_mode,
             "segment_tokens": args.segment_tokens, "max_batch": args.max_batch, "tiny": args.tiny,

@@ -97,14 +97,14 @@ def test_generation_benchmark_attention_rows(gen_bench, tmp_path):
     prompts x samples rows."""
     pytest.importorskip("triton")
     res = gen_bench.main(["--tiny", "--device", "cpu", "--attention", "sdpa", "triton", "--workloads", "decode", "probe",
-                          "--decode-batches", "2", "--decode-tokens", "3", "--probe-prompts", "2", "--probe-samples",
-                          "2", "--probe-tokens", "3", "--generate-tokens", "0", "--check-prompts", "0",
+                          "--decode-batches", "2", "--decode-context", "80", "--decode-tokens", "2", "--probe-prompts",
+                          "2", "--probe-samples", "2", "--probe-tokens", "2", "--generate-tokens", "0", "--check-prompts", "0",
                           "--out", str(tmp_path / "g.json")])
     got = [(r["workload"], r["engine"], r["attention"], r["fused"], r["rows"], r["capped"], r["x_generate"])
            for r in res["rows"]]
     assert got == [("decode-2", "slots", "sdpa", "none", 2, False, None), ("decode-2", "slots", "triton", "none", 2, False, None),
                    ("probe", "slots", "sdpa", "none", 4, False, None), ("probe", "slots", "triton", "none", 4, False, None)]
-    assert all(r["tokens"] == 6 for r in res["rows"][:2])  # ignore_eos: 2 rows x 3 tokens
+    assert all(r["tokens"] == 4 for r in res["rows"][:2])  # ignore_eos: 2 rows x 2 tokens
 
 
 def test_stage_benchmark_tiny(tmp_path):
