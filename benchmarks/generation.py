@@ -43,6 +43,7 @@ from lwlib.backends import GenParams, LocalBackend
 from lwlib.data import load_longbench_write, load_ruler
 from lwlib.decoding import H200_COPY_BANDWIDTH, kv_bytes_per_token
 from lwlib.models import load_model
+from lwlib.runs import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -307,8 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = run(args)
     out = Path(args.out) if args.out else RESULTS / (
         "generation_engines_" + ("tiny" if args.tiny else res["device"].split()[-1].lower()) + ".json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    atomic_write_json(out, res)
     print(f"\n{table(res)}\n\n[{res['device']}, {res['dtype']}, {res['total_s']} s; written to {out}]")
     return res
 

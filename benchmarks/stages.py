@@ -30,7 +30,7 @@ import torch
 
 from lwlib.backends import make_backend, release
 from lwlib.config import load_profile, parse_sets
-from lwlib.runs import git_sha, library_versions
+from lwlib.runs import atomic_write_json, git_sha, library_versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_S = {"agentwrite": 300.0, "probe": 120.0}  # issue 17, one H200
@@ -128,8 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
            "versions": library_versions(), "git_sha": git_sha(), "rows": rows}
     out = Path(args.out) if args.out else RESULTS / (
         "stages_" + ("tiny" if args.tiny else device.split()[-1].lower()) + ".json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    atomic_write_json(out, res)
     print(f"[{device}; written to {out}]")
     return res
 
