@@ -15,11 +15,17 @@ Workloads (``lwlib.backends.LocalBackend``, the bundled model unless ``--model``
 Each workload runs with the ``slots`` engine at its real limits, and both engines with every limit capped
 at ``--generate-tokens`` (plain ``generate`` at a batch of the same size as the slots engine's; its time
 grows with the step count, ~25-40 ms a step, so the full limits would take minutes): ``x gen`` is the
-ratio of tokens/s at the cap. ``ms/step`` is the slots engine's decoding time per step (its host looks
+ratio of tokens/s at the cap. Then transformers' own continuous batching (``model.continuous_batching_context_manager``:
+a paged KV cache, finished requests free their blocks, CUDA graphs captured at its warm-up; the issue's alternative
+to the slots engine) runs the same workload at its real limits, each row with its own limit, in a fresh manager per
+workload whose start-up and warm-up count in its wall time (``capture s``): ``x slots`` is its tokens/s over the
+slots engine's (``--no-transformers-cb`` skips it). It has no generated-text repetition penalty, so it runs the
+paper's decoding only, which is what every workload here uses. ``ms/step`` is the slots engine's decoding time per step (its host looks
 included); ``floor`` the KV-read floor of those steps: the KV bytes of the rows' cached tokens
 (``2 x layers x kv_heads x head_dim x dtype bytes`` per token) over ``--bandwidth`` (4.3e12 B/s, the H200's
 measured copy bandwidth). ``capture s`` is CUDA-graph capture time (no compilation). Greedy identity:
-8 ruler prompts, slots vs plain ``generate`` in fp32 (and bf16 on CUDA, with CUDA graphs vs eager steps).
+8 ruler prompts, slots (and transformers' continuous batching) vs plain ``generate`` in fp32 (and bf16 on CUDA,
+with CUDA graphs vs eager steps). The results file is rewritten after every row, so a run cut short keeps its rows.
 
 Usage::
 
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import random
 import time
@@ -39,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from lwlib.backends import GenParams, LocalBackend
+from lwlib.backends import Generation, GenParams, LocalBackend
 from lwlib.data import load_longbench_write, load_ruler
 from lwlib.decoding import H200_COPY_BANDWIDTH, kv_bytes_per_token
 from lwlib.models import load_model
@@ -168,6 +175,10 @@ def greedy_check(args, tok, model, dtypes: list[str]) -> list[dict]:
             st = be.slot_engine.stats
             res[f"{name}_captures"] = st.captures
             del be
+        if args.transformers_cb:
+            cb, _ = transformers_cb(LocalBackend(m, tok, name=args.model), prompts, [p.max_new_tokens] * len(prompts), p,
+                                    args.cb_kv_tokens, args.cb_compile_level)
+            res["transformers_cb_vs_generate"] = sum(fields(a) == fields(b) for a, b in zip(cb, ref))
         if "slots_eager" in texts:
             res["graphs_vs_eager"] = sum(fields(a) == fields(b) for a, b in zip(texts["slots"], texts["slots_eager"]))
         res["first_difference_chars"] = [next((k for k, (x, y) in enumerate(zip(a.text, b.text)) if x != y),
@@ -186,13 +197,91 @@ def fields(g):
     return (g.text, g.prompt_tokens, g.completion_tokens, g.finish_reason)
 
 
+def transformers_cb(be: LocalBackend, prompts: list, limits: list[int], params: GenParams,
+                    kv_tokens: int | None = None, compile_level: int = 0) -> tuple[list, dict]:
+    """``prompts`` through transformers' continuous batching on ``be``'s model (a fresh manager: start-up and
+    warm-up included), each row with its own token limit; the outputs as :class:`lwlib.backends.Generation`
+    (cut at the first end token as the local backend does, uncut under ``ignore_eos``) and the timings
+    ``{"wall_s", "first_s", "capture_s", "attention"}``. ``kv_tokens``: the paged cache's size (None: transformers
+    sizes it from free memory); ``compile_level``: its ``default_compile_level`` (0: CUDA graphs, no compilation).
+
+    Usage: ``gens, t = transformers_cb(LocalBackend(model, tok), ["Hi"], [32], GenParams(temperature=0))``
+    """
+    from contextlib import ExitStack
+
+    from transformers import GenerationConfig
+    from transformers.generation import ContinuousBatchingConfig
+
+    try:
+        from transformers.generation.continuous_batching.utils import WorkloadHints
+    except ImportError:  # older layouts: no hints
+        WorkloadHints = None
+    model, ids = be.model, [be.encode(p) for p in prompts]
+    sample = bool(params.temperature and params.temperature > 0)
+    gc = GenerationConfig(do_sample=sample, temperature=params.temperature if sample else None,
+                          top_p=params.top_p if sample else None, max_new_tokens=max(limits),
+                          eos_token_id=-1 if params.ignore_eos else list(be.end_ids), pad_token_id=be.tok.pad_token_id)
+    block = 256 if kv_tokens is None else 32
+    names = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
+    cbc = ContinuousBatchingConfig(**{"page_size" if "page_size" in names else "block_size": block}, seed=params.seed,
+                                   num_blocks=None if kv_tokens is None else -(-kv_tokens // block),
+                                   default_compile_level=compile_level)
+    hints = WorkloadHints(max(map(len, ids)), max(limits), len(ids)) if WorkloadHints else None
+    if params.seed is not None:
+        torch.manual_seed(params.seed)
+    out, got = [None] * len(ids), 0
+    _sync()
+    t0 = time.perf_counter()
+    with ExitStack() as stack:
+        mgr = stack.enter_context(model.continuous_batching_context_manager(
+            generation_config=gc, continuous_batching_config=cbc, block=True, timeout=30, workload_hints=hints))
+        attention = model.config._attn_implementation
+        capture = time.perf_counter() - t0
+        rid = {mgr.add_request(x, max_new_tokens=m): i for i, (x, m) in enumerate(zip(ids, limits))}
+        first = None
+        while got < len(ids):
+            r = mgr.get_result(timeout=1)
+            if r is None:
+                if not mgr.is_running():
+                    raise RuntimeError(f"transformers continuous batching stopped with {len(ids) - got} requests left")
+                continue
+            if not r.is_finished():
+                continue
+            if r.error is not None:
+                raise RuntimeError(f"transformers continuous batching: request {r.request_id} failed: {r.error}")
+            i = rid[r.request_id]
+            seconds = time.perf_counter() - t0
+            first = first if first is not None else seconds
+            toks = list(r.generated_tokens)
+            if params.ignore_eos:
+                out[i] = Generation(be.tok.decode(toks), len(ids[i]), len(toks), "length", seconds)
+            else:
+                out[i] = be._finish(ids[i], toks, limits[i], seconds)
+            got += 1
+    _sync()
+    return out, {"wall_s": time.perf_counter() - t0, "first_s": first or 0.0, "capture_s": capture,
+                 "attention": attention}
+
+
+def run_cb_row(be: LocalBackend, wl: Workload, limits: list[int], kv_tokens: int | None, compile_level: int) -> dict:
+    gens, t = transformers_cb(be, wl.prompts, limits, wl.params, kv_tokens, compile_level)
+    toks = sum(g.completion_tokens for g in gens)
+    return {"workload": wl.name, "engine": "transformers_cb", "attention": t["attention"], "fused": "none",
+            "rows": len(gens), "batch": None, "max_new": max(limits), "tokens": toks,  # (its batch varies)
+            "stopped": sum(g.finish_reason == "stop" for g in gens), "wall_s": round(t["wall_s"], 3),
+            "first_s": round(t["first_s"], 3), "capture_s": round(t["capture_s"], 3),
+            "tokens_per_s": round(toks / t["wall_s"], 1), "compile_level": compile_level}
+
+
 TINY = {"decode_batches": [4], "decode_context": 160, "decode_tokens": 8, "probe_prompts": 4, "probe_tokens": 12,
         "aw_prompts": 4, "aw_context": (80, 240), "aw_tokens": 12, "dpo_prompts": 2, "dpo_short": (4, 10),
         "dpo_long": 16, "generate_tokens": 8, "check_prompts": 2, "check_tokens": 12, "max_batch": 4,
-        "segment_tokens": 4}
+        "segment_tokens": 4, "cb_kv_tokens": 2048}
 
 
-def run(args) -> dict:
+def run(args, out: Path | None = None) -> dict:
+    """Every row, then the greedy check; the results so far are written to ``out`` after every row (default:
+    ``benchmarks/results/generation_engines_<gpu>.json``)."""
     t_start = time.perf_counter()
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     cuda = model.device.type == "cuda"
@@ -209,6 +298,16 @@ def run(args) -> dict:
 
     first = engine(kinds[0])
     rows = []
+    device = torch.cuda.get_device_name(0) if cuda else "cpu"
+    out = out or RESULTS / ("generation_engines_" + ("tiny" if args.tiny else device.split()[-1].lower()) + ".json")
+
+    def result(check: list) -> dict:
+        return {"device": device, "model": args.model, "dtype": str(model.dtype), "kv_bytes_per_token": kvb,
+                "bandwidth_B_per_s": args.bandwidth, "generate_mode": args.generate_mode,
+                "segment_tokens": args.segment_tokens, "max_batch": args.max_batch, "tiny": args.tiny,
+                "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                "greedy_check": check, "rows": rows, "total_s": round(time.perf_counter() - t_start, 1),
+                "out": str(out)}
     for wl in workloads(args, tok):
         longest = max(len(first.encode(p)) + m for p, m in zip(wl.prompts, wl.limits))
         batch = first.slot_engine.plan(len(wl.prompts), min(longest, first.slot_engine.max_len))[0]  # its slot count
@@ -226,19 +325,27 @@ def run(args) -> dict:
             row["capped"] = limits is capped
             rows.append(row)
             print(json.dumps(row), flush=True)
-        gen = next((r for r in rows[::-1] if r["workload"] == wl.name and r["engine"] == "generate"), None)
-        same = gen and next(r for r in rows if r["workload"] == wl.name and r["engine"] == "slots"
-                            and r["max_new"] == gen["max_new"])
-        for r in rows:
-            if r["workload"] == wl.name:
-                r["x_generate"] = round(same["tokens_per_s"] / gen["tokens_per_s"], 2) if gen and r is same else None
+            atomic_write_json(out, result([]))
+        if args.transformers_cb:  # on the unpatched model, at the workload's real limits
+            row = run_cb_row(LocalBackend(model, tok, name=args.model), wl, wl.limits, args.cb_kv_tokens,
+                             args.cb_compile_level)
+            row["capped"] = False
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        mine = [r for r in rows if r["workload"] == wl.name]
+        gen = next((r for r in mine[::-1] if r["engine"] == "generate"), None)
+        same = gen and next(r for r in mine if r["engine"] == "slots" and r["max_new"] == gen["max_new"])
+        slots_real = next(r for r in mine if r["engine"] == "slots" and not r["capped"])
+        for r in mine:
+            r["x_generate"] = round(same["tokens_per_s"] / gen["tokens_per_s"], 2) if gen and r is same else None
+            r["x_slots"] = (round(r["tokens_per_s"] / slots_real["tokens_per_s"], 2)
+                            if r["engine"] == "transformers_cb" else None)
+        atomic_write_json(out, result([]))
     # last: its slots engines (default settings) may patch the model (fused_kernels auto)
     check = greedy_check(args, tok, model, ["float32", "bfloat16"] if cuda else ["float32"]) if args.check_prompts else []
-    return {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "model": args.model, "dtype": str(model.dtype),
-            "kv_bytes_per_token": kvb, "bandwidth_B_per_s": args.bandwidth, "generate_mode": args.generate_mode,
-            "segment_tokens": args.segment_tokens, "max_batch": args.max_batch, "tiny": args.tiny,
-            "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-            "greedy_check": check, "rows": rows, "total_s": round(time.perf_counter() - t_start, 1)}
+    res = result(check)
+    atomic_write_json(out, res)
+    return res
 
 
 COLUMNS = [("workload", "workload", "{}"), ("engine", "engine", "{}"), ("attention", "attention", "{}"),
@@ -246,7 +353,7 @@ COLUMNS = [("workload", "workload", "{}"), ("engine", "engine", "{}"), ("attenti
            ("max_new", "max new", "{}"), ("tokens", "tokens", "{:,}"), ("wall_s", "wall s", "{:.1f}"),
            ("first_s", "first s", "{:.1f}"), ("capture_s", "capture s", "{:.1f}"), ("ms_per_step", "ms/step", "{:.2f}"),
            ("floor_ms", "floor ms", "{:.2f}"), ("x_floor", "x floor", "{:.1f}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
-           ("x_generate", "x gen", "{:.1f}")]
+           ("x_generate", "x gen", "{:.1f}"), ("x_slots", "x slots", "{:.2f}")]
 
 
 def table(res: dict) -> str:
@@ -261,7 +368,9 @@ def table(res: dict) -> str:
     for c in res["greedy_check"]:
         lines.append(f"\ngreedy identity ({c['dtype']}, {c['prompts']} ruler prompts x {c['tokens']} tokens): slots vs "
                      f"generate {c['slots_vs_generate']}/{c['prompts']}"
-                     + (f", CUDA graphs vs eager steps {c['graphs_vs_eager']}/{c['prompts']}" if "graphs_vs_eager" in c else ""))
+                     + (f", CUDA graphs vs eager steps {c['graphs_vs_eager']}/{c['prompts']}" if "graphs_vs_eager" in c else "")
+                     + (f", transformers CB vs generate {c['transformers_cb_vs_generate']}/{c['prompts']}"
+                        if "transformers_cb_vs_generate" in c else ""))
     return "\n".join(lines)
 
 
@@ -296,6 +405,12 @@ def main(argv: list[str] | None = None) -> dict:
                     help="slots engine: Liger's fused RMSNorm/SwiGLU/RoPE or not; one row per value (x --attention)")
     ap.add_argument("--workloads", nargs="+", default=["decode", "probe", "agentwrite", "dpo"],
                     help="which workloads (decode = every decode-B)")
+    ap.add_argument("--transformers-cb", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run transformers' continuous batching on every workload (its real limits) and in the check")
+    ap.add_argument("--cb-kv-tokens", type=int, default=None,
+                    help="transformers CB: paged KV cache size in tokens (default: transformers sizes it from free memory)")
+    ap.add_argument("--cb-compile-level", type=int, default=0,
+                    help="transformers CB: default_compile_level (0: CUDA graphs only; 1-3: torch.compile, minutes)")
     ap.add_argument("--segment-tokens", type=int, default=32)
     ap.add_argument("--bandwidth", type=float, default=H200_COPY_BANDWIDTH)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/generation_engines_<device>.json)")
@@ -305,11 +420,8 @@ def main(argv: list[str] | None = None) -> dict:
         for k, v in TINY.items():
             if getattr(args, k) == defaults[k] or (isinstance(v, tuple) and tuple(getattr(args, k)) == tuple(defaults[k])):
                 setattr(args, k, v)
-    res = run(args)
-    out = Path(args.out) if args.out else RESULTS / (
-        "generation_engines_" + ("tiny" if args.tiny else res["device"].split()[-1].lower()) + ".json")
-    atomic_write_json(out, res)
-    print(f"\n{table(res)}\n\n[{res['device']}, {res['dtype']}, {res['total_s']} s; written to {out}]")
+    res = run(args, Path(args.out) if args.out else None)
+    print(f"\n{table(res)}\n\n[{res['device']}, {res['dtype']}, {res['total_s']} s; written to {res['out']}]")
     return res
 
 

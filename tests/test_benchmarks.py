@@ -67,39 +67,48 @@ def _check_generation_result(res, out):
         ratio = [r for r in mine if r["x_generate"] is not None]  # the slots row at the generate row's cap
         assert len(ratio) == 1 and ratio[0]["max_new"] == gen[0]["max_new"] and ratio[0]["engine"] == "slots"
         assert ratio[0]["x_generate"] == round(ratio[0]["tokens_per_s"] / gen[0]["tokens_per_s"], 2)
+        (cb,) = [r for r in mine if r["engine"] == "transformers_cb"]  # transformers' continuous batching, real limits
+        slots_real = next(r for r in mine if r["engine"] == "slots" and not r["capped"])
+        assert (cb["rows"], cb["max_new"], cb["capped"]) == (slots_real["rows"], slots_real["max_new"], False)
+        assert cb["x_slots"] == round(cb["tokens_per_s"] / slots_real["tokens_per_s"], 2)
+        assert 0 <= cb["capture_s"] <= cb["first_s"]  # its start-up counts in its wall time
+        assert all(r["x_slots"] is None for r in mine if r is not cb)
         for r in mine:
             assert 0 < r["first_s"] <= r["wall_s"] and r["tokens"] > 0
             if r["engine"] == "slots":  # the floor is the rows' cached KV bytes over the bandwidth, per step
                 floor = r["context_tokens"] * res["kv_bytes_per_token"] / res["bandwidth_B_per_s"] / r["steps"] * 1000
                 assert r["floor_ms"] == pytest.approx(floor, abs=1e-3) and r["floor_ms"] <= r["bucket_floor_ms"]
                 assert 0 < r["occupancy"] <= 1
-    for r in rows:  # ignore_eos: every decode row makes exactly its tokens, on both engines
+    for r in rows:  # ignore_eos: every decode row makes exactly its tokens, on all three engines
         if r["workload"].startswith("decode-"):
             assert r["tokens"] == r["rows"] * r["max_new"] and r["stopped"] == 0
     assert res["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 4  # fp32 on CPU
     assert [c["slots_vs_generate"] == c["prompts"] for c in res["greedy_check"]] == [True]
+    assert [c["transformers_cb_vs_generate"] == c["prompts"] for c in res["greedy_check"]] == [True]
 
 
 def test_generation_benchmark_minimal(gen_bench, tmp_path, capsys):
-    """The generation benchmark end to end at its smallest (every workload, both engines, the greedy check)."""
+    """The generation benchmark end to end at its smallest (every workload, the slots engine, plain generate and
+    transformers' continuous batching, the greedy check)."""
     out = tmp_path / "gen.json"
     res = gen_bench.main(["--tiny", "--device", "cpu", "--decode-batches", "2", "--decode-tokens", "4",
                           "--probe-prompts", "2", "--probe-tokens", "6", "--aw-prompts", "2", "--aw-tokens", "6",
                           "--dpo-prompts", "1", "--dpo-long", "8", "--dpo-short", "2", "5", "--generate-tokens", "4",
                           "--check-prompts", "1", "--check-tokens", "6", "--out", str(out)])
+    assert res["out"] == str(out)
     _check_generation_result(res, out)
     printed = capsys.readouterr().out
     assert "| workload | engine | attention | fused | rows | batch |" in printed and "greedy identity (float32" in printed
 
 
 def test_generation_benchmark_attention_rows(gen_bench, tmp_path):
-    """One slots row per attention kernel and no generate rows (``--generate-tokens 0``); the probe workload holds
-    prompts x samples rows."""
+    """One slots row per attention kernel, no generate rows (``--generate-tokens 0``) and no transformers CB rows;
+    the probe workload holds prompts x samples rows."""
     pytest.importorskip("triton")
     res = gen_bench.main(["--tiny", "--device", "cpu", "--attention", "sdpa", "triton", "--workloads", "decode", "probe",
                           "--decode-batches", "2", "--decode-context", "80", "--decode-tokens", "2", "--probe-prompts",
                           "2", "--probe-samples", "2", "--probe-tokens", "2", "--generate-tokens", "0", "--check-prompts", "0",
-                          "--out", str(tmp_path / "g.json")])
+                          "--no-transformers-cb", "--out", str(tmp_path / "g.json")])
     got = [(r["workload"], r["engine"], r["attention"], r["fused"], r["rows"], r["capped"], r["x_generate"])
            for r in res["rows"]]
     assert got == [("decode-2", "slots", "sdpa", "none", 2, False, None), ("decode-2", "slots", "triton", "none", 2, False, None),
