@@ -1,4 +1,5 @@
-"""Generation throughput of the local backend's two engines on the shapes of the stages that generate.
+"""Generation throughput of the local backend's two engines (and, optionally, transformers' continuous batching)
+on the shapes of the stages that generate.
 
 Workloads (``lwlib.backends.LocalBackend``, the bundled model unless ``--model``):
 
@@ -15,13 +16,13 @@ Workloads (``lwlib.backends.LocalBackend``, the bundled model unless ``--model``
 Each workload runs with the ``slots`` engine at its real limits, and both engines with every limit capped
 at ``--generate-tokens`` (plain ``generate`` at a batch of the same size as the slots engine's; its time
 grows with the step count, ~25-40 ms a step, so the full limits would take minutes): ``x gen`` is the
-ratio of tokens/s at the cap. Then transformers' own continuous batching (``model.continuous_batching_context_manager``:
-a paged KV cache, finished requests free their blocks, CUDA graphs captured at its warm-up; the issue's alternative
-to the slots engine) runs the same workload at its real limits, each row with its own limit, in a fresh manager per
-workload whose start-up and warm-up count in its wall time (``capture s``): ``x slots`` is its tokens/s over the
-slots engine's (``--no-transformers-cb`` skips it). It has no generated-text repetition penalty, so it runs the
-paper's decoding only, which is what every workload here uses. ``ms/step`` is the slots engine's decoding time per step (its host looks
-included); ``floor`` the KV-read floor of those steps: the KV bytes of the rows' cached tokens
+ratio of tokens/s at the cap. With ``--transformers-cb`` (off by default: minutes per workload on the H200),
+transformers' own continuous batching (``model.continuous_batching_context_manager``: a paged KV cache, finished
+requests free their pages; the issue's alternative to the slots engine) then runs the workload at its real
+limits, each row with its own limit, in a fresh manager whose start-up and warm-up (``capture s``) count in its
+wall time; ``x slots`` is its tokens/s over the slots engine's. It has no generated-text repetition penalty, so
+it runs the paper's decoding only, which every workload here uses. ``ms/step`` is the slots engine's decoding
+time per step (its host looks included); ``floor`` the KV-read floor of those steps: the KV bytes of the rows' cached tokens
 (``2 x layers x kv_heads x head_dim x dtype bytes`` per token) over ``--bandwidth`` (4.3e12 B/s, the H200's
 measured copy bandwidth). ``capture s`` is CUDA-graph capture time (no compilation). Greedy identity:
 8 ruler prompts, slots (and transformers' continuous batching) vs plain ``generate`` in fp32 (and bf16 on CUDA,
@@ -30,6 +31,7 @@ with CUDA graphs vs eager steps). The results file is rewritten after every row,
 Usage::
 
     python benchmarks/generation.py                 # GPU: all rows (~3 minutes), table last
+    python benchmarks/generation.py --transformers-cb   # ... and transformers' continuous batching (H200: > 20 min)
     python benchmarks/generation.py --tiny          # CPU smoke test (< 1 minute), tiny sizes
 """
 
@@ -50,6 +52,7 @@ from lwlib.backends import Generation, GenParams, LocalBackend
 from lwlib.data import load_longbench_write, load_ruler
 from lwlib.decoding import H200_COPY_BANDWIDTH, kv_bytes_per_token
 from lwlib.models import load_model
+from lwlib.progress import tqdm
 from lwlib.runs import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -239,6 +242,7 @@ def transformers_cb(be: LocalBackend, prompts: list, limits: list[int], params: 
         capture = time.perf_counter() - t0
         rid = {mgr.add_request(x, max_new_tokens=m): i for i, (x, m) in enumerate(zip(ids, limits))}
         first = None
+        bar = stack.enter_context(tqdm(total=len(ids), desc="transformers CB", unit="out", leave=False))
         while got < len(ids):
             r = mgr.get_result(timeout=1)
             if r is None:
@@ -258,6 +262,7 @@ def transformers_cb(be: LocalBackend, prompts: list, limits: list[int], params: 
             else:
                 out[i] = be._finish(ids[i], toks, limits[i], seconds)
             got += 1
+            bar.update(1)
     _sync()
     return out, {"wall_s": time.perf_counter() - t0, "first_s": first or 0.0, "capture_s": capture,
                  "attention": attention}
@@ -405,8 +410,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="slots engine: Liger's fused RMSNorm/SwiGLU/RoPE or not; one row per value (x --attention)")
     ap.add_argument("--workloads", nargs="+", default=["decode", "probe", "agentwrite", "dpo"],
                     help="which workloads (decode = every decode-B)")
-    ap.add_argument("--transformers-cb", action=argparse.BooleanOptionalAction, default=True,
-                    help="also run transformers' continuous batching on every workload (its real limits) and in the check")
+    ap.add_argument("--transformers-cb", action=argparse.BooleanOptionalAction, default=False,
+                    help="also run transformers' continuous batching on every workload (its real limits) and in the "
+                         "check (on the H200 without flash-attn: minutes per workload)")
     ap.add_argument("--cb-kv-tokens", type=int, default=None,
                     help="transformers CB: paged KV cache size in tokens (default: transformers sizes it from free memory)")
     ap.add_argument("--cb-compile-level", type=int, default=0,

@@ -194,7 +194,9 @@ class LocalBackend(_CollectMixin):
     ``max_batch`` slots; finished rows leave (and are yielded) at once and pending prompts take their slots;
     decoding steps run at fixed (batch, cache length) buckets, one CUDA graph each on CUDA, so nothing
     recompiles from call to call. Generation stops per row at an end-of-turn token or at that row's
-    ``max_new_tokens`` in both engines.
+    ``max_new_tokens`` in both engines. transformers' own continuous batching was measured against it on the
+    stages' shapes and was many times slower on the H200 (benchmarks/README.md, "transformers' continuous batching
+    against the slots engine"); it is not an engine here.
     """
 
     def __init__(

@@ -94,7 +94,7 @@ def test_generation_benchmark_minimal(gen_bench, tmp_path, capsys):
     res = gen_bench.main(["--tiny", "--device", "cpu", "--decode-batches", "2", "--decode-tokens", "4",
                           "--probe-prompts", "2", "--probe-tokens", "6", "--aw-prompts", "2", "--aw-tokens", "6",
                           "--dpo-prompts", "1", "--dpo-long", "8", "--dpo-short", "2", "5", "--generate-tokens", "4",
-                          "--check-prompts", "1", "--check-tokens", "6", "--out", str(out)])
+                          "--check-prompts", "1", "--check-tokens", "6", "--transformers-cb", "--out", str(out)])
     assert res["out"] == str(out)
     _check_generation_result(res, out)
     printed = capsys.readouterr().out
@@ -108,7 +108,7 @@ def test_generation_benchmark_attention_rows(gen_bench, tmp_path):
     res = gen_bench.main(["--tiny", "--device", "cpu", "--attention", "sdpa", "triton", "--workloads", "decode", "probe",
                           "--decode-batches", "2", "--decode-context", "80", "--decode-tokens", "2", "--probe-prompts",
                           "2", "--probe-samples", "2", "--probe-tokens", "2", "--generate-tokens", "0", "--check-prompts", "0",
-                          "--no-transformers-cb", "--out", str(tmp_path / "g.json")])
+                          "--out", str(tmp_path / "g.json")])
     got = [(r["workload"], r["engine"], r["attention"], r["fused"], r["rows"], r["capped"], r["x_generate"])
            for r in res["rows"]]
     assert got == [("decode-2", "slots", "sdpa", "none", 2, False, None), ("decode-2", "slots", "triton", "none", 2, False, None),
@@ -133,4 +133,4 @@ def test_stage_benchmark_tiny(tmp_path):
 @pytest.mark.slow
 def test_generation_benchmark_tiny(gen_bench, tmp_path):
     out = tmp_path / "gen.json"
-    _check_generation_result(gen_bench.main(["--tiny", "--device", "cpu", "--out", str(out)]), out)
+    _check_generation_result(gen_bench.main(["--tiny", "--device", "cpu", "--transformers-cb", "--out", str(out)]), out)
