@@ -22,8 +22,8 @@ requests free their pages; the issue's alternative to the slots engine) then run
 limits, each row with its own limit, in a fresh manager whose start-up and warm-up (``capture s``) count in its
 wall time; ``x slots`` is its tokens/s over the slots engine's. It has no generated-text repetition penalty, so
 it runs the paper's decoding only, which every workload here uses. ``ms/step`` is the slots engine's decoding
-time per step (its host looks included); ``floor`` the KV-read floor of those steps: the KV bytes of the rows' cached tokens
-(``2 x layers x kv_heads x head_dim x dtype bytes`` per token) over ``--bandwidth`` (4.3e12 B/s, the H200's
+time per step (its host looks included); ``floor`` the KV-read floor of those steps: the KV bytes of the rows'
+cached tokens (``2 x layers x kv_heads x head_dim x dtype bytes`` per token) over ``--bandwidth`` (4.3e12 B/s, the H200's
 measured copy bandwidth). ``capture s`` is CUDA-graph capture time (no compilation). Greedy identity:
 8 ruler prompts, slots (and transformers' continuous batching) vs plain ``generate`` in fp32 (and bf16 on CUDA,
 with CUDA graphs vs eager steps). The results file is rewritten after every row, so a run cut short keeps its rows.
@@ -224,7 +224,7 @@ def transformers_cb(be: LocalBackend, prompts: list, limits: list[int], params: 
     gc = GenerationConfig(do_sample=sample, temperature=params.temperature if sample else None,
                           top_p=params.top_p if sample else None, max_new_tokens=max(limits),
                           eos_token_id=-1 if params.ignore_eos else list(be.end_ids), pad_token_id=be.tok.pad_token_id)
-    block = 256 if kv_tokens is None else 32
+    block = 256 if kv_tokens is None else 32  # transformers' default page; small pages for a small cache (CPU tests)
     names = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
     cbc = ContinuousBatchingConfig(**{"page_size" if "page_size" in names else "block_size": block}, seed=params.seed,
                                    num_blocks=None if kv_tokens is None else -(-kv_tokens // block),
