@@ -22,9 +22,11 @@ requests free their pages; the issue's alternative to the slots engine) then run
 limits, each row with its own limit, in a fresh manager whose start-up and warm-up (``capture s``) count in its
 wall time; ``x slots`` is its tokens/s over the slots engine's. It has no generated-text repetition penalty, so
 it runs the paper's decoding only, which every workload here uses. ``ms/step`` is the slots engine's decoding
-time per step (its host looks included); ``floor`` the KV-read floor of those steps: the KV bytes of the rows'
-cached tokens (``2 x layers x kv_heads x head_dim x dtype bytes`` per token) over ``--bandwidth`` (4.3e12 B/s, the H200's
-measured copy bandwidth). ``capture s`` is CUDA-graph capture time (no compilation). Greedy identity:
+time per step (its host looks included); ``floor`` the read floor of those steps: what a step must read, over
+``--bandwidth`` (4.3e12 B/s, the H200's measured copy bandwidth): the KV bytes of the rows' cached tokens in every
+global layer, at most a window of them in every sliding-window layer (Gemma 3), ``2 x kv_heads x head_dim x dtype
+bytes`` per token and layer (``SlotStats.kv_layer_tokens``), plus the weights once (the output layer included; an
+untied input embedding is only gathered); ``kv floor`` the KV part alone. ``capture s`` is CUDA-graph capture time (no compilation). Greedy identity:
 8 ruler prompts, slots (and transformers' continuous batching) vs plain ``generate`` in fp32 (and bf16 on CUDA,
 with CUDA graphs vs eager steps). The results file is rewritten after every row, so a run cut short keeps its rows.
 
@@ -33,6 +35,8 @@ Usage::
     python benchmarks/generation.py                 # GPU: all rows (~3 minutes), table last
     python benchmarks/generation.py --transformers-cb   # ... and transformers' continuous batching (H200: > 20 min)
     python benchmarks/generation.py --tiny          # CPU smoke test (< 1 minute), tiny sizes
+    python benchmarks/generation.py --model gemma3-270m --random-init --workloads decode --decode-batches 192 \
+        --decode-context 16384 --generate-batch 16      # Gemma 3's hybrid attention at 16k (weights not needed)
 """
 
 from __future__ import annotations
@@ -50,8 +54,8 @@ import torch
 
 from lwlib.backends import Generation, GenParams, LocalBackend
 from lwlib.data import load_longbench_write, load_ruler
-from lwlib.decoding import H200_COPY_BANDWIDTH, kv_bytes_per_token
-from lwlib.models import load_model
+from lwlib.decoding import H200_COPY_BANDWIDTH, layer_kv_bytes
+from lwlib.models import load_model, load_tokenizer, resolve_model
 from lwlib.progress import tqdm
 from lwlib.runs import atomic_write_json
 
@@ -128,7 +132,46 @@ def _generate_steps(be: LocalBackend, wl: Workload, limits: list[int], gens: lis
                for s in range(0, len(order), be.batch_size))
 
 
-def run_row(be: LocalBackend, wl: Workload, limits: list[int], kvb: int, bandwidth: float, batch: int) -> dict:
+def weight_bytes(model) -> int:
+    """Bytes of the weights a decoding step reads: every parameter once (a tied output layer is the embedding), an
+    untied input embedding excepted (a step gathers only its rows)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is not None and emb.weight.data_ptr() != head.weight.data_ptr():
+        total -= emb.weight.numel() * emb.weight.element_size()
+    return total
+
+
+def random_model(name: str, device: str, dtype: str):
+    """``(model, tokenizer)`` of ``name``'s architecture with random weights (speed does not depend on them), where
+    the weights are not at hand; the tokenizer is the model's own when it is."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lwlib.models import pick_device, pick_dtype
+
+    path = resolve_model(name) if name not in ("gemma3-270m",) else None
+    if path is None:
+        from transformers import Gemma3TextConfig
+
+        cfg = Gemma3TextConfig(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                               num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+                               max_position_embeddings=32768, query_pre_attn_scalar=256,
+                               layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3,
+                               bos_token_id=2, eos_token_id=1, pad_token_id=0, tie_word_embeddings=True)
+    else:
+        cfg = AutoConfig.from_pretrained(path)
+    dev = pick_device(device)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=pick_dtype(dtype, dev), attn_implementation="sdpa").to(dev)
+    try:
+        tok = load_tokenizer(name)
+    except Exception:  # noqa: BLE001 - no tokenizer at hand: the bundled SmolLM2's (prompt text only; ids < vocab)
+        tok = load_tokenizer("smollm2-135m-instruct")
+    return model.eval(), tok
+
+
+def run_row(be: LocalBackend, wl: Workload, limits: list[int], kvb: int, bandwidth: float, batch: int,
+            wbytes: int = 0) -> dict:
     eng = be.slot_engine
     before = eng.stats.as_dict() if eng else None
     gens, wall, first = _timed(be, wl, limits)
@@ -144,11 +187,12 @@ def run_row(be: LocalBackend, wl: Workload, limits: list[int], kvb: int, bandwid
     after = eng.stats.as_dict()
     d = {k: after[k] - before[k] for k in after if isinstance(after[k], (int, float))}
     steps = max(d["steps"], 1)
-    floor = d["context_tokens"] * kvb / bandwidth / steps * 1000
+    kv_floor = d["kv_layer_tokens"] * kvb / bandwidth / steps * 1000
+    floor = kv_floor + wbytes / bandwidth * 1000
     ms = 1000 * d["decode_s"] / steps
-    row.update(steps=d["steps"], ms_per_step=round(ms, 3), floor_ms=round(floor, 3),
+    row.update(steps=d["steps"], ms_per_step=round(ms, 3), floor_ms=round(floor, 3), kv_floor_ms=round(kv_floor, 3),
                x_floor=round(ms / floor, 2) if floor else None,
-               bucket_floor_ms=round(d["read_tokens"] * kvb / bandwidth / steps * 1000, 3),
+               bucket_floor_ms=round(d["read_tokens"] * kvb * len(be.slot_engine.windows) / bandwidth / steps * 1000, 3),
                occupancy=round(d["active_steps"] / max(d["slot_steps"], 1), 3),
                capture_s=round(d["capture_s"], 3), captures=d["captures"], prefill_s=round(d["prefill_s"], 3),
                prefill_calls=d["prefill_calls"], decode_s=round(d["decode_s"], 3),
@@ -288,9 +332,13 @@ def run(args, out: Path | None = None) -> dict:
     """Every row, then the greedy check; the results so far are written to ``out`` after every row (default:
     ``benchmarks/results/generation_engines_<gpu>.json``)."""
     t_start = time.perf_counter()
-    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
+    if args.random_init:
+        model, tok = random_model(args.model, args.device, args.dtype)
+    else:
+        model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     cuda = model.device.type == "cuda"
-    kvb = kv_bytes_per_token(model.config, model.dtype)
+    kvb = layer_kv_bytes(model.config, model.dtype)  # one layer's key and value per token
+    wbytes = weight_bytes(model)
     kinds = [(a, f) for f in args.fused_kernels for a in args.attention]
     engines, fused_models = {}, {}
 
@@ -307,7 +355,8 @@ def run(args, out: Path | None = None) -> dict:
     out = out or RESULTS / ("generation_engines_" + ("tiny" if args.tiny else device.split()[-1].lower()) + ".json")
 
     def result(check: list) -> dict:
-        return {"device": device, "model": args.model, "dtype": str(model.dtype), "kv_bytes_per_token": kvb,
+        return {"device": device, "model": args.model, "random_init": args.random_init, "dtype": str(model.dtype),
+                "layer_kv_bytes_per_token": kvb, "weight_bytes": wbytes,
                 "bandwidth_B_per_s": args.bandwidth, "generate_mode": args.generate_mode,
                 "segment_tokens": args.segment_tokens, "max_batch": args.max_batch, "tiny": args.tiny,
                 "torch": torch.__version__, "transformers": __import__("transformers").__version__,
@@ -322,11 +371,12 @@ def run(args, out: Path | None = None) -> dict:
             todo += ([(kinds[0], capped)] if capped != wl.limits else []) + [("generate", capped)]
         for kind, limits in todo:
             if kind == "generate":
-                be = LocalBackend(model, tok, name=args.model, batch_size=batch,
+                be = LocalBackend(model, tok, name=args.model, batch_size=args.generate_batch or batch,
                                   **({"cache_implementation": "static", "compile": True} if args.generate_mode == "static" else {}))
             else:
                 be = engine(kind)
-            row = run_row(be, wl, limits, kvb, args.bandwidth, batch)
+            row = run_row(be, wl, limits, kvb, args.bandwidth, args.generate_batch or batch if kind == "generate"
+                          else batch, wbytes)
             row["capped"] = limits is capped
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -347,7 +397,8 @@ def run(args, out: Path | None = None) -> dict:
                             if r["engine"] == "transformers_cb" else None)
         atomic_write_json(out, result([]))
     # last: its slots engines (default settings) may patch the model (fused_kernels auto)
-    check = greedy_check(args, tok, model, ["float32", "bfloat16"] if cuda else ["float32"]) if args.check_prompts else []
+    check = (greedy_check(args, tok, model, ["float32", "bfloat16"] if cuda else ["float32"])
+             if args.check_prompts and not args.random_init else [])  # (random weights: no reference to load)
     res = result(check)
     atomic_write_json(out, res)
     return res
@@ -357,7 +408,8 @@ COLUMNS = [("workload", "workload", "{}"), ("engine", "engine", "{}"), ("attenti
            ("fused", "fused", "{}"), ("rows", "rows", "{}"), ("batch", "batch", "{}"),
            ("max_new", "max new", "{}"), ("tokens", "tokens", "{:,}"), ("wall_s", "wall s", "{:.1f}"),
            ("first_s", "first s", "{:.1f}"), ("capture_s", "capture s", "{:.1f}"), ("ms_per_step", "ms/step", "{:.2f}"),
-           ("floor_ms", "floor ms", "{:.2f}"), ("x_floor", "x floor", "{:.1f}"), ("tokens_per_s", "tokens/s", "{:,.0f}"),
+           ("floor_ms", "floor ms", "{:.2f}"), ("kv_floor_ms", "kv floor ms", "{:.2f}"), ("x_floor", "x floor", "{:.1f}"),
+           ("tokens_per_s", "tokens/s", "{:,.0f}"),
            ("x_generate", "x gen", "{:.1f}"), ("x_slots", "x slots", "{:.2f}")]
 
 
@@ -399,6 +451,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dpo-long", type=int, default=4096)
     ap.add_argument("--generate-tokens", type=int, default=256,
                     help="token cap of the rows that compare the engines (0: no plain generate rows)")
+    ap.add_argument("--generate-batch", type=int, default=None,
+                    help="plain generate's batch (default: the slots engine's; Gemma 3 at 16k: 16, since transformers "
+                         "builds a [batch, 1, context, context] sliding-window mask for the prefill)")
+    ap.add_argument("--random-init", action="store_true",
+                    help="the model's architecture with random weights (speed does not depend on them)")
     ap.add_argument("--generate-mode", choices=["plain", "static"], default="plain",
                     help="plain generate, or static cache + torch.compile (recompiles per shape: slow)")
     ap.add_argument("--check-prompts", type=int, default=8, help="greedy identity check (0 = skip)")

@@ -47,7 +47,7 @@ class GenParams:
         max_new_tokens: token budget per output (the paper: 32768 for open models).
         temperature: 0 means greedy decoding; the paper samples at 0.5.
         top_p: nucleus sampling mass (1.0 = off).
-        repetition_penalty: 1.0 = off. Local backend (both engines, :class:`lwlib.decoding.GenerationPenalty`):
+        repetition_penalty: 1.0 = off. Local backend (both engines, :class:`lwlib.sampling.GenerationPenalty`):
             penalizes only tokens that occur in the generated text, never the prompt and never end tokens
             (a positive logit is divided by it, a negative one multiplied: the CTRL rule). Unlike
             transformers' own processor, which penalizes the prompt's end-of-turn token so that the model
@@ -288,7 +288,7 @@ class LocalBackend(_CollectMixin):
             bar.close()
 
     def _iter_slots(self, encoded, limits, plist):
-        from .decoding import shared_key
+        from .sampling import shared_key
 
         eng = self._slots
         if self.max_batch is None:  # follow batch_size on CPU (benchmarks change it); CUDA: sized from memory
@@ -326,7 +326,7 @@ class LocalBackend(_CollectMixin):
     def _generate_batch(self, batch: list[list[int]], limits: list[int], params: GenParams) -> list[Generation]:
         from transformers import LogitsProcessorList
 
-        from .decoding import GenerationPenalty
+        from .sampling import GenerationPenalty
 
         t0 = time.perf_counter()
         pad = self.tok.pad_token_id
@@ -514,6 +514,8 @@ class BackendConfig:
             inference server started for the stage's model, used as ``openai`` and stopped afterwards:
             :mod:`lwlib.served`; vLLM by default).
         model: model name/path (local, server) or served model id (openai); empty = the profile's model.
+        device: local: where the model runs (``cpu``, ``cuda``, ``auto``); null = the profile's ``device``.
+        dtype: local: the model's dtype (``float32``, ``bfloat16``, ``auto``); null = the profile's ``dtype``.
         batch_size: prompts per ``generate`` call (local).
         cache_implementation: ``static`` for a static KV cache (local, GPU), or null.
         compile: torch.compile the decoding step (local, with a static cache).
@@ -553,6 +555,8 @@ class BackendConfig:
 
     kind: Literal["local", "openai", "server"] = "local"
     model: str = ""
+    device: str | None = None
+    dtype: str | None = None
     batch_size: int = 8
     cache_implementation: str | None = None
     compile: bool = False
@@ -611,7 +615,7 @@ def make_backend(cfg: BackendConfig, default_model: str = "", device: str = "aut
     model = cfg.model or default_model
     if cfg.kind == "local":
         return LocalBackend(
-            model, batch_size=cfg.batch_size, device=device, dtype=dtype,
+            model, batch_size=cfg.batch_size, device=cfg.device or device, dtype=cfg.dtype or dtype,
             cache_implementation=cfg.cache_implementation, compile=cfg.compile, engine=cfg.engine,
             segment_tokens=cfg.segment_tokens, max_batch=cfg.max_batch, batch_buckets=cfg.batch_buckets,
             cache_buckets=cfg.cache_buckets, prefill_tokens=cfg.prefill_tokens, kv_cache_gb=cfg.kv_cache_gb,

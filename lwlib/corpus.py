@@ -1331,6 +1331,8 @@ class CorpusConfig:
         eval_books: whole books held out for evaluation (``heldout_eval.jsonl``).
         nll_max_passages: cap on the NLL split's passages (null = all), shared evenly among the NLL books,
             each book's share chosen keeping the length spread.
+        nll_min_words, nll_max_words: the NLL books' own passage length range (null = ``min_words`` /
+            ``max_words``): Figure 7's curve needs passages that all reach its end position.
         seed_offset: added to the profile's seed for cutting, splitting and phrasing (another draw of the
             same books).
         writer: a backend (``lwlib.backends.BackendConfig``, ``kind: openai`` for an API) that backtranslates
@@ -1349,6 +1351,8 @@ class CorpusConfig:
     nll_books: int = 4
     eval_books: int = 4
     nll_max_passages: int | None = 64
+    nll_min_words: int | None = None
+    nll_max_words: int | None = None
     seed_offset: int = 0
     writer: BackendConfig | None = None
     overwrite: bool = False
@@ -1364,6 +1368,9 @@ class CorpusConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"corpus.{name} must be a positive integer or null, got {v!r}")
+        lo, hi = self.nll_min_words or self.min_words, self.nll_max_words or self.max_words
+        if not (0 < lo < hi):
+            raise ValueError(f"corpus: need 0 < nll_min_words < nll_max_words, got {lo}, {hi}")
         for name in ("nll_books", "eval_books"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"corpus.{name} must be an integer >= 0, got {getattr(self, name)!r}")
@@ -1393,6 +1400,9 @@ def _quantiles(xs: list[int]) -> dict[str, float]:
 def _compared_config(prof: Profile, cfg: CorpusConfig, books: list[Book]) -> dict:
     c = dataclasses.asdict(cfg)
     c.pop("overwrite")
+    for name in ("nll_min_words", "nll_max_words"):  # (absent when unset: corpora built before them stay valid)
+        if c[name] is None:
+            c.pop(name)
     c.pop("path")  # where the books lie does not change the output (their sha256 is checked)
     return json.loads(json.dumps({"corpus": c, "seed": prof.seed, "format_version": FORMAT_VERSION,
                                   "books_sha256": hashlib.sha256("".join(b.sha256 for b in books).encode()).hexdigest()},
@@ -1445,7 +1455,9 @@ def build_corpus(prof: Profile, cfg: CorpusConfig | None = None) -> dict:
     n_cut = 0
     for b in tqdm(books, desc="corpus: cut books", unit="book"):
         paras = paragraphs(strip_gutenberg(read_book(b, folder), source=str(folder / b.filename)), b.language)
-        ps = cut_passages(paras, random.Random(f"cut:{seed}:{b.id}"), cfg.min_words, cfg.max_words, b.id, b.language)
+        lo, hi = ((cfg.nll_min_words or cfg.min_words, cfg.nll_max_words or cfg.max_words)
+                  if split_of[b.id] == "nll" else (cfg.min_words, cfg.max_words))
+        ps = cut_passages(paras, random.Random(f"cut:{seed}:{b.id}"), lo, hi, b.id, b.language)
         n_cut += len(ps)
         ps = spread_sample(ps, cfg.max_passages_per_book, random.Random(f"book-cap:{seed}:{b.id}"), key=lambda p: p.words)
         cut[split_of[b.id]] += [(p, b) for p in ps]
@@ -1514,6 +1526,98 @@ def _writer_instructions(prof: Profile, cfg: CorpusConfig, out: Path, items: lis
             raise RuntimeError(f"corpus: the writer failed on {len(failed)} of {len(todo)} passages (first: "
                                f"{failed[0]}); the others are cached in {store.path}: rerun to retry")
     return {p.id: store.get(key(p))["instruction"] for p, _ in items}
+
+
+def _fit(para: str, max_words: int, lang: str) -> list[str]:
+    """``para`` as consecutive fragments of at most ``max_words`` words, all its text kept: whole sentences packed
+    together, a longer sentence cut between words (Chinese: between characters)."""
+    if count_words(para) <= max_words:
+        return [para]
+    joiner = "" if lang == "zh" else " "
+    units: list[str] = []
+    for sent in split_sentences(para, lang):
+        if count_words(sent) <= max_words:
+            units.append(sent)
+            continue
+        toks = list(sent) if lang == "zh" else sent.split()
+        cur: list[str] = []
+        for t in toks:
+            if cur and count_words(joiner.join(cur + [t])) > max_words:
+                units.append(joiner.join(cur))
+                cur = []
+            cur.append(t)
+        if cur:
+            units.append(joiner.join(cur))
+    out, cur, cw = [], [], 0
+    for u in units:
+        w = count_words(u)
+        if cur and cw + w > max_words:
+            out.append(joiner.join(cur))
+            cur, cw = [], 0
+        cur.append(u)
+        cw += w
+    if cur:
+        out.append(joiner.join(cur))
+    return out
+
+
+def cut_text(text: str, max_words: int, lang: str) -> list[str]:
+    """``text`` (paragraphs joined by blank lines) cut into consecutive, paragraph-aligned pieces of at most
+    ``max_words`` words (:func:`lwlib.text.count_words`), as equal as the paragraphs allow: each piece closes where
+    the running total passes its share of the fewest pieces that fit. A paragraph longer than ``max_words`` is split
+    at sentence ends (a longer sentence between words); no text is lost. Text of at most ``max_words`` words comes
+    back whole.
+
+    Usage: ``cut_text(record["messages"][1]["content"], 1000, "en")``
+    """
+    if max_words < 1:
+        raise ValueError(f"cut_text: max_words must be >= 1, got {max_words}")
+    if count_words(text) <= max_words:
+        return [text]
+    paras = [Paragraph(f) for t in text.split("\n\n") if t.strip() for f in _fit(t, max_words, lang)]
+    total = sum(p.words for p in paras)
+    share = total / math.ceil(total / max_words)
+    pieces: list[list[Paragraph]] = [[]]
+    done, cur = 0, 0  # words in finished pieces, in the current one
+    for p in paras:
+        if pieces[-1] and (cur + p.words > max_words
+                           or abs(done + cur - share * len(pieces)) < abs(done + cur + p.words - share * len(pieces))):
+            pieces.append([])
+            done, cur = done + cur, 0
+        pieces[-1].append(p)
+        cur += p.words
+    return ["\n\n".join(p.text for p in piece) for piece in pieces if piece]
+
+
+def cut_records(records: list[dict], max_words: int, seed: int = 0) -> list[dict]:
+    """The controlled experiment's data by construction: every corpus record's passage (:func:`build_corpus`'s
+    records) cut by :func:`cut_text` into pieces of at most ``max_words`` words, each with its own templated
+    instruction for its own length (:func:`instruction_for`: the book, the chapter, the piece's names), so every cap
+    holds the same text and only the lengths differ. Piece ``k`` of record ``id`` is ``<id>.<max_words>.<k>``; a
+    record that fits is kept (its instruction too). Records of other sources (no ``book_id``) are an error.
+
+    Usage: ``cut_records(load_corpus(prof, "train"), 500)``
+    """
+    books = {b.id: b for b in load_manifest()}
+    out = []
+    for r in records:
+        if "book_id" not in r or r.get("book_id") not in books:
+            raise ValueError(f"cut_records: record {r.get('id')!r} is not a corpus passage of a manifest book "
+                             "(sft.cap_mode: cut needs sft.data_path: corpus)")
+        text = r["messages"][-1]["content"]
+        pieces = cut_text(text, max_words, r["lang"])
+        if len(pieces) == 1:
+            out.append(r)
+            continue
+        book = books[r["book_id"]]
+        for k, piece in enumerate(pieces):
+            words = count_words(piece)
+            instr = instruction_for(piece, book, words, random.Random(f"cut:{seed}:{r['id']}:{max_words}:{k}"),
+                                    r["lang"], r.get("heading"))
+            out.append({**r, "id": f"{r['id']}.{max_words}.{k}", "words": words,
+                        "required_length": round_length(words), "cut_from": r["id"], "cut_at": max_words,
+                        "messages": [{"role": "user", "content": instr}, {"role": "assistant", "content": piece}]})
+    return out
 
 
 def load_corpus(prof: Profile, split: str = "train") -> list[dict]:

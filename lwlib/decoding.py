@@ -1,5 +1,6 @@
-"""Decoding for the local backend: the generated-text repetition penalty (one logits processor for both
-engines), sampling, shape buckets, and the ``slots`` engine (continuous batching over a static KV cache).
+"""The ``slots`` engine of the local backend (continuous batching over a static KV cache) and its shape buckets;
+the penalty and sampling it applies are :mod:`lwlib.sampling`, what differs between architectures
+:mod:`lwlib.families`.
 
 The slots engine keeps up to ``max_batch`` rows in fixed slots of one preallocated KV cache
 (``[slots, kv_heads, cache_len, head_dim]`` per layer). A new prompt is prefilled (eager, grouped,
@@ -13,20 +14,24 @@ Survivors are never re-prefilled: their keys and values stay where they are. On 
 decoding step is one captured CUDA graph (no compilation, the shapes never change); on CPU, or if capture
 fails (a warning, once), the same step runs eagerly.
 
-The model's own attention layers compute queries, keys and values (rotary embeddings included); the cache
-writes and the attention are done by :func:`slots_attention`, registered with transformers as the attention
+Sliding-window layers (Gemma 3's 15 of 18, :func:`lwlib.families.layer_windows`) keep a ring buffer of their
+window instead: ``[slots, kv_heads, W, head_dim]``, the key of position ``p`` in column ``p mod W``, so their
+memory does not grow with the output; a step attends over all ``W`` columns once a row has ``W`` tokens (the
+order of the columns does not matter: keys carry their rotary position already). A prefill longer than the
+window attends under the sliding mask and keeps each row's last ``W`` keys.
+
+The model's own attention layers compute queries, keys and values (rotary embeddings, QK-norm included); the
+cache writes and the attention are done by :func:`slots_attention`, registered with transformers as the attention
 implementation ``lwlib_slots`` and switched on only inside the engine's forward calls. A decoding step attends with
 the length-exact Triton kernel of :mod:`lwlib.decode_attention` on CUDA (``attention``; sdpa under a length mask
-elsewhere) and, with ``fused_kernels``, through Liger-Kernel's fused RMSNorm, SwiGLU and RoPE: a small model's
-captured step is bound by its kernel count, not by memory (benchmarks/README.md, "the slots engine's decoding
-attention and fused kernels").
+elsewhere) and, with ``fused_kernels``, through Liger-Kernel's fused RMSNorm, SwiGLU and RoPE where they are exact
+for the model's family: a small model's captured step is bound by its kernel count, not by memory
+(benchmarks/README.md, "the slots engine's decoding attention and fused kernels").
 
 Usage::
 
-    pen = GenerationPenalty(1.3, window=64, end_ids=[2])
-    scores = pen.apply(scores, generated, counts)        # [B, V] float logits, [B, T] ids, [B] valid counts
     eng = SlotEngine(model, end_ids=[2], pad_id=2, cfg=SlotConfig(max_batch=64))
-    for i, (tokens, ended, seconds) in eng.run([[1, 2, 3], [4, 5]], [64, 32], params): ...
+    for i, tokens, ended, seconds in eng.run([[1, 2, 3], [4, 5]], [64, 32], params): ...
 """
 
 from __future__ import annotations
@@ -42,13 +47,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .families import family, layer_windows, text_config, unsupported
+from .sampling import GenerationPenalty, sample_next, sample_rows, shared_key
+from .sampling import SHARED_PARAMS as SHARED_PARAMS  # (re-exported: the backends read it here)
+
 ATTENTION_NAME = "lwlib_slots"
 DEFAULT_MAX_SLOTS = 256
 ATTENTION_KERNELS = ("auto", "triton", "sdpa")
 FUSED_KERNELS = ("auto", "liger", "none")
-# model types whose attention applies the standard (rotate-half, full-width) RoPE through their module's
-# ``apply_rotary_pos_emb``, which Liger's fused kernel computes exactly (not GLM's partial rotary, for one)
-LIGER_ROPE_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 H200_COPY_BANDWIDTH = 4.3e12  # bytes/s, a device-to-device copy measured on the H200 (counting read + write)
 
 
@@ -108,173 +114,29 @@ def pick_bucket(buckets: Sequence[int], n: int) -> int:
 
 
 def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
-    """Bytes of KV cache per token: ``2 x layers x kv_heads x head_dim x dtype bytes``
-    (SmolLM2-135M in bf16: 2 x 30 x 3 x 64 x 2 = 23,040)."""
-    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    """Bytes of KV cache per token over all layers, windows ignored: ``2 x layers x kv_heads x head_dim x dtype
+    bytes`` (SmolLM2-135M in bf16: 2 x 30 x 3 x 64 x 2 = 23,040). :func:`row_cache_bytes` counts windows."""
+    return text_config(config).num_hidden_layers * layer_kv_bytes(config, dtype)
+
+
+def layer_kv_bytes(config: Any, dtype: torch.dtype) -> int:
+    """Bytes of one token's key and value in one layer: ``2 x kv_heads x head_dim x dtype bytes``."""
+    c = text_config(config)
     heads = c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", None) or heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    return 2 * c.num_hidden_layers * kv * head_dim * torch.empty((), dtype=dtype).element_size()
+    return 2 * kv * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The repetition penalty on generated text, and sampling
+def row_cache_bytes(config: Any, dtype: torch.dtype, length: int) -> int:
+    """Bytes of one slot's KV cache at ``length`` tokens: every global layer ``length`` columns, every
+    sliding-window layer ``min(window, length)`` (Gemma-3-270M in bf16 at 16,384 tokens: (3 x 16,384 + 15 x 512)
+    x 1,024 = 58.2 MB, against 302 MB without the ring buffers).
 
-
-def _mark(tokens: torch.Tensor, valid: torch.Tensor, vocab: int) -> torch.Tensor:
-    """``[B, vocab]`` bool: which token ids occur among the ``valid`` entries of ``tokens`` ``[B, T]``."""
-    idx = torch.where(valid, tokens, vocab)  # invalid entries go to a spare column
-    seen = torch.zeros(tokens.shape[0], vocab + 1, dtype=torch.bool, device=tokens.device)
-    seen.scatter_(1, idx, True)
-    return seen[:, :vocab]
-
-
-class GenerationPenalty:
-    """A repetition penalty on the generated text only, and an optional no-repeat-n-gram ban.
-
-    Rule (the CTRL rule that transformers uses, on the tokens of the generated text, not the prompt): a token
-    id that occurs among the last ``window`` generated tokens of a row (all generated tokens when
-    ``window`` is 0) has its logit divided by ``penalty`` if positive, multiplied if negative. End tokens are
-    never penalized or banned: every chat prompt holds the end-of-turn token, and transformers' own
-    processor, which also penalizes the prompt, makes it harder to stop. ``no_repeat_ngram_size`` n > 0
-    bans (logit -inf) each token that would repeat an n-gram of the generated text.
-
-    ``apply(scores, tokens, counts)`` works on ``scores`` ``[B, V]``, generated ids ``tokens`` ``[B, T]`` of
-    which the first ``counts[b]`` of row ``b`` are valid (``None``: all); the slots engine calls it on its
-    token buffer, and :meth:`for_generate` wraps it as a transformers logits processor for ``generate``
-    (generated tokens = ``input_ids[:, prompt_width:]``), so both engines decode the same way.
-
-    Usage: ``GenerationPenalty(1.3, window=64, end_ids=[2]).apply(scores, generated, counts)``
+    Usage: ``row_cache_bytes(model.config, torch.bfloat16, 16384)``
     """
-
-    def __init__(self, penalty: float = 1.0, window: int = 0, no_repeat_ngram_size: int = 0,
-                 end_ids: Sequence[int] = ()):
-        if not penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
-        if window < 0:
-            raise ValueError(f"repetition_window must be >= 0, got {window}")
-        if no_repeat_ngram_size < 0:
-            raise ValueError(f"no_repeat_ngram_size must be >= 0, got {no_repeat_ngram_size}")
-        self.penalty = float(penalty)
-        self.window = int(window)
-        self.ngram = int(no_repeat_ngram_size)
-        self.end_ids = [int(i) for i in end_ids]
-        self._end_masks: dict[tuple, torch.Tensor] = {}
-
-    @classmethod
-    def from_params(cls, params: Any, end_ids: Sequence[int]) -> GenerationPenalty:
-        """From a :class:`lwlib.backends.GenParams` (``repetition_penalty``, ``repetition_window``,
-        ``no_repeat_ngram_size``)."""
-        return cls(params.repetition_penalty, getattr(params, "repetition_window", 0),
-                   getattr(params, "no_repeat_ngram_size", 0), end_ids)
-
-    @property
-    def active(self) -> bool:
-        return self.penalty != 1.0 or self.ngram > 0
-
-    def end_mask(self, vocab: int, device: torch.device) -> torch.Tensor:
-        """``[vocab]`` bool, True at the end tokens (cached per device, so no host copy per step)."""
-        key = (vocab, str(device))
-        if key not in self._end_masks:
-            m = torch.zeros(vocab, dtype=torch.bool)
-            m[[i for i in self.end_ids if 0 <= i < vocab]] = True
-            self._end_masks[key] = m.to(device)
-        return self._end_masks[key]
-
-    def apply(self, scores: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor | None = None,
-              penalty: torch.Tensor | None = None, window: torch.Tensor | None = None) -> torch.Tensor:
-        """The processed ``scores`` (a new tensor; ``scores`` itself is left alone). ``penalty`` and ``window``
-        (``[B]`` tensors) give each row its own penalty and window (rows of several decodings in one batch;
-        a row with penalty 1.0 is left exactly as it is); by default every row uses this object's."""
-        rows = penalty is not None
-        if not (self.active or rows) or tokens.shape[1] == 0:
-            return scores
-        b, t = tokens.shape
-        vocab = scores.shape[-1]
-        pos = torch.arange(t, device=tokens.device)
-        n = counts if counts is not None else torch.full((b,), t, dtype=torch.long, device=tokens.device)
-        valid = pos[None, :] < n[:, None]
-        keep = ~self.end_mask(vocab, scores.device)
-        if rows:
-            w = window if window is not None else torch.full((b,), self.window, dtype=torch.long, device=tokens.device)
-            in_window = valid & ((w <= 0)[:, None] | (pos[None, :] >= (n - w)[:, None]))
-            seen = _mark(tokens, in_window, vocab) & keep
-            p = penalty.to(scores.dtype)[:, None]
-            scores = torch.where(seen, torch.where(scores < 0, scores * p, scores / p), scores)
-        elif self.penalty != 1.0:
-            in_window = valid if self.window <= 0 else valid & (pos[None, :] >= (n - self.window)[:, None])
-            seen = _mark(tokens, in_window, vocab) & keep
-            penalized = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
-            scores = torch.where(seen, penalized, scores)
-        if self.ngram > 0 and t >= self.ngram:
-            k = self.ngram
-            grams = tokens.unfold(1, k, 1)  # [B, T-k+1, k]
-            start = torch.arange(grams.shape[1], device=tokens.device)
-            match = start[None, :] + k <= n[:, None]  # the whole n-gram lies in the valid tokens
-            if k > 1:
-                pidx = (n[:, None] - (k - 1) + torch.arange(k - 1, device=tokens.device)).clamp(min=0)
-                prefix = tokens.gather(1, pidx)  # the last k-1 generated tokens
-                match = match & (grams[:, :, : k - 1] == prefix[:, None, :]).all(-1)
-            banned = _mark(grams[:, :, k - 1], match, vocab) & keep
-            scores = scores.masked_fill(banned, float("-inf"))
-        return scores
-
-    def for_generate(self, prompt_width: int):
-        """This penalty as a transformers ``LogitsProcessor`` for ``generate`` on left-padded prompts of
-        ``prompt_width`` tokens."""
-        from transformers import LogitsProcessor
-
-        pen = self
-
-        class _Processor(LogitsProcessor):
-            def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-                return pen.apply(scores, input_ids[:, prompt_width:])
-
-        return _Processor()
-
-
-def top_p_filter(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus filtering exactly as transformers' ``TopPLogitsWarper`` (at least one token kept)."""
-    sorted_logits, sorted_idx = torch.sort(scores, descending=False)
-    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove = cum <= (1 - top_p)
-    remove[..., -1:] = False
-    return scores.masked_fill(remove.scatter(1, sorted_idx, remove), float("-inf"))
-
-
-def sample_next(scores: torch.Tensor, temperature: float, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids ``[B]`` from processed logits ``[B, V]``: argmax when ``temperature`` is 0, else
-    temperature, then top-p, then a draw (the order transformers' ``generate`` applies them)."""
-    if not temperature or temperature <= 0:
-        return scores.argmax(dim=-1)
-    scores = scores / temperature
-    if top_p is not None and top_p < 1.0:
-        scores = top_p_filter(scores, top_p)
-    probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
-
-def sample_rows(scores: torch.Tensor, temperature: torch.Tensor, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """:func:`sample_next` with a temperature per row (``[B]``; 0 = greedy for that row): rows of several
-    decodings in one batch. A row's draw equals :func:`sample_next`'s at its temperature in distribution."""
-    greedy = temperature <= 0
-    t = torch.where(greedy, torch.ones_like(temperature), temperature).to(scores.dtype)[:, None]
-    scaled = scores / t
-    if top_p is not None and top_p < 1.0:
-        scaled = top_p_filter(scaled, top_p)
-    drawn = torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=generator).squeeze(1)
-    return torch.where(greedy, scores.argmax(dim=-1), drawn)
-
-
-# Sampling settings that one slots-engine call shares across its rows (the rest may differ per row).
-SHARED_PARAMS = ("top_p", "seed", "ignore_eos", "no_repeat_ngram_size")
-
-
-def shared_key(params: Any) -> tuple:
-    """What rows must agree on to share one slots-engine call (:data:`SHARED_PARAMS`)."""
-    return tuple(getattr(params, k, None) for k in SHARED_PARAMS)
+    cols = sum(length if w is None else min(w, length) for w in layer_windows(config))
+    return cols * layer_kv_bytes(config, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -289,10 +151,15 @@ class _Ctx:
     v: list[torch.Tensor]
     rows: torch.Tensor  # slot index of each batch row
     decode: bool
+    windows: list[int | None]  # per layer: its sliding window (its cache is a ring of that many columns) or None
     width: int = 0  # prefill: columns written
-    length: int = 0  # decode: columns attended (the cache bucket L)
+    ring: dict[int, torch.Tensor] | None = None  # prefill: ring width -> [G, width] source position per column
+    band: dict[int, torch.Tensor] | None = None  # prefill: window -> [W, W] bool sliding causal mask (W > window)
+    length: int = 0  # decode: columns attended by global layers (the cache bucket L)
     lens: torch.Tensor | None = None  # decode: each row's write column (= tokens already cached)
+    local: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # decode: window -> (write column, last col)
     mask: torch.Tensor | None = None  # decode: [B, 1, 1, L] additive (sdpa)
+    local_mask: dict[int, torch.Tensor] | None = None  # decode: window -> [B, 1, 1, W] additive (sdpa)
     triton: bool = False  # decode: lwlib.decode_attention's length-exact kernel instead of masked sdpa
 
 
@@ -302,10 +169,12 @@ def slots_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     """transformers attention function for the slots engine (``attn_implementation="lwlib_slots"``).
 
     Prefill (``query`` ``[G, H, W, d]``, right-padded prompts): writes keys/values into slot columns
-    ``0..W-1`` and runs causal sdpa on the prompt itself. Decode (``[B, H, 1, d]``): writes each row's
-    key/value at its column ``lens[b]``, then attends over columns ``0..lens[b]``: with the Triton kernel of
-    :mod:`lwlib.decode_attention` (reads only those columns), or sdpa over the first ``L`` cache columns under
-    the length mask, the query heads grouped on their key/value head (no copy of the cache for GQA). Without
+    ``0..W-1`` (a sliding-window layer whose ring is narrower than ``W``: each row's last keys, position ``p`` in
+    column ``p mod window``) and runs causal sdpa on the prompt itself (under the sliding mask for such a layer).
+    Decode (``[B, H, 1, d]``): writes each row's key/value at its column ``lens[b]`` (``lens[b] mod window`` in a
+    ring), then attends over columns ``0..lens[b]`` (a ring: ``0..min(lens[b], window - 1)``): with the Triton
+    kernel of :mod:`lwlib.decode_attention` (reads only those columns), or sdpa over the first ``L`` cache columns
+    under the length mask, the query heads grouped on their key/value head (no copy of the cache for GQA). Without
     the engine's context it is plain sdpa.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -315,23 +184,40 @@ def slots_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     i = module.layer_idx
+    w = ctx.windows[i]
+    if kwargs.get("sliding_window") != w:
+        raise RuntimeError(f"slots engine: layer {i} attends over window {kwargs.get('sliding_window')} but the "
+                           f"engine planned {w} from the config (lwlib.families.layer_windows)")
     kc, vc = ctx.k[i], ctx.v[i]
     if not ctx.decode:
-        kc[ctx.rows, :, : ctx.width] = key
-        vc[ctx.rows, :, : ctx.width] = value
+        wc = kc.shape[2]
+        if ctx.width <= wc:
+            kc[ctx.rows, :, : ctx.width] = key
+            vc[ctx.rows, :, : ctx.width] = value
+        else:  # a ring narrower than the prompts: each row's last wc keys (wc == w here)
+            idx = ctx.ring[wc][:, None, :, None].expand(-1, key.shape[1], -1, key.shape[3])
+            kc[ctx.rows] = key.gather(2, idx)
+            vc[ctx.rows] = value.gather(2, idx)
+        if w is not None and ctx.width > w:
+            band = ctx.band[w][None, None]
+            return sdpa_attention_forward(module, query, key, value, band, dropout=0.0, scaling=scaling)
         return sdpa_attention_forward(module, query, key, value, None, dropout=0.0, scaling=scaling, is_causal=True)
     b, heads, _, d = query.shape
     kvh = key.shape[1]
-    kc[ctx.rows, :, ctx.lens] = key[:, :, 0]
-    vc[ctx.rows, :, ctx.lens] = value[:, :, 0]
+    if w is None:
+        col, last, length, mask = ctx.lens, ctx.lens, ctx.length, ctx.mask
+    else:
+        (col, last), length = ctx.local[w], kc.shape[2]
+        mask = ctx.local_mask[w] if ctx.local_mask else None
+    kc[ctx.rows, :, col] = key[:, :, 0]
+    vc[ctx.rows, :, col] = value[:, :, 0]
     if ctx.triton:
         from .decode_attention import decode_attention
 
-        out = decode_attention(query[:, :, 0], kc, vc, ctx.lens, scaling or d ** -0.5, ctx.length)
+        out = decode_attention(query[:, :, 0], kc, vc, last, scaling or d ** -0.5, length)
         return out.unsqueeze(1), None
     q = query.reshape(b, kvh, heads // kvh, d)  # head h = kv_head * groups + j, as transformers' repeat_kv
-    out = F.scaled_dot_product_attention(q, kc[:b, :, : ctx.length], vc[:b, :, : ctx.length],
-                                         attn_mask=ctx.mask, scale=scaling)
+    out = F.scaled_dot_product_attention(q, kc[:b, :, :length], vc[:b, :, :length], attn_mask=mask, scale=scaling)
     return out.reshape(b, heads, 1, d).transpose(1, 2).contiguous(), None
 
 
@@ -381,8 +267,8 @@ class SlotConfig:
             good (:func:`lwlib.training.use_liger`; the same math) and its fused RoPE swapped in during the
             engine's own forward passes only (about 17 kernels per layer instead of 40: a small model's step is
             bound by its kernel count); ``none``; or ``auto`` (default): ``liger`` on CUDA where liger-kernel is
-            installed and the model type is one of :data:`LIGER_ROPE_TYPES` (if patching fails: a warning, and
-            ``none``).
+            installed and the model's family has exact Liger kernels (:class:`lwlib.families.Family`; if
+            patching fails: a warning, and ``none``).
     """
 
     max_batch: int | None = None
@@ -426,11 +312,22 @@ class SlotStats:
     shapes: set = field(default_factory=set)
     _ctx_tokens: Any = None  # device tensor: sum over steps of the active rows' context lengths
     _active: Any = None  # device tensor: sum over steps of the active rows
+    _kv_cols: Any = None  # device tensor (windowed models): sum over steps, rows and layers of the columns read
+    _layers: int = 0
 
     @property
     def context_tokens(self) -> int:
         """Sum over steps of the active rows' cached tokens (the KV a length-exact kernel would read)."""
         return int(self._ctx_tokens.item()) if self._ctx_tokens is not None else 0
+
+    @property
+    def kv_layer_tokens(self) -> int:
+        """Sum over steps, active rows and layers of the cached tokens a length-exact step reads: a global layer
+        the row's whole context, a sliding-window layer at most its window (``x`` one layer's bytes per token:
+        the KV bytes a step must read)."""
+        if self._kv_cols is not None:
+            return int(self._kv_cols.item())
+        return self._layers * self.context_tokens
 
     @property
     def active_steps(self) -> int:
@@ -440,7 +337,8 @@ class SlotStats:
     def as_dict(self) -> dict[str, Any]:
         out = {k: (sorted(v) if isinstance(v, set) else round(v, 4) if isinstance(v, float) else v)
                for k, v in self.__dict__.items() if not k.startswith("_")}
-        return out | {"context_tokens": self.context_tokens, "active_steps": self.active_steps}
+        return out | {"context_tokens": self.context_tokens, "active_steps": self.active_steps,
+                      "kv_layer_tokens": self.kv_layer_tokens}
 
 
 class SlotEngine:
@@ -462,12 +360,12 @@ class SlotEngine:
         self.end_ids = [int(i) for i in end_ids]
         self.pad_id = int(pad_id)
         self.cfg = cfg or SlotConfig()
-        c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        if getattr(c, "sliding_window", None) and getattr(c, "use_sliding_window", True):
-            raise ValueError(f"slots engine: sliding-window attention ({type(model).__name__}) is not supported; "
-                             "use engine 'generate'")
-        if getattr(c, "final_logit_softcapping", None) or getattr(c, "logit_scale", None):
-            raise ValueError(f"slots engine: {type(model).__name__} scales its logits; use engine 'generate'")
+        c = text_config(model.config)
+        why = unsupported(c)
+        if why:
+            raise ValueError(f"slots engine: {type(model).__name__} {why}; use engine 'generate'")
+        self.family = family(c)
+        self.windows = layer_windows(c)  # per layer: its sliding window (a ring buffer) or None (the full length)
         self.max_len = int(c.max_position_embeddings)
         self.cache_buckets = cache_buckets(self.max_len, self.cfg.cache_buckets)
         self.base = model.base_model
@@ -486,21 +384,22 @@ class SlotEngine:
 
         compile_caches()  # Triton's kernels (attention, Liger) compile once and persist in the lwlib cache
         self.attention = self._pick_attention()
-        self.fused = self._pick_fused(c)
+        self.fused = self._pick_fused()
 
-    def _pick_fused(self, text_config: Any) -> str:
+    def _pick_fused(self) -> str:
         """``liger`` or ``none`` (cfg.fused_kernels); patches the model's RMSNorm and SwiGLU for ``liger``."""
         import importlib
         import importlib.util
 
-        want, mtype = self.cfg.fused_kernels, getattr(text_config, "model_type", "")
+        want, fam = self.cfg.fused_kernels, self.family
         if want == "none" or (want == "auto" and (
-                self.device.type != "cuda" or importlib.util.find_spec("liger_kernel") is None
-                or mtype not in LIGER_ROPE_TYPES)):
+                self.device.type != "cuda" or importlib.util.find_spec("liger_kernel") is None or not fam.liger)):
             return "none"
-        if mtype not in LIGER_ROPE_TYPES:
-            raise ValueError(f"slots engine: fused_kernels 'liger' supports model types {LIGER_ROPE_TYPES}, "
-                             f"not {mtype!r}; use 'none'")
+        if not fam.liger:
+            from .families import FAMILIES
+
+            raise ValueError(f"slots engine: fused_kernels 'liger' is exact for the families "
+                             f"{[f.name for f in FAMILIES if f.liger]}, not {fam.name!r}; use 'none'")
         from .training import use_liger
 
         try:
@@ -568,7 +467,7 @@ class SlotEngine:
     def _pool_bytes(self) -> int:
         if self._pool is None:
             return 0
-        return self._pool[0] * self._pool[1] * kv_bytes_per_token(self.model.config, self.dtype)
+        return self._pool[0] * row_cache_bytes(self.model.config, self.dtype, self._pool[1])
 
     def plan(self, n_rows: int, longest: int) -> tuple[int, int]:
         """``(slots, cache length)`` for a call of ``n_rows`` rows whose longest prompt + output is
@@ -576,7 +475,7 @@ class SlotEngine:
         ``max_batch``, lowered to what the KV budget holds."""
         length = pick_bucket(self.cache_buckets, longest)
         cap = self.cfg.max_batch or (DEFAULT_MAX_SLOTS if self.device.type == "cuda" else 8)
-        per_row = length * kv_bytes_per_token(self.model.config, self.dtype)
+        per_row = row_cache_bytes(self.model.config, self.dtype, length)
         fit = int(self.kv_budget_bytes() // per_row)
         if fit < 1:
             raise ValueError(f"slots engine: one row of {length} cached tokens needs {per_row / 1e9:.2f} GB, more than "
@@ -595,16 +494,16 @@ class SlotEngine:
             if self._pool[0] >= slots and self._pool[1] >= length:
                 return
             both = (max(self._pool[0], slots), max(self._pool[1], length))
-            if both[0] * both[1] * kv_bytes_per_token(self.model.config, self.dtype) <= self.kv_budget_bytes():
+            if both[0] * row_cache_bytes(self.model.config, self.dtype, both[1]) <= self.kv_budget_bytes():
                 slots, length = both
         self._graphs.clear()
         self.k = self.v = None  # free the old cache first
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        shape = (slots, self.kv_heads, length, self.head_dim)
         dev, dt = self.device, self.dtype
-        self.k = [torch.zeros(shape, dtype=dt, device=dev) for _ in range(self.layers)]
-        self.v = [torch.zeros(shape, dtype=dt, device=dev) for _ in range(self.layers)]
+        shapes = [(slots, self.kv_heads, length if w is None else min(w, length), self.head_dim) for w in self.windows]
+        self.k = [torch.zeros(shape, dtype=dt, device=dev) for shape in shapes]
+        self.v = [torch.zeros(shape, dtype=dt, device=dev) for shape in shapes]
         # static per-slot state read by the captured graphs (updated in place only)
         self._last = torch.zeros(slots, dtype=torch.long, device=dev)
         self._lens = torch.zeros(slots, dtype=torch.long, device=dev)
@@ -620,15 +519,22 @@ class SlotEngine:
 
     # -- forward passes ------------------------------------------------------------------------------
 
+    def _length_mask(self, last: torch.Tensor, width: int) -> torch.Tensor:
+        """``[B, 1, 1, width]`` additive mask: columns past each row's ``last`` are hidden (sdpa decoding)."""
+        b = last.shape[0]
+        mask = torch.zeros(b, width, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(self._cols[None, :width] > last[:, None], torch.finfo(self.dtype).min)
+        return mask.view(b, 1, 1, width)
+
     def _decode_eager(self, b: int, length: int) -> torch.Tensor:
         lens = self._lens[:b]
-        if self.attention == "triton":
-            ctx = _Ctx(self.k, self.v, self._rows[:b], decode=True, length=length, lens=lens, triton=True)
-        else:
-            mask = torch.zeros(b, length, dtype=self.dtype, device=self.device)
-            mask.masked_fill_(self._cols[None, :length] > lens[:, None], torch.finfo(self.dtype).min)
-            ctx = _Ctx(self.k, self.v, self._rows[:b], decode=True, length=length, lens=lens,
-                       mask=mask.view(b, 1, 1, length))
+        # a ring of window w: the new key goes to column lens mod w; columns 0..min(lens, w - 1) hold the window
+        local = {w: (lens % w, lens.clamp(max=w - 1)) for w in set(self.windows) if w is not None}
+        ctx = _Ctx(self.k, self.v, self._rows[:b], decode=True, windows=self.windows, length=length, lens=lens,
+                   local=local, triton=self.attention == "triton")
+        if not ctx.triton:
+            ctx.mask = self._length_mask(lens, length)
+            ctx.local_mask = {w: self._length_mask(last, min(w, self._pool[1])) for w, (_, last) in local.items()}
         with self._forward_ctx():
             h = self.base(input_ids=self._last[:b].view(b, 1), position_ids=lens.view(b, 1), use_cache=False,
                           lwlib_slots=ctx).last_hidden_state
@@ -675,7 +581,17 @@ class SlotEngine:
             ids[r, : len(p)] = torch.tensor(p)
         dev = self.device
         ids = ids.to(dev)
-        ctx = _Ctx(self.k, self.v, torch.tensor(rows, device=dev), decode=False, width=width)
+        n = torch.tensor([len(p) for p in prompts], device=dev)
+        ctx = _Ctx(self.k, self.v, torch.tensor(rows, device=dev), decode=False, windows=self.windows, width=width,
+                   ring={}, band={})
+        for w in set(self.windows) - {None}:
+            wc = min(w, self._pool[1])
+            if width > wc:  # column c of a row of n tokens holds its last position p < n with p mod wc == c
+                c = torch.arange(wc, device=dev)
+                ctx.ring[wc] = c + wc * ((n[:, None] - 1 - c).clamp(min=0) // wc)
+            if width > w:  # a token sees itself and the w - 1 tokens before it
+                i = torch.arange(width, device=dev)
+                ctx.band[w] = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - w)
         pos = torch.arange(width, device=dev).expand(g, width)
         with self._forward_ctx():
             h = self.base(input_ids=ids, position_ids=pos, use_cache=False, lwlib_slots=ctx).last_hidden_state
@@ -715,6 +631,11 @@ class SlotEngine:
         if st._ctx_tokens is None or st._ctx_tokens.device != dev:
             st._ctx_tokens = torch.zeros((), dtype=torch.long, device=dev)
             st._active = torch.zeros((), dtype=torch.long, device=dev)
+        st._layers = self.layers
+        local = [(w, self.windows.count(w)) for w in sorted(set(self.windows) - {None})]
+        n_global = self.windows.count(None)
+        if local and (st._kv_cols is None or st._kv_cols.device != dev):
+            st._kv_cols = torch.zeros((), dtype=torch.long, device=dev)
         plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} sampling settings for {len(prompts)} prompts")
@@ -724,6 +645,7 @@ class SlotEngine:
         row_set = [(float(p.temperature or 0.0), float(p.repetition_penalty), int(getattr(p, "repetition_window", 0)))
                    for p in plist]
         uniform = len(set(row_set)) == 1  # one decoding: the plain path; else each row its own
+        span = None if any(w <= 0 for _, _, w in row_set) else max(w for _, _, w in row_set)  # penalty look-back
         pen = GenerationPenalty.from_params(params, self.end_ids)
         greedy = all(t <= 0 for t, _, _ in row_set)
         gen = None
@@ -764,7 +686,7 @@ class SlotEngine:
                     scores = pen.apply(scores, hist, counts)
                 return sample_next(scores, params.temperature, params.top_p, gen)
             if hist is not None:
-                scores = pen.apply(scores, hist, counts, r_pen[sel], r_win[sel])
+                scores = pen.apply(scores, hist, counts, r_pen[sel], r_win[sel], span)
             return sample_rows(scores, r_temp[sel], params.top_p, gen)
 
         def admit() -> None:
@@ -831,7 +753,7 @@ class SlotEngine:
             dst = [b for b in range(target) if item[b] < 0][: len(src)]
             s, d = torch.tensor(src, device=dev), torch.tensor(dst, device=dev)
             cols = max(cached[b] for b in src)
-            for kc, vc in zip(self.k, self.v):
+            for kc, vc in zip(self.k, self.v):  # (a ring holds at most its width)
                 kc[d, :, :cols] = kc[s, :, :cols]
                 vc[d, :, :cols] = vc[s, :, :cols]
             for t in (self._last, self._lens, ngen, limit, active, toks, r_temp, r_pen, r_win):
@@ -865,6 +787,9 @@ class SlotEngine:
                     logits = self._decode(b_, l_)
                     act = act_all.clone()
                     st._ctx_tokens += ((lens + 1) * act).sum()  # the step reads its new token too
+                    if local:
+                        c = lens + 1
+                        st._kv_cols += (act * (n_global * c + sum(n * c.clamp(max=w) for w, n in local))).sum()
                     st._active += act.sum()
                     lens.add_(act)
                     nxt = choose(logits, toks[:b_], ngen[:b_], slice(0, b_))

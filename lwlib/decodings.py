@@ -42,6 +42,9 @@ class Decoding:
         top_p: nucleus mass (1.0 = off, as the paper's evaluation).
         repetition_penalty: CTRL-style penalty on tokens the model already generated (1.0 = off).
         repetition_window: only the last N generated tokens are penalized (0 = all of them).
+        max_new_tokens: a token budget for this decoding below the stage's (null = the stage's): e.g. the
+            paper's decoding on a small model, whose outputs loop to any limit (a looped output's effective length
+            is known at any budget; one still writing at the limit is censored, and the tables say so).
         note: one line saying what the decoding is for (shown in tables).
     """
 
@@ -50,6 +53,7 @@ class Decoding:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     repetition_window: int = 0
+    max_new_tokens: int | None = None
     note: str = ""
 
     def __post_init__(self) -> None:
@@ -61,16 +65,25 @@ class Decoding:
             raise ValueError(f"decodings.{self.name}.repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.repetition_window < 0:
             raise ValueError(f"decodings.{self.name}.repetition_window must be >= 0, got {self.repetition_window}")
+        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1):
+            raise ValueError(f"decodings.{self.name}.max_new_tokens must be a positive integer or null, "
+                             f"got {self.max_new_tokens!r}")
 
     def params(self, max_new_tokens: int, seed: int | None = 0) -> GenParams:
-        """The backend settings of this decoding for one stage's token budget."""
+        """The backend settings of this decoding for one stage's token budget (lowered to the decoding's own)."""
+        if self.max_new_tokens is not None:
+            max_new_tokens = min(max_new_tokens, self.max_new_tokens)
         kw: dict[str, Any] = {"repetition_penalty": self.repetition_penalty}
         if self.repetition_window:
             kw["repetition_window"] = self.repetition_window
         return GenParams(max_new_tokens, self.temperature, self.top_p, seed=seed, **kw)
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields (``max_new_tokens`` only when set: stores made before it existed keep their fingerprint)."""
+        d = dataclasses.asdict(self)
+        if d["max_new_tokens"] is None:
+            del d["max_new_tokens"]
+        return d
 
 
 PAPER = Decoding("paper", temperature=0.5, note="the paper's: temperature 0.5, no penalty")
@@ -114,3 +127,12 @@ def get_decoding(prof: Any, name: str | None) -> Decoding:
 def model_label(tag: str, decoding: Decoding | str) -> str:
     """``"<tag> (<decoding>)"``: how tables and legends name a model under a decoding."""
     return f"{tag} ({decoding if isinstance(decoding, str) else decoding.name})"
+
+
+def rule_decoding(prof: Any) -> str:
+    """The decoding whose verdicts are the claims' (``loopfree`` where the profile has it, else its first).
+
+    Usage: ``rule_decoding(load_profile("gpu")) == "loopfree"``
+    """
+    names = [d.name for d in profile_decodings(prof)]
+    return "loopfree" if "loopfree" in names else names[0]

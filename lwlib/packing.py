@@ -32,6 +32,7 @@ Usage::
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,26 +85,30 @@ def load_template(name_or_path: str) -> str:
 
 
 def training_template(tok, name: str = "auto") -> str:
-    """The template with generation markers for ``tok``: ``auto`` picks the tokenizer's own template if
-    it already has ``{% generation %}`` markers, the SmolLM2 ChatML one if the tokenizer's template
-    renders like it, else raises asking for an explicit ``sft.chat_template``."""
+    """The template with generation markers for ``tok``: ``auto`` picks the tokenizer's own template if it already
+    has ``{% generation %}`` markers, else the built-in training template (``lwlib/templates``: SmolLM2's ChatML,
+    Gemma 3's turns, ...) that renders a conversation exactly as the tokenizer's own template does, else raises
+    asking for an explicit ``sft.chat_template``."""
     if name != "auto":
         return load_template(name)
     own = getattr(tok, "chat_template", None) or ""
-    if "generation" in own and "endgeneration" in own:
+    if re.search(r"{%-?\s*generation\s*-?%}", own) and "endgeneration" in own:
         return own
-    cand = load_template("smollm2_chatml")
     if own:
         probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-        try:
-            same = tok.apply_chat_template(probe, tokenize=False) == tok.apply_chat_template(
-                probe, chat_template=cand, tokenize=False)
-        except Exception:  # noqa: BLE001 - a foreign template may need other variables
-            same = False
-        if same:
-            return cand
-    raise ValueError("the tokenizer's chat template has no {% generation %} markers and is not SmolLM2's ChatML; "
-                     f"set sft.chat_template to a template in {TEMPLATE_DIR} or a file path")
+        for path in sorted(TEMPLATE_DIR.glob("*.jinja")):
+            cand = path.read_text(encoding="utf-8")
+            if not re.search(r"{%-?\s*generation\s*-?%}", cand):  # (a prompting template: no markers)
+                continue
+            try:
+                same = tok.apply_chat_template(probe, tokenize=False) == tok.apply_chat_template(
+                    probe, chat_template=cand, tokenize=False)
+            except Exception:  # noqa: BLE001 - a foreign template may need other variables
+                same = False
+            if same:
+                return cand
+    raise ValueError("the tokenizer's chat template has no {% generation %} markers and renders like no built-in "
+                     f"training template; set sft.chat_template to a template in {TEMPLATE_DIR} or a file path")
 
 
 def tokenize_chat(tok, messages: list[dict[str, str]], template: str, max_tokens: int | None = None) -> TokenizedExample:

@@ -40,6 +40,7 @@ from .config import Profile
 from .data import WritingItem, data_file, load_ruler
 from .decodings import Decoding, model_label, profile_decodings
 from .generation import Job, generate_into
+from .models import split_seed
 from .plots import pyplot, save_figure
 from .runs import (JsonlStore, atomic_write_json, data_fingerprint, model_fingerprint, read_records,
                    write_manifest)
@@ -144,14 +145,14 @@ def probe_decodings(
         fingerprint = {  # what decides a record (not the selection: records are per item)
             "model": model_fingerprint(model if backend is not None else cfg.backend.model or model, profile.run_dir),
             "max_new_tokens": cfg.max_new_tokens, "decoding": dec.as_dict(),
-            "seed": profile.seed, "data": data_fingerprint(data_file("longwrite_ruler.jsonl", cfg.data_path)),
+            "seed": profile.seed + split_seed(tag)[1], "data": data_fingerprint(data_file("longwrite_ruler.jsonl", cfg.data_path)),
             "repetition": [cfg.rep_ngram, cfg.rep_window, cfg.rep_threshold],  # stored per record
         }
         store = stores[dec.name] = JsonlStore(out / "generations.jsonl", key="id", fingerprint=fingerprint,
                                               overwrite=cfg.overwrite, stage="probe")
         write_manifest(out, {"profile": profile.resolved(), "probe": dataclasses.asdict(cfg), "model": model,
                              "tag": tag, "decoding": dec.as_dict(), "fingerprint": fingerprint})
-        params = dec.params(cfg.max_new_tokens, seed=profile.seed)
+        params = dec.params(cfg.max_new_tokens, seed=profile.seed + split_seed(tag)[1])  # (seed k's models: k)
         jobs += [Job(f"{it.id}-s{s}", it.prompt, params, store,
                      functools.partial(_probe_record, it=it, s=s, model=model, tag=tag, dec=dec.name, cfg=cfg))
                  for it in items for s in range(cfg.samples_per_prompt)]

@@ -58,6 +58,7 @@ import functools
 import json
 import math
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,7 @@ from .progress import console_callback
 from .runs import (JsonlStore, atomic_write_json, iter_jsonl, model_fingerprint, read_log_history, training_finished,
                    write_manifest)
 from .training import batch_plan, checkpointing_args, deepspeed_config, pick_liger, save_trained, use_liger
+from .models import seed_tag, sft_folder
 from .text import count_words, truncate_words
 
 Messages = list[dict[str, str]]
@@ -108,9 +110,28 @@ class SFTConfig:
         max_output_words: cap on the assistant output length (words, :func:`lwlib.text.count_words`) of
             training examples; null = no cap (the controlled experiment sets it).
         cap_mode: ``drop`` (remove longer examples; default, the data set then contains outputs up to
-            the cap) or ``truncate`` (cut them to the cap with :func:`lwlib.text.truncate_words`).
+            the cap), ``truncate`` (cut them to the cap with :func:`lwlib.text.truncate_words`) or ``cut`` (the
+            data by construction of the controlled experiment: every long-output passage cut into consecutive,
+            paragraph-aligned pieces of at most the cap, each with its own instruction,
+            :func:`lwlib.corpus.cut_records`: every cap holds the same text and about the same tokens, only the
+            lengths differ; needs ``data_path: corpus``; the capped runs take the whole long-output data, not the
+            main mix's sample of ``long_per_general``).
         caps: the caps of the controlled experiment (notebook 03 trains one model per cap).
+        cap_general: the capped runs include the main mix's general data (the paper capped its whole SFT mix);
+            false: the long-output data alone.
+        cap_uncapped: also train the controlled experiment's uncapped point on the same data (tag ``uncapped``:
+            the long-output data uncut, general data as ``cap_general``); false: the main run is that point.
         cap_max_steps: optimizer steps of each capped run (-1 = as ``max_steps``/``epochs``).
+        seeds: every run of notebook 03 (main, arms, caps) is trained this many times: run ``k`` uses the
+            profile's seed + k for its data order and trainer, on the same data; tags of ``k >= 1`` end in
+            ``-s<k>`` (:func:`seed_tag`).
+        general_passages_cut: the corpus passages (notebook 02) cut at this many words join the general data, as
+            the short writing answers of a general SFT mix (null = none).
+        long_min_words: only long-output examples of at least this many output words enter the main mix (null =
+            all).
+        long_per_general: long-output examples per general example in the main mix, drawn from the long-output
+            data spread over its lengths (the paper's 6,000 LongWriter-6k to 180,000 general: 1/30; null = every
+            long-output example, with ``general_per_long`` general ones).
         chat_template: training template with generation markers: ``auto``, a name in
             ``lwlib/templates`` or a path.
         packing_length: tokens per pack (paper: 32768); longer examples are cut to it.
@@ -168,7 +189,13 @@ class SFTConfig:
     max_output_words: int | None = None
     cap_mode: str = "drop"
     caps: list[int] = field(default_factory=list)
+    cap_general: bool = True
+    cap_uncapped: bool = False
     cap_max_steps: int = -1
+    seeds: int = 1
+    general_passages_cut: int | None = None
+    long_min_words: int | None = None
+    long_per_general: float | None = None
     chat_template: str = "auto"
     packing_length: int = 32768
     batch_size: int = 8
@@ -195,8 +222,18 @@ class SFTConfig:
     def __post_init__(self) -> None:
         if self.loss not in ("token", "sequence"):
             raise ValueError(f"sft.loss must be 'token' or 'sequence', got {self.loss!r}")
-        if self.cap_mode not in ("drop", "truncate"):
-            raise ValueError(f"sft.cap_mode must be 'drop' or 'truncate', got {self.cap_mode!r}")
+        if self.cap_mode not in ("drop", "truncate", "cut"):
+            raise ValueError(f"sft.cap_mode must be 'drop', 'truncate' or 'cut', got {self.cap_mode!r}")
+        if not isinstance(self.seeds, int) or self.seeds < 1:
+            raise ValueError(f"sft.seeds must be an integer >= 1, got {self.seeds!r}")
+        for name in ("general_passages_cut", "long_min_words"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"sft.{name} must be a positive integer or null, got {v!r}")
+        if self.long_per_general is not None and not self.long_per_general > 0:
+            raise ValueError(f"sft.long_per_general must be > 0 or null, got {self.long_per_general!r}")
+        if any(not isinstance(c, int) or c < 1 for c in self.caps):
+            raise ValueError(f"sft.caps must be positive integers, got {self.caps!r}")
         if self.loss_chunk_size < 0:
             raise ValueError(f"sft.loss_chunk_size must be >= 0, got {self.loss_chunk_size}")
         if self.liger_kernel not in (True, False, "auto"):
@@ -296,25 +333,32 @@ def general_instructions(n: int, seed: int = 0) -> list[dict[str, str]]:
 
 
 def self_distill(prof: Profile, n: int, cfg: SFTConfig, backend=None) -> list[Messages]:
-    """General SFT data by self-distillation: the profile's model answers ``n`` built-in short
-    instructions (greedy). Resumable cache ``<run>/sft/general_self_distill.jsonl``; every record
-    says ``source: self-distillation`` and the model. Answers cut by the token limit are skipped."""
+    """General SFT data by distillation: a model answers ``n`` built-in short instructions (greedy): the
+    profile's own (self-distillation) or ``sft.self_distill_backend.model`` (another model's answers, e.g. the
+    bundled SmolLM2-135M-Instruct's for a base model that cannot answer yet). Resumable cache
+    ``<run>/sft/general_self_distill.jsonl``; every record says its ``source`` (``self-distillation`` or
+    ``distillation``) and the model. Answers cut by the token limit are skipped."""
     from .backends import GenParams, make_backend
     from .generation import Job, generate_into
 
     bcfg = cfg.self_distill_backend or BackendConfig(batch_size=cfg.self_distill_batch_size)
+    writer = bcfg.model or prof.model
     fingerprint = {  # greedy; the instructions are prefix-stable in n
-        "model": model_fingerprint(bcfg.model or prof.model, prof.run_dir), "temperature": 0.0,
+        "model": model_fingerprint(writer, prof.run_dir), "temperature": 0.0,
         "max_new_tokens": cfg.self_distill_max_new_tokens, "seed": prof.seed}
     if bcfg.kind != "local" or bcfg.engine != "generate":  # (absent for the default: earlier runs stay valid)
         fingerprint["backend"] = f"{bcfg.kind}/{bcfg.engine if bcfg.kind == 'local' else bcfg.model}"
+    for key in ("device", "dtype"):  # where the answers were made, when the profile pins it (greedy in fp32 on a
+        if getattr(bcfg, key):        # CPU differs from bf16 on a GPU)
+            fingerprint[key] = getattr(bcfg, key)
     store = JsonlStore(prof.stage_dir("sft") / "general_self_distill.jsonl", key="id", stage="sft",
                        overwrite=cfg.overwrite, fingerprint=fingerprint)
     items = general_instructions(n, prof.seed)
     params = GenParams(cfg.self_distill_max_new_tokens, temperature=0.0, seed=prof.seed)
 
     def record(g, it: dict[str, str]) -> dict[str, Any]:
-        return {"id": it["id"], "source": "self-distillation", "model": prof.model, "finish_reason": g.finish_reason,
+        return {"id": it["id"], "source": "self-distillation" if writer == prof.model else "distillation",
+                "model": writer, "finish_reason": g.finish_reason,
                 "messages": [{"role": "user", "content": it["prompt"]},
                              {"role": "assistant", "content": g.text.strip()}]}
 
@@ -383,29 +427,67 @@ def load_long_data(prof: Profile, spec: str | None) -> list[Messages]:
     return load_sft_data(path)
 
 
+def load_long_records(prof: Profile, spec: str | None) -> list[dict[str, Any]]:
+    """The long-output SFT examples ``spec`` names as records (``{"messages": [...]}`` plus, for the corpus, its
+    metadata: book, language, words; :func:`lwlib.corpus.build_corpus`)."""
+    path = long_data_path(prof, spec)
+    if path is not None and not path.startswith("hf:") and Path(path).exists():
+        from .runs import read_jsonl
+
+        recs = read_jsonl(path)
+        data = load_sft_data(path)  # (validates every line)
+        return [{**r, "messages": m} for r, m in zip(recs, data)]
+    return [{"messages": m} for m in load_long_data(prof, spec)]
+
+
 def build_mix(prof: Profile, cfg: SFTConfig) -> tuple[list[Messages], dict[str, Any]]:
-    """The SFT mix: long-output data (``cfg.data_path``) + general data in the profile's ratio, length cap
-    applied. Returns (conversations, statistics)."""
-    long = load_long_data(prof, cfg.data_path)
+    """The SFT mix: long-output data (``cfg.data_path``; with ``long_min_words`` / ``long_per_general`` a sample of
+    it) first, then general data (answers, plus the corpus cut at ``general_passages_cut`` words), the length cap
+    applied (``cap_mode``). The same data for every seed. Returns (conversations, statistics)."""
+    from .corpus import cut_records, spread_sample
+
+    long = load_long_records(prof, cfg.data_path)
+    cut = cfg.cap_mode == "cut" and cfg.max_output_words is not None
+    if cfg.long_min_words and not cut:
+        long = [r for r in long if output_words(r["messages"]) >= cfg.long_min_words]
     if not long and cfg.general_max is None:
         raise ValueError("sft: without long-output data (data_path: none) the general data alone is trained on: "
                          "set sft.general_max to say how many general examples")
-    n_gen = math.ceil(cfg.general_per_long * len(long)) if long else cfg.general_max
-    if cfg.general_max is not None:
-        n_gen = min(n_gen, cfg.general_max)
+    if cfg.long_per_general is None:
+        n_gen = math.ceil(cfg.general_per_long * len(long)) if long else cfg.general_max
+        if cfg.general_max is not None:
+            n_gen = min(n_gen, cfg.general_max)
+    else:
+        n_gen = cfg.general_max if cfg.general_max is not None else 0
     general = load_general(prof, cfg, n_gen)
-    capped_long = apply_length_cap(long, cfg.max_output_words, cfg.cap_mode)
-    capped_gen = apply_length_cap(general, cfg.max_output_words, cfg.cap_mode)
+    n_answers = len(general)
+    if cfg.general_passages_cut:
+        corpus = load_long_records(prof, "corpus")
+        general += [r["messages"] for r in cut_records(corpus, cfg.general_passages_cut, prof.seed)]
+    if cfg.long_per_general is not None and not cut and long:
+        n_long = max(1, round(len(general) * cfg.long_per_general))
+        long = spread_sample(long, min(n_long, len(long)), random.Random(f"long:{prof.seed}"),
+                             key=lambda r: output_words(r["messages"]))
+    if cut:
+        long = cut_records(long, cfg.max_output_words, prof.seed)
+        capped_long = [r["messages"] for r in long]
+        capped_gen = apply_length_cap(general, cfg.max_output_words, "drop")
+    else:
+        capped_long = apply_length_cap([r["messages"] for r in long], cfg.max_output_words, cfg.cap_mode)
+        capped_gen = apply_length_cap(general, cfg.max_output_words, cfg.cap_mode)
     data = capped_long + capped_gen
     if not data:
         raise ValueError(f"no SFT examples left (cap {cfg.max_output_words} words, mode {cfg.cap_mode})")
     words = [output_words(m) for m in data]
+    long_words = sum(words[: len(capped_long)])
     stats = {"long_data": cfg.data_path or "agentwrite", "long_path": long_data_path(prof, cfg.data_path),
              "long_examples": len(long), "long_after_cap": len(capped_long),
-             "general_source": cfg.general_data, "general_examples": len(general),
-             "general_after_cap": len(capped_gen), "max_output_words": cfg.max_output_words,
-             "cap_mode": cfg.cap_mode, "data_max_output_words": max(words),
-             "data_mean_output_words": sum(words) / len(words)}
+             "general_source": cfg.general_data, "general_examples": len(general), "general_answers": n_answers,
+             "general_passages": len(general) - n_answers, "general_after_cap": len(capped_gen),
+             "max_output_words": cfg.max_output_words, "cap_mode": cfg.cap_mode,
+             "data_max_output_words": max(words), "data_mean_output_words": sum(words) / len(words),
+             "output_words": sum(words), "long_output_words": long_words,
+             "long_word_share": long_words / max(1, sum(words))}
     return data, stats
 
 
@@ -418,12 +500,13 @@ def tokenize_all(tok, data: list[Messages], template: str, max_tokens: int) -> l
 
 
 def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] | None = None,
-              out_dir: str | Path | None = None) -> Path:
+              out_dir: str | Path | None = None, seed: int = 0) -> Path:
     """Fine-tune the profile's model; returns the checkpoint folder (HF model + tokenizer).
 
     ``data`` replaces the mix of :func:`build_mix` (the length cap still applies). ``out_dir`` defaults
     to ``<run>/sft/model``; the folder beside it holds ``train_log.json``, ``data_stats.json``,
-    ``manifest.json``. An existing finished model is reused unless ``cfg.overwrite``.
+    ``manifest.json``. ``seed``: the run's index ``k`` (data order and trainer seeded with the profile's seed +
+    k; the data are the same). An existing finished model is reused unless ``cfg.overwrite``.
     """
     from transformers import AutoModelForCausalLM, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
@@ -449,9 +532,15 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
     tok.padding_side = "right"
     template = training_template(tok, cfg.chat_template)
     examples = tokenize_all(tok, data, template, cfg.packing_length)
-    packs = pack_examples(examples, cfg.packing_length, seed=prof.seed)
+    packs = pack_examples(examples, cfg.packing_length, seed=prof.seed + seed)
     pstats = pack_stats(examples, packs, cfg.packing_length)
     stats.update({k: v for k, v in dataclasses.asdict(pstats).items() if k != "pack_lengths"})
+    n_long = stats.get("long_after_cap", 0)  # (build_mix puts the long-output examples first)
+    tokens = sum(len(e) for e in examples)
+    steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * len(packs) / cfg.batch_size)
+    stats.update({"seed_index": seed, "tokens": tokens, "long_token_share": sum(len(e) for e in examples[:n_long])
+                  / max(1, tokens), "optimizer_steps": steps, "tokens_per_step": cfg.batch_size * cfg.packing_length,
+                  "epochs": round(steps * cfg.batch_size / max(1, len(packs)), 3)})
     atomic_write_json(run / "data_stats.json", stats)
 
     device = prof.device
@@ -468,7 +557,7 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
         adam_beta2=cfg.adam_beta2, max_grad_norm=cfg.max_grad_norm, bf16=cuda,
         **checkpointing_args(cfg.gradient_checkpointing),
         logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
-        save_steps=cfg.save_steps or 500, save_total_limit=2, report_to=[], seed=prof.seed,
+        save_steps=cfg.save_steps or 500, save_total_limit=2, report_to=[], seed=prof.seed + seed,
         remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not cuda, deepspeed=ds_cfg,
         torch_compile=cfg.torch_compile,
         disable_tqdm=False,
@@ -487,7 +576,8 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
     trainer.add_callback(console_callback(f"sft train ({out_dir.parent.name}/{out_dir.name})"))
     optim = {k: getattr(args, k) for k in ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
                                            "adam_beta1", "adam_beta2", "max_grad_norm")}
-    write_manifest(run, {"profile": prof.resolved(), "sft": dataclasses.asdict(cfg), "attn_implementation": attn,
+    write_manifest(run, {"profile": prof.resolved(), "sft": dataclasses.asdict(cfg), "seed_index": seed,
+                         "attn_implementation": attn,
                          "liger_kernel": liger,
                          "optimizer": {k: getattr(v, "value", v) for k, v in optim.items()},
                          "world_size": world, "gradient_accumulation_steps": accumulation,
@@ -509,31 +599,91 @@ def load_train_log(folder: str | Path):
     return pd.DataFrame(rows)
 
 
-def cap_dir(prof: Profile, cap: int) -> Path:
-    """Checkpoint folder of the run capped at ``cap`` words: ``<run>/sft/cap<N>/model``."""
-    return prof.stage_dir("sft") / f"cap{cap}" / "model"
+def cap_dir(prof: Profile, cap: int, seed: int = 0) -> Path:
+    """Checkpoint folder of the run capped at ``cap`` words: ``<run>/sft/cap<N>/model`` (seed ``k``:
+    ``cap<N>-s<k>``)."""
+    return sft_folder(prof.run_dir, seed_tag(f"cap{cap}", seed))
 
 
-def train_capped(prof: Profile, cap: int, cfg: SFTConfig | None = None) -> Path:
+def train_capped(prof: Profile, cap: int, cfg: SFTConfig | None = None, seed: int = 0) -> Path:
     """Train the controlled-experiment model whose SFT data is capped at ``cap`` output words."""
     cfg = cfg or prof.section("sft", SFTConfig)
-    steps = cfg.cap_max_steps if cfg.cap_max_steps > 0 else cfg.max_steps
-    return train_sft(prof, dataclasses.replace(cfg, max_output_words=cap, max_steps=steps), out_dir=cap_dir(prof, cap))
+    return train_run(prof, SFTRun(seed_tag(f"cap{cap}", seed), "cap", seed, _cap_cfg(cfg, cap), f"<= {cap} words"))
 
 
-def arm_dir(prof: Profile, name: str) -> Path:
+def arm_dir(prof: Profile, name: str, seed: int = 0) -> Path:
     """Checkpoint folder of the SFT arm ``name``: ``<run>/sft/<name>/model`` (model tag ``sft_<name>``)."""
-    if not name.isidentifier() or name.startswith("cap") or name in ("model", "checkpoints"):
-        raise ValueError(f"sft.arms: {name!r} must be an identifier, not starting with 'cap', not model/checkpoints")
-    return prof.stage_dir("sft") / name / "model"
+    if not name.isidentifier() or name.startswith("cap") or re.fullmatch(r"s\d+", name) \
+            or name in ("model", "checkpoints", "uncapped"):
+        raise ValueError(f"sft.arms: {name!r} must be an identifier, not starting with 'cap', not "
+                         "model/checkpoints/uncapped")
+    return sft_folder(prof.run_dir, seed_tag(f"sft_{name}", seed))
 
 
-def train_arm(prof: Profile, name: str, cfg: SFTConfig | None = None) -> Path:
+def train_arm(prof: Profile, name: str, cfg: SFTConfig | None = None, seed: int = 0) -> Path:
     """Train the SFT arm ``name`` (``cfg.arms[name]`` names its long-output data; all else as the main run)."""
     cfg = cfg or prof.section("sft", SFTConfig)
     if name not in cfg.arms:
         raise ValueError(f"sft.arms has no arm {name!r} (arms: {sorted(cfg.arms)})")
-    return train_sft(prof, dataclasses.replace(cfg, data_path=cfg.arms[name]), out_dir=arm_dir(prof, name))
+    arm_dir(prof, name)  # (checks the name)
+    run_cfg = dataclasses.replace(cfg, data_path=cfg.arms[name])
+    return train_run(prof, SFTRun(seed_tag(f"sft_{name}", seed), "arm", seed, run_cfg, cfg.arms[name]))
+
+
+@dataclass(frozen=True)
+class SFTRun:
+    """One training run of notebook 03.
+
+    Fields:
+        tag: its model tag (``sft``, ``sft_<arm>``, ``cap<N>``, ``uncapped``; ``-s<k>`` for seed ``k >= 1``).
+        kind: ``main``, ``arm``, ``cap`` or ``uncapped``.
+        seed: the seed index ``k``.
+        cfg: the run's settings (the profile's ``sft`` with its data and cap).
+        description: what its data is, for tables.
+    """
+
+    tag: str
+    kind: str
+    seed: int
+    cfg: SFTConfig
+    description: str
+
+
+def _cap_cfg(cfg: SFTConfig, cap: int | None) -> SFTConfig:
+    steps = cfg.cap_max_steps if cfg.cap_max_steps > 0 else cfg.max_steps
+    extra: dict[str, Any] = {}
+    if not cfg.cap_general:
+        extra = {"general_data": "none", "general_passages_cut": None, "general_max": None}
+    if cfg.cap_mode == "cut" or not cfg.cap_general:  # the whole long-output data, not the main mix's sample
+        extra |= {"long_min_words": None, "long_per_general": None}
+    return dataclasses.replace(cfg, max_output_words=cap, max_steps=steps, **extra)
+
+
+def sft_runs(cfg: SFTConfig) -> list[SFTRun]:
+    """Every run notebook 03 trains, seed by seed (all of seed 0 first, so a run cut short has whole seeds): the
+    main run, the arms (``sft.arms``), the capped runs (``sft.caps``) and, with ``cap_uncapped``, the uncapped one.
+
+    Usage: ``for run in sft_runs(cfg): train_run(prof, run)``
+    """
+    data = cfg.data_path or "agentwrite"
+    out = []
+    for k in range(cfg.seeds):
+        out.append(SFTRun(seed_tag("sft", k), "main", k, cfg, f"general + {data} data"))
+        for name, spec in cfg.arms.items():
+            out.append(SFTRun(seed_tag(f"sft_{name}", k), "arm", k, dataclasses.replace(cfg, data_path=spec),
+                              "general data alone" if spec == "none" else f"general + {spec} data"))
+        base = f"{data} data" + ("" if cfg.cap_general else " alone")
+        how = "cut into pieces of" if cfg.cap_mode == "cut" else "outputs"
+        for cap in cfg.caps:
+            out.append(SFTRun(seed_tag(f"cap{cap}", k), "cap", k, _cap_cfg(cfg, cap), f"{base}, {how} <= {cap} words"))
+        if cfg.cap_uncapped:
+            out.append(SFTRun(seed_tag("uncapped", k), "uncapped", k, _cap_cfg(cfg, None), f"{base}, uncut"))
+    return out
+
+
+def train_run(prof: Profile, run: SFTRun) -> Path:
+    """Train one :class:`SFTRun` into its folder (:func:`lwlib.models.sft_folder`); a finished one is reused."""
+    return train_sft(prof, run.cfg, out_dir=sft_folder(prof.run_dir, run.tag), seed=run.seed)
 
 
 def data_stats(folder: str | Path) -> dict[str, Any]:

@@ -133,6 +133,9 @@ def test_paper_scores_file_is_well_formed():
             assert 0 <= row["S_l"] <= 100 and 0 <= row["S_q"] <= 100
             assert row["S"] == pytest.approx((row["S_l"] + row["S_q"]) / 2, abs=0.06)
     assert {r["model"] for r in data["scores"]} >= {"LongWriter-9B", "LongWriter-9B-DPO", "Llama-3.1-8B-Instruct"}
+    sq = {r["model"]: r["S_q"] for r in data["scores"]}  # as LongDPO's Table 9 quotes the paper
+    assert (sq["GPT-4o"], sq["LongWriter-8B"], sq["GLM-4-9B-chat"], sq["LongWriter-9B"]) == (91.8, 82.2, 85.5, 82.3)
+    assert all("2502.02095" in r["quoted_in"] for r in data["scores"] if r["model"] in ("GPT-4o", "LongWriter-8B"))
 
 
 def test_unknown_bench_field_is_named(tmp_path):

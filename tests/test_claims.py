@@ -11,64 +11,99 @@ import pytest
 
 from lwlib import claims
 from lwlib.config import load_profile
-from lwlib.decodings import PAPER, Decoding, get_decoding, parse_decodings, profile_decodings
+from lwlib.decodings import PAPER, Decoding, get_decoding, parse_decodings, profile_decodings, rule_decoding
 
 
 def test_spearman_on_known_values():
     assert claims.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert claims.spearman([1, 2, 3, 4], [40, 30, 20, 10]) == pytest.approx(-1.0)
-    # one adjacent swap among 5: 1 - 6 * 2 / (5 * 24) = 0.9
+    # one swap among 5: 1 - 6 * 2 / (5 * 24) = 0.9
     assert claims.spearman([1, 2, 3, 4, 5], [1, 2, 4, 3, 5]) == pytest.approx(0.9)
     assert np.isnan(claims.spearman([1, 2], [1, 2])) and np.isnan(claims.spearman([1, 2, 3], [5, 5, 5]))
 
 
-def test_rule_a_both_outcomes():
-    data = [500, 1000, 2000, 4000, 6000]
-    assert claims.rule_a(data, [300, 600, 1100, 2500, 3000])            # rises, 10x
-    assert not claims.rule_a(data, [300, 310, 305, 320, 315])           # flat: rho 0.7, ratio ~1
-    assert not claims.rule_a(data, [300, 400, 500, 550, 590])           # monotone but less than 2x
-    assert not claims.rule_a(data, [3000, 2500, 1100, 600, 300])        # falls
-    assert claims.rule_a(data, [300, 600, 1300, 1100, 3000])            # one swap: rho 0.9, still rises
+def _cap_measured(p95_by_seed, ratio=(10.0, 7.0, 14.0), lower=None, seeds=3, denominator_lb=False):
+    """A cap_experiment.json entry of hand-made numbers: caps 500 / 2000 / uncapped."""
+    lower = lower or {}
+    by = {str(k): {"p95": p, "lower_bound": lower.get(k, [False] * len(p)), "share_censored": [0.0] * len(p),
+                   "share_stopped": [1.0] * len(p),
+                   "spearman": claims.spearman([500, 2000, 16000], p)} for k, p in p95_by_seed.items()}
+    return {"runs": ["cap500", "cap2000", "uncapped"], "caps": [500, 2000, None], "data_max_words": [500, 2000, 16000],
+            "seeds": list(p95_by_seed), "expected_seeds": seeds, "prompts": 48, "samples": 2, "by_seed": by,
+            "pooled": {}, "ratio_top_over_smallest": {"top": "uncapped", "smallest": "cap500", "value": ratio[0],
+                                                      "lo": ratio[1], "hi": ratio[2], "numerator_lower_bound": False,
+                                                      "denominator_lower_bound": denominator_lb}}
 
 
-def test_rule_b_c_nll_both_outcomes():
-    assert claims.rule_b(1500, 400) and not claims.rule_b(1100, 400)
-    assert claims.rule_b(10, 0)  # a general-only p95 of 0 counts as 1 word
-    assert claims.rule_c(4.1, 0.5) and not claims.rule_c(4.1, -0.2) and not claims.rule_c(-1.0, -2.0)
-    assert claims.rule_nll(3.2, 2.9) and not claims.rule_nll(3.2, 3.4)
-    assert not claims.rule_nll(float("nan"), 2.0)
+def test_rule_a_both_outcomes_and_censoring():
+    rising = {0: [300, 1500, 4000], 1: [280, 1700, 3900], 2: [310, 1400, 4200]}
+    assert claims.rule_a(_cap_measured(rising)) == (True, None)
+    flat = {**rising, 2: [310, 4200, 1400]}  # one seed out of order: rho 0.5
+    ok, why = claims.rule_a(_cap_measured(flat))
+    assert ok is False and "seed(s) 2 (0.50)" in why
+    ok, why = claims.rule_a(_cap_measured(rising, ratio=(6.0, 4.2, 9.0)))  # the interval reaches below 5
+    assert ok is False and "not above 5" in why
+    # two seeds of three: incomplete, whatever the numbers
+    assert claims.rule_a(_cap_measured({0: rising[0], 1: rising[1]})) == (None, "incomplete: 2 of 3 seeds measured")
+    # a censored denominator, or a censored middle point: inconclusive (a lower bound is not conservative there)
+    assert claims.rule_a(_cap_measured(rising, denominator_lb=True))[0] is None
+    ok, why = claims.rule_a(_cap_measured(rising, lower={1: [False, True, False]}))
+    assert ok is None and "seed 1" in why
+    # the uncapped (top) point censored: its lower bound is conservative, the rule stands
+    assert claims.rule_a(_cap_measured(rising, lower={0: [False, False, True]})) == (True, None)
+
+
+def _arms_measured(long_p95=(12000, 11000, 13000), general_p95=(900, 950, 1000), ratio=(12.0, 8.0, 15.0),
+                   follow=(0.6, 0.3, 0.8), seeds=3, lb=False):
+    by = {str(k): {"sft": {"p95": lp, "lower_bound": lb}, "sft_general": {"p95": gp, "lower_bound": False}}
+          for k, (lp, gp) in enumerate(zip(long_p95, general_p95))}
+    return {"arms": ["sft", "sft_general"], "long_arm": "sft", "general_arm": "sft_general",
+            "seeds": list(range(len(long_p95))), "expected_seeds": seeds, "by_seed": by,
+            "pooled": {a: {"p95": 1.0, "lower_bound": False, "share_stopped": 1.0} for a in ("sft", "sft_general")},
+            "ratio_long_over_general": {"value": ratio[0], "lo": ratio[1], "hi": ratio[2],
+                                        "numerator_lower_bound": lb, "denominator_lower_bound": False},
+            "length_following": {"spearman": follow[0], "lo": follow[1], "hi": follow[2],
+                                 "spearman_by_seed": {"0": follow[0]}}}
+
+
+def test_rules_b_h_d_both_outcomes():
+    assert claims.rule_b(_arms_measured()) == (True, None)
+    assert claims.rule_b(_arms_measured(ratio=(3.5, 1.9, 5.0)))[0] is False   # interval reaches below 2
+    assert claims.rule_b(_arms_measured(ratio=(2.8, 2.2, 3.3)))[0] is False   # below 3x
+    m = _arms_measured()
+    m["ratio_long_over_general"]["denominator_lower_bound"] = True
+    assert claims.rule_b(m)[0] is None
+    assert claims.rule_h(_arms_measured()) == (True, None)
+    ok, why = claims.rule_h(_arms_measured(long_p95=(12000, 9000, 13000)))
+    assert ok is False and "seed(s) 1 (9,000)" in why
+    assert claims.rule_h(_arms_measured(long_p95=(12000, 11000))) == (None, "incomplete: 2 of 3 seeds measured")
+    assert claims.rule_h(_arms_measured(lb=True))[0] is True  # >= 11,000: a lower bound above 10,000 counts
+    assert claims.rule_d(_arms_measured()) == (True, None)
+    assert claims.rule_d(_arms_measured(follow=(0.45, 0.2, 0.6)))[0] is False
+    assert claims.rule_d(_arms_measured(follow=(0.55, -0.1, 0.9)))[0] is False
+
+
+def test_rules_c_and_nll_both_outcomes():
+    c = {"before": 30.0, "after": 34.1, "difference": 4.1, "lo": 0.5, "hi": 7.0, "items": 120}
+    assert claims.rule_c(c) == (True, None) and claims.rule_c({**c, "lo": -0.2})[0] is False
+    assert claims.rule_c({**c, "seeds": [0], "expected_seeds": 3})[0] is None
+    n = {"change": -0.12, "lo": -0.2, "hi": -0.05}
+    assert claims.rule_nll(n) == (True, None) and claims.rule_nll({**n, "hi": 0.01})[0] is False
+    assert claims.rule_nll(None)[0] is None
 
 
 def test_claim_records_compute_reproduced_from_measured():
-    a = claims.claim_a({"paper": {"caps": [500, 1000, None], "data_max_words": [500, 1000, 6000],
-                                  "p95_words": [5000, 5000, 5000], "p95_effective_words": [300, 280, 310],
-                                  "share_stopped": [0, 0, 0]},
-                        "loopfree": {"caps": [500, 1000, None], "data_max_words": [500, 1000, 6000],
-                                     "p95_words": [480, 950, 4100], "p95_effective_words": [470, 940, 4000],
-                                     "share_stopped": [1, 1, 0.9]}}, "loopfree")
-    assert a["id"] == "a_length_follows_sft_cap" and a["reproduced"] is True
-    assert a["reproduced_by_decoding"] == {"paper": False, "loopfree": True}
-    assert "loopfree" in a["rule"] and a["measured"]["loopfree"]["spearman"] == pytest.approx(1.0)
-    b = claims.claim_b({"loopfree": {"sft": 900, "sft_general": 400, "sft_agentwrite": 350}}, "loopfree")
-    assert b["reproduced"] is False and b["measured"]["p95_effective_words"]["loopfree"]["sft_agentwrite"] == 350
-    c = claims.claim_c({"loopfree": {"difference": 3.0, "lo": 0.4, "hi": 5.5},
-                        "paper": {"difference": 1.0, "lo": -1.0, "hi": 3.0}}, "loopfree")
-    assert c["reproduced"] is True and c["reproduced_by_decoding"]["paper"] is False
-    n = claims.claim_nll({"sft": {"at_100": 3.0, "at_end": 3.3}, "base": {"at_100": 3.5, "at_end": 3.4}})
-    assert n["reproduced"] is False and n["rule"].startswith("the SFT model")
-    table = claims.claims_table([a, b, c, n])
-    assert list(table["reproduced"]) == ["yes", "no", "yes", "no"]
-
-
-def test_nll_points_uses_the_last_well_supported_position():
-    from lwlib.nll import cumulative_curve
-
-    # 4 samples: two of 400 tokens, two of 150; the cumulative average of each falls from 4 to ~2
-    samples = [list(np.linspace(4, 2, n)) for n in (400, 400, 150, 150)]
-    pts = claims.nll_points(cumulative_curve(samples), 4)
-    assert pts["end_position"] == 400 and pts["at_end"] < pts["at_100"]
-    short = claims.nll_points(cumulative_curve([[1.0] * 50] * 3), 3)  # nothing past position 100
-    assert np.isnan(short["at_100"]) and not claims.rule_nll(short["at_100"], short["at_end"])
+    rising = {0: [300, 1500, 4000], 1: [280, 1700, 3900], 2: [310, 1400, 4200]}
+    a = claims.claim_a({"loopfree": _cap_measured(rising), "paper": _cap_measured(rising, ratio=(1.1, 0.9, 1.3))},
+                       "loopfree")
+    assert a["reproduced"] is True and a["reproduced_by_decoding"] == {"loopfree": True, "paper": False}
+    assert "loopfree" in a["rule"] and "10.0x [7.0, 14.0]" in a["summary"] and a["why"] is None
+    h = claims.claim_arms("h_10000_words", {"loopfree": _arms_measured(long_p95=(12000, 9000, 13000))}, "loopfree")
+    assert h["reproduced"] is False and "9,000" in h["why"] and "sft:" in h["summary"]
+    missing = claims.claim_arms("b_long_data_lifts_limit", {"paper": _arms_measured()}, "loopfree")
+    assert missing["reproduced"] is None and "loopfree" in missing["why"]
+    table = claims.claims_table([a, h, missing])
+    assert list(table["reproduced"]) == ["yes", "no", "incomplete"]
 
 
 def test_decodings_from_profiles():
@@ -76,7 +111,11 @@ def test_decodings_from_profiles():
     assert [d.name for d in smoke] == ["paper", "loopfree"]
     assert smoke[0] == Decoding("paper", 0.5, note=smoke[0].note) and smoke[1].repetition_penalty > 1
     assert [d.name for d in profile_decodings(load_profile("paper"))] == ["paper"]
-    assert [d.name for d in profile_decodings(load_profile("gpu"))] == ["paper", "loopfree"]
+    assert [d.name for d in profile_decodings(load_profile("gpu"))] == ["loopfree", "paper"]
+    assert rule_decoding(load_profile("gpu")) == "loopfree" and rule_decoding(load_profile("paper")) == "paper"
+    capped = get_decoding(load_profile("gpu"), "paper")  # the paper decoding's own budget, below the stage's
+    assert capped.params(24576).max_new_tokens == 4096 and capped.params(1000).max_new_tokens == 1000
+    assert "max_new_tokens" not in smoke[0].as_dict()  # (unset: earlier stores keep their fingerprint)
     p = smoke[1].params(128, seed=3)
     assert (p.max_new_tokens, p.temperature, p.repetition_penalty, p.repetition_window, p.seed) == \
         (128, 0.5, smoke[1].repetition_penalty, smoke[1].repetition_window, 3)
@@ -92,36 +131,108 @@ def test_decodings_from_profiles():
         Decoding("a b")
 
 
-def _probe_records(tag: str, dec: str, words: list[int], stop: bool) -> pd.DataFrame:
-    return pd.DataFrame({"tag": tag, "decoding": dec, "required_length": 1000, "words": words,
-                         "effective_words": words, "hit_limit": not stop,
-                         "finish_reason": "stop" if stop else "length", "collapsed": False})
+
+
+def _probe(tag: str, dec: str, words: list[float], required: list[int], hit=None, collapsed=None) -> pd.DataFrame:
+    """Probe records of one model: prompt i answered twice (samples 0, 1) with ``words[2i]``, ``words[2i + 1]``."""
+    n = len(words)
+    hit = hit if hit is not None else [False] * n
+    return pd.DataFrame({"id": [f"p{i // 2}-s{i % 2}" for i in range(n)], "sample": [i % 2 for i in range(n)],
+                         "tag": tag, "decoding": dec, "required_length": [required[i // 2] for i in range(n)],
+                         "words": words, "effective_words": words, "hit_limit": hit,
+                         "finish_reason": ["length" if h else "stop" for h in hit],
+                         "collapsed": collapsed if collapsed is not None else [False] * n})
 
 
 def test_experiment_files_feed_the_claims(tmp_path):
-    """cap_experiment / arms_comparison write the measurement files that collect_claims reads."""
-    from lwlib.experiments import arms_comparison, cap_experiment, plot_arms, plot_cap_experiment
+    """Seeds x caps x arms of hand-made probe records -> cap_experiment.json / arms.json -> the claims, figures."""
+    from lwlib.experiments import arms_experiment, cap_experiment, plot_arms, plot_cap_experiment
+    from lwlib.models import seed_tag, sft_folder
 
-    prof = load_profile("smoke", run_root=tmp_path)
-    for folder, top in (("model", 380), ("cap50", 50), ("cap150", 150)):
-        d = prof.stage_dir("sft") / folder
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "data_stats.json").write_text(json.dumps({"data_max_output_words": top, "examples": 10}))
+    prof = load_profile("smoke", run_root=tmp_path, overrides={"sft.seeds": 2})
+    rng = np.random.default_rng(0)
+    required = [1000, 2000, 5000, 10000, 20000, 30000] * 4  # 24 prompts
+    sizes = {"cap50": 60, "cap150": 170, "uncapped": 900, "sft": 12000, "sft_general": 700}
     frames = {}
-    for cap, top in ((50, 50), (150, 150), (None, 380)):
-        for dec in ("paper", "loopfree"):
-            w = [96] * 4 if dec == "paper" else [top // 2, top, top // 3, top]
-            frames[(cap, dec)] = _probe_records(f"cap{cap}" if cap else "sft", dec, w, dec == "loopfree")
-    table = cap_experiment(prof, frames)
-    assert list(table["cap"][:3]) == [50, 150, "none"] and set(table["decoding"]) == {"paper", "loopfree"}
-    assert plot_cap_experiment(table, tmp_path / "cap.png", "t").stat().st_size > 5000
-    arm_frames = {f"{t} ({d})": _probe_records(t, d, w, True) for t, w in (("sft", [380] * 3), ("sft_general", [90] * 3))
-                  for d in ("paper", "loopfree")}
-    arms = arms_comparison(prof, arm_frames, {"sft": "general + corpus"})
-    assert arms.loc[("loopfree", "sft_general"), "p95 effective words"] == 90
-    assert plot_arms(arms, tmp_path / "arms.png", "t").stat().st_size > 5000
+    for base, top in sizes.items():
+        (lambda d: (d.mkdir(parents=True, exist_ok=True),
+                    (d / "data_stats.json").write_text(json.dumps({"data_max_output_words": top})))
+         )(sft_folder(prof.run_dir, base).parent)
+        for k in range(2):
+            tag = seed_tag(base, k)
+            for dec in ("loopfree", "paper"):
+                w = rng.uniform(0.3, 1.0, 48) * top * (1 if dec == "loopfree" else 0.05) + 5
+                if base == "sft" and dec == "loopfree":  # follows the required length
+                    w = np.repeat(np.array(required, float), 2) * rng.uniform(0.4, 0.6, 48)
+                frames[f"{tag} ({dec})"] = _probe(tag, dec, list(w), required)
+    table = cap_experiment(prof, frames, n_boot=200)
+    m = json.loads((prof.run_dir / "sft" / "cap_experiment.json").read_text())["loopfree"]
+    assert m["runs"] == ["cap50", "cap150", "uncapped"] and m["seeds"] == [0, 1]
+    assert m["data_max_words"] == [60, 170, 900] and m["by_seed"]["0"]["spearman"] == pytest.approx(1.0)
+    r = m["ratio_top_over_smallest"]
+    assert r["lo"] < r["value"] < r["hi"] and r["value"] > 5 and set(table["seed"]) == {0, 1}
+    arms = arms_experiment(prof, frames, n_boot=200)
+    b = json.loads((prof.run_dir / "sft" / "arms.json").read_text())["loopfree"]
+    assert b["arms"] == ["sft", "sft_general"] and b["ratio_long_over_general"]["value"] > 3
+    assert b["length_following"]["spearman"] > 0.9 and b["length_following"]["lo"] > 0.5
+    assert set(arms["arm"]) == {"sft", "sft_general"}
+    for plot, name in ((plot_cap_experiment, "cap.png"), (plot_arms, "arms.png")):
+        args = (prof, frames, "loopfree") + (({"sft": "general + long"},) if plot is plot_arms else ())
+        assert plot(*args, tmp_path / name, "t").stat().st_size > 5000
     recs = {r["id"]: r for r in claims.collect_claims(prof)}
-    assert set(recs) == {"a_length_follows_sft_cap", "b_long_data_lifts_limit"}  # (c), NLL: not measured here
-    assert recs["a_length_follows_sft_cap"]["reproduced_by_decoding"] == {"paper": False, "loopfree": True}
-    assert recs["b_long_data_lifts_limit"]["reproduced"] is True  # 380 >= 3 x 90
+    assert recs["a_length_follows_sft_cap"]["reproduced_by_decoding"]["loopfree"] is True
+    assert recs["b_long_data_lifts_limit"]["reproduced"] is True
+    assert recs["h_10000_words"]["reproduced"] is True  # p95 about 0.5 x 30,000 (the longest prompts)
+    assert recs["d_length_follows_instruction"]["reproduced"] is True
+    assert recs["c_dpo_improves_length_score"]["reproduced"] is None  # not measured: says which notebook
+    assert "04_dpo.ipynb" in recs["c_dpo_improves_length_score"]["why"]
     assert json.loads((prof.run_dir / "claims.json").read_text())[0]["id"] == "a_length_follows_sft_cap"
+
+
+def test_censored_outputs_make_the_p95_a_lower_bound(tmp_path):
+    from lwlib.intervals import censored_quantile, is_censored
+
+    df = _probe("sft", "loopfree", [100.0] * 36 + [5000.0] * 4, [1000] * 20,
+                hit=[False] * 36 + [True] * 4, collapsed=[False] * 36 + [True, False, False, False])
+    assert list(is_censored(df)) == [False] * 37 + [True] * 3  # a loop at the limit is not censored
+    p, lb, share = censored_quantile(df["effective_words"], is_censored(df))
+    assert lb and share == pytest.approx(0.075)  # 3 of 40 >= 5%
+    assert censored_quantile(df["effective_words"][:38], is_censored(df)[:38])[1] is False  # 1 of 38
+
+
+def test_two_level_bootstrap_pairs_arms_and_resamples_seeds():
+    from lwlib.intervals import bootstrap, cells
+
+    req = [1000, 5000, 10000]
+    a = {k: _probe("a", "x", [100.0 + k] * 6, req) for k in range(3)}
+    b = {k: _probe("b", "x", [200.0 + 2 * k] * 6, req) for k in range(3)}
+    c = cells({"a": a, "b": b})
+    assert c.words["a"].shape == (3, 3, 2) and list(c.required) == [1000, 5000, 10000]
+    # b = 2 a in every cell: the ratio is 2 in every resample (seeds and prompts are drawn for both arms alike)
+    lo, hi = bootstrap(c, lambda v, r: v["b"][0].mean() / v["a"][0].mean(), n_boot=300)
+    assert lo == pytest.approx(2.0) and hi == pytest.approx(2.0)
+    lo, hi = bootstrap(c, lambda v, r: v["a"][0].mean(), n_boot=300)  # seeds differ: the interval spans them
+    assert 100 <= lo < hi <= 102
+    with pytest.raises(ValueError, match="no seed is shared"):
+        cells({"a": {0: a[0]}, "b": {1: b[1]}})
+
+
+def test_nll_points_and_long_context_change():
+    from lwlib.experiments import long_context_change, nll_points
+    from lwlib.nll import cumulative_curve
+
+    samples = [list(np.linspace(4, 2, n)) for n in (400, 400, 150, 150)]
+    pts = nll_points(cumulative_curve(samples), 4)
+    assert pts["end_position"] == 400 and pts["at_end"] < pts["at_100"]
+    short = nll_points(cumulative_curve([[1.0] * 50] * 3), 3)  # nothing past position 100
+    assert np.isnan(short["at_100"])
+    # the long model gains with position (its NLL falls after 500), the short one stays flat: the change is < 0
+    ids = [f"d{i}" for i in range(20)]
+    flat = pd.DataFrame({"id": ids, "nll": [[3.0] * 2000 for _ in ids]})
+    falling = pd.DataFrame({"id": ids, "nll": [[3.0] * 500 + list(np.linspace(3.0, 2.0 + 0.01 * i, 1500))
+                                               for i in range(20)]})
+    lc = long_context_change([falling], [flat])
+    assert lc["end_position"] == 2000 and lc["difference_at_500"] == pytest.approx(0.0)
+    assert lc["change"] < 0 and lc["hi"] < 0 and claims.rule_nll(lc)[0] is True
+    assert long_context_change([flat], [flat])["change"] == pytest.approx(0.0)
+    assert long_context_change([falling.iloc[:0]], [flat]) is None

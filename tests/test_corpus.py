@@ -551,3 +551,50 @@ def test_a_built_corpus_is_reused_where_the_books_are_absent(small_folder, tmp_p
     assert again["reused"] and again["splits"] == first["splits"]
     with pytest.raises(AssertionError, match="must not need the books"):  # another config: a rebuild needs them
         build_corpus(prof, dataclasses.replace(cfg, max_words=3000, overwrite=True))
+
+
+def test_cut_text_keeps_the_text_in_pieces_of_at_most_the_cap(folder, books):
+    paras = list(_paras(folder, 1342))[40:140]  # Pride and Prejudice, a stretch of dialogue and narration
+    text = "\n\n".join(p.text for p in paras if not p.heading)
+    total = count_words(text)
+    for cap in (120, 500, 2000):
+        pieces = C.cut_text(text, cap, "en")
+        assert all(count_words(p) <= cap for p in pieces)
+        assert "\n\n".join(pieces).split() == text.split()  # the same words in the same order, nothing lost
+        assert total / len(pieces) >= 0.6 * cap  # pieces near the cap: close to the fewest that fit
+    assert C.cut_text(text, total, "en") == [text]
+    zh = "\n\n".join(p.text for p in list(_paras(folder, 23863))[20:60])
+    assert all(count_words(p) <= 300 for p in C.cut_text(zh, 300, "zh"))
+    with pytest.raises(ValueError, match="max_words must be >= 1"):
+        C.cut_text(text, 0, "en")
+
+
+def test_cut_records_hold_the_same_text_with_their_own_instructions(small_folder, tmp_path):
+    prof = load_profile("smoke", run_root=tmp_path / "runs")
+    build_corpus(prof, CorpusConfig(path=str(small_folder), min_words=100, max_words=3000, nll_books=1,
+                                    eval_books=1, nll_max_passages=4))
+    recs = load_corpus(prof, "train")
+    for cap in (200, 1000):
+        cut = C.cut_records(recs, cap)
+        assert max(r["words"] for r in cut) <= cap and len(cut) > len(recs)
+        assert sum(r["words"] for r in cut) == sum(r["words"] for r in recs)  # the same text, only cut
+        by = {}
+        for r in cut:
+            by.setdefault(r.get("cut_from", r["id"]), []).append(r)
+            assert r["required_length"] == round_length(r["words"]) == required_length(r["messages"][0]["content"])
+        for r in recs:  # each record's pieces, in order, are its passage
+            assert "\n\n".join(p["messages"][1]["content"] for p in by[r["id"]]).split() == \
+                r["messages"][1]["content"].split()
+        assert cut == C.cut_records(recs, cap)  # deterministic
+    with pytest.raises(ValueError, match="not a corpus passage"):
+        C.cut_records([{"id": "x", "messages": recs[0]["messages"]}], 100)
+
+
+def test_nll_books_get_their_own_length_range(small_folder, tmp_path):
+    prof = load_profile("smoke", run_root=tmp_path / "runs")
+    build_corpus(prof, CorpusConfig(path=str(small_folder), nll_books=2, eval_books=1, nll_max_passages=8,
+                                    nll_min_words=1500, nll_max_words=2000))
+    assert all(1500 <= r["words"] <= 2000 for r in load_corpus(prof, "nll"))
+    assert min(r["words"] for r in load_corpus(prof, "train")) < 1500
+    with pytest.raises(ValueError, match="nll_min_words < nll_max_words"):
+        CorpusConfig(nll_min_words=3000, nll_max_words=2000)

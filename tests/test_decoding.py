@@ -18,7 +18,6 @@ from lwlib.backends import (
     make_backend,
 )
 from lwlib.decoding import (
-    GenerationPenalty,
     SlotConfig,
     SlotEngine,
     batch_buckets,
@@ -27,10 +26,8 @@ from lwlib.decoding import (
     pick_bucket,
     pow2_buckets,
     round_up,
-    sample_next,
-    sample_rows,
-    top_p_filter,
 )
+from lwlib.sampling import GenerationPenalty, sample_next, sample_rows, top_p_filter
 
 # (prompt, max_new_tokens), in 4 slots: the first four (longest first) fill the slots, the last two refill the
 # slots that the 6-token row and the stopping row free; the story (slot 1) runs longest, so the batch shrinks and

@@ -286,6 +286,72 @@ def test_long_data_from_a_hugging_face_id(tmp_path, monkeypatch):
     assert calls[-1] == ("other/set", None, "test")
 
 
+def _corpus_file(run_root: Path, sizes=(40, 130, 260, 600, 1400)) -> list[dict]:
+    """Corpus-format records (a manifest book, so instructions can be written) where notebook 02 puts them."""
+    para = "The harbour town woke slowly, and the gulls argued over the stones while the bakery opened its door."
+    recs = []
+    for k, n in enumerate(sizes):  # n paragraphs of 18 words
+        text = "\n\n".join([para] * n)
+        recs.append({"messages": [{"role": "user", "content": f"Write about {18 * n} words."},
+                                  {"role": "assistant", "content": text}],
+                     "id": f"1342-{k:04d}", "book_id": 1342, "lang": "en", "heading": None, "words": 18 * n})
+    path = run_root / "smoke" / "corpus" / "longwriter.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return recs
+
+
+def test_cut_mode_mixes_hold_the_same_text_and_the_main_mix_its_proportion(tmp_path):
+    """(a)'s data by construction: every cap and the uncapped run hold the same words, only cut otherwise; (b)'s
+    main mix: the corpus cut at general_passages_cut words as general data, long passages in proportion."""
+    from lwlib.sft import _cap_cfg, build_mix, sft_runs
+
+    recs = _corpus_file(tmp_path)
+    prof = load_profile("smoke", run_root=tmp_path)
+    cfg = SFTConfig(data_path="corpus", general_data="none", general_max=0, general_passages_cut=200,
+                    long_min_words=1000, long_per_general=0.01, caps=[300, 2000], cap_mode="cut",
+                    cap_general=False, cap_uncapped=True, seeds=2, arms={"general": "none"})
+    total = sum(r["words"] for r in recs)
+    for cap in (300, 2000, None):
+        data, stats = build_mix(prof, _cap_cfg(cfg, cap))
+        assert sum(output_words(m) for m in data) == total  # the same text in every arm of (a)
+        assert max(output_words(m) for m in data) <= (cap or total) and stats["general_examples"] == 0
+    assert len(build_mix(prof, _cap_cfg(cfg, 300))[0]) > len(recs)
+    data, stats = build_mix(prof, cfg)  # the main run: general (the corpus cut at 200) + long passages in proportion
+    assert stats["general_passages"] > len(recs) and stats["general_answers"] == 0
+    assert stats["long_after_cap"] == round(stats["general_examples"] * 0.01) == 2  # of the 4 long enough
+    assert all(output_words(m) >= 1000 for m in data[: stats["long_after_cap"]])
+    assert 0 < stats["long_word_share"] < 1
+    general, gstats = build_mix(prof, __import__("dataclasses").replace(cfg, data_path="none"))
+    assert gstats["long_after_cap"] == 0 and len(general) == stats["general_examples"]
+    runs = sft_runs(cfg)
+    assert [r.tag for r in runs] == ["sft", "sft_general", "cap300", "cap2000", "uncapped",
+                                     "sft-s1", "sft_general-s1", "cap300-s1", "cap2000-s1", "uncapped-s1"]
+    assert [r.seed for r in runs] == [0] * 5 + [1] * 5 and runs[4].cfg.max_output_words is None
+    assert runs[2].cfg.general_passages_cut is None and runs[2].cfg.long_per_general is None
+
+
+def test_seed_tags_and_folders(tmp_path):
+    from lwlib.models import run_model, seed_tag, sft_folder, split_seed
+    from lwlib.sft import arm_dir
+
+    assert [seed_tag("cap500", k) for k in (0, 2)] == ["cap500", "cap500-s2"]
+    assert split_seed("sft_general-s2") == ("sft_general", 2) and split_seed("cap500") == ("cap500", 0)
+    assert sft_folder(tmp_path, "sft-s1") == tmp_path / "sft" / "s1" / "model"
+    assert sft_folder(tmp_path, "uncapped-s2") == tmp_path / "sft" / "uncapped-s2" / "model"
+    with pytest.raises(ValueError, match="not a tag of notebook 03"):
+        sft_folder(tmp_path, "dpo")
+    prof = load_profile("smoke", run_root=tmp_path)
+    with pytest.raises(FileNotFoundError, match="no cap500-s1 checkpoint .*03_sft.ipynb"):
+        run_model(prof, "cap500-s1")
+    with pytest.raises(FileNotFoundError, match="dpo/s1/model"):
+        run_model(prof, "dpo-s1")
+    assert run_model(prof, "base") == prof.model and run_model(prof, "some/hub-id") == "some/hub-id"
+    for bad in ("s1", "cap9", "uncapped"):
+        with pytest.raises(ValueError, match="sft.arms"):
+            arm_dir(prof, bad)
+
+
 def assert_every_parameter_changed(before, after, what: str) -> None:
     """Every trainable parameter of ``before`` differs in ``after`` (TRL's test of its trainers): a parameter
     that a training run leaves as it was (detached, frozen, or cut off from the loss) fails, naming it."""
@@ -450,21 +516,29 @@ def test_notebook_03_smoke(tmp_path):
     execute_notebook("03_sft.ipynb", tmp_path, overrides={
         "probe.lengths": [1000], "probe.max_new_tokens": 16, "sft.data_path": "agentwrite", "sft.general_per_long": 0.7,
         "sft.general_max": 3, "sft.arms": {"general": "none"}, "sft.self_distill_max_new_tokens": 128,
+        "sft.general_passages_cut": None, "sft.long_min_words": None, "sft.long_per_general": None,
+        "sft.cap_mode": "drop", "sft.cap_uncapped": False, "sft.cap_general": True, "sft.seeds": 2,
         "sft.packing_length": 512, "sft.max_steps": 2, "sft.caps": [50, 200], "sft.cap_max_steps": 1})
     run = tmp_path / "runs" / "smoke"
     metrics = json.loads((run / "sft" / "metrics.json").read_text())
     assert metrics["mix"]["long_examples"] == 3 and metrics["mix"]["general_source"] == "self-distill"
-    caps = {(r["cap"], r["decoding"]): r for r in metrics["cap_experiment"]}
-    assert caps[(50, "paper")]["data_max_output_words"] <= 50 < caps[(200, "paper")]["data_max_output_words"] <= 200
-    assert set(d for _, d in caps) == {"paper", "loopfree"} and ("none", "loopfree") in caps
-    for tag in ("base", "sft", "sft_general", "cap50", "cap200"):
+    runs = {r["run"]: r for r in metrics["runs"]}
+    assert set(runs) == {"sft", "sft_general", "cap50", "cap200", "sft-s1", "sft_general-s1", "cap50-s1", "cap200-s1"}
+    assert runs["cap50"]["data_max_output_words"] <= 50 < runs["cap200"]["data_max_output_words"] <= 200
+    for tag in ("base", "sft", "sft_general", "cap50", "cap200", "sft-s1", "cap200-s1"):
         for dec in ("paper", "loopfree"):  # every model under both decodings
             assert (run / "probe" / tag / dec / "generations.jsonl").exists(), (tag, dec)
-    assert (run / "sft" / "model" / "config.json").exists() and (run / "sft" / "cap200" / "model").exists()
+    assert (run / "sft" / "model" / "config.json").exists() and (run / "sft" / "cap200-s1" / "model").exists()
+    assert (run / "sft" / "s1" / "model" / "config.json").exists()  # the main run of seed 1
+    s0, s1 = (json.loads((run / "sft" / d / "data_stats.json").read_text()) for d in ("cap50", "cap50-s1"))
+    assert (s0["seed_index"], s1["seed_index"]) == (0, 1) and s0["tokens"] == s1["tokens"]  # the same data
     arms = json.loads((run / "sft" / "arms.json").read_text())
-    assert set(arms) == {"paper", "loopfree"} and set(arms["loopfree"]) == {"sft", "sft_general"}
-    assert set(json.loads((run / "sft" / "cap_experiment.json").read_text())) == {"paper", "loopfree"}
-    for name in ("sft_loss.png", "ruler_base_vs_sft.png", "sft_length_cap_experiment.png", "sft_arms_max_length.png"):
+    assert set(arms) == {"paper", "loopfree"} and arms["loopfree"]["arms"] == ["sft", "sft_general"]
+    assert arms["loopfree"]["seeds"] == [0, 1]
+    caps = json.loads((run / "sft" / "cap_experiment.json").read_text())
+    assert set(caps) == {"paper", "loopfree"} and caps["loopfree"]["runs"] == ["cap50", "cap200", "sft"]
+    for name in ("sft_loss.png", "sft_loss_all.png", "ruler_base_vs_sft.png", "sft_length_cap_experiment.png",
+                 "sft_length_cap_experiment_paper.png", "sft_arms_max_length.png"):
         assert (tmp_path / "figures" / "smoke" / name).stat().st_size > 10_000
 
 
