@@ -131,14 +131,15 @@ def test_atomic_writes_of_bytes_and_jsonl_replace_whole_files(tmp_path):
     assert p.read_bytes() == b"" and not list(tmp_path.rglob(".*tmp"))
 
 
-@pytest.mark.parametrize("name", ["smoke", "gpu", "gpu_short", "paper"])
+@pytest.mark.parametrize("name", ["smoke", "gpu", "gpu_smollm2", "gpu_short", "paper"])
 def test_builtin_profiles_load_every_section(name):
     prof = load_profile(name)
     assert prof.name == name and prof.model
     cfg = prof.section("probe", ProbeConfig)
     assert cfg.max_new_tokens > 0 and set(cfg.languages) <= {"en", "zh"}
+    paper = {d.name: d for d in profile_decodings(prof)}["paper"]  # every profile measures the paper's decoding
+    assert paper.temperature == 0.5 and paper.repetition_penalty == 1.0
     decs = profile_decodings(prof)
-    assert decs[0].name == "paper" and decs[0].temperature == 0.5 and decs[0].repetition_penalty == 1.0
     if name == "paper":
         assert cfg.max_new_tokens == 32768 and len(decs) == 1
 
