@@ -336,8 +336,11 @@ def test_gemma3_270m_32k_pack_trains_without_its_logits():
     and with the chunked one, whose losses agree (and are near ln 262,144 for random weights)."""
     from transformers import AutoModelForCausalLM
 
+    from lwlib.attention import register_varlen_attention
     from lwlib.runs import REPO_ROOT
     from lwlib.training import auto_chunk_size, pick_liger, pick_loss
+
+    register_varlen_attention()
 
     spec = importlib.util.spec_from_file_location("sft_throughput", REPO_ROOT / "benchmarks" / "sft_throughput.py")
     bench = importlib.util.module_from_spec(spec)
