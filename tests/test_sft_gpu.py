@@ -270,16 +270,19 @@ def _close(got, want, loss_tol, cos_min, what):
     assert cos > cos_min, (what, float(cos))
 
 
-@pytest.mark.parametrize("attn", FLAT_ATTN)
+@pytest.mark.parametrize("attn", FLAT_ATTN + ["flex_attention", "sdpa"])
 def test_packed_gemma3_train_step_equals_unpacked(attn):
-    """A small Gemma 3 (window 64, sequences up to 700 tokens) trained on one flattened pack through
-    ``torch_varlen`` / ``fa4_varlen`` under bf16 autocast, against the same examples alone in fp32 sdpa: loss
-    within 1%, all gradients together cosine > 0.99; then one AdamW step on each, and the losses after it agree
-    too (the step trained the same model)."""
+    """A small Gemma 3 (window 64, sequences up to 700 tokens) trained on one pack under bf16 autocast, flattened
+    through ``torch_varlen`` / ``fa4_varlen``, or one row with restarting position ids through flex_attention and
+    sdpa (transformers' sliding-window masks), against the same examples alone in fp32 sdpa: loss within 1%, all
+    gradients together cosine > 0.99; then one AdamW step on each, and the losses after it agree too (the step
+    trained the same model)."""
+    from lwlib.attention import flat_packs
+
     ref = _gemma3_cuda()
     model = copy.deepcopy(ref)
     model.set_attn_implementation(attn)
-    exs, batch = _gemma3_batches(flatten=True)
+    exs, batch = _gemma3_batches(flatten=flat_packs(attn))
     _close(_step_loss_grads(model, batch, autocast=True), _alone_loss_grads(ref, exs), 1e-2, 0.99, attn)
     for m in (model, ref):
         torch.optim.AdamW(m.parameters(), lr=1e-3).step()
