@@ -18,8 +18,16 @@ Settings (``--settings``):
 cross-entropy over N positions at a time, logits recomputed in the backward pass); 0 = whole-batch logits.
 
 ``--kernels``: ``none`` (transformers' modules) or ``liger`` (``sft.liger_kernel``: Liger-Kernel's fused RMSNorm
-and SwiGLU Triton kernels patched in by :func:`lwlib.training.use_liger`, and the loss by its fused linear
-cross-entropy, :func:`lwlib.losses.liger_sft_loss`; needs ``pip install -e .[gpu]``).
+and SwiGLU/GeGLU Triton kernels patched in by :func:`lwlib.training.use_liger`, and the loss by its fused linear
+cross-entropy, :func:`lwlib.losses.liger_sft_loss`; needs ``pip install -e .[gpu]``), ``liger-loss`` (the fused loss
+alone, the model unpatched: runs under ``--compile 1``) or ``auto`` (what ``train_sft`` picks for
+``sft.liger_kernel: auto`` here: :func:`lwlib.training.pick_liger` and :func:`lwlib.training.pick_loss`, which never
+builds the full logits of a large vocabulary x pack; the row's ``kernels`` says what it resolved to).
+
+``--model``: a model name or folder (``gemma3-270m``: the bundled Gemma-3-270M base); ``--random-init`` builds it
+from its config with random weights instead (the step's speed does not depend on the weights; ``gemma3-270m``'s
+shape is built in, so no weights or tokenizer are needed), ``--config KEY=VALUE ...`` overriding config fields
+(JSON values: ``--config num_hidden_layers=2 'layer_types=["sliding_attention","full_attention"]'``).
 ``--weights bf16`` keeps the parameters and AdamW state in bf16 (no fp32 master weights; the paper's DeepSpeed
 bf16 keeps fp32 masters, so this is a speed reference, not the recipe).
 ``--compile 1`` wraps the model in ``torch.compile`` (shapes are fixed for ``dense`` and one-row-per-pack
@@ -37,18 +45,32 @@ to the row (``profile``); ``--sync-debug`` adds where the step makes the CPU wai
 Length mix: ``--long-frac`` of the examples are AgentWrite-like long outputs (uniform 2,500 to
 ``--pack`` - 500 tokens), the rest general chat answers (log-normal, median 350 tokens, 32-2,048).
 
-MFU = model FLOPs / (time x peak). Model FLOPs per sequence of n tokens: 3 x (2 n N + 2 n d V + 2 L d n^2)
-with N the non-embedding parameters, the output projection d x V, and causal attention (half of the
-n^2 score matrix) over L layers; activation recomputation is not counted. ``mfu_palm`` uses the PaLM
-convention instead, 6 N_all n + 12 L d n^2 per sequence (all parameters, embeddings included, and the full
-n^2 score matrix): the convention of "120k tokens/s ~ 30% MFU" for unpacked 8k rows of SmolLM2-135M, about 1.5x
-the causal count at 8k. Peak: ``--peak-tflops`` (H100 SXM dense bf16: 989).
+MFU = model FLOPs / (time x peak), peak ``--peak-tflops`` (H100/H200 SXM dense bf16: 989). ``mfu`` counts the model
+FLOPs of a sequence of n tokens (:func:`model_flops`) as
+
+    6 n P + 12 H d_h sum over layers of S(n, layer)
+
+- P: the weights of every matrix multiply: each layer's attention projections and MLP, and the output layer
+  d x V (counted, also when tied to the embedding: Gemma-3-270M's 640 x 262,144 is 168M of its P = 268M); the
+  embedding lookup, norms and biases-free element-wise work are not counted. 6 = 2 FLOPs per multiply-add x 3
+  (forward, and the backward's two products).
+- H d_h: query heads x head dimension (the width of QK^T and of PV; 1,024 for Gemma-3-270M, not d = 640);
+  12 = 2 products (QK^T, PV) x 2 x 3.
+- S(n, layer): the keys attended, summed over the positions p = 1..n: p for a full-attention layer (n(n+1)/2),
+  min(p, W) for a sliding-window layer of window W (W(W+1)/2 + (n - W) W once n > W): each layer's real span.
+- Activation recomputation (``--grad-ckpt``, the chunked loss's second head matmul) is not counted.
+
+``mfu_palm`` uses the PaLM convention instead, 6 N_all n + 12 L d n^2 per sequence (all parameters, embeddings
+included, the full n^2 score matrix of every layer, windows ignored): the convention of "120k tokens/s ~ 30% MFU"
+for unpacked 8k rows of SmolLM2-135M, about 1.5x the causal count at 8k.
 
 Usage (GPU)::
 
     python benchmarks/sft_throughput.py --pack 8192 --rows 4 --settings padded packed dense \\
         --attn sdpa flex_attention --compile 0 1 --loss-chunk 0 4096 --kernels none liger \\
         --out benchmarks/results/sft_h100.json
+    python benchmarks/sft_throughput.py --model gemma3-270m --random-init --pack 32768 --rows 2 \\
+        --settings packed --attn fa4_varlen --compile 1 --kernels liger-loss auto --out sft_gemma3.json
 """
 
 from __future__ import annotations
@@ -61,11 +83,24 @@ import time
 
 import torch
 
-from lwlib.attention import flash_attn2_available, flat_packs
+from lwlib.attention import check_packed_attention, flash_attn2_available, flat_packs, layer_attention
 from lwlib.losses import forward_loss
 from lwlib.models import load_model
 from lwlib.packing import IGNORE, PackCollator, PackedDataset, TokenizedExample, pack_examples, split_batch
-from lwlib.training import use_liger
+from lwlib.training import pick_liger, pick_loss, use_liger
+
+# --random-init shapes of models whose weights are not needed to time a step (the config.json of the original)
+RANDOM_INIT_CONFIGS: dict[str, dict] = {
+    # google/gemma-3-270m: 18 layers, 5 of every 6 sliding over 512 tokens (the config's default layer_types)
+    "gemma3-270m": dict(model_type="gemma3_text", vocab_size=262_144, hidden_size=640, intermediate_size=2048,
+                        num_hidden_layers=18, num_attention_heads=4, num_key_value_heads=1, head_dim=256,
+                        query_pre_attn_scalar=256, sliding_window=512, max_position_embeddings=32_768,
+                        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}},
+                        hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, tie_word_embeddings=True,
+                        attn_logit_softcapping=None, final_logit_softcapping=None, pad_token_id=0, eos_token_id=1,
+                        bos_token_id=2),
+}
 
 
 def document_block_mask(position_ids: torch.Tensor, block_size: int = 128):
@@ -137,11 +172,53 @@ def make_examples(lengths: list[int], vocab: int, seed: int) -> list[TokenizedEx
     return exs
 
 
-def batches_for(setting: str, exs: list[TokenizedExample], pack: int, rows: int, pad_id: int, flatten: bool, seed: int):
+def model_config(name: str, overrides: list[str] | None = None):
+    """The config of ``name`` for ``--random-init``: :data:`RANDOM_INIT_CONFIGS` or the model's own config.json,
+    with ``overrides`` (``KEY=VALUE``, JSON values, else strings) applied."""
+    from transformers import AutoConfig
+
+    from lwlib.models import resolve_model
+
+    if name in RANDOM_INIT_CONFIGS:
+        kw = dict(RANDOM_INIT_CONFIGS[name])
+        cfg = AutoConfig.for_model(kw.pop("model_type"), **kw)
+    else:
+        cfg = AutoConfig.from_pretrained(resolve_model(name))
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--config {item!r}: expected KEY=VALUE")
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
+        setattr(cfg, key, value)
+    return cfg
+
+
+def build_model(args, device: str, dtype: torch.dtype):
+    """The benchmark's model: ``args.model`` loaded (:func:`lwlib.models.load_model`), or with ``--random-init``
+    built from :func:`model_config` with random weights (seeded)."""
+    if not args.random_init:
+        return load_model(args.model, device=device, dtype=dtype)[0]
+    from transformers import AutoModelForCausalLM
+
+    from lwlib.attention import register_varlen_attention
+
+    register_varlen_attention()
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(model_config(args.model, args.config), dtype=dtype,
+                                                 attn_implementation="sdpa")
+    return model
+
+
+def batches_for(setting: str, exs: list[TokenizedExample], pack: int, rows: int, pad_id: int, flatten: bool, seed: int,
+                vocab: int = 40_000):
     if setting == "dense":
         g = torch.Generator().manual_seed(seed)
         while True:
-            ids = torch.randint(100, 40000, (rows, pack), generator=g)
+            ids = torch.randint(min(100, vocab // 4), min(40_000, vocab), (rows, pack), generator=g)
             yield {"input_ids": ids, "labels": torch.roll(ids, -1, 1), "num_targets": ids.numel()}, [pack] * rows
     if setting == "packed":
         packs = pack_examples(exs, pack, seed=seed)
@@ -165,8 +242,33 @@ def batches_for(setting: str, exs: list[TokenizedExample], pack: int, rows: int,
             yield coll(items), [n for it in items for n in it["seq_lens"]]
 
 
-def model_flops(seq_lens: list[int], n_params: int, d: int, vocab: int, layers: int) -> float:
-    return sum(3 * (2 * n * n_params + 2 * n * d * vocab + 2 * layers * d * n * n) for n in seq_lens)
+def attention_span(n: int, window: int | None = None) -> int:
+    """Keys attended by the queries of a sequence of ``n`` tokens, summed over positions p = 1..n: p each in a
+    full-attention layer, min(p, ``window``) in a sliding-window layer."""
+    if window is None or n <= window:
+        return n * (n + 1) // 2
+    return window * (window + 1) // 2 + (n - window) * window
+
+
+def matmul_params(model) -> int:
+    """The weights of every matrix multiply of ``model`` (its ``nn.Linear`` modules: attention projections, MLPs and
+    the output layer, tied or not; the embedding lookup is not one)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def model_flops(seq_lens: list[int], params: int, attn_width: int, windows: list[int | None]) -> float:
+    """Training FLOPs of sequences of ``seq_lens`` tokens (the module docstring's formula): ``6 n params`` for the
+    matrix multiplies (:func:`matmul_params`) and ``12 attn_width S`` per layer for attention, ``attn_width`` =
+    query heads x head dimension, ``S`` = :func:`attention_span` of the layer's window (``windows``: one per layer,
+    None for full attention)."""
+    return sum(6 * n * params + 12 * attn_width * sum(attention_span(n, w) for w in windows) for n in seq_lens)
+
+
+def flop_shape(model) -> tuple[int, int, list[int | None]]:
+    """``(params, attn_width, windows)`` of :func:`model_flops` for ``model``."""
+    cfg = model.config.get_text_config()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return matmul_params(model), cfg.num_attention_heads * head_dim, [w for _, w in layer_attention(cfg)]
 
 
 def model_flops_palm(seq_lens: list[int], n_all: int, d: int, layers: int) -> float:
@@ -188,7 +290,7 @@ def recompute_mfu(path: str, model: str) -> None:
         if "error" in r:
             continue
         flatten = flat_packs(r["attn"]) and r["setting"] == "packed"
-        it = batches_for(r["setting"], exs, a.pack, a.rows, tok.pad_token_id, flatten, a.seed)
+        it = batches_for(r["setting"], exs, a.pack, a.rows, tok.pad_token_id, flatten, a.seed, len(tok))
         for _ in range(a.warmup):
             next(it)
         lens = [n for _ in range(r["steps"]) for n in next(it)[1]]
@@ -268,12 +370,20 @@ def sync_points(step) -> list[str]:
     return [f"{k} x{n}" for k, n in where.most_common()]
 
 
-def run_setting(args, setting: str, attn: str, compile_: bool, exs, tok, chunk: int = 0,
+def run_setting(args, setting: str, attn: str, compile_: bool, exs, pad_id: int, chunk: int = 0,
                 kernels: str = "none", weights: str = "fp32", flex_mask: str = "transformers",
                 compile_loss: str = "auto") -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, _ = load_model(args.model, device=device, dtype={"fp32": "float32", "bf16": "bfloat16"}[weights])
-    if kernels == "liger":
+    model = build_model(args, device, {"fp32": torch.float32, "bf16": torch.bfloat16}[weights])
+    check_packed_attention(model.config, attn)  # what train_sft refuses is not timed either
+    cfg = model.config.get_text_config()
+    if kernels == "auto":  # what train_sft picks for sft.liger_kernel: auto
+        patch = pick_liger("auto", device == "cuda", None, compile_)
+        fused, chunk = pick_loss("auto", patch, 0, cfg.vocab_size, args.pack, args.rows, device == "cuda")
+        kernels = "auto:" + ("liger" if patch else "liger-loss" if fused else f"chunk {chunk}" if chunk else "none")
+    else:
+        patch, fused = kernels == "liger", kernels in ("liger", "liger-loss")
+    if patch:
         use_liger(model)  # what sft.liger_kernel does
     model.config._attn_implementation = attn  # noqa: SLF001 - switch kernels without reloading
     model.set_attn_implementation(attn) if hasattr(model, "set_attn_implementation") else None
@@ -281,8 +391,7 @@ def run_setting(args, setting: str, attn: str, compile_: bool, exs, tok, chunk: 
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    cfg = model.config
-    n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    shape = flop_shape(model)
     n_all = sum(p.numel() for p in model.parameters())
     flatten = flat_packs(attn) and setting == "packed"
     # flattened packs vary in length from step to step: dynamic shapes instead of one graph per length
@@ -293,7 +402,7 @@ def run_setting(args, setting: str, attn: str, compile_: bool, exs, tok, chunk: 
     prebuilt = attn == "flex_attention" and setting == "packed" and flex_mask == "prebuilt"
     loss_compiled = compile_ if compile_loss == "auto" else compile_loss == "1"
     pin = device == "cuda"  # as the Trainer's DataLoader (pin_memory): host-to-device copies do not wait
-    it = batches_for(setting, exs, args.pack, args.rows, tok.pad_token_id, flatten, args.seed)
+    it = batches_for(setting, exs, args.pack, args.rows, pad_id, flatten, args.seed, cfg.vocab_size)
 
     def step():
         batch, lens = next(it)
@@ -305,7 +414,7 @@ def run_setting(args, setting: str, attn: str, compile_: bool, exs, tok, chunk: 
             batch["attention_mask"] = document_block_mask(batch["position_ids"])
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             loss, _ = forward_loss(fwd, batch, labels, loss_inputs["num_targets"], chunk_size=chunk,
-                                   liger=kernels == "liger", compiled=loss_compiled)
+                                   liger=fused, compiled=loss_compiled)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -323,7 +432,7 @@ def run_setting(args, setting: str, attn: str, compile_: bool, exs, tok, chunk: 
         lens, n_slots = step()
         real += sum(lens)
         slots += n_slots
-        flops += model_flops(lens, n_params, cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers)
+        flops += model_flops(lens, *shape)
         flops_palm += model_flops_palm(lens, n_all, cfg.hidden_size, cfg.num_hidden_layers)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -335,6 +444,7 @@ def run_setting(args, setting: str, attn: str, compile_: bool, exs, tok, chunk: 
            "grad_ckpt": args.grad_ckpt, "steps": args.steps,
            "real_tokens_per_step": round(real / args.steps), "padding_share": round(1 - real / slots, 3),
            "step_ms": round(1000 * dt / args.steps, 1), "tokens_per_s": round(real / dt),
+           "model_gflop_per_step": round(flops / args.steps / 1e9, 3),
            "mfu": round(flops / dt / (args.peak_tflops * 1e12), 3),
            "mfu_palm": round(flops_palm / dt / (args.peak_tflops * 1e12), 3),
            "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device == "cuda" else None}
@@ -348,9 +458,14 @@ def run_setting(args, setting: str, attn: str, compile_: bool, exs, tok, chunk: 
     return row
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict | None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default="smollm2-135m-instruct",
+                    help="a model name (smollm2-135m-instruct, gemma3-270m) or folder")
+    ap.add_argument("--random-init", action="store_true",
+                    help="build the model from its config with random weights (no weights or tokenizer needed)")
+    ap.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="with --random-init: config fields to override (JSON values)")
     ap.add_argument("--pack", type=int, default=8192)
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--examples", type=int, default=400)
@@ -364,8 +479,9 @@ def main() -> None:
     ap.add_argument("--compile-loss", nargs="+", default=["auto"], choices=["auto", "0", "1"],
                     help="compile the full-logits loss (auto: when the model is compiled, as the trainer)")
     ap.add_argument("--loss-chunk", nargs="+", type=int, default=[0])
-    ap.add_argument("--kernels", nargs="+", default=["none"], choices=["none", "liger"],
-                    help="liger: Liger-Kernel RMSNorm/SwiGLU + fused linear cross-entropy (sft.liger_kernel)")
+    ap.add_argument("--kernels", nargs="+", default=["none"], choices=["none", "liger", "liger-loss", "auto"],
+                    help="liger: Liger-Kernel RMSNorm/SwiGLU(GeGLU) + fused linear cross-entropy (sft.liger_kernel); "
+                         "liger-loss: the fused loss alone; auto: what sft.liger_kernel: auto picks")
     ap.add_argument("--weights", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     ap.add_argument("--flex-mask", nargs="+", default=["transformers"], choices=["transformers", "prebuilt"],
                     help="packed + flex_attention: the BlockMask of document_block_mask, or the one "
@@ -379,12 +495,19 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
     ap.add_argument("--recompute-mfu", metavar="RESULTS_JSON", help="add mfu_palm to a results file and exit")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.recompute_mfu:
         return recompute_mfu(args.recompute_mfu, args.model)
+    if args.config and not args.random_init:
+        ap.error("--config needs --random-init")
 
-    _, tok = load_model(args.model, device="cpu", dtype="float32")
-    exs = make_examples(length_mix(args.examples, args.pack, args.long_frac, args.seed), len(tok), args.seed)
+    if args.random_init:
+        cfg = model_config(args.model, args.config).get_text_config()
+        vocab, pad_id = cfg.vocab_size, cfg.pad_token_id or 0
+    else:
+        _, tok = load_model(args.model, device="cpu", dtype="float32")
+        vocab, pad_id = len(tok), tok.pad_token_id
+    exs = make_examples(length_mix(args.examples, args.pack, args.long_frac, args.seed), vocab, args.seed)
     rows = []
     grid = [(kern, attn, c, s, ch, w, fm, cl) for kern in args.kernels
             for attn in args.attn for c in args.compile for s in args.settings
@@ -396,7 +519,7 @@ def main() -> None:
             print(f"skip {attn}: flash_attn not installed", flush=True)
             continue
         try:
-            rows.append(run_setting(args, s, attn, bool(c), exs, tok, ch, kern, w, fm, cl))
+            rows.append(run_setting(args, s, attn, bool(c), exs, pad_id, ch, kern, w, fm, cl))
         except Exception as e:  # noqa: BLE001 - report and go on with the other settings
             rows.append({"setting": s, "attn": attn, "compile": bool(c), "loss_chunk": ch, "kernels": kern,
                          "weights": w, "flex_mask": fm, "compile_loss": cl,
@@ -431,11 +554,12 @@ def main() -> None:
             print("  CPU self time:")
             for k in pr["top_cpu_ops"][:8]:
                 print(f"  {k['self_ms']:9.2f} ms  x{k['calls']:<5} {k['op']}")
+    info = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__, "args": vars(args), "rows": rows}
     if args.out:
-        info = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-                "torch": torch.__version__, "args": vars(args), "rows": rows}
         with open(args.out, "w") as f:
             json.dump(info, f, indent=1)
+    return info
 
 
 if __name__ == "__main__":

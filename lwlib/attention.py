@@ -13,17 +13,28 @@ sequence of such a row, with no mask built and nothing waiting for the GPU:
   on an H100), wrapped as PyTorch custom operators (``lwlib::fa4_varlen_fwd``/``_bwd``, registered when this
   module is imported) that ``torch.compile`` keeps as opaque calls.
 
-Off CUDA both run a per-sequence sdpa loop with the same result (:func:`_varlen_reference`, also the GPU kernels'
-reference in ``tests/test_sft_gpu.py``). What is installed: :func:`varlen_available`, :func:`flash_attn2_available`,
-:func:`fa4_available`. What the stages use for ``attn_implementation: auto``: :func:`pick_attn` (SFT's packs,
-measured in benchmarks/README.md) and :func:`pick_padded_attn` (DPO's padded batches); :func:`flat_packs` says
-whether an implementation takes flattened packs.
+Sliding-window layers (Gemma 3: 5 of every 6 layers attend over the last ``sliding_window`` tokens): transformers
+passes each layer's window to the attention function (``sliding_window=``, None for full layers; a query sees itself
+and the ``sliding_window - 1`` tokens before it, as transformers' own masks), and both kernels apply it inside each
+packed sequence: PyTorch's varlen kernel as ``window_size=(sliding_window - 1, 0)`` (PyTorch 2.11+), FlashAttention-4
+as ``window_size_left=sliding_window - 1, window_size_right=0``. What a kernel cannot apply (a window on PyTorch 2.10's
+varlen kernel, attention logit softcapping, bidirectional or other layer types) is refused, never run as plain causal
+attention: :func:`check_packed_attention` before training, and the attention functions again on every call. The
+unflattened packs of sdpa, eager and flex_attention get the window from transformers' masks (built from the config,
+with positions remapped per packed sequence), flash_attention_2 from transformers itself (``tests/test_sft.py``).
+
+Off CUDA both run a per-sequence sdpa loop with the same result, window included (:func:`_varlen_reference`, also
+the GPU kernels' reference in ``tests/test_sft_gpu.py``). What is installed: :func:`varlen_available`,
+:func:`flash_attn2_available`, :func:`fa4_available`. What the stages use for ``attn_implementation: auto``:
+:func:`pick_attn` (SFT's packs, measured in benchmarks/README.md) and :func:`pick_padded_attn` (DPO's padded
+batches); :func:`flat_packs` says whether an implementation takes flattened packs.
 
 Usage::
 
     register_varlen_attention()
     attn = pick_attn("auto", "cuda", compiled=True)                     # e.g. "fa4_varlen"
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn)
+    check_packed_attention(model.config, attn)                          # raises if a layer needs what attn lacks
     collator = PackCollator(pad_id=tok.pad_token_id, flatten=flat_packs(attn))
 """
 
@@ -123,9 +134,12 @@ def varlen_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     """Causal attention inside each packed sequence of one flattened row (transformers' attention-function
     signature: ``query`` ``(1, heads, total, head_dim)``, keys/values with fewer heads under GQA; returns
     ``(1, total, heads, head_dim)``). Sequence boundaries: ``cu_seq_lens_q``/``max_length_q`` from
-    :class:`lwlib.packing.PackCollator` ``(flatten=True)``. On CUDA PyTorch's FlashAttention varlen kernel (in bf16/fp16:
-    the autocast dtype, bf16 for fp32 inputs); elsewhere a per-sequence sdpa loop with the same result."""
-    return _flat_attention(VARLEN_ATTENTION, query, key, value, dropout, scaling, kwargs)
+    :class:`lwlib.packing.PackCollator` ``(flatten=True)``. A layer's ``sliding_window`` keyword (transformers passes
+    it; None = full causal) limits each query to itself and the ``sliding_window - 1`` tokens before it. On CUDA
+    PyTorch's FlashAttention varlen kernel (in bf16/fp16: the autocast dtype, bf16 for fp32 inputs); elsewhere a
+    per-sequence sdpa loop with the same result. Raises ``ValueError`` for what the kernel cannot apply
+    (:func:`check_packed_attention`)."""
+    return _flat_attention(VARLEN_ATTENTION, module, query, key, value, dropout, scaling, kwargs)
 
 
 def fa4_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -133,10 +147,10 @@ def fa4_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: tor
                           **kwargs: Any) -> tuple[torch.Tensor, None]:
     """:func:`varlen_attention_forward` with FlashAttention-4's varlen kernels on CUDA (``flash-attn-4``; GQA
     without copying key/value heads); elsewhere the same per-sequence sdpa loop."""
-    return _flat_attention(FA4_ATTENTION, query, key, value, dropout, scaling, kwargs)
+    return _flat_attention(FA4_ATTENTION, module, query, key, value, dropout, scaling, kwargs)
 
 
-def _flat_attention(name: str, query, key, value, dropout, scaling, kwargs) -> tuple[torch.Tensor, None]:
+def _flat_attention(name: str, module, query, key, value, dropout, scaling, kwargs) -> tuple[torch.Tensor, None]:
     cu_q, max_q = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if cu_q is None or max_q is None:
         raise ValueError(f"attn_implementation={name!r} needs cu_seq_lens_q and max_length_q in the "
@@ -146,21 +160,94 @@ def _flat_attention(name: str, query, key, value, dropout, scaling, kwargs) -> t
         raise ValueError(f"{name}: packs must be flattened into one row, got batch {query.shape[0]}")
     if dropout:
         raise ValueError(f"{name}: attention dropout is not supported (got {dropout})")
+    window = kwargs.get("sliding_window")
+    layer_type = getattr(module, "layer_type", None) or ("sliding_attention" if window else "full_attention")
+    problem = _kernel_limit(name, layer_type, window, kwargs.get("softcap"), getattr(module, "is_causal", True))
+    if problem:
+        config = getattr(module, "config", None)
+        raise ValueError(_refusal(name, _model_name(config) if config is not None else "this model",
+                                  getattr(module, "layer_idx", "?"), layer_type, problem))
+    left = window - 1 if window else -1  # keys visible to query i: i - left .. i (-1: all before it)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (total, heads, head_dim)
     groups = q.shape[1] // k.shape[1]
     if not q.is_cuda:
-        out = _varlen_reference(q, k, v, cu_q, scaling, groups)
+        out = _varlen_reference(q, k, v, cu_q, scaling, groups, window)
     else:
         cu_q, cu_k = cu_q.to(q.device, torch.int32), cu_k.to(q.device, torch.int32)
         dtype = q.dtype
         q, k, v = (t.to(_kernel_dtype(dtype)) for t in (q, k, v))  # RoPE leaves q, k in fp32 under autocast
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5
         if name == FA4_ATTENTION:
-            out = torch.ops.lwlib.fa4_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale)[0]
+            out = torch.ops.lwlib.fa4_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, left)[0]
         else:
-            out = _varlen_cuda(q, k, v, cu_q, cu_k, max_q, max_k, scale, groups)
+            out = _varlen_cuda(q, k, v, cu_q, cu_k, max_q, max_k, scale, groups, left)
         out = out.to(dtype)
     return out.unsqueeze(0), None
+
+
+def check_packed_attention(config, attn_implementation: str) -> None:
+    """Refuse a model whose layers need what a flattened-pack kernel cannot apply, before any training step: raises
+    ``ValueError`` naming the model, the layer and its type, and the kernel. ``torch_varlen`` and ``fa4_varlen``
+    run causal attention inside each packed sequence, over the whole sequence (``full_attention``) or over a
+    sliding window (``sliding_attention``; ``torch_varlen`` needs PyTorch 2.11+'s ``window_size`` for it); refused:
+    any other layer type (chunked, bidirectional), attention logit softcapping (Gemma 2) and non-causal attention.
+    Other implementations are left to transformers (its masks and flash-attention path apply windows themselves;
+    sdpa refuses softcapping). The attention functions apply the same rules on every call.
+
+    Usage: ``check_packed_attention(model.config, "torch_varlen")``
+    """
+    if attn_implementation not in (VARLEN_ATTENTION, FA4_ATTENTION):
+        return
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    softcap = getattr(cfg, "attn_logit_softcapping", None)
+    causal = not getattr(cfg, "use_bidirectional_attention", False) and getattr(cfg, "is_causal", True) is not False
+    for i, (layer_type, window) in enumerate(layer_attention(cfg)):
+        problem = _kernel_limit(attn_implementation, layer_type, window, softcap, causal)
+        if problem:
+            raise ValueError(_refusal(attn_implementation, _model_name(cfg), i, layer_type, problem))
+
+
+def layer_attention(config) -> list[tuple[str, int | None]]:
+    """``(layer type, sliding window or None)`` of every layer, as transformers' attention modules pass them to the
+    attention function: the config's ``layer_types`` where it has them (Gemma 3, Qwen 2/3: a ``sliding_attention``
+    layer gets ``sliding_window``), else every layer sliding when the config sets ``sliding_window`` (Mistral), else
+    every layer full.
+
+    Usage: ``layer_attention(model.config)[:6]`` (Gemma-3-270M: 5 x ``("sliding_attention", 512)``, then
+    ``("full_attention", None)``)
+    """
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window, n = getattr(cfg, "sliding_window", None), cfg.num_hidden_layers
+    types = getattr(cfg, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * n
+    return [(t, window if t == "sliding_attention" else None) for t in types[:n]]
+
+
+def _kernel_limit(kernel: str, layer_type: str, window: int | None, softcap: float | None, causal: bool) -> str | None:
+    """Why ``kernel`` cannot run a layer as the model defines it, or None when it can."""
+    if layer_type not in ("full_attention", "sliding_attention"):
+        return f"layer type {layer_type!r} (only full and sliding-window causal attention run on flattened packs)"
+    if not causal:
+        return "bidirectional attention (the kernels here run causal attention only)"
+    if softcap:
+        return f"attention logit softcapping ({softcap}), which is not wired into {kernel}"
+    if window is not None and window < 1:
+        return f"a sliding window of {window} tokens"
+    if window and kernel == VARLEN_ATTENTION and "window_size" not in _VARLEN_PARAMS:
+        return (f"a sliding window of {window} tokens, which PyTorch {torch.__version__}'s varlen_attn cannot apply "
+                "(its window_size argument came with PyTorch 2.11)")
+    return None
+
+
+def _refusal(kernel: str, model: str, layer, layer_type: str, problem: str) -> str:
+    return (f"attn_implementation={kernel!r} cannot train {model}: layer {layer} ({layer_type}) needs {problem}. "
+            "Training on it would attend differently from the model that generates: pick another "
+            "sft.attn_implementation (fa4_varlen, flash_attention_2, flex_attention or sdpa apply sliding windows)")
+
+
+def _model_name(config) -> str:
+    name = getattr(config, "_name_or_path", "") or ""
+    kind = getattr(config, "model_type", None) or type(config).__name__
+    return f"{kind} model {name!r}" if name else f"the {kind} model"
 
 
 def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -177,10 +264,12 @@ except ImportError:
     _torch_varlen_attn, _VARLEN_PARAMS = None, frozenset()
 
 
-def _varlen_cuda(q, k, v, cu_q, cu_k, max_q, max_k, scaling, groups):
+def _varlen_cuda(q, k, v, cu_q, cu_k, max_q, max_k, scaling, groups, left: int = -1):
     extra: dict[str, Any] = {"scale": scaling}
     if "window_size" in _VARLEN_PARAMS:
-        extra["window_size"] = (-1, 0)  # causal
+        extra["window_size"] = (left, 0)  # (-1, 0): causal; (W - 1, 0): causal over the last W tokens
+    elif left >= 0:  # refused before (check_packed_attention / _kernel_limit); never run it as plain causal
+        raise ValueError(f"PyTorch {torch.__version__}'s varlen_attn has no window_size: cannot apply a sliding window")
     else:
         extra["is_causal"] = True  # torch 2.10
     if groups > 1:
@@ -193,61 +282,80 @@ def _varlen_cuda(q, k, v, cu_q, cu_k, max_q, max_k, scaling, groups):
 
 # FlashAttention-4 (flash-attn-4, CuTe DSL) as two custom operators with autograd: torch.compile keeps them as
 # opaque calls (the fake functions give it the output shapes) instead of tracing into the CuTe DSL launcher.
-# Causal attention only; lse is (heads, total) in fp32 as the kernels write it.
+# Causal attention, over the whole sequence (window_left -1) or over the last window_left + 1 tokens (a sliding
+# window; flash-attn's local attention, window_size_right 0); lse is (heads, total) in fp32 as the kernels write it.
+
+def _fa4_window(window_left: int) -> dict[str, int | None]:
+    return {"window_size_left": None if window_left < 0 else window_left,
+            "window_size_right": None if window_left < 0 else 0}
+
 
 @torch.library.custom_op("lwlib::fa4_varlen_fwd", mutates_args=(), device_types="cuda")
 def _fa4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
-             max_q: int, max_k: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+             max_q: int, max_k: int, scale: float, window_left: int) -> tuple[torch.Tensor, torch.Tensor]:
     from flash_attn.cute.interface import _flash_attn_fwd
 
     out, lse = _flash_attn_fwd(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
-                               max_seqlen_k=max_k, softmax_scale=scale, causal=True, return_lse=True)[:2]
+                               max_seqlen_k=max_k, softmax_scale=scale, causal=True, return_lse=True,
+                               **_fa4_window(window_left))[:2]
     return out, lse
 
 
 @_fa4_fwd.register_fake
-def _(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+def _(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_left):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("lwlib::fa4_varlen_bwd", mutates_args=(), device_types="cuda")
 def _fa4_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
              lse: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int,
-             scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             scale: float, window_left: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from flash_attn.cute.interface import _flash_attn_bwd
 
     dq, dk, dv = _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=scale, causal=True, cu_seqlens_q=cu_q,
-                                 cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)[:3]
+                                 cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+                                 **_fa4_window(window_left))[:3]
     return dq, dk, dv
 
 
 @_fa4_bwd.register_fake
-def _(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale):
+def _(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, scale, window_left):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _fa4_setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_q, cu_k, max_q, max_k, scale = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, window_left = inputs
     ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k)
-    ctx.max_q, ctx.max_k, ctx.scale = max_q, max_k, scale
+    ctx.max_q, ctx.max_k, ctx.scale, ctx.window_left = max_q, max_k, scale, window_left
 
 
 def _fa4_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     dq, dk, dv = torch.ops.lwlib.fa4_varlen_bwd(dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, ctx.max_q,
-                                                ctx.max_k, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None
+                                                ctx.max_k, ctx.scale, ctx.window_left)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _fa4_fwd.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
 
 
-def _varlen_reference(q, k, v, cu, scaling, groups):
-    """Per-sequence causal sdpa over the same boundaries: the CPU path and the GPU kernel's reference."""
+def _varlen_reference(q, k, v, cu, scaling, groups, window: int | None = None):
+    """Per-sequence causal sdpa over the same boundaries, each query over itself and the ``window - 1`` tokens
+    before it when ``window`` is given (transformers' sliding-window mask): the CPU path and the GPU kernels'
+    reference. ``q``, ``k``, ``v``: ``(total, heads, head_dim)``."""
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     bounds = cu.tolist()
     if bounds[0] != 0 or bounds[-1] != q.shape[0]:
         raise ValueError(f"cu_seq_lens_q {bounds[:3]}...{bounds[-1]} does not cover the row of {q.shape[0]} tokens")
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    return torch.cat([sdpa(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), is_causal=True,
-                           scale=scaling).transpose(0, 1) for s, e in zip(bounds[:-1], bounds[1:]) if e > s])
+    out = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e == s:
+            continue
+        mask = None
+        if window and e - s > window:
+            i = torch.arange(e - s, device=q.device)
+            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)  # (query, key)
+        out.append(sdpa(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1), attn_mask=mask,
+                        is_causal=mask is None, scale=scaling).transpose(0, 1))
+    return torch.cat(out)

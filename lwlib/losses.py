@@ -23,6 +23,10 @@ The loss of one micro-batch (:func:`forward_loss`, also what ``benchmarks/sft_th
 - :func:`liger_sft_loss` (``sft.liger_kernel``): Liger-Kernel's fused linear cross-entropy, no logits in memory
   (the model's other Liger kernels: :func:`lwlib.training.use_liger`).
 
+The last two read the output head's weight (with tied embeddings, as SmolLM2 and Gemma 3, the embedding matrix)
+and apply the model's final logit softcapping (``final_logit_softcapping``, Gemma 2) as its forward does. Which
+one a run uses, so that a 32k pack over a 262k vocabulary never holds its logits: :func:`lwlib.training.pick_loss`.
+
 Usage::
 
     loss, outputs = forward_loss(model, inputs, labels, n_targets_of_the_step)
@@ -60,13 +64,15 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, denominator: torch.Tens
 
 def chunked_sft_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
                      denominator: torch.Tensor | float, loss_weights: torch.Tensor | None = None,
-                     mode: str = "token", chunk_size: int = 4096) -> torch.Tensor:
+                     mode: str = "token", chunk_size: int = 4096, softcap: float | None = None) -> torch.Tensor:
     """:func:`sft_loss` of ``head(hidden)`` without the logits of the whole pack in memory.
 
     The output head and the cross-entropy run over ``chunk_size`` positions at a time under activation
     checkpointing: the forward keeps no logits, the backward recomputes one chunk's logits at a time.
     Peak memory holds one chunk's fp32 logits and their gradient instead of the pack's; the cost is one
-    more head matmul per position. ``hidden``: the final (normed) hidden states, ``(..., d)``.
+    more head matmul per position. ``hidden``: the final (normed) hidden states, ``(..., d)``; ``softcap``: the
+    model's final logit softcapping (``softcap * tanh(logits / softcap)``), None for none. Every chunk is computed,
+    those without targets too (they add 0): no wait for the GPU to look at the labels.
 
     Usage: ``chunked_sft_loss(out.hidden_states[-1], model.get_output_embeddings(), labels, n_targets)``
     """
@@ -76,23 +82,25 @@ def chunked_sft_loss(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.
         raise ValueError("sequence mode needs loss_weights")
     if mode not in ("token", "sequence"):
         raise ValueError(f"unknown loss mode {mode!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
     w = loss_weights.reshape(-1) if mode == "sequence" else None
-    total = h.sum() * 0.0  # keeps the graph (and every rank's backward) when no chunk has targets
+    total = h.sum() * 0.0  # keeps the graph (and every rank's backward) for an empty row
     for s in range(0, h.shape[0], chunk_size):
-        ys = y[s:s + chunk_size]
-        if bool((ys != IGNORE).any()):
-            ws = None if w is None else w[s:s + chunk_size]
-            total = total + checkpoint(_chunk_ce, h[s:s + chunk_size], ys, ws, head, use_reentrant=False)
+        ws = None if w is None else w[s:s + chunk_size]
+        total = total + checkpoint(_chunk_ce, h[s:s + chunk_size], y[s:s + chunk_size], ws, head, softcap,
+                                   use_reentrant=False)
     return total.float() / denominator
 
 
 def liger_sft_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
                    denominator: torch.Tensor | float, loss_weights: torch.Tensor | None = None,
-                   mode: str = "token") -> torch.Tensor:
+                   mode: str = "token", softcap: float | None = None) -> torch.Tensor:
     """:func:`sft_loss` of ``hidden @ head_weight.T`` by Liger-Kernel's fused linear cross-entropy (CUDA):
-    the logits are formed and consumed block by block inside the kernel, never stored.
+    the logits are formed and consumed block by block inside the kernel, never stored. ``softcap``: the model's
+    final logit softcapping (None for none), applied inside the kernel.
 
     Usage: ``liger_sft_loss(out.hidden_states[-1], model.get_output_embeddings().weight, labels, n_targets)``
     """
@@ -104,13 +112,18 @@ def liger_sft_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torc
         raise ValueError("sequence mode needs loss_weights")
     h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     if mode == "token":
-        return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")(head_weight, h, y) / denominator
-    ce = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="none")(head_weight, h, y)
+        fused = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum", softcap=softcap)
+        return fused(head_weight, h, y) / denominator
+    ce = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="none", softcap=softcap)(head_weight, h, y)
     return (ce.float() * loss_weights.reshape(-1).to(torch.float32)).sum() / denominator
 
 
-def _chunk_ce(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, head: torch.nn.Module) -> torch.Tensor:
-    ce = F.cross_entropy(head(h).float(), y, ignore_index=IGNORE, reduction="none")
+def _chunk_ce(h: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None, head: torch.nn.Module,
+              softcap: float | None = None) -> torch.Tensor:
+    logits = head(h).float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    ce = F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="none")
     return (ce if w is None else ce * w.to(ce.dtype)).sum()
 
 
@@ -127,7 +140,8 @@ def forward_loss(model, inputs: dict[str, torch.Tensor], labels: torch.Tensor, d
                  liger: bool = False, compiled: bool = False) -> tuple[torch.Tensor, Any]:
     """The training step's forward and loss, ``(loss, model outputs)``: with ``liger`` the fused linear
     cross-entropy (:func:`liger_sft_loss`), with ``chunk_size`` the chunked head (:func:`chunked_sft_loss`),
-    both from the final hidden states (the model computes logits for the last position only); otherwise
+    both from the final hidden states (the model computes logits for the last position only: ``logits_to_keep=1``)
+    and the model's final logit softcapping; otherwise
     :func:`sft_loss` of the full logits, compiled (:func:`compiled_sft_loss`) when ``compiled`` (the model is
     compiled too: ``sft.torch_compile``). The SFT trainer and ``benchmarks/sft_throughput.py`` call it.
 
@@ -135,10 +149,12 @@ def forward_loss(model, inputs: dict[str, torch.Tensor], labels: torch.Tensor, d
     """
     if liger or chunk_size:
         outputs = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-        hidden, head = outputs.hidden_states[-1], _unwrap(model).get_output_embeddings()
+        base = _unwrap(model)
+        hidden, head = outputs.hidden_states[-1], base.get_output_embeddings()
+        softcap = getattr(base.config, "final_logit_softcapping", None)
         if liger:
-            return liger_sft_loss(hidden, head.weight, labels, denominator, loss_weights, mode), outputs
-        return chunked_sft_loss(hidden, head, labels, denominator, loss_weights, mode, chunk_size), outputs
+            return liger_sft_loss(hidden, head.weight, labels, denominator, loss_weights, mode, softcap), outputs
+        return chunked_sft_loss(hidden, head, labels, denominator, loss_weights, mode, chunk_size, softcap), outputs
     outputs = model(**inputs, use_cache=False)
     loss_fn = compiled_sft_loss() if compiled else sft_loss
     return loss_fn(outputs.logits, labels, denominator, loss_weights, mode), outputs

@@ -66,7 +66,7 @@ from typing import Any
 import torch
 
 from .backends import BackendConfig
-from .attention import flat_packs, pick_attn, register_varlen_attention
+from .attention import check_packed_attention, flat_packs, pick_attn, register_varlen_attention
 from .config import Profile
 from .losses import trainer_class
 from .packing import PackCollator, PackedDataset, TokenizedExample, pack_examples, pack_stats, tokenize_chat, training_template
@@ -74,8 +74,9 @@ from .plots import pyplot, save_figure
 from .progress import console_callback
 from .runs import (JsonlStore, atomic_write_json, iter_jsonl, model_fingerprint, read_log_history, training_finished,
                    write_manifest)
-from .training import batch_plan, checkpointing_args, deepspeed_config, pick_liger, save_trained, use_liger
 from .models import seed_tag, sft_folder
+from .training import (batch_plan, checkpointing_args, deepspeed_config, pick_liger, pick_loss, save_trained,
+                       use_liger)
 from .text import count_words, truncate_words
 
 Messages = list[dict[str, str]]
@@ -147,9 +148,10 @@ class SFTConfig:
         loss: ``token`` (mean over all target tokens of the global batch, the paper's) or ``sequence``
             (mean of per-sequence means; the ablation).
         loss_chunk_size: positions per output-head + cross-entropy chunk; each chunk's logits are recomputed
-            in the backward pass, so at most one chunk's logits exist at a time (0 = the whole pack at once;
-            a 32k pack x 128k vocabulary is 16.8 GB of fp32 logits). Results do not depend on it (up to fp32
-            summation order). Needs a model whose forward takes ``logits_to_keep`` (transformers' causal LMs).
+            in the backward pass, so at most one chunk's logits exist at a time (0 = the whole pack at once, or
+            what ``liger_kernel: auto`` picks for a large vocabulary; a 32k pack x 128k vocabulary is 16.8 GB of
+            fp32 logits). Results do not depend on it (up to fp32 summation order). Needs a model whose forward
+            takes ``logits_to_keep`` (transformers' causal LMs).
         liger_kernel: Liger-Kernel's Triton kernels (``pip install -e .[gpu]``; env/setup.sh installs it on a
             CUDA machine): fused RMSNorm and SwiGLU patched into the model, and the loss as a fused linear
             cross-entropy (output head and loss in one kernel, no logits in memory; replaces
@@ -157,7 +159,11 @@ class SFTConfig:
             less memory (measured: benchmarks/README.md, "Fused kernels and where the step's time goes").
             ``auto``: on with CUDA, the package installed, no ZeRO-3 (the fused loss reads the output
             head's weight, which ZeRO-3 partitions) and no ``torch_compile`` (Liger's kernels fail under
-            compilation with dynamic shapes); ``true``: required (error otherwise); ``false``: off.
+            compilation with dynamic shapes); ``true``: required (error otherwise); ``false``: off. ``auto`` also
+            never builds the full logits of a micro-batch whose fp32 logits (4 x vocabulary x packing_length x
+            per_device_batch_size bytes) exceed 16 GiB (Gemma 3's 262k vocabulary at 32k packs: 34 GB per pack)
+            when ``loss_chunk_size`` is 0: the fused loss alone (the model unpatched, e.g. under ``torch_compile``)
+            where it can run, else the chunked loss with 1 GiB chunks (:func:`lwlib.training.pick_loss`).
         gradient_checkpointing: recompute activations in the backward pass.
         torch_compile: compile the model with ``torch.compile`` (the Trainer's ``torch_compile``; dynamic shapes,
             since flattened packs vary in length), and the full-logits loss with it
@@ -169,7 +175,9 @@ class SFTConfig:
             on a Hopper/Blackwell GPU, else flash_attention_2 when the flash-attn 2 package is installed, else
             ``torch_varlen`` (PyTorch's own FlashAttention-2 varlen kernel) when compiling and flex_attention when
             not (the fastest available in each case: see benchmarks/README.md, "FlashAttention-4 and a compiled
-            loss"); sdpa on CPU. Or a name.
+            loss"); sdpa on CPU. Or a name. Sliding-window layers (Gemma 3) train with their window on every
+            implementation; a model whose layers need what the flattened-pack kernel cannot apply is refused
+            before training (:func:`lwlib.attention.check_packed_attention`).
         deepspeed: DeepSpeed config (``env/ds_zero3_offload.json``); null = none. Relative to the repo.
         save_steps: write a resumable checkpoint every N steps (0 = only the final model).
         logging_steps: log the loss every N steps.
@@ -566,19 +574,24 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
     model = AutoModelForCausalLM.from_pretrained(resolve_model(prof.model), dtype=torch.float32,
                                                  attn_implementation=attn)
     model.config.use_cache = False
+    check_packed_attention(model.config, attn)
     liger = pick_liger(cfg.liger_kernel, cuda, ds_cfg, cfg.torch_compile)
     if liger:
         use_liger(model)
+    vocab = model.config.get_text_config().vocab_size
+    fused_loss, chunk = pick_loss(cfg.liger_kernel, liger, cfg.loss_chunk_size, vocab, cfg.packing_length,
+                                  cfg.per_device_batch_size, cuda, ds_cfg)
     collator = PackCollator(pad_id=tok.pad_token_id, flatten=flat_packs(attn))
     trainer = trainer_class()(model=model, args=args, train_dataset=PackedDataset(examples, packs),
-                              data_collator=collator, loss_mode=cfg.loss, loss_chunk_size=cfg.loss_chunk_size,
-                              liger=liger)
+                              data_collator=collator, loss_mode=cfg.loss, loss_chunk_size=chunk,
+                              liger=fused_loss)
     trainer.add_callback(console_callback(f"sft train ({out_dir.parent.name}/{out_dir.name})"))
     optim = {k: getattr(args, k) for k in ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
                                            "adam_beta1", "adam_beta2", "max_grad_norm")}
     write_manifest(run, {"profile": prof.resolved(), "sft": dataclasses.asdict(cfg), "seed_index": seed,
                          "attn_implementation": attn,
-                         "liger_kernel": liger,
+                         "liger_kernel": liger, "loss_kernel": "liger" if fused_loss else f"chunked {chunk}" if chunk
+                         else "logits",
                          "optimizer": {k: getattr(v, "value", v) for k, v in optim.items()},
                          "world_size": world, "gradient_accumulation_steps": accumulation,
                          "out_dir": str(out_dir), "data": stats})

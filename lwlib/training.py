@@ -6,7 +6,10 @@ which is :mod:`lwlib.train`.
 - :func:`checkpointing_args`: ``TrainingArguments`` keywords for activation checkpointing under either
   transformers name;
 - :func:`pick_liger` and :func:`use_liger`: whether Liger-Kernel's Triton kernels run here (``sft.liger_kernel``),
-  and patching them into one model instance (the fused loss itself: :func:`lwlib.losses.liger_sft_loss`);
+  and patching them into one model instance, the choice per model family in :func:`liger_kernels_for` (the fused
+  loss itself: :func:`lwlib.losses.liger_sft_loss`);
+- :func:`pick_loss`: which loss kernel a run uses (fused, chunked or full logits), so that large vocabularies at
+  long packs never hold the whole logits;
 - :func:`save_trained`: the end of a training run, the same for both stages: final model, config and tokenizer
   for generation, ``train_log.json``.
 
@@ -26,6 +29,7 @@ import importlib
 import importlib.util
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -80,12 +84,88 @@ def pick_liger(setting: bool | str, cuda: bool, ds_cfg: str | None, compiled: bo
     return bool(setting)
 
 
+# the fp32 logits of one micro-batch above which sft.liger_kernel: auto never builds them (see pick_loss)
+FULL_LOGITS_LIMIT_BYTES = 16 * 2**30
+
+
+def full_logits_bytes(vocab: int, packing_length: int, per_device_batch: int) -> int:
+    """The fp32 logits of one micro-batch of full packs: ``4 x vocab x packing_length x per_device_batch`` bytes
+    (SmolLM2: 49,152 x 8,192 x 8 packs = 12.9 GB; Gemma 3: 262,144 x 32,768 = 34.4 GB per pack)."""
+    return 4 * vocab * packing_length * per_device_batch
+
+
+def auto_chunk_size(vocab: int) -> int:
+    """Positions per chunk of :func:`lwlib.losses.chunked_sft_loss` whose fp32 logits take at most 1 GiB: a power
+    of two, 256 at least (Gemma 3's 262,144 tokens: 1,024; a 49,152 vocabulary: 4,096)."""
+    n = 256
+    while 2 * n * vocab * 4 <= 2**30:
+        n *= 2
+    return n
+
+
+def pick_loss(setting: bool | str, liger: bool, chunk_size: int, vocab: int, packing_length: int,
+              per_device_batch: int, cuda: bool, ds_cfg: str | None = None) -> tuple[bool, int]:
+    """The loss kernel of a run: ``(fused, chunk)``, Liger's fused linear cross-entropy when ``fused``
+    (:func:`lwlib.losses.liger_sft_loss`), else the chunked head when ``chunk`` > 0, else the full logits.
+
+    ``liger`` is :func:`pick_liger`'s answer for ``setting`` (``sft.liger_kernel``): on, the fused loss. Else a set
+    ``chunk_size`` (``sft.loss_chunk_size``) is kept. Else, with ``setting`` ``auto``, when the fp32 logits of one
+    micro-batch (:func:`full_logits_bytes`) exceed :data:`FULL_LOGITS_LIMIT_BYTES` (16 GiB: a 32k pack of Gemma 3's
+    262k vocabulary is 34 GB; SmolLM2's 8 x 8k packs, 12.9 GB, keep the compiled full-logits loss that fits and was
+    fastest there): the fused loss alone where it runs (CUDA, liger-kernel installed, no ZeRO-3: the case of
+    ``sft.torch_compile``, where the model stays unpatched and the loss runs outside the compiled graph), else the
+    chunked head at :func:`auto_chunk_size`. ``setting`` false with no chunk size keeps the full logits, as asked.
+
+    Usage: ``fused, chunk = pick_loss(cfg.liger_kernel, liger, cfg.loss_chunk_size, model.config.vocab_size, ...)``
+    """
+    if liger:
+        return True, 0
+    if chunk_size:
+        return False, chunk_size
+    if setting != "auto" or full_logits_bytes(vocab, packing_length, per_device_batch) <= FULL_LOGITS_LIMIT_BYTES:
+        return False, 0
+    zero3 = bool(ds_cfg) and json.loads(Path(ds_cfg).read_text()).get("zero_optimization", {}).get("stage") == 3
+    if cuda and not zero3 and importlib.util.find_spec("liger_kernel") is not None:
+        return True, 0
+    return False, auto_chunk_size(vocab)
+
+
+def liger_kernels_for(model) -> dict[str, bool]:
+    """Which of Liger-Kernel's kernels :func:`use_liger` patches into ``model``: the keywords of Liger's
+    ``apply_liger_kernel_to_<family>`` for the model's family (``config.model_type``; liger-kernel 0.8.5), the
+    architecture-specific choice in one place.
+
+    - Always off: RoPE (Liger patches it module-wide, for every model of the family in the process) and both
+      losses (the fused loss is :func:`lwlib.losses.liger_sft_loss`, outside the model).
+    - Llama, Mistral, Qwen 2/3 and the other SwiGLU families: Liger's defaults, fused RMSNorm and SwiGLU.
+    - ``gemma3_text`` (Gemma 3 text models, Gemma-3-270M): fused RMSNorm with Gemma's ``(1 + weight)`` (offset 1.0)
+      and casting mode "gemma" (all in fp32), not in place, on the input, post-attention, pre- and post-feed-forward
+      norms, the final norm and the query/key norms; and GeGLU for the MLP, whose kernel computes GELU's tanh
+      approximation only, so a config whose ``hidden_activation`` is another function is refused.
+
+    Usage: ``_apply_liger_kernel_to_instance(model=model, **liger_kernels_for(model))``
+    """
+    kinds = {"rope": False, "fused_linear_cross_entropy": False, "cross_entropy": False}
+    config = model.config
+    if config.model_type == "gemma3_text":
+        act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+        if act != "gelu_pytorch_tanh":
+            raise ValueError(f"sft.liger_kernel: Liger's GeGLU kernel computes gelu_pytorch_tanh, but this "
+                             f"{config.model_type} model's MLP uses {act!r}; set sft.liger_kernel: false")
+        kinds.update(rms_norm=True, geglu=True)
+    return kinds
+
+
 def use_liger(model) -> None:
-    """Patch Liger-Kernel's fused RMSNorm and SwiGLU kernels into this model instance (the loss is separate:
-    :func:`lwlib.losses.liger_sft_loss`). Liger also swaps the classes in the model's transformers module, which
-    would turn every model created later in the process into a patched one; those module globals are put back, so
-    only ``model`` changes. RoPE stays transformers' (Liger patches it module-wide only). Raises if the package or
-    CUDA is missing."""
+    """Patch Liger-Kernel's fused kernels (:func:`liger_kernels_for`: RMSNorm and SwiGLU, or Gemma's RMSNorm and
+    GeGLU) into this model instance (the loss is separate: :func:`lwlib.losses.liger_sft_loss`). Liger also swaps
+    the classes in the model's transformers module, which would turn every model created later in the process into
+    a patched one; those module globals are put back, so only ``model`` changes. RoPE stays transformers' (Liger
+    patches it module-wide only). Raises if the package or CUDA is missing; warns when Liger has no kernels for the
+    model's family (the fused loss still runs).
+
+    Usage: ``use_liger(model)`` (before ``Trainer(model=model, ...)``)
+    """
     if not torch.cuda.is_available():
         raise RuntimeError("sft.liger_kernel needs CUDA (Liger-Kernel's kernels are Triton GPU kernels)")
     try:
@@ -93,15 +173,18 @@ def use_liger(model) -> None:
     except ImportError as e:
         raise RuntimeError("sft.liger_kernel: the liger-kernel package is not installed "
                            "(pip install -e .[gpu])") from e
+    kinds = liger_kernels_for(model)
     module = importlib.import_module(type(model).__module__)
     saved = dict(vars(module))
     try:
-        _apply_liger_kernel_to_instance(model=model, rope=False, fused_linear_cross_entropy=False,
-                                        cross_entropy=False)
+        _apply_liger_kernel_to_instance(model=model, **kinds)
     finally:
         for name, value in saved.items():
             if getattr(module, name, None) is not value:
                 setattr(module, name, value)
+    if not any(m._get_name().startswith("Liger") for m in model.modules()):
+        warnings.warn(f"sft.liger_kernel: Liger-Kernel has no kernels for model type {model.config.model_type!r}; "
+                      "the model runs unpatched (the fused loss still applies)")
 
 
 def save_trained(trainer, result, model, tok, out_dir: str | Path, chat_template: str | None = None,

@@ -1,8 +1,11 @@
 """The benchmarks' own logic: ``benchmarks/sft_throughput.py``'s flex-attention BlockMask of packed sequences
-equals the one torch builds from the mask function, token for token; ``benchmarks/generation.py`` runs end to
-end on CPU at tiny sizes and its table's ratios and KV-read floors follow from its own counts."""
+equals the one torch builds from the mask function, token for token, its FLOP count follows each layer's real
+attention span (Gemma-3-270M's shape counted by hand), and it runs a tiny random Gemma 3 end to end on CPU;
+``benchmarks/generation.py`` runs end to end on CPU at tiny sizes and its table's ratios and KV-read floors follow
+from its own counts."""
 
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -40,6 +43,49 @@ def test_document_block_mask_equals_torchs_block_mask(bench):
     assert bool(got.mask_mod(torch.tensor(0), None, torch.tensor(99), torch.tensor(0)))
     with pytest.raises(ValueError, match="multiple of the block size"):
         bench.document_block_mask(pos[:, :500], 64)
+
+
+def test_flop_count_follows_each_layers_span(bench):
+    """``model_flops``: 6 x the matmul weights (output layer included) per token, plus 12 x query width x the keys
+    each query attends, summed per layer: p for full layers, min(p, window) for sliding ones. Gemma-3-270M's shape
+    (built on the meta device: no weights) counted by hand."""
+    from transformers import AutoModelForCausalLM
+
+    for n in (1, 5, 8, 9, 40):
+        for w in (None, 8):
+            assert bench.attention_span(n, w) == sum(p if w is None else min(p, w) for p in range(1, n + 1))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(bench.model_config("gemma3-270m"))
+    params, width, windows = bench.flop_shape(model)
+    layer = 640 * 4 * 256 + 2 * 640 * 256 + 4 * 256 * 640 + 3 * 640 * 2048  # q, k, v, o; gate, up, down
+    assert params == 18 * layer + 640 * 262_144 and width == 4 * 256
+    assert windows == ([512] * 5 + [None]) * 3
+    n = 32_768
+    full, sliding = n * (n + 1) // 2, 512 * 513 // 2 + (n - 512) * 512
+    assert bench.model_flops([n], params, width, windows) == 6 * n * params + 12 * width * (3 * full + 15 * sliding)
+    assert bench.model_flops([n, 10], params, width, windows) == (bench.model_flops([n], params, width, windows)
+                                                                 + bench.model_flops([10], params, width, windows))
+
+
+def test_sft_benchmark_tiny_random_gemma3(bench, tmp_path):
+    """``--model gemma3-270m --random-init`` with its config shrunk (``--config``) runs packed steps on CPU (one
+    row per pack with sdpa; flattened with torch_varlen, the CPU reference of the windowed kernel), each row timed
+    with its FLOP count; ``--kernels auto`` resolves to what train_sft picks (no Liger on CPU, small logits)."""
+    out = tmp_path / "sft.json"
+    info = bench.main(["--model", "gemma3-270m", "--random-init", "--config", "num_hidden_layers=2", "hidden_size=64",
+                       "intermediate_size=128", "num_attention_heads=2", "head_dim=32", "query_pre_attn_scalar=32",
+                       "sliding_window=16", "vocab_size=512", 'layer_types=["sliding_attention","full_attention"]',
+                       "--pack", "96", "--rows", "2", "--examples", "10", "--settings", "packed",
+                       "--attn", "sdpa", "torch_varlen", "--kernels", "none", "auto", "--steps", "1", "--warmup", "1",
+                       "--peak-tflops", "1e-6", "--out", str(out)])
+    rows = info["rows"]
+    assert [r.get("error") for r in rows] == [None] * 4
+    assert [(r["attn"], r["kernels"]) for r in rows] == [("sdpa", "none"), ("torch_varlen", "none"),
+                                                         ("sdpa", "auto:none"), ("torch_varlen", "auto:none")]
+    for r in rows:  # MFU = the step's FLOPs / its time / the peak (1 MFLOP/s here)
+        assert r["tokens_per_s"] > 0 and r["model_gflop_per_step"] > 0
+        assert r["mfu"] == pytest.approx(r["model_gflop_per_step"] * 1e9 / (r["step_ms"] / 1000) / 1e6, rel=0.01)
+    assert json.loads(out.read_text())["args"]["random_init"] is True
 
 
 @pytest.fixture(scope="module")

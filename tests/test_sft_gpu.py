@@ -1,7 +1,9 @@
 """SFT on CUDA, through the trainer's own ``compute_loss``: ``sft.liger_kernel`` (Liger-Kernel's fused kernels and
 fused linear cross-entropy), ``attn_implementation: torch_varlen`` (PyTorch's FlashAttention varlen kernel on
 flattened packs) and ``fa4_varlen`` (FlashAttention-4's kernels, flash-attn-4 on Hopper/Blackwell) give the loss
-and gradients of the plain path; the compiled loss equals the eager one. ``./test.sh gpu``."""
+and gradients of the plain path; the compiled loss equals the eager one. Gemma 3's sliding windows (issue 28): the
+kernels apply them, a packed train step equals the examples alone, Liger's Gemma kernels equal the plain path, and
+a 32k pack of Gemma-3-270M's shape trains without its logits. ``./test.sh gpu``."""
 
 import copy
 import importlib.util
@@ -16,7 +18,7 @@ from lwlib.attention import (FA4_ATTENTION, VARLEN_ATTENTION, _varlen_reference,
 from lwlib.config import load_profile
 from lwlib.losses import compiled_sft_loss, sft_loss, trainer_class
 from lwlib.models import load_model
-from lwlib.packing import PackCollator, PackedDataset, split_batch, tokenize_chat, training_template
+from lwlib.packing import IGNORE, PackCollator, PackedDataset, split_batch, tokenize_chat, training_template
 from lwlib.sft import SFTConfig, load_train_log, train_sft
 from lwlib.training import use_liger
 from conftest import MODEL
@@ -175,3 +177,198 @@ def test_compiled_loss_equals_eager_loss():
             got.backward()
             assert torch.allclose(got, want, rtol=1e-4), (n, mode, float(got), float(want))
             assert (a.grad.float() - b.grad.float()).abs().max() <= 1e-2 * a.grad.float().abs().max(), (n, mode)
+
+
+# ------------------------------------------------------------------ sliding windows (Gemma 3), issue 28
+
+@pytest.mark.parametrize("attn", FLAT_ATTN)
+def test_varlen_kernel_applies_the_sliding_window(attn):
+    """Gemma-3-270M's attention shape (4 query heads on 1 key/value head of 256, scale 1/16) with a window of 128:
+    the CUDA kernel of ``torch_varlen`` / ``fa4_varlen`` (bf16) against the fp32 per-sequence reference with the
+    same window (a query sees itself and the 127 tokens before it, inside its own sequence), sequences shorter and
+    longer than the window, boundaries on and off block edges: outputs within bf16 rounding, gradients of q, k, v
+    cosine > 0.999; and far from the full-causal result, so a dropped window fails."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    lens, window = [1, 127, 128, 129, 300, 1000, 7, 465, 191], 128
+    t, cu = sum(lens), torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(1, h, t, 256, device="cuda", generator=g).to(torch.bfloat16).requires_grad_()
+               for h in (4, 1, 1))
+    out, _ = FORWARD[attn](None, q, k, v, None, scaling=1 / 16, sliding_window=window, cu_seq_lens_q=cu,
+                           max_length_q=max(lens))
+    assert out.shape == (1, t, 4, 256) and out.dtype == torch.bfloat16
+    ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    flat = [x[0].transpose(0, 1) for x in ref_in]
+    ref = _varlen_reference(*flat, cu.cpu(), 1 / 16, 4, window).unsqueeze(0)
+    with torch.no_grad():
+        full = _varlen_reference(*flat, cu.cpu(), 1 / 16, 4).unsqueeze(0)
+    assert (out.float() - ref).abs().max().item() < 2e-2
+    assert (out.float() - full).abs().max().item() > 0.1  # the window changes the result: it is applied
+    grad = torch.randn(out.shape, device="cuda", generator=g)
+    out.backward(grad.to(out.dtype))
+    ref.backward(grad)
+    for x, r in zip((q, k, v), ref_in):
+        cos = torch.nn.functional.cosine_similarity(x.grad.flatten().double(), r.grad.flatten().double(), dim=0)
+        assert cos > 0.999, float(cos)
+
+
+def _gemma3_cuda(**kw):
+    """A small random Gemma 3 on CUDA with the real attention shape (4 query heads on 1 key/value head of 256,
+    QK-norm, window 64), 4 layers (sliding, full, sliding, sliding), fp32 weights, norm weights randomised so
+    Gemma's (1 + weight) matters."""
+    from test_packed_window import tiny_gemma3
+
+    model = tiny_gemma3(hidden_size=128, intermediate_size=256, num_attention_heads=4, head_dim=256,
+                        query_pre_attn_scalar=256, vocab_size=512, sliding_window=64, max_position_embeddings=4096,
+                        attn="sdpa", **kw).cuda()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.5)
+    return model
+
+
+def _gemma3_batches(flatten: bool, lens=(50, 300, 17, 700, 129)):
+    from test_packed_window import examples
+
+    exs = examples(list(lens), vocab=512)
+    ds = PackedDataset(exs, [list(range(len(exs)))])
+    return exs, PackCollator(pad_id=0, flatten=flatten)([ds[0]])
+
+
+def _step_loss_grads(model, batch, autocast: bool, liger: bool = False, chunk: int = 0):
+    from lwlib.losses import forward_loss
+
+    inputs, loss_inputs = split_batch(_cuda(batch))
+    model.zero_grad()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        loss, _ = forward_loss(model, inputs, loss_inputs["labels"], loss_inputs["num_targets"], liger=liger,
+                               chunk_size=chunk)
+    loss.backward()
+    params = getattr(model, "_orig_mod", model).named_parameters()  # a compiled model's own names
+    return float(loss.detach()), {n: p.grad.detach().clone() for n, p in params}
+
+
+def _alone_loss_grads(model, exs):
+    """Each example alone (sdpa with transformers' sliding-window mask), fp32: the reference."""
+    from lwlib.losses import forward_loss
+
+    model.zero_grad()
+    total, loss = sum(e.n_targets for e in exs), 0.0
+    for e in exs:
+        part, _ = forward_loss(model, {"input_ids": torch.tensor([e.input_ids], device="cuda")},
+                               torch.tensor([e.labels], device="cuda"), total)
+        part.backward()
+        loss += float(part.detach())
+    return loss, {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def _close(got, want, loss_tol, cos_min, what):
+    (loss, grads), (want_loss, want_grads) = got, want
+    assert abs(loss - want_loss) <= loss_tol * abs(want_loss), (what, loss, want_loss)
+    flat = lambda gs: torch.cat([gs[n].flatten().double() for n in sorted(want_grads)])  # noqa: E731
+    cos = torch.nn.functional.cosine_similarity(flat(grads), flat(want_grads), dim=0)
+    assert cos > cos_min, (what, float(cos))
+
+
+@pytest.mark.parametrize("attn", FLAT_ATTN + ["flex_attention", "sdpa"])
+def test_packed_gemma3_train_step_equals_unpacked(attn):
+    """A small Gemma 3 (window 64, sequences up to 700 tokens) trained on one pack under bf16 autocast, flattened
+    through ``torch_varlen`` / ``fa4_varlen``, or one row with restarting position ids through flex_attention and
+    sdpa (transformers' sliding-window masks), against the same examples alone in fp32 sdpa: loss within 1%, all
+    gradients together cosine > 0.99; then one AdamW step on each, and the losses after it agree too (the step
+    trained the same model)."""
+    from lwlib.attention import flat_packs
+
+    ref = _gemma3_cuda()
+    model = copy.deepcopy(ref)
+    model.set_attn_implementation(attn)
+    exs, batch = _gemma3_batches(flatten=flat_packs(attn))
+    _close(_step_loss_grads(model, batch, autocast=True), _alone_loss_grads(ref, exs), 1e-2, 0.99, attn)
+    for m in (model, ref):
+        torch.optim.AdamW(m.parameters(), lr=1e-3).step()
+    _close(_step_loss_grads(model, batch, autocast=True), _alone_loss_grads(ref, exs), 1e-2, 0.99, (attn, "step 2"))
+
+
+@pytest.mark.parametrize("attn", FLAT_ATTN)
+def test_compiled_gemma3_varlen_forward_equals_eager(attn):
+    """torch.compile keeps the windowed flattened-pack kernels (the custom operators' fake functions with the
+    window argument, dynamic shapes over two pack lengths): compiled logits equal eager ones."""
+    model = _gemma3_cuda()
+    model.set_attn_implementation(attn)
+    compiled = torch.compile(model, dynamic=None)
+    for lens in ((50, 300, 17, 700), (129, 90, 400)):
+        b = _cuda(split_batch(_gemma3_batches(flatten=True, lens=lens)[1])[0])
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            want = model(**b, use_cache=False).logits.float()
+            got = compiled(**b, use_cache=False).logits.float()
+        assert (got - want).abs().max().item() < 0.05 * want.abs().max().item(), lens
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("liger_kernel"), reason="needs liger-kernel")
+def test_gemma3_liger_kernels_and_fused_loss_equal_the_plain_path():
+    """``use_liger`` on Gemma 3 patches Liger's Gemma RMSNorm (offset 1, gemma casting; norm weights random, so a
+    wrong offset fails) into every norm, QK-norm included, and GeGLU into the MLPs, of this instance only; with the
+    fused loss (the head tied to the embedding) loss and gradients equal the plain path in fp32. The fused loss
+    alone on the compiled model (``sft.liger_kernel: auto`` under ``torch_compile`` for a large vocabulary) equals
+    it under bf16 autocast."""
+    ref = _gemma3_cuda()
+    _, batch = _gemma3_batches(flatten=False)
+    want = _step_loss_grads(ref, batch, autocast=False)
+    fused = copy.deepcopy(ref)
+    use_liger(fused)
+    layer = fused.model.layers[0]
+    assert layer.mlp._get_name() == "LigerGEGLUMLP"
+    assert {m._get_name() for m in (layer.input_layernorm, layer.pre_feedforward_layernorm, layer.self_attn.q_norm,
+                                    layer.self_attn.k_norm, fused.model.norm)} == {"LigerRMSNorm"}
+    assert layer.input_layernorm.offset == 1.0 and layer.input_layernorm.casting_mode == "gemma"
+    assert ref.model.layers[0].mlp._get_name() == "Gemma3MLP"  # only the patched instance changed
+    _close(_step_loss_grads(fused, batch, autocast=False, liger=True), want, 1e-4, 0.9999, "liger fp32")
+
+    model = copy.deepcopy(ref)
+    model.set_attn_implementation(VARLEN_ATTENTION if varlen_available() else "sdpa")
+    _, flat = _gemma3_batches(flatten=model.config._attn_implementation == VARLEN_ATTENTION)
+    compiled = torch.compile(model, dynamic=None)
+    _close(_step_loss_grads(compiled, flat, autocast=True, liger=True), want, 2e-2, 0.99, "compiled + fused loss")
+
+
+@pytest.mark.skipif(not (fa4_available() or varlen_available()), reason="needs a flattened-pack kernel")
+def test_gemma3_270m_32k_pack_trains_without_its_logits():
+    """Gemma-3-270M's shape (random weights, benchmarks/sft_throughput.py's config) on one flattened 32,768-token
+    pack, activation checkpointing, bf16 autocast: ``sft.liger_kernel: auto`` resolves to a loss that never holds
+    the pack's logits (34 GB in fp32, 17 GB in bf16); the step's peak memory stays under 16 GiB with the fused loss
+    and with the chunked one, whose losses agree (and are near ln 262,144 for random weights)."""
+    from transformers import AutoModelForCausalLM
+
+    from lwlib.attention import register_varlen_attention
+    from lwlib.runs import REPO_ROOT
+    from lwlib.training import auto_chunk_size, pick_liger, pick_loss
+
+    register_varlen_attention()
+
+    spec = importlib.util.spec_from_file_location("sft_throughput", REPO_ROOT / "benchmarks" / "sft_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    attn = FA4_ATTENTION if fa4_available() else VARLEN_ATTENTION
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(bench.model_config("gemma3-270m"), dtype=torch.float32,
+                                                 attn_implementation=attn)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    liger = pick_liger("auto", True, None)
+    fused, chunk = pick_loss("auto", liger, 0, 262_144, 32_768, 1, True)
+    assert fused or chunk == auto_chunk_size(262_144)  # never the full logits
+    _, batch = _gemma3_batches(flatten=True, lens=(20_000, 8_000, 4_768))
+    assert batch["input_ids"].shape == (1, 32_768)
+    batch["input_ids"] = torch.randint(3, 262_144, (1, 32_768))
+    batch["labels"] = torch.where(batch["labels"] == IGNORE, IGNORE, torch.randint(3, 262_144, (1, 32_768)))
+    losses = {}
+    kinds = ([("fused", True, 0)] if importlib.util.find_spec("liger_kernel") else []) + [("chunked", False, 1024)]
+    for name, use_fused, size in kinds:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        losses[name] = _step_loss_grads(model, batch, autocast=True, liger=use_fused, chunk=size)[0]
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        assert peak < 16, (name, peak)
+    for loss in losses.values():
+        assert abs(loss - losses["chunked"]) < 1e-2 * losses["chunked"] and abs(loss - 12.48) < 1.0, losses
