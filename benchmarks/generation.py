@@ -142,9 +142,9 @@ def weight_bytes(model) -> int:
     return total
 
 
-def random_model(name: str, device: str, dtype: str):
+def random_model(name: str, device: str, dtype: str, tokenizer: str | None = None):
     """``(model, tokenizer)`` of ``name``'s architecture with random weights (speed does not depend on them), where
-    the weights are not at hand; the tokenizer is the model's own when it is."""
+    the weights are not at hand; the tokenizer from ``tokenizer`` (a folder) or the model's own."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lwlib.models import pick_device, pick_dtype
@@ -163,11 +163,7 @@ def random_model(name: str, device: str, dtype: str):
     dev = pick_device(device)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=pick_dtype(dtype, dev), attn_implementation="sdpa").to(dev)
-    try:
-        tok = load_tokenizer(name)
-    except Exception:  # noqa: BLE001 - no tokenizer at hand: the bundled SmolLM2's (prompt text only; ids < vocab)
-        tok = load_tokenizer("smollm2-135m-instruct")
-    return model.eval(), tok
+    return model.eval(), load_tokenizer(tokenizer or name)
 
 
 def run_row(be: LocalBackend, wl: Workload, limits: list[int], kvb: int, bandwidth: float, batch: int,
@@ -333,7 +329,7 @@ def run(args, out: Path | None = None) -> dict:
     ``benchmarks/results/generation_engines_<gpu>.json``)."""
     t_start = time.perf_counter()
     if args.random_init:
-        model, tok = random_model(args.model, args.device, args.dtype)
+        model, tok = random_model(args.model, args.device, args.dtype, args.tokenizer)
     else:
         model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     cuda = model.device.type == "cuda"
@@ -454,6 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--generate-batch", type=int, default=None,
                     help="plain generate's batch (default: the slots engine's; Gemma 3 at 16k: 16, since transformers "
                          "builds a [batch, 1, context, context] sliding-window mask for the prefill)")
+    ap.add_argument("--tokenizer", default=None, help="with --random-init: a tokenizer folder (default: the model's)")
     ap.add_argument("--random-init", action="store_true",
                     help="the model's architecture with random weights (speed does not depend on them)")
     ap.add_argument("--generate-mode", choices=["plain", "static"], default="plain",
