@@ -123,6 +123,8 @@ class SFTConfig:
         cap_uncapped: also train the controlled experiment's uncapped point on the same data (tag ``uncapped``:
             the long-output data uncut, general data as ``cap_general``); false: the main run is that point.
         cap_max_steps: optimizer steps of each capped run (-1 = as ``max_steps``/``epochs``).
+        runs: which kinds of run notebook 03 trains and probes (``main``, ``arm``, ``cap``, ``uncapped``; default
+            all): a profile run in several sittings trains a part at a time.
         seeds: every run of notebook 03 (main, arms, caps) is trained this many times: run ``k`` uses the
             profile's seed + k for its data order and trainer, on the same data; tags of ``k >= 1`` end in
             ``-s<k>`` (:func:`seed_tag`).
@@ -200,6 +202,7 @@ class SFTConfig:
     cap_general: bool = True
     cap_uncapped: bool = False
     cap_max_steps: int = -1
+    runs: list[str] = field(default_factory=lambda: ["main", "arm", "cap", "uncapped"])
     seeds: int = 1
     general_passages_cut: int | None = None
     long_min_words: int | None = None
@@ -232,6 +235,8 @@ class SFTConfig:
             raise ValueError(f"sft.loss must be 'token' or 'sequence', got {self.loss!r}")
         if self.cap_mode not in ("drop", "truncate", "cut"):
             raise ValueError(f"sft.cap_mode must be 'drop', 'truncate' or 'cut', got {self.cap_mode!r}")
+        if not self.runs or set(self.runs) - {"main", "arm", "cap", "uncapped"}:
+            raise ValueError(f"sft.runs must be a non-empty subset of [main, arm, cap, uncapped], got {self.runs!r}")
         if not isinstance(self.seeds, int) or self.seeds < 1:
             raise ValueError(f"sft.seeds must be an integer >= 1, got {self.seeds!r}")
         for name in ("general_passages_cut", "long_min_words"):
@@ -674,7 +679,8 @@ def _cap_cfg(cfg: SFTConfig, cap: int | None) -> SFTConfig:
 
 def sft_runs(cfg: SFTConfig) -> list[SFTRun]:
     """Every run notebook 03 trains, seed by seed (all of seed 0 first, so a run cut short has whole seeds): the
-    main run, the arms (``sft.arms``), the capped runs (``sft.caps``) and, with ``cap_uncapped``, the uncapped one.
+    main run, the arms (``sft.arms``), the capped runs (``sft.caps``) and, with ``cap_uncapped``, the uncapped one;
+    only the kinds of ``sft.runs``.
 
     Usage: ``for run in sft_runs(cfg): train_run(prof, run)``
     """
@@ -691,7 +697,7 @@ def sft_runs(cfg: SFTConfig) -> list[SFTRun]:
             out.append(SFTRun(seed_tag(f"cap{cap}", k), "cap", k, _cap_cfg(cfg, cap), f"{base}, {how} <= {cap} words"))
         if cfg.cap_uncapped:
             out.append(SFTRun(seed_tag("uncapped", k), "uncapped", k, _cap_cfg(cfg, None), f"{base}, uncut"))
-    return out
+    return [r for r in out if r.kind in cfg.runs]
 
 
 def train_run(prof: Profile, run: SFTRun) -> Path:
