@@ -67,6 +67,7 @@ import torch
 from .backends import BackendConfig
 from .attention import flat_packs, pick_attn, register_varlen_attention
 from .config import Profile
+from .typed import check_sizes
 from .losses import trainer_class
 from .packing import PackCollator, PackedDataset, TokenizedExample, pack_examples, pack_stats, tokenize_chat, training_template
 from .plots import pyplot, save_figure
@@ -193,6 +194,10 @@ class SFTConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        check_sizes(self, "sft", 1, "self_distill_max_new_tokens", "self_distill_batch_size", "max_output_words",
+                    "caps", "batch_size", "per_device_batch_size", "logging_steps")
+        check_sizes(self, "sft", 0, "general_per_long", "general_max", "save_steps")
+        check_sizes(self, "sft", -1, "cap_max_steps", "max_steps")  # -1: as epochs says
         if self.loss not in ("token", "sequence"):
             raise ValueError(f"sft.loss must be 'token' or 'sequence', got {self.loss!r}")
         if self.cap_mode not in ("drop", "truncate"):
@@ -305,7 +310,8 @@ def self_distill(prof: Profile, n: int, cfg: SFTConfig, backend=None) -> list[Me
     bcfg = cfg.self_distill_backend or BackendConfig(batch_size=cfg.self_distill_batch_size)
     fingerprint = {  # greedy; the instructions are prefix-stable in n
         "model": model_fingerprint(bcfg.model or prof.model, prof.run_dir), "temperature": 0.0,
-        "max_new_tokens": cfg.self_distill_max_new_tokens, "seed": prof.seed}
+        "max_new_tokens": cfg.self_distill_max_new_tokens, "seed": prof.seed,
+        **(prof.numerics() if bcfg.kind == "local" else {})}  # a local model's device and dtype
     if bcfg.kind != "local" or bcfg.engine != "generate":  # (absent for the default: earlier runs stay valid)
         fingerprint["backend"] = f"{bcfg.kind}/{bcfg.engine if bcfg.kind == 'local' else bcfg.model}"
     store = JsonlStore(prof.stage_dir("sft") / "general_self_distill.jsonl", key="id", stage="sft",
