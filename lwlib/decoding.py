@@ -711,7 +711,7 @@ class SlotEngine:
             self._allocate(slots, length)
         yield from self._loop([list(p) for p in prompts], limits, params, slots, length, stop)
 
-    def _loop(self, prompts, limits, params, slots, length, stop=None):
+    def _loop(self, prompts, limits, params, slots, length, stop_event=None):
         cfg, dev, st = self.cfg, self.device, self.stats
         if st._ctx_tokens is None or st._ctx_tokens.device != dev:
             st._ctx_tokens = torch.zeros((), dtype=torch.long, device=dev)
@@ -843,7 +843,7 @@ class SlotEngine:
             st.compactions += 1
 
         while pending or any(i >= 0 for i in item):
-            if stop is not None and stop.is_set():
+            if stop_event is not None and stop_event.is_set():
                 return
             with torch.no_grad():
                 if pending:

@@ -281,3 +281,25 @@ def test_a_burst_of_50_is_queued_up_to_the_limit_and_the_rest_refused_with_429()
         c.request("GET", "/v1/models")
         assert c.getresponse().status == 200  # still up
         assert server.health() == {"status": "ok", "generating": False, "waiting": 0, "max_queue": 8}
+
+
+@pytest.mark.parametrize("engine", ["generate", "slots"])
+def test_the_local_backend_stops_when_its_stop_event_is_set(model_and_tok, engine):
+    """What lwlib.serve relies on: ``generate_iter(stop=event)`` ends after the current step (generate) or segment
+    (slots) once the event is set, raises GenerationStopped and yields nothing unfinished."""
+    from lwlib.backends import LocalBackend
+
+    model, tok = model_and_tok
+    be = LocalBackend(model, tok, batch_size=2, engine=engine, segment_tokens=2, cuda_graphs=False)
+    stop = threading.Event()
+    if engine == "generate":  # both rows decode in one transformers call: stopped after its first step
+        stop.set()
+    p = GenParams(max_new_tokens=500, temperature=0, ignore_eos=True)
+    got = []
+    with pytest.raises(GenerationStopped):
+        for i, g in be.generate_iter(["Say hi.", "Name a color."], p, max_new_tokens=[2, 500], stop=stop):
+            got.append((i, g.completion_tokens))
+            stop.set()  # slots: after the short row, the long one is cut at the next segment
+    assert got == ([(0, 2)] if engine == "slots" else [])
+    stop.clear()
+    assert be.generate(["Say hi."], GenParams(1, temperature=0))[0].completion_tokens == 1  # usable after
