@@ -12,6 +12,15 @@
 # and its overrides are checked (python -m lwlib.config check): a mistake is reported with the file (or the
 # --set) and the field, and nothing is created.
 set -euo pipefail
+# Started with SIGINT ignored (a background job of a non-interactive shell, as CI may start it), bash cannot trap
+# it: the INT trap below would do nothing. Start again with SIGINT at its default (the same PID: exec).
+if [ -z "${LWLIB_SIGINT_RESET:-}" ] && [ -r /proc/$$/status ] &&
+   (( 16#$(awk '/^SigIgn:/ { print $2 }' /proc/$$/status) & 2 )); then
+  export LWLIB_SIGINT_RESET=1
+  if env --default-signal=INT true 2>/dev/null; then exec env --default-signal=INT bash "$0" "$@"; fi
+  exec "${PYTHON:-python3}" -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL)
+os.execvp("bash", ["bash"] + sys.argv[1:])' "$0" "$@"
+fi
 CALLER_DIR=$PWD  # a relative PROFILE or $LWLIB_RUNS is the caller's (papermill runs the notebooks in notebooks/)
 cd "$(dirname "$0")"
 
@@ -65,11 +74,33 @@ mkdir -p "$out"
 # One run_all.sh per run folder: an exclusive lock on $run_dir/.lock for the whole run. It is inherited by papermill
 # and the kernel, so orphans of a killed runner (kill -9) still hold it while they write.
 lock="$run_dir/.lock"
+descendants() {  # PIDs below $1, deepest last
+  ps -e -o pid= -o ppid= | awk -v root="$1" '{ parent[$1] = $2 }
+    END { want[root] = 1; grew = 1
+          while (grew) { grew = 0; for (p in parent) if (!(p in want) && (parent[p] in want)) { want[p] = 1; grew = 1 } }
+          for (p in want) if (p != root) print p }'
+}
 if command -v flock >/dev/null 2>&1; then
   exec 9>>"$lock"
   if ! flock -n 9; then
-    echo "run_all.sh: $run_dir is in use by another run_all.sh (PID $(head -c 20 "$lock" 2>/dev/null | tr -dc 0-9)):" >&2
-    echo "  two writers would store every record twice; wait for it to finish or stop it (kill PID), then rerun." >&2
+    exec 9>&-  # (so that what follows does not hold it too)
+    holder=$(head -c 20 "$lock" 2>/dev/null | tr -dc 0-9)
+    if [ -n "$holder" ] && kill -0 "$holder" 2>/dev/null; then
+      echo "run_all.sh: $run_dir is in use by another run_all.sh (PID $holder):" >&2
+      echo "  two writers would store every record twice; wait for it to finish or stop it (kill $holder), then rerun." >&2
+      exit 75
+    fi
+    # The runner that took the lock is gone (kill -9), but what it started still runs and holds the lock: papermill
+    # inherited it, and the kernel below papermill writes. Name those (Linux: the processes with the file open).
+    real_lock=$(cd "$run_dir" && pwd -P)/.lock
+    pids=$(find /proc/[0-9]*/fd -maxdepth 1 -lname "$real_lock" 2>/dev/null | cut -d/ -f3 | sort -un || true)
+    pids=$(for p in $pids; do echo "$p"; descendants "$p"; done | sort -un | tr '\n' ' ' || true)
+    pids=${pids% }
+    echo "run_all.sh: $run_dir is in use: run_all.sh PID ${holder:-?} took it and is gone (killed?), but what it" >&2
+    echo "  started still runs and holds the lock:" >&2
+    for p in $pids; do echo "    PID $p: $(ps -o args= -p "$p" 2>/dev/null | cut -c1-150)" >&2; done
+    [ -z "${pids// }" ] && echo "    (not found: no /proc here; look for papermill and ipykernel processes)" >&2
+    echo "  two writers would store every record twice; wait for them to finish or stop them (kill${pids:+ $pids}), then rerun." >&2
     exit 75
   fi
   echo $$ > "$lock"
@@ -87,15 +118,10 @@ else  # no flock(1) (macOS): a PID file, created atomically, taken over when its
 fi
 # SIGTERM / SIGINT stop everything: papermill runs in a process group of its own (set -m below), and the kernel
 # that jupyter starts in a session of its own is found as papermill's descendant; all get SIGTERM, then SIGKILL
-# after LWLIB_STOP_GRACE_S (5) seconds. Exit status 143 (TERM) / 130 (INT);
+# after LWLIB_STOP_GRACE_S (5) seconds. Exit status 143 (TERM) / 130 (INT), also when started with SIGINT ignored
+# (see the top);
 # 75 when another run holds the lock.
 child=""
-descendants() {  # PIDs below $1, deepest last
-  ps -e -o pid= -o ppid= | awk -v root="$1" '{ parent[$1] = $2 }
-    END { want[root] = 1; grew = 1
-          while (grew) { grew = 0; for (p in parent) if (!(p in want) && (parent[p] in want)) { want[p] = 1; grew = 1 } }
-          for (p in want) if (p != root) print p }'
-}
 stop_all() {  # $1 signal name, $2 exit status
   trap '' TERM INT
   if [ -n "$child" ]; then
@@ -146,7 +172,13 @@ PYEOF
   child=""
   if [ "$status" != 0 ]; then
     echo "run_all.sh: $base FAILED for profile $name." >&2
-    echo "  The executed copy, with the error in it: $out/$base" >&2
+    if .venv/bin/python -c 'import json, sys; json.load(open(sys.argv[1], encoding="utf-8"))["cells"]' \
+         "$out/$base" 2>/dev/null; then
+      echo "  The executed copy, with the error in it: $out/$base" >&2
+    else  # a full disk (ENOSPC) leaves it cut off: do not send anyone to read it
+      echo "  No readable executed copy: $out/$base is missing or cut off (not a whole notebook; was the disk" >&2
+      echo "  full?). The error is in the output above." >&2
+    fi
     echo "  Fix it, then resume with: $rerun --resume   (or --from $num)" >&2
     write_report
     exit 1

@@ -8,7 +8,7 @@ and ``bench`` (LongBench-Write); ``experiments`` and ``claims`` turn their files
 architectures: sliding windows, fused kernels), ``backends`` (with ``decoding``, the slots engine, ``sampling``, its
 penalty and sampling, ``decode_attention``, its Triton attention kernel, and ``served``, a server per model),
 ``decodings``, ``generation`` (generate into a store),
-``runs`` (run folders, resumable JSONL, atomic files), ``config`` (profiles), ``data`` (benchmark files, the ``hf:``
+``runs`` (run folders, resumable JSONL, atomic files), ``config`` (profiles, with ``typed``, typed values), ``data`` (benchmark files, the ``hf:``
 data set spec), ``scoring`` (the length score and buckets), ``judge`` (the LLM judge the benchmark and DPO share)
 and ``logprobs`` (per-token log-likelihood, for NLL and DPO); for training, ``packing`` (targets, packs),
 ``attention`` (kernels for flattened packs), ``losses`` (the SFT loss) and ``training`` (what SFT and DPO share).

@@ -52,6 +52,7 @@ from typing import Any, Callable
 
 from .backends import Backend, BackendConfig, GenParams, make_backend
 from .config import Profile
+from .typed import check_sizes
 from .instructions import Instruction, check_no_benchmark_leak, generate_instructions, load_instructions
 from .plots import pyplot, save_figure
 from .runs import JsonlStore, atomic_write_json, atomic_write_text, write_manifest
@@ -312,8 +313,10 @@ class AgentWriteConfig:
     def __post_init__(self) -> None:
         if self.write_prompt not in WRITE_VERSIONS:
             raise ValueError(f"write_prompt must be one of {WRITE_VERSIONS}, got {self.write_prompt!r}")
-        if self.heldout < 0 or self.plan_retries < 0:
-            raise ValueError("heldout and plan_retries must be >= 0")
+        check_sizes(self, "agentwrite", 0, "heldout", "plan_retries", "min_output_words")
+        check_sizes(self, "agentwrite", 1, "n_instructions", "min_words", "max_words", "plan_max_new_tokens",
+                    "write_max_new_tokens", "max_steps", "max_paragraphs", "max_prompt_tokens",
+                    "default_paragraph_words", "concurrent_instructions")
 
 
 def load_agentwrite_instructions(prof: Profile, cfg: AgentWriteConfig) -> list[Instruction]:
@@ -607,7 +610,8 @@ def build_dataset(prof: Profile, cfg: AgentWriteConfig | None = None, backend: B
                       "max_steps", "max_paragraphs", "max_prompt_tokens", "min_length_ratio", "min_output_words",
                       "strip_labels")}, "seed": prof.seed, "profile": prof.name}
     # request keys hash model, prompt, budget, temperature, top_p and attempt; the seed is the one other input
-    rec = _Recorder(out, model, provenance["backend"], fingerprint={"seed": prof.seed}, overwrite=cfg.overwrite)
+    rec = _Recorder(out, model, provenance["backend"], overwrite=cfg.overwrite,
+                    fingerprint={"seed": prof.seed, **(prof.numerics() if local else {})})  # + a local model's numerics
     write_manifest(out, {"profile": prof.resolved(), "agentwrite": dataclasses.asdict(cfg), "provenance": provenance,
                          "n_instructions": len(insts)})
     jobs = [_Job(i, cfg, model, count) for i in insts]

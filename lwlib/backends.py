@@ -35,6 +35,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 from .progress import tqdm
+from .typed import check_sizes
 
 Messages = list[dict[str, str]]
 
@@ -156,6 +157,21 @@ class _CollectMixin:
         return out  # type: ignore[return-value]
 
 
+class GenerationStopped(Exception):
+    """Raised by :meth:`LocalBackend.generate_iter` when its ``stop`` event was set: the outputs not yet yielded
+    were dropped part-way (``lwlib.serve`` stops the generation of a client that went away, or at shutdown)."""
+
+
+class _StopWhenSet:
+    """Stopping criterion: every row is done once ``event`` is set (checked after each decoding step)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 class _PerRowLimit:
     """Stopping criterion: row ``b`` is done once it has ``limits[b]`` new tokens."""
 
@@ -258,6 +274,12 @@ class LocalBackend(_CollectMixin):
         return next(self.model.parameters()).device
 
     @property
+    def context_length(self) -> int | None:
+        """The model's context in tokens (prompt + output), from its config; None if it states none."""
+        n = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        return int(n) if isinstance(n, int) and n > 0 else None
+
+    @property
     def slot_engine(self):
         """The :class:`lwlib.decoding.SlotEngine` (``engine="slots"``; its ``stats``), else None."""
         return self._slots
@@ -268,10 +290,12 @@ class LocalBackend(_CollectMixin):
             ids = ids["input_ids"]
         return list(ids)
 
-    def generate_iter(self, prompts, params, max_new_tokens=None, desc=None):
+    def generate_iter(self, prompts, params, max_new_tokens=None, desc=None, stop: threading.Event | None = None):
         """Yields ``(index, Generation)`` as outputs finish. ``params``: one :class:`GenParams` or one per
         prompt (rows of several decodings: the slots engine decodes them in one batch, each row with its own
-        temperature and penalty; ``generate`` runs one group of equal settings after another)."""
+        temperature and penalty; ``generate`` runs one group of equal settings after another). ``stop``: once
+        this event is set, decoding ends after the current step (``generate``) or segment (``slots``) and
+        :class:`GenerationStopped` is raised; nothing unfinished is yielded."""
         plist = row_params(params, len(prompts))
         limits = list(max_new_tokens) if max_new_tokens is not None else [p.max_new_tokens for p in plist]
         if len(limits) != len(prompts):
@@ -280,14 +304,19 @@ class LocalBackend(_CollectMixin):
         bar = tqdm(total=len(prompts), desc=desc or f"generate ({self.name})", unit="out", leave=False)
         try:
             with self._lock:
-                it = self._iter_slots(encoded, limits, plist) if self._slots else self._iter_generate(encoded, limits, plist)
+                if self._slots:
+                    it = self._iter_slots(encoded, limits, plist, stop)
+                else:
+                    it = self._iter_generate(encoded, limits, plist, stop)
                 for i, g in it:
                     bar.update(1)
                     yield i, g
+                if stop is not None and stop.is_set():  # the slots engine returns early without a word
+                    raise GenerationStopped(f"{self.name}: generation stopped")
         finally:
             bar.close()
 
-    def _iter_slots(self, encoded, limits, plist):
+    def _iter_slots(self, encoded, limits, plist, stop=None):
         from .sampling import shared_key
 
         eng = self._slots
@@ -295,11 +324,11 @@ class LocalBackend(_CollectMixin):
             eng.cfg.max_batch = None if self.device.type == "cuda" else self.batch_size
         for grp in _groups([shared_key(p) for p in plist]):
             for j, toks, ended, seconds in eng.run([encoded[i] for i in grp], [limits[i] for i in grp],
-                                                   [plist[i] for i in grp]):
+                                                   [plist[i] for i in grp], stop=stop):
                 i = grp[j]
                 yield i, self._finish(encoded[i], toks, limits[i], seconds)
 
-    def _iter_generate(self, encoded, limits, plist):
+    def _iter_generate(self, encoded, limits, plist, stop=None):
         for grp in _groups([dataclasses.astuple(p) for p in plist]):
             params = plist[grp[0]]
             order = sorted(grp, key=lambda i: (-len(encoded[i]), -limits[i]))
@@ -307,7 +336,10 @@ class LocalBackend(_CollectMixin):
                 torch.manual_seed(params.seed)
             for s in range(0, len(order), self.batch_size):
                 idx = order[s : s + self.batch_size]
-                yield from zip(idx, self._generate_batch([encoded[i] for i in idx], [limits[i] for i in idx], params))
+                gens = self._generate_batch([encoded[i] for i in idx], [limits[i] for i in idx], params, stop)
+                if stop is not None and stop.is_set():  # cut short by the event: not outputs
+                    raise GenerationStopped(f"{self.name}: generation stopped")
+                yield from zip(idx, gens)
 
     def _finish(self, prompt: list[int], toks: list[int], limit: int, seconds: float) -> Generation:
         """A ``Generation`` from a row's generated ids: cut at the first end token ("stop", which counts as a
@@ -323,7 +355,8 @@ class LocalBackend(_CollectMixin):
         return Generation(text, len(prompt), n, reason, seconds)
 
     @torch.no_grad()
-    def _generate_batch(self, batch: list[list[int]], limits: list[int], params: GenParams) -> list[Generation]:
+    def _generate_batch(self, batch: list[list[int]], limits: list[int], params: GenParams,
+                        stop: threading.Event | None = None) -> list[Generation]:
         from transformers import LogitsProcessorList
 
         from .sampling import GenerationPenalty
@@ -340,11 +373,14 @@ class LocalBackend(_CollectMixin):
             mask[r, width - len(x) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         lim = torch.tensor(limits, device=self.device)
+        criteria = [_PerRowLimit(width, lim)] if len(set(limits)) > 1 else []
+        if stop is not None:
+            criteria.append(_StopWhenSet(stop))
         kwargs: dict[str, Any] = dict(
             max_new_tokens=max(limits),
             eos_token_id=self.end_ids,
             pad_token_id=pad,
-            stopping_criteria=[_PerRowLimit(width, lim)] if len(set(limits)) > 1 else None,
+            stopping_criteria=criteria or None,
         )
         if params.temperature and params.temperature > 0:
             kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0)
@@ -505,6 +541,45 @@ class OpenAIBackend(_CollectMixin):
             pool.shutdown(wait=False, cancel_futures=True)
 
 
+
+class ServedBackend(OpenAIBackend):
+    """:class:`OpenAIBackend` on an inference server this object starts for ``model`` (``backend.kind: server``)
+    and stops in :meth:`close`: the process is a :class:`lwlib.served.ServerProcess` (``command``: vLLM's by
+    default; its output in ``log_path``, named in errors; up to ``ready_timeout_s`` to answer). Other keyword
+    arguments go to :class:`OpenAIBackend`.
+
+    Usage: ``be = ServedBackend("runs/paper/sft/model", command=VLLM_COMMAND); ...; be.close()``
+    """
+
+    def __init__(self, model: str, command: Sequence[str] | None = None, ready_timeout_s: float = 1800.0,
+                 log_path: str | os.PathLike | None = None, env: dict[str, str] | None = None, **kwargs: Any):
+        from .served import VLLM_COMMAND, ServerProcess
+
+        self.server = ServerProcess(model, command or VLLM_COMMAND, ready_timeout_s, log_path, env)
+        try:
+            super().__init__(model, base_url=self.server.base_url, **kwargs)
+        except BaseException:
+            self.server.close()
+            raise
+
+    @property
+    def proc(self):
+        """The server's ``subprocess.Popen``."""
+        return self.server.proc
+
+    @property
+    def log_path(self):
+        return self.server.log_path
+
+    @property
+    def running(self) -> bool:
+        return self.server.running
+
+    def close(self, grace_s: float = 30.0) -> None:
+        """Stop the server (SIGTERM to its process group, SIGKILL after ``grace_s``); idempotent."""
+        self.server.close(grace_s)
+
+
 @dataclass
 class BackendConfig:
     """Which backend a stage uses.
@@ -588,6 +663,12 @@ class BackendConfig:
     def __post_init__(self):
         if self.engine not in ENGINES:
             raise ValueError(f"backend.engine must be one of {ENGINES}, got {self.engine!r}")
+        check_sizes(self, "backend", 1, "batch_size", "concurrency", "segment_tokens", "max_batch", "batch_buckets",
+                    "cache_buckets", "prefill_tokens")
+        check_sizes(self, "backend", 0, "max_retries", "timeout_s", "timeout_base_s", "deadline_s", "kv_cache_gb",
+                    "server_ready_s")
+        if not self.min_tokens_per_s > 0:
+            raise ValueError(f"backend.min_tokens_per_s must be > 0, got {self.min_tokens_per_s}")
 
 
 def release(backend: Any) -> None:
@@ -595,8 +676,6 @@ def release(backend: Any) -> None:
     stop a started server (``kind: server``)."""
     if backend is None:
         return
-    from .served import ServedBackend
-
     if isinstance(backend, ServedBackend):
         backend.close()
         return
@@ -628,10 +707,8 @@ def make_backend(cfg: BackendConfig, default_model: str = "", device: str = "aut
             min_tokens_per_s=cfg.min_tokens_per_s, deadline_s=cfg.deadline_s,
         )
     if cfg.kind == "server":
-        from .served import VLLM_COMMAND, ServedBackend
-
         return ServedBackend(
-            model, command=cfg.server_command or VLLM_COMMAND, ready_timeout_s=cfg.server_ready_s,
+            model, command=cfg.server_command, ready_timeout_s=cfg.server_ready_s,
             log_path=cfg.server_log, concurrency=cfg.concurrency, max_retries=cfg.max_retries, timeout_s=cfg.timeout_s,
             timeout_base_s=cfg.timeout_base_s, min_tokens_per_s=cfg.min_tokens_per_s, deadline_s=cfg.deadline_s,
         )

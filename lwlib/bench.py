@@ -44,6 +44,7 @@ import pandas as pd
 
 from .backends import Backend, BackendConfig, Generation, make_backend
 from .config import Profile
+from .typed import check_sizes
 from .data import WritingItem, data_file, load_longbench_write
 from .decodings import Decoding, model_label, profile_decodings
 from .generation import Job, generate_into
@@ -100,6 +101,10 @@ class BenchConfig:
     data_path: str | None = None
     en_data_path: str | None = None
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        check_sizes(self, "bench", 1, "max_items", "max_new_tokens", "rep_ngram", "rep_window")
+        check_sizes(self, "bench", 0, "n_boot")
 
 
 def select_items(items: list[WritingItem], cfg: BenchConfig) -> list[WritingItem]:
@@ -159,10 +164,11 @@ def predict_decodings(
 
     cfg = cfg or profile.section("bench", BenchConfig)
     model = cfg.backend.model or (run_model(profile, tag) if backend is None else getattr(backend, "name", tag))
-    data = ([data_fingerprint(data_file("longbench_write.jsonl", cfg.data_path)),
-             data_fingerprint(data_file("longbench_write_en.jsonl", cfg.en_data_path))] if items is None else
-            fingerprint_id({it.id: [it.prompt, it.lang, it.length] for it in items}))
-    items = items if items is not None else select_items(load_longbench_write(cfg.data_path, cfg.en_data_path), cfg)
+    data = ([data_fingerprint(data_file("longbench_write.jsonl", cfg.data_path, field="bench.data_path")),
+             data_fingerprint(data_file("longbench_write_en.jsonl", cfg.en_data_path, field="bench.en_data_path"))]
+            if items is None else fingerprint_id({it.id: [it.prompt, it.lang, it.length] for it in items}))
+    items = items if items is not None else select_items(load_longbench_write(
+        cfg.data_path, cfg.en_data_path, field="bench.data_path", en_field="bench.en_data_path"), cfg)
     stores, jobs = {}, []
     for dec in decodings:
         out = bench_dir(profile, tag, dec.name)
@@ -170,6 +176,7 @@ def predict_decodings(
             "model": model_fingerprint(model, profile.run_dir), "max_new_tokens": cfg.max_new_tokens,
             "decoding": dec.as_dict(), "seed": profile.seed, "data": data,
             "repetition": [cfg.rep_ngram, cfg.rep_window, cfg.rep_threshold],  # stored per record
+            **(profile.numerics() if cfg.backend.kind == "local" else {}),  # a local model's device and dtype
         }
         store = stores[dec.name] = JsonlStore(out / "predictions.jsonl", key="id", fingerprint=fingerprint,
                                               overwrite=cfg.overwrite, stage="bench")

@@ -1,8 +1,11 @@
 """The paper's benchmark files: LongBench-Write and LongWrite-Ruler (THUDM/LongWriter, Apache-2.0).
 
-Files are found, in order: an explicit ``path``; ``$LWLIB_DATA_DIR``; ``../shared/data`` beside the
-repository (this project's CI); the cache (``$LWLIB_CACHE/data``); else downloaded once from the
-paper's repository into the cache and checked (line count, fields).
+A file given explicitly (a profile's ``data_path``) is used as it is, or is an error naming it when it does not
+exist: there is no fallback. Otherwise the official file is found, in order, in ``$LWLIB_DATA_DIR``,
+``../shared/data`` beside the repository (this project's CI) and the cache (``$LWLIB_CACHE/data``), else
+downloaded once from the paper's repository into the cache; a file found or downloaded that way must be the
+official one (its sha256), else it is an error naming it. A given file of your own (a subset, a translation)
+only gets a warning.
 
 It also holds the one grammar of Hugging Face data sets in profiles (``sft.data_path``, ``sft.general_data``,
 ``dpo.general_data``): ``hf:<id>[:<config>][@<split>]``, read by :func:`parse_hf_spec` into an :class:`HFSpec`.
@@ -34,8 +37,9 @@ FILES = {  # name: expected number of items
     "longbench_write_en.jsonl": 60,
     "longwrite_ruler.jsonl": 48,
 }
-# sha256 of the official files (THUDM/LongWriter evaluation/, as this project was checked against them): a file
-# with another hash is a user's own (a subset, a translation, a new version) and only gets a warning.
+# sha256 of the official files (THUDM/LongWriter evaluation/, as this project was checked against them): a file found
+# in the search order with another hash is an error (damaged, or changed where it lies); a file given explicitly
+# (data_path) with another hash is a user's own (a subset, a translation, a new version) and only gets a warning.
 OFFICIAL_SHA256 = {
     "longbench_write.jsonl": "1f6e99497cc24d65894d65e014062f398ba946ebdd254b7f8b339e48d3ab5779",
     "longbench_write_en.jsonl": "87800927761f340e48899e4df5d47fb7211ad4936a63420dbfa979660414259f",
@@ -110,29 +114,40 @@ def parse_hf_spec(spec: str, field: str, default_split: str = "train") -> HFSpec
 
 
 def data_file(name: str, path: str | Path | None = None, download: bool = True,
-              timeout_s: float | None = None) -> Path:
+              timeout_s: float | None = None, field: str | None = None) -> Path:
     """Locate (or download) one of :data:`FILES`; ``path`` may be the file or its folder.
 
-    A found file with another item count than the official one is used with a warning naming it and both
-    counts (a user's subset); a download (or the download cache) with the wrong count is an error. The
-    download gives up after ``timeout_s`` (default :data:`DOWNLOAD_TIMEOUT_S`) without an answer.
+    A given ``path`` is the file used, or a ``FileNotFoundError`` naming it (and ``field``, the profile field it
+    came from, e.g. ``probe.data_path``) when it does not exist; with another item count or sha256 than the
+    official file it is used with a warning (a user's subset or version). A file found in the search order
+    (``$LWLIB_DATA_DIR``, ``../shared/data``, the cache) or downloaded must be the official one: another sha256
+    is an error naming it. The download gives up after ``timeout_s`` (default :data:`DOWNLOAD_TIMEOUT_S`)
+    without an answer.
+
+    Usage: ``data_file("longwrite_ruler.jsonl", cfg.data_path, field="probe.data_path")``
     """
     if name not in FILES:
         raise ValueError(f"unknown data file {name!r}; known: {sorted(FILES)}")
-    candidates = []
     if path is not None:
         p = Path(path)
-        candidates.append(p / name if p.is_dir() else p)
+        given = p / name if p.is_dir() else p
+        if not given.exists():
+            raise FileNotFoundError(
+                f"{field + ': ' if field else ''}{given} does not exist"
+                + (f" (the folder {p} has no {name})" if p.is_dir() else "")
+                + "; a data path that is given is used as it is (no fallback): give an existing file or folder, "
+                  "or null for the official file")
+        check_data_file(given, name, official=False)
+        return given
+    candidates = []
     if os.environ.get("LWLIB_DATA_DIR"):
         candidates.append(Path(os.environ["LWLIB_DATA_DIR"]) / name)
     cached = cache_dir() / "data" / name
     candidates += [REPO_ROOT.parent / "shared" / "data" / name, cached]
     for c in candidates:
         if c.exists():
-            check_data_file(c, name, official=c == cached)
+            check_data_file(c, name, official=True)
             return c
-    if path is not None:
-        raise FileNotFoundError(f"{candidates[0]} does not exist")
     if not download:
         raise FileNotFoundError(f"{name} not found in {[str(c.parent) for c in candidates]}")
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -159,19 +174,25 @@ def data_file(name: str, path: str | Path | None = None, download: bool = True,
 
 
 def check_data_file(path: Path, name: str, official: bool, shown: str | None = None) -> None:
-    """Compare a benchmark file with the official one: the same sha256 passes; another item count is an
-    error for an ``official`` copy (a download or its cache) and a warning for a user's file."""
-    if sha256_file(path) == OFFICIAL_SHA256[name]:
+    """Compare a benchmark file with the official one: the same sha256 passes. Otherwise, for an ``official``
+    copy (found in the search order, downloaded, or cached) it is an error naming the file, its item count and
+    both hashes; for a user's file a warning (another item count: a subset; the same: another version)."""
+    got = sha256_file(path)
+    if got == OFFICIAL_SHA256[name]:
         return
-    n = sum(1 for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+    n = sum(1 for line in Path(path).read_bytes().splitlines() if line.strip())
     where = shown or str(path)
+    if official:
+        then = ("it was not kept; retry, or give your own file with the profile's data_path" if shown else
+                f"replace it with the official file (delete {path} to download it again), or give it as your own "
+                "file with the profile's data_path")
+        raise ValueError(f"{where}: not the official file: {'downloaded ' if shown else ''}{name} has {n} items, "
+                         f"the official file has {FILES[name]}; its sha256 is {got[:16]}..., the official "
+                         f"{OFFICIAL_SHA256[name][:16]}... (damaged, or changed where it lies): {then}")
     if n != FILES[name]:
-        if official:
-            raise ValueError(f"{where}: downloaded {name} has {n} items, the official file has {FILES[name]}; "
-                             f"delete {path} and retry, or give your own file with data_path")
         warnings.warn(f"{where}: {n} items where the official {name} has {FILES[name]}: using it as your own "
                       f"subset (scores are not comparable with the paper's)", stacklevel=3)
-    elif not official:
+    else:
         warnings.warn(f"{where}: not the official {name} (other sha256), same item count {n}: using it as it is",
                       stacklevel=3)
 
@@ -202,10 +223,11 @@ def _read(path: Path, fields: tuple[str, ...]) -> list[dict]:
 _HAN = re.compile(r"[\u4e00-\u9fff]")
 
 
-def load_ruler(path: str | Path | None = None) -> list[WritingItem]:
+def load_ruler(path: str | Path | None = None, field: str | None = None) -> list[WritingItem]:
     """The 48 LongWrite-Ruler prompts; ``lang`` from the prompt's script (each template is
-    written in the language it asks for), type names in English."""
-    p = data_file("longwrite_ruler.jsonl", path)
+    written in the language it asks for), type names in English. ``field``: the profile field ``path`` came
+    from, for errors (:func:`data_file`)."""
+    p = data_file("longwrite_ruler.jsonl", path, field=field)
     items = []
     for i, r in enumerate(_read(p, ("prompt", "type", "length"))):
         lang = "zh" if _HAN.search(r["prompt"]) else "en"
@@ -213,11 +235,14 @@ def load_ruler(path: str | Path | None = None) -> list[WritingItem]:
     return items
 
 
-def load_longbench_write(path: str | Path | None = None, en_path: str | Path | None = None) -> list[WritingItem]:
+def load_longbench_write(path: str | Path | None = None, en_path: str | Path | None = None,
+                         field: str | None = None, en_field: str | None = None) -> list[WritingItem]:
     """The 120 LongBench-Write prompts, ``lang`` = ``en`` for members of the English file (the
-    required output language), else ``zh`` (not guessed from the prompt's script)."""
-    p = data_file("longbench_write.jsonl", path)
-    en = {r["prompt"] for r in _read(data_file("longbench_write_en.jsonl", en_path), ("prompt", "type", "length"))}
+    required output language), else ``zh`` (not guessed from the prompt's script). ``field``, ``en_field``: the
+    profile fields the paths came from, for errors (:func:`data_file`)."""
+    p = data_file("longbench_write.jsonl", path, field=field)
+    en = {r["prompt"] for r in _read(data_file("longbench_write_en.jsonl", en_path, field=en_field),
+                                     ("prompt", "type", "length"))}
     items = []
     for i, r in enumerate(_read(p, ("prompt", "type", "length"))):
         items.append(WritingItem(f"lbw-{i:03d}", r["prompt"], TYPE_EN.get(r["type"], r["type"]), r["length"], "en" if r["prompt"] in en else "zh"))

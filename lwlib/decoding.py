@@ -603,9 +603,10 @@ class SlotEngine:
 
     # -- the loop ------------------------------------------------------------------------------------
 
-    def run(self, prompts: Sequence[Sequence[int]], limits: Sequence[int], params: Any
+    def run(self, prompts: Sequence[Sequence[int]], limits: Sequence[int], params: Any, stop: Any = None
             ) -> Iterator[tuple[int, list[int], bool, float]]:
-        """Generate for every prompt; yields ``(index, tokens, ended, seconds)`` as rows finish."""
+        """Generate for every prompt; yields ``(index, tokens, ended, seconds)`` as rows finish. ``stop``: a
+        ``threading.Event``; once it is set the call returns at the next segment, the unfinished rows not yielded."""
         n = len(prompts)
         if len(limits) != n:
             raise ValueError(f"{len(limits)} token limits for {n} prompts")
@@ -624,9 +625,9 @@ class SlotEngine:
         slots, length = self.plan(n, max(len(p) + m for p, m in zip(prompts, limits)))
         with torch.no_grad():
             self._allocate(slots, length)
-        yield from self._loop([list(p) for p in prompts], limits, params, slots, length)
+        yield from self._loop([list(p) for p in prompts], limits, params, slots, length, stop)
 
-    def _loop(self, prompts, limits, params, slots, length):
+    def _loop(self, prompts, limits, params, slots, length, stop_event=None):
         cfg, dev, st = self.cfg, self.device, self.stats
         if st._ctx_tokens is None or st._ctx_tokens.device != dev:
             st._ctx_tokens = torch.zeros((), dtype=torch.long, device=dev)
@@ -764,6 +765,8 @@ class SlotEngine:
             st.compactions += 1
 
         while pending or any(i >= 0 for i in item):
+            if stop_event is not None and stop_event.is_set():
+                return
             with torch.no_grad():
                 if pending:
                     admit()

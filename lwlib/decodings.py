@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .backends import GenParams
+from .typed import from_dict
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,6 @@ PAPER = Decoding("paper", temperature=0.5, note="the paper's: temperature 0.5, n
 
 def parse_decodings(raw: Any, where: str = "decodings") -> list[Decoding]:
     """Decodings from a profile's ``decodings`` list (mappings with the :class:`Decoding` fields)."""
-    from .config import from_dict
-
     if raw is None:
         return [PAPER]
     if not isinstance(raw, list) or not raw:

@@ -54,6 +54,7 @@ import torch
 
 from .backends import Backend, BackendConfig, Generation, make_backend
 from .config import Profile
+from .typed import check_sizes
 from .data import is_hf_spec, parse_hf_spec
 from .decodings import Decoding, get_decoding
 from .generation import Job, generate_into
@@ -170,6 +171,9 @@ class DPOStageConfig:
     bench_items: int | None = None
 
     def __post_init__(self) -> None:
+        check_sizes(self, "dpo", 1, "instructions", "min_words", "max_words", "max_new_tokens", "steps", "batch_size",
+                    "per_device_batch_size", "max_length", "logging_steps", "bench_items")
+        check_sizes(self, "dpo", 0, "general_per_long", "general_max")
         if self.score_rule not in SCORE_RULES:
             raise ValueError(f"dpo.score_rule must be one of {SCORE_RULES}, got {self.score_rule!r}")
         if not 0.0 <= self.quality_weight <= 1.0:
@@ -249,7 +253,8 @@ def _samples_fingerprint(prof: Profile, cfg: DPOStageConfig) -> dict[str, Any]:
 
     return {"model": model_fingerprint(cfg.backend.model or run_model(prof, cfg.start_model), prof.run_dir),
             "max_new_tokens": cfg.max_new_tokens, "decoding": sampling_decoding(prof, cfg).as_dict(),
-            "seed": prof.seed, "instructions": _instructions_fingerprint(prof, cfg)}
+            "seed": prof.seed, "instructions": _instructions_fingerprint(prof, cfg),
+            **(prof.numerics() if cfg.backend.kind == "local" else {})}  # a local model's device and dtype
 
 
 def _samples_store(prof: Profile, cfg: DPOStageConfig) -> JsonlStore:

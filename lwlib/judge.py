@@ -43,6 +43,7 @@ import numpy as np
 from .backends import Backend, BackendConfig, GenParams, LocalBackend, OpenAIBackend, make_backend
 from .runs import JsonlStore, sha256_file
 from .text import count_words, truncate_words
+from .typed import check_sizes
 
 JUDGE_DIMENSIONS: tuple[str, ...] = (
     "Relevance", "Accuracy", "Coherence", "Clarity", "Breadth and Depth", "Reading Experience",
@@ -176,6 +177,10 @@ class JudgeConfig(BackendConfig):
     max_tries: int = 5
     max_response_words: int | None = None
     serve: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_sizes(self, "judge", 1, "max_tokens", "max_tries", "max_response_words")
 
 
 def judge_model_id(backend: Any) -> str:

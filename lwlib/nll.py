@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from .config import Profile
+from .typed import check_sizes
 from .logprobs import token_nll
 from .plots import pyplot, save_figure
 from .runs import (JsonlStore, atomic_write_json, atomic_write_text, data_fingerprint, model_fingerprint, read_jsonl,
@@ -76,6 +77,7 @@ class NLLConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        check_sizes(self, "nll", 1, "max_samples")
         if self.batch_size < 1:
             raise ValueError(f"nll.batch_size must be >= 1, got {self.batch_size}")
         if self.chunk_size < 0:
@@ -163,7 +165,8 @@ def run_nll(prof: Profile, tag: str, cfg: NLLConfig | None = None, model_and_tok
     out = prof.stage_dir("nll") / tag
     model_name = run_model(prof, tag)
     fingerprint = {"model": model_fingerprint(model_name, prof.run_dir), "data": data_fingerprint(path),
-                   "max_tokens": cfg.max_tokens, "include_end_token": cfg.include_end_token}  # ids are line numbers
+                   "max_tokens": cfg.max_tokens, "include_end_token": cfg.include_end_token,  # ids are line numbers
+                   **prof.numerics()}  # the model's device and dtype
     store = JsonlStore(out / "token_nll.jsonl", key="id", fingerprint=fingerprint, overwrite=cfg.overwrite,
                        stage="nll")
     write_manifest(out, {"profile": prof.resolved(), "nll": dataclasses.asdict(cfg), "tag": tag,

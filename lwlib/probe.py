@@ -37,6 +37,7 @@ import pandas as pd
 
 from .backends import Backend, BackendConfig, Generation, make_backend
 from .config import Profile
+from .typed import check_sizes
 from .data import WritingItem, data_file, load_ruler
 from .decodings import Decoding, model_label, profile_decodings
 from .generation import Job, generate_into
@@ -81,6 +82,10 @@ class ProbeConfig:
     data_path: str | None = None
     backend: BackendConfig = field(default_factory=BackendConfig)
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        check_sizes(self, "probe", 1, "lengths", "templates", "samples_per_prompt", "max_new_tokens", "rep_ngram",
+                    "rep_window")
 
 
 def _template_key(prompt: str) -> str:
@@ -138,15 +143,16 @@ def probe_decodings(
     of every decoding in one batch), a store per decoding. ``{decoding name: records}``; the backend is built
     only if something is missing (and released after)."""
     cfg = cfg or profile.section("probe", ProbeConfig)
-    items = select_items(load_ruler(cfg.data_path), cfg)
+    items = select_items(load_ruler(cfg.data_path, field="probe.data_path"), cfg)
     stores, jobs = {}, []
     for dec in decodings:
         out = probe_dir(profile, tag, dec.name)
         fingerprint = {  # what decides a record (not the selection: records are per item)
             "model": model_fingerprint(model if backend is not None else cfg.backend.model or model, profile.run_dir),
-            "max_new_tokens": cfg.max_new_tokens, "decoding": dec.as_dict(),
-            "seed": profile.seed + split_seed(tag)[1], "data": data_fingerprint(data_file("longwrite_ruler.jsonl", cfg.data_path)),
+            "max_new_tokens": cfg.max_new_tokens, "decoding": dec.as_dict(), "seed": profile.seed + split_seed(tag)[1],
+            "data": data_fingerprint(data_file("longwrite_ruler.jsonl", cfg.data_path, field="probe.data_path")),
             "repetition": [cfg.rep_ngram, cfg.rep_window, cfg.rep_threshold],  # stored per record
+            **(profile.numerics() if cfg.backend.kind == "local" else {}),  # a local model's device and dtype
         }
         store = stores[dec.name] = JsonlStore(out / "generations.jsonl", key="id", fingerprint=fingerprint,
                                               overwrite=cfg.overwrite, stage="probe")

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,15 +64,21 @@ class JsonlStore:
 
     A record whose key is already stored is refused (``ValueError``), so a resumed run cannot
     duplicate items; a file holding one key twice (two writers at once) is an error naming the file, both
-    lines and the key. Lines that are not valid JSON raise an error naming the file and line, except a
-    torn *last* line (what a crash mid-write leaves), which is dropped from the file with a warning. A last
-    record without its newline gets one before the next append.
+    lines and the key. Lines that are not valid JSON (or not UTF-8) raise an error naming the file and line,
+    except a torn last line: a last line *without its newline* that does not parse (what a crash mid-write
+    leaves), which is cut from the file with a warning. A complete last line (newline-terminated) that does not
+    parse is an error like any other. A last record without its newline gets one before the next append. An
+    append that fails (a full disk: ENOSPC) is rolled back to the last complete record and raises an
+    ``OSError`` naming the file; if even the rollback fails, the store refuses further appends (nothing is
+    glued onto a partial line).
 
     ``fingerprint``: the settings that decide the records (model, decoding, data, seed; a flat or nested
     dict of JSON values). It is kept in ``<file>.fingerprint.json``; reopening with a fingerprint that
     differs in a setting both name raises :class:`StaleRunError` naming each change (old -> new) and how to
     proceed, so records of two configurations are never mixed. With ``overwrite=True`` the old records are
-    moved aside to ``<file>.stale-<id>`` (and their fingerprint beside them) and the store starts empty.
+    moved aside to ``<file>.stale-<id>`` (``<id>``: the old fingerprint's; ``<file>.stale-<id>-2``, ``-3`` ... when
+    that name is taken: a set-aside file is never overwritten), their fingerprint beside them, and the store
+    starts empty.
     Records written before fingerprints existed (no fingerprint file) are adopted with a warning, and so
     are settings the stored fingerprint lacks (added to the code later). ``stage`` names the profile
     section for the message (``probe`` -> "set probe.overwrite: true").
@@ -93,6 +100,7 @@ class JsonlStore:
         self._records: dict[Any, dict] = {}
         self.dropped_torn_line = False
         self.moved_aside: Path | None = None
+        self._unusable: str | None = None  # why appends are refused (a failed append that could not be undone)
         if fingerprint is not None:
             lock_dir(self.path.parent)
         if self.path.exists():
@@ -118,9 +126,7 @@ class JsonlStore:
         flat_old, flat_new = _flatten(old), _flatten(new)
         changed = {k: (flat_old[k], flat_new[k]) for k in flat_old if k in flat_new and flat_old[k] != flat_new[k]}
         if changed and overwrite:
-            aside = self.path.with_name(f"{self.path.name}.stale-{fingerprint_id(old)}")
-            os.replace(self.path, aside)
-            os.replace(self.fingerprint_path, fingerprint_path(aside))
+            aside = _move_aside(self.path, f"{self.path.name}.stale-{fingerprint_id(old)}")
             _warn(f"{self.path}: {len(self._records)} records made with other settings "
                   f"({_describe(changed)}) moved aside to {aside.name} (overwrite)")
             self._records, self.moved_aside = {}, aside
@@ -155,22 +161,43 @@ class JsonlStore:
         return list(self._records.values())
 
     def append(self, record: dict) -> None:
-        """Write one record and flush it to disk before returning."""
+        """Write one record and flush it to disk before returning. A write that fails part-way (ENOSPC) is cut
+        back to the file's size before it, and the ``OSError`` names the file."""
         k = _hashable(record[self.key])
         if k in self._records:
             raise ValueError(f"{self.path}: record {record[self.key]!r} is already stored")
+        if self._unusable:
+            raise OSError(errno.EIO, f"{self.path}: no further appends from this store: {self._unusable}")
         lock_dir(self.path.parent)
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-        with open(self.path, "a+b") as f:
-            end = f.seek(0, os.SEEK_END)
-            if end:
-                f.seek(end - 1)
-                if f.read(1) != b"\n":  # a last record without its newline: do not glue this one onto it
-                    line = b"\n" + line
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            if end and os.pread(fd, 1, end - 1) != b"\n":  # a last record without its newline: no gluing on
+                line = b"\n" + line
+            try:
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError as e:
+                self._roll_back(fd, end, record, e)
+        finally:
+            os.close(fd)
         self._records[k] = record
+
+    def _roll_back(self, fd: int, end: int, record: dict, e: OSError) -> None:
+        """Undo a failed append (cut the file back to ``end`` bytes) and raise the error naming the file."""
+        what = f"{self.path}: appending record {record[self.key]!r} failed ({e.strerror or e})"
+        try:
+            os.ftruncate(fd, end)
+            os.fsync(fd)
+        except OSError as e2:
+            self._unusable = f"{what}, and cutting the partial line off failed too ({e2.strerror or e2})"
+            raise OSError(e.errno, f"{self._unusable}; the file may end in a partial line, which the next open drops "
+                          "as torn", str(self.path)) from e
+        raise OSError(e.errno, f"{what}; rolled back to its last complete record ({end} bytes), nothing is lost: "
+                      "free space and rerun") from e
 
     def extend(self, records: Iterable[dict]) -> None:
         for r in records:
@@ -178,10 +205,10 @@ class JsonlStore:
 
 
 def _parse_records(path: Path, key: str, repair: bool) -> tuple[dict[Any, dict], bool]:
-    """Records of a store file by key. A torn last line is dropped (``repair``: cut from the file); a
-    duplicate key or a bad line elsewhere raises an error naming the file and line."""
+    """Records of a store file by key. A torn last line (no newline, not JSON) is dropped (``repair``: cut from
+    the file); a duplicate key or any other bad line raises an error naming the file and line."""
     raw = path.read_bytes()
-    lines = raw.split(b"\n")
+    lines = raw.split(b"\n")  # the last item is what follows the last newline: b"" unless the last line is torn
     records: dict[Any, dict] = {}
     first_line: dict[Any, int] = {}
     good_bytes = 0
@@ -191,19 +218,20 @@ def _parse_records(path: Path, key: str, repair: bool) -> tuple[dict[Any, dict],
             good_bytes += len(line) + 1
             continue
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            is_last = all(not rest.strip() for rest in lines[lineno:])
-            if is_last:  # torn write from a crash: keep everything before it
+            rec = _json_line(line)
+        except ValueError as e:
+            why = e.msg if isinstance(e, json.JSONDecodeError) else f"not UTF-8: {e.reason} at byte {e.start}"
+            if lineno == len(lines):  # no newline after it: a write cut by a crash; keep everything before it
                 torn = True
                 if repair:
-                    print(f"[lwlib] {path}:{lineno}: dropping torn last line ({e.msg})", file=sys.stderr)
+                    print(f"[lwlib] {path}:{lineno}: dropping torn last line ({why})", file=sys.stderr)
                     with open(path, "r+b") as f:
                         f.truncate(good_bytes)
                 else:
-                    print(f"[lwlib] {path}:{lineno}: ignoring torn last line ({e.msg})", file=sys.stderr)
+                    print(f"[lwlib] {path}:{lineno}: ignoring torn last line ({why})", file=sys.stderr)
                 break
-            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({why}); the line is complete (it ends with a "
+                             "newline), so it is not a torn write: fix or remove that line") from e
         if not isinstance(rec, dict) or key not in rec:
             raise ValueError(f"{path}:{lineno}: record has no field {key!r}")
         k = _hashable(rec[key])
@@ -315,6 +343,38 @@ def _write_fingerprint(store_path: Path, fingerprint: dict) -> None:
         "note": f"settings that decide the records of {store_path.name}; lwlib refuses to mix other settings into it"})
 
 
+def _move_aside(path: Path, name: str) -> Path:
+    """Move store file ``path`` and its fingerprint to ``name`` beside it (``name-2``, ``name-3`` ... when taken):
+    hard links, which fail rather than replace, so an earlier set-aside file is never overwritten."""
+    fp = fingerprint_path(path)
+    for n in range(1, 10_000):
+        aside = path.with_name(name if n == 1 else f"{name}-{n}")
+        if aside.exists() or fingerprint_path(aside).exists():
+            continue
+        if not _link(path, aside):
+            continue
+        if fp.exists():
+            _link(fp, fingerprint_path(aside))
+        path.unlink()  # the records first: a crash between the two leaves no records under the old fingerprint
+        fp.unlink(missing_ok=True)
+        return aside
+    raise FileExistsError(f"{path}: no free name to move it aside to ({name}-N taken)")
+
+
+def _link(src: Path, dst: Path) -> bool:
+    """A second name ``dst`` for ``src``; False if ``dst`` exists. A copy where hard links are not supported
+    (this process holds the folder's lock, so nothing else creates ``dst`` meanwhile)."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        return False
+    except OSError:
+        if dst.exists():
+            return False
+        shutil.copy2(src, dst)
+    return True
+
+
 def _warn(msg: str) -> None:
     warnings.warn(msg, stacklevel=3)
     print(f"[lwlib] {msg}", file=sys.stderr)
@@ -328,8 +388,10 @@ _HELD: dict[str, int] = {}  # folder (real path) -> fd of its .lock, held until 
 def lock_dir(folder: str | Path) -> Path:
     """Take the exclusive lock of ``folder`` (``folder/.lock``, ``fcntl.flock``) for the rest of this process;
     a second call in the same process is a no-op. Another live process holding it raises
-    :class:`RunLockedError` naming its PID (read from the lock file); the kernel drops the lock of a process
-    that dies, so a killed run never leaves a stale lock. Returns the lock file.
+    :class:`RunLockedError` naming its PID (read from the lock file; where that process is gone, the processes
+    that inherited the lock from it and still hold it: :func:`lock_holders`); the kernel drops the lock of a
+    process that dies with nothing left holding it, so a killed run never leaves a stale lock. Returns the
+    lock file.
 
     Usage: ``lock_dir(prof.stage_dir("probe") / "base")``
     """
@@ -348,7 +410,18 @@ def lock_dir(folder: str | Path) -> Path:
             raise
         holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
         os.close(fd)
-        pid = int(holder.split()[0]) if holder.split() and holder.split()[0].isdigit() else None
+        words = holder.split()
+        pid = int(words[0]) if words and words[0].isdigit() else None
+        if (pid is None or not pid_alive(pid)) and (len(words) < 2 or words[1] == platform.node()):
+            # the process that took it is gone (kill -9): what holds it now is a child it left, which inherited
+            # the lock's file descriptor; name that one, the process to stop
+            alive = [h for h in lock_holders(path) if h != os.getpid()]
+            if alive:
+                raise RunLockedError(
+                    f"{folder} is being written by {_describe_pids(alive)}, left running by PID "
+                    f"{pid if pid is not None else '?'} (gone; the lock file's {holder!r}), which still holds the lock; "
+                    f"two writers would store every record twice. Wait for it to finish or stop it "
+                    f"(kill {' '.join(map(str, alive))}), then run again.", alive[0]) from None
         raise RunLockedError(
             f"{folder} is being written by another process (PID {pid if pid is not None else '?'}"
             f"{': ' + holder if holder else ''}); two writers would store every record twice. Wait for it to "
@@ -360,22 +433,73 @@ def lock_dir(folder: str | Path) -> Path:
     return path
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def lock_holders(path: str | Path) -> list[int]:
+    """PIDs of the live processes that have ``path`` open (Linux: their ``/proc/<pid>/fd``; [] where there is no
+    /proc or nothing can be read), in order. A lock taken with ``flock`` is held by every process that inherited
+    its file descriptor.
+
+    Usage: ``lock_holders(run_dir / ".lock")``
+    """
+    target = os.path.realpath(path)
+    out = []
+    for d in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd) == target for fd in d.iterdir()):
+                out.append(int(d.parent.name))
+        except OSError:  # gone meanwhile, or another user's
+            continue
+    return sorted(p for p in out if pid_alive(p))
+
+
+def _describe_pids(pids: list[int]) -> str:
+    """``PID 12 (python -m lwlib.nbrun ...), PID 34 (...)``: each with its command line where readable."""
+    def cmd(p: int) -> str:
+        try:
+            raw = Path(f"/proc/{p}/cmdline").read_bytes().decode("utf-8", "replace")
+            return " ".join(raw.replace("\0", " ").split())[:100]
+        except OSError:
+            return ""
+    return ", ".join(f"PID {p}" + (f" ({c})" if (c := cmd(p)) else "") for p in pids)
+
+
 def _hashable(key: Any) -> Any:
     return tuple(key) if isinstance(key, list) else key
 
 
+def _json_line(line: bytes) -> Any:
+    """One JSON line (UTF-8 bytes): ``json.JSONDecodeError`` or ``UnicodeDecodeError`` (both ValueErrors)."""
+    return json.loads(line.decode("utf-8"))
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
     """``(line number, record)`` for each non-blank line of a JSONL file, so callers that validate
-    records can name the line; a line that is not JSON raises an error naming the file and line."""
+    records can name the line; a line that is not JSON, or not UTF-8, raises an error naming the file and line."""
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
+                rec = _json_line(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 ({e.reason} at byte {e.start} of the line)") from e
+            yield lineno, rec
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -401,8 +525,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the usual permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not e.filename:  # a full disk says ENOSPC, not where: name the file
+            raise OSError(e.errno, f"writing {path} failed ({e.strerror or e}); the file is as it was before") from e
         raise
     return path
 

@@ -68,6 +68,7 @@ import torch
 from .backends import BackendConfig
 from .attention import check_packed_attention, flat_packs, pick_attn, register_varlen_attention
 from .config import Profile
+from .typed import check_sizes
 from .losses import trainer_class
 from .packing import PackCollator, PackedDataset, TokenizedExample, pack_examples, pack_stats, tokenize_chat, training_template
 from .plots import pyplot, save_figure
@@ -231,6 +232,10 @@ class SFTConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
+        check_sizes(self, "sft", 1, "self_distill_max_new_tokens", "self_distill_batch_size", "max_output_words",
+                    "caps", "batch_size", "per_device_batch_size", "logging_steps")
+        check_sizes(self, "sft", 0, "general_per_long", "general_max", "save_steps")
+        check_sizes(self, "sft", -1, "cap_max_steps", "max_steps")  # -1: as epochs says
         if self.loss not in ("token", "sequence"):
             raise ValueError(f"sft.loss must be 'token' or 'sequence', got {self.loss!r}")
         if self.cap_mode not in ("drop", "truncate", "cut"):
@@ -361,9 +366,11 @@ def self_distill(prof: Profile, n: int, cfg: SFTConfig, backend=None) -> list[Me
         "max_new_tokens": cfg.self_distill_max_new_tokens, "seed": prof.seed}
     if bcfg.kind != "local" or bcfg.engine != "generate":  # (absent for the default: earlier runs stay valid)
         fingerprint["backend"] = f"{bcfg.kind}/{bcfg.engine if bcfg.kind == 'local' else bcfg.model}"
-    for key in ("device", "dtype"):  # where the answers were made, when the profile pins it (greedy in fp32 on a
-        if getattr(bcfg, key):        # CPU differs from bf16 on a GPU)
-            fingerprint[key] = getattr(bcfg, key)
+    if bcfg.kind == "local":  # where the answers were made (greedy in fp32 on a CPU differs from bf16 on a GPU)
+        from .models import pick_device, pick_dtype
+
+        dev = pick_device(bcfg.device or prof.device)
+        fingerprint.update(device=dev.type, dtype=str(pick_dtype(bcfg.dtype or prof.dtype, dev)).removeprefix("torch."))
     store = JsonlStore(prof.stage_dir("sft") / "general_self_distill.jsonl", key="id", stage="sft",
                        overwrite=cfg.overwrite, fingerprint=fingerprint)
     items = general_instructions(n, prof.seed)

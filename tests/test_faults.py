@@ -1,14 +1,20 @@
-"""Fault injection (issue 19): results cannot go stale or doubled, and stopping stops. Loopback only, bounded in time.
+"""Fault injection (issues 19, 29): results cannot go stale or doubled, and stopping stops. Loopback only, bounded
+in time.
 
 Config change between runs (refused, nothing mixed), two writers (second refused, named), SIGTERM to the runner
-(nothing left running, no record after), an interrupt during an API stage (returns at once, nothing sent after),
-a download that never answers, malformed JSON from the server (retried, then an error that is not stored).
+(nothing left running, no record after), SIGINT to a runner started with SIGINT ignored, SIGKILL to the runner (a
+second one is refused naming what still holds the lock), an interrupt during an API stage (returns at once, nothing
+sent after; also with SIGINT ignored), a download that never answers, malformed JSON from the server (retried, then
+an error that is not stored). The store's edges (issue 29): a complete bad last line, a set-aside file of the same
+fingerprint, a failed append (ENOSPC), invalid UTF-8, a missing given data path, a wrong checksum, dtype and device
+in the fingerprint, negative sizes, a lock left to a child.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -25,7 +31,8 @@ from lwlib import data
 from lwlib.backends import Generation, GenParams, OpenAIBackend
 from lwlib.config import load_profile
 from lwlib.probe import run_probe
-from lwlib.runs import REPO_ROOT, JsonlStore, RunLockedError, StaleRunError, read_jsonl
+from lwlib.runs import (REPO_ROOT, JsonlStore, RunLockedError, StaleRunError, fingerprint_id, read_fingerprint,
+                        read_jsonl, read_records)
 from lwlib.serve import serve
 from nbutil import fake_repo
 
@@ -197,25 +204,58 @@ def _tick_notebook():
     return nb
 
 
+class Ticking:
+    """run_all.sh with real papermill and a real kernel on a tiny notebook that appends a record every 25 ms,
+    started and waited for until it ticks: ``runner``, ``kernel`` and ``papermill`` PIDs, the ``ticks`` store."""
+
+    def __init__(self, tmp_path: Path, sigint_ignored: bool = False):
+        self.repo = fake_repo(tmp_path, notebooks={"01_tick.ipynb": _tick_notebook()})
+        self.prof_file = tmp_path / "tick.yaml"
+        self.prof_file.write_text("name: ticks\nmodel: none\n")
+        self.run = tmp_path / "runs" / "ticks"
+        self.env = {**os.environ, "LWLIB_RUNS": str(tmp_path / "runs"), "PYTHONPATH": str(REPO_ROOT)}
+        argv = self.argv()
+        self.runner = subprocess.Popen(_sigint_ignored(argv) if sigint_ignored else argv, env=self.env,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                       start_new_session=True)
+        self.ticks = self.run / "tick" / "ticks.jsonl"
+        self.kernel = self.papermill = None
+        t0 = time.monotonic()
+        try:
+            while not (self.ticks.exists() and len(self.ticks.read_text().splitlines()) >= 3
+                       and (self.run / "kernel.pid").exists()):
+                assert self.runner.poll() is None, self.runner.communicate()
+                assert time.monotonic() - t0 < 90, "the kernel did not start"
+                time.sleep(0.1)
+            self.kernel, self.papermill = map(int, (self.run / "kernel.pid").read_text().split())
+        except BaseException:
+            self.kill_all()
+            raise
+
+    def argv(self) -> list[str]:
+        return [str(self.repo / "run_all.sh"), str(self.prof_file)]
+
+    def wait_gone(self, timeout_s: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while (_alive(self.kernel) or _alive(self.papermill)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(self.kernel) and not _alive(self.papermill)
+
+    def kill_all(self) -> None:
+        if self.runner.poll() is None:
+            os.killpg(self.runner.pid, signal.SIGKILL)
+            self.runner.wait()
+        for pid in (self.kernel, self.papermill):  # in sessions or groups of their own
+            if pid is not None and _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_sigterm_stops_the_runner_papermill_and_the_kernel_and_a_second_runner_is_refused(tmp_path):
     """run_all.sh with real papermill and a real kernel on a tiny notebook that appends a record every 25 ms."""
-    repo = fake_repo(tmp_path, notebooks={"01_tick.ipynb": _tick_notebook()})
-    prof_file = tmp_path / "tick.yaml"
-    prof_file.write_text("name: ticks\nmodel: none\n")
-    run = tmp_path / "runs" / "ticks"
-    env = {**os.environ, "LWLIB_RUNS": str(tmp_path / "runs"), "PYTHONPATH": str(REPO_ROOT)}
-    runner = subprocess.Popen([str(repo / "run_all.sh"), str(prof_file)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
-    ticks = run / "tick" / "ticks.jsonl"
+    t = Ticking(tmp_path)
+    runner, ticks, env, kernel = t.runner, t.ticks, t.env, t.kernel
     try:
-        t0 = time.monotonic()
-        while not (ticks.exists() and len(ticks.read_text().splitlines()) >= 3 and (run / "kernel.pid").exists()):
-            assert runner.poll() is None, runner.communicate()
-            assert time.monotonic() - t0 < 90, "the kernel did not start"
-            time.sleep(0.1)
-        kernel, papermill = map(int, (run / "kernel.pid").read_text().split())
-        second = subprocess.run([str(repo / "run_all.sh"), str(prof_file)], env=env, capture_output=True, text=True,
-                                timeout=60)
+        second = subprocess.run(t.argv(), env=env, capture_output=True, text=True, timeout=60)
         assert second.returncode == 75 and f"PID {runner.pid}" in second.stderr, second.stderr
         with pytest.raises(RunLockedError, match=f"PID {kernel}"):  # and in Python, the kernel holds the stage
             JsonlStore(ticks, fingerprint={"k": 1})
@@ -225,41 +265,130 @@ def test_sigterm_stops_the_runner_papermill_and_the_kernel_and_a_second_runner_i
         _, err = runner.communicate(timeout=15)
         assert runner.returncode == 143 and "stopped by SIGTERM" in err, err
         assert time.monotonic() - t_sig < 8
-        deadline = time.monotonic() + 3
-        while (_alive(kernel) or _alive(papermill)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not _alive(kernel) and not _alive(papermill)
+        t.wait_gone(3.0)
         n = len(read_jsonl(ticks))
         time.sleep(1.0)
         assert len(read_jsonl(ticks)) == n  # no record after the runner returned
     finally:
-        if runner.poll() is None:
-            os.killpg(runner.pid, signal.SIGKILL)
-            runner.wait()
+        t.kill_all()
     # the lock went with the run: a new writer may start
     JsonlStore(ticks, fingerprint={"k": 1}).append({"id": "after"})
 
 
-def test_interrupt_during_an_api_stage_returns_at_once_and_sends_nothing_after(tmp_path):
-    """Ctrl-C (SIGINT to the main thread) while the probe talks to a slow server: the stage returns within a
-    second or two, the queued requests are never sent, the answers that arrived are stored."""
+def test_sigint_stops_a_runner_started_with_sigint_ignored(tmp_path):
+    """As a background job of a non-interactive shell (CI), run_all.sh starts with SIGINT ignored, where bash cannot
+    trap it: it restarts itself with SIGINT at its default, so its INT trap stops papermill and the kernel."""
+    t = Ticking(tmp_path, sigint_ignored=True)
+    try:
+        t.runner.send_signal(signal.SIGINT)
+        _, err = t.runner.communicate(timeout=30)
+        assert t.runner.returncode == 130 and "stopped by SIGINT" in err, err
+        t.wait_gone()
+    finally:
+        t.kill_all()
+    ticks = read_jsonl(t.ticks)  # whole records only
+    assert [r["id"] for r in ticks] == list(range(len(ticks))) and len(ticks) >= 3
+
+
+def test_after_sigkill_to_the_runner_a_second_one_is_refused_naming_what_holds_the_lock(tmp_path):
+    """kill -9 of run_all.sh leaves papermill and its kernel running (and writing): a second run_all.sh is refused
+    (exit 75) naming them, not the dead runner as if it held the lock."""
+    t = Ticking(tmp_path)
+    try:
+        os.kill(t.runner.pid, signal.SIGKILL)
+        t.runner.wait()
+        n = len(read_jsonl(t.ticks))
+        second = subprocess.run(t.argv(), env=t.env, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 75, second.stderr
+        assert f"run_all.sh PID {t.runner.pid} took it and is gone" in second.stderr
+        assert f"PID {t.papermill}: " in second.stderr and f"PID {t.kernel}: " in second.stderr, second.stderr
+        assert f"kill {t.papermill} " in second.stderr or f"kill {t.kernel} " in second.stderr
+        assert len(read_jsonl(t.ticks)) > n  # the orphans still write: that is why the second run was refused
+    finally:
+        t.kill_all()
+        t.wait_gone()
+    ticks = read_jsonl(t.ticks)
+    assert [r["id"] for r in ticks] == list(range(len(ticks)))  # nothing lost or doubled
+
+
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt during the test, also when the suite was started with SIGINT ignored (then
+    Python installs no handler of its own); the disposition before is restored after."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+class Held(Echo):
+    """Echo's answers, but from call ``free + 1`` on each call sets ``held`` and waits for ``release``."""
+
+    def __init__(self, free: int):
+        self.free, self.calls = free, 0
+        self.held, self.release = threading.Event(), threading.Event()
+
+    def generate(self, prompts, params, max_new_tokens=None, desc=None):
+        self.calls += 1
+        if self.calls > self.free:
+            self.held.set()
+            assert self.release.wait(60)
+        return super().generate(prompts, params, max_new_tokens, desc)
+
+
+def test_interrupt_during_an_api_stage_returns_at_once_and_sends_nothing_after(tmp_path, sigint_raises):
+    """Ctrl-C (SIGINT to the main thread) while the probe waits for a server that holds a request: the stage returns
+    while the server still holds it (it does not wait for the requests in flight), the queued prompts are never
+    sent, the answers that arrived are stored. Event-driven: the interrupt comes when the server holds a request."""
     prof = _probe_profile(tmp_path, **{"probe.lengths": [1000, 2000, 5000, 10000, 20000, 30000],
                                        "probe.templates": 4})  # 24 prompts
-    with serve(Echo(), delay_s=1.0) as server:
+    backend = Held(free=2)
+    before = set(threading.enumerate())
+    out = tmp_path / "smoke" / "probe" / "api" / "paper" / "generations.jsonl"
+    with serve(backend) as server:
         be = OpenAIBackend(server.model, base_url=server.url, concurrency=2, max_retries=5)
         main = threading.main_thread().ident
-        timer = threading.Timer(1.5, signal.pthread_kill, (main, signal.SIGINT))
-        t0 = time.monotonic()
-        timer.start()
+
+        def interrupt_when_held():  # a request held by the server, the two answered ones stored
+            if backend.held.wait(60):
+                deadline = time.monotonic() + 60
+                while not (out.exists() and len(out.read_bytes().splitlines()) == 2) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                signal.pthread_kill(main, signal.SIGINT)
+
+        threading.Thread(target=interrupt_when_held, daemon=True).start()
         with pytest.raises(KeyboardInterrupt):
             run_probe(prof, "echo", "api", backend=be)
-        returned = time.monotonic()
-        sent = server.requests
-        time.sleep(2.5)  # longer than the server's delay: anything still queued would have been sent by now
-        assert server.requests == sent <= 6
-        assert returned - t0 < 3.5
-    stored = read_jsonl(tmp_path / "smoke" / "probe" / "api" / "paper" / "generations.jsonl")
-    assert 1 <= len(stored) <= 2 and all(r["response"].startswith("An answer") for r in stored)
+        assert server.health()["generating"]  # returned while the third request is still held by the server
+        backend.release.set()
+        # the stage's request threads: once they are all gone, nothing more can be sent
+        deadline = time.monotonic() + 30
+        while any(t.name.startswith("ThreadPoolExecutor") for t in set(threading.enumerate()) - before):
+            assert time.monotonic() < deadline, "the stage's request threads did not end"
+            time.sleep(0.05)
+        assert server.requests <= 4  # 2 answered + at most 2 in flight (the concurrency): none of the 20 queued
+    stored = read_jsonl(out)
+    assert len(stored) == 2 and all(r["response"].startswith("An answer") for r in stored)
+
+
+def _sigint_ignored(argv: list[str]) -> list[str]:
+    """``argv`` run with SIGINT ignored, as a background job of a non-interactive shell starts (exec keeps it)."""
+    return [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+            "os.execvp(sys.argv[1], sys.argv[1:])", *argv]
+
+
+def test_the_interrupt_tests_pass_when_the_suite_starts_with_sigint_ignored(tmp_path):
+    """The interrupt test above and the serve CLI's test (which stops the server with SIGINT), in a pytest started
+    with SIGINT ignored: both install what they rely on, so both pass."""
+    shown = subprocess.run(_sigint_ignored([sys.executable, "-c", "import signal; "
+                                            "print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)"]),
+                           capture_output=True, text=True, timeout=60)
+    assert shown.stdout.strip() == "True"  # the fault is planted
+    tests = ["tests/test_faults.py::test_interrupt_during_an_api_stage_returns_at_once_and_sends_nothing_after",
+             "tests/test_models_backends.py::test_serve_cli_serves_the_bundled_model_until_interrupted"]
+    r = subprocess.run(_sigint_ignored([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                        "--basetemp", str(tmp_path / "pytest"), *tests]),
+                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=540)
+    assert r.returncode == 0 and "2 passed" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
 
 
 def test_deadline_bounds_a_stage_call_and_errors_are_not_stored(tmp_path):
@@ -366,3 +495,232 @@ def test_item_counts_official_download_error_user_subset_warning(tmp_path, monke
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(data.load_ruler()) == 48  # the official file: no word
+
+
+# ------------------------------------------------------------------------------------- the store's edges (issue 29)
+
+
+def _store_with(tmp_path: Path, n: int = 3) -> tuple[Path, list[dict]]:
+    path = tmp_path / "stage" / "records.jsonl"
+    store = JsonlStore(path, fingerprint={"model": "m"})
+    recs = [{"id": i, "text": f"record {i}"} for i in range(n)]
+    store.extend(recs)
+    return path, recs
+
+
+def test_a_complete_bad_last_line_is_an_error_only_a_line_without_its_newline_is_torn(tmp_path):
+    path, recs = _store_with(tmp_path)
+    good = path.read_bytes()
+    path.write_bytes(good + b'{"id": 3, "text": "cut by a crash\n')  # complete (newline-ended) but not JSON
+    with pytest.raises(ValueError, match=rf"{path}:4: not valid JSON .*ends with a newline.*not a torn write"):
+        JsonlStore(path, fingerprint={"model": "m"})
+    with pytest.raises(ValueError, match=rf"{path}:4: not valid JSON"):
+        read_records(path)
+    assert path.read_bytes() == good + b'{"id": 3, "text": "cut by a crash\n'  # nothing cut: the line is evidence
+    path.write_bytes(good + b'{"id": 3, "text": "cut by a cra')  # no newline: a torn write, dropped
+    store = JsonlStore(path, fingerprint={"model": "m"})
+    assert store.dropped_torn_line and store.records() == recs and path.read_bytes() == good
+    path.write_bytes(good + '{"id": 3, "text": "caf\u00e9"}'.encode()[:-3])  # torn inside a UTF-8 sequence
+    assert JsonlStore(path, fingerprint={"model": "m"}).records() == recs and path.read_bytes() == good
+
+
+def test_invalid_utf8_names_the_file_and_line(tmp_path):
+    path, recs = _store_with(tmp_path)
+    good = path.read_bytes()
+    path.write_bytes(good.replace(b"record 1", b"record \xff"))
+    with pytest.raises(ValueError, match=rf"{path}:2: not valid JSON \(not UTF-8: invalid start byte"):
+        JsonlStore(path, fingerprint={"model": "m"})
+    assert path.read_bytes() == good.replace(b"record 1", b"record \xff")  # left as it was
+    official = (Path(os.environ["LWLIB_DATA_DIR"]) / "longwrite_ruler.jsonl").read_bytes().splitlines(keepends=True)
+    mine = tmp_path / "ruler.jsonl"
+    mine.write_bytes(b"".join(official[:4]) + official[4].replace(b'"', b'\xc3"', 1) + b"".join(official[5:]))
+    with pytest.raises(ValueError, match=rf"{mine}:5: not UTF-8"), pytest.warns(UserWarning, match="not the official"):
+        data.load_ruler(mine)
+
+
+def test_overwrite_never_overwrites_an_earlier_set_aside_file(tmp_path):
+    """a (settings A) -> overwrite to B -> overwrite back to A -> overwrite to B again: A's records are set aside
+    twice under the same fingerprint; both sets survive."""
+    path = tmp_path / "stage" / "records.jsonl"
+    fa, fb = {"model": "m", "t": 0.5}, {"model": "m", "t": 0.9}
+    JsonlStore(path, fingerprint=fa).extend([{"id": 1, "v": "a1"}, {"id": 2, "v": "a1"}])
+    with pytest.warns(UserWarning, match="moved aside"):
+        JsonlStore(path, fingerprint=fb, overwrite=True).append({"id": 1, "v": "b"})
+    with pytest.warns(UserWarning, match="moved aside"):
+        JsonlStore(path, fingerprint=fa, overwrite=True).extend([{"id": 1, "v": "a2"}, {"id": 3, "v": "a2"}])
+    with pytest.warns(UserWarning, match="moved aside"):
+        store = JsonlStore(path, fingerprint=fb, overwrite=True)
+    first = path.with_name(f"records.jsonl.stale-{fingerprint_id(fa)}")
+    assert store.moved_aside == first.with_name(first.name + "-2")
+    assert read_jsonl(first) == [{"id": 1, "v": "a1"}, {"id": 2, "v": "a1"}]  # the earlier set is still there
+    assert read_jsonl(store.moved_aside) == [{"id": 1, "v": "a2"}, {"id": 3, "v": "a2"}]
+    assert read_fingerprint(first) == read_fingerprint(store.moved_aside) == fa
+    assert read_jsonl(path.with_name(f"records.jsonl.stale-{fingerprint_id(fb)}")) == [{"id": 1, "v": "b"}]
+    assert not path.exists() and read_fingerprint(path) == fb  # the store starts empty under B
+
+
+def _enospc_after(monkeypatch, path: Path, nbytes: int, truncate_fails: bool = False):
+    """``os.write`` to ``path`` writes ``nbytes`` bytes, then fails with ENOSPC (a disk that fills mid-line);
+    ``truncate_fails``: cutting the file back fails too."""
+    import errno
+
+    real_write, real_ftruncate = os.write, os.ftruncate
+    ino = path.stat().st_ino
+    left = [nbytes]
+
+    def write(fd, data):
+        if os.fstat(fd).st_ino != ino:
+            return real_write(fd, data)
+        if left[0] <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = real_write(fd, bytes(data[: left[0]]))
+        left[0] -= n
+        return n
+
+    def ftruncate(fd, size):
+        if truncate_fails and os.fstat(fd).st_ino == ino:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_ftruncate(fd, size)
+
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "ftruncate", ftruncate)
+
+
+def test_a_failed_append_is_rolled_back_and_the_next_append_is_whole(tmp_path, monkeypatch):
+    path, recs = _store_with(tmp_path)
+    store = JsonlStore(path, fingerprint={"model": "m"})
+    good = path.read_bytes()
+    with monkeypatch.context() as m:
+        _enospc_after(m, path, 10)
+        with pytest.raises(OSError, match=rf"{path}: appending record 3 failed \(No space left on device\); rolled "
+                                          r"back to its last complete record") as e:
+            store.append({"id": 3, "text": "record 3"})
+    assert e.value.errno == 28 and path.read_bytes() == good and 3 not in store
+    store.append({"id": 3, "text": "record 3"})  # space again: whole, on a line of its own
+    assert JsonlStore(path, fingerprint={"model": "m"}).records() == recs + [{"id": 3, "text": "record 3"}]
+
+    with monkeypatch.context() as m:  # the rollback fails too: the store refuses to glue anything on
+        _enospc_after(m, path, 10, truncate_fails=True)
+        with pytest.raises(OSError, match=rf"{path}: appending record 4 failed .*cutting the partial line off failed"):
+            store.append({"id": 4, "text": "record 4"})
+    with pytest.raises(OSError, match="no further appends from this store"):
+        store.append({"id": 5, "text": "record 5"})
+    reopened = JsonlStore(path, fingerprint={"model": "m"})  # the partial line has no newline: dropped as torn
+    assert reopened.dropped_torn_line and reopened.records() == recs + [{"id": 3, "text": "record 3"}]
+
+
+def test_enospc_in_a_whole_file_write_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    import errno
+
+    from lwlib.runs import atomic_write_json
+
+    target = atomic_write_json(tmp_path / "summary.json", {"old": 1})
+
+    def fsync(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match=rf"writing {target} failed \(No space left on device\); the file is as it was"):
+        atomic_write_json(target, {"new": 2})
+    monkeypatch.undo()
+    assert json.loads(target.read_text()) == {"old": 1} and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_a_given_data_path_that_does_not_exist_is_an_error_not_a_fallback(tmp_path):
+    for given, words in [(tmp_path / "nope.jsonl", "nope.jsonl does not exist"),
+                         (tmp_path, f"the folder {tmp_path} has no longwrite_ruler.jsonl")]:
+        prof = _probe_profile(tmp_path, **{"probe.data_path": str(given)})
+        with pytest.raises(FileNotFoundError, match=rf"probe\.data_path: .*{re.escape(words)}.*no fallback"):
+            run_probe(prof, prof.model, "base", backend=Counting())
+    assert not (tmp_path / "smoke" / "probe" / "base").exists()  # no manifest naming a file that is not there
+
+
+def test_a_wrong_checksum_where_the_official_file_is_looked_for_is_an_error(tmp_path, monkeypatch):
+    official = Path(os.environ["LWLIB_DATA_DIR"]) / "longwrite_ruler.jsonl"
+    changed = tmp_path / "data" / "longwrite_ruler.jsonl"
+    changed.parent.mkdir()
+    changed.write_bytes(official.read_bytes().replace(b"1000", b"1001", 1))  # same item count, one number changed
+    monkeypatch.setenv("LWLIB_DATA_DIR", str(changed.parent))
+    prof = _probe_profile(tmp_path)
+    with pytest.raises(ValueError, match=rf"{changed}: not the official file: longwrite_ruler\.jsonl has 48 items, the "
+                                         r"official file has 48; its sha256 is"):
+        run_probe(prof, prof.model, "base", backend=Counting())
+    assert not (tmp_path / "smoke" / "probe").exists()
+    with pytest.warns(UserWarning, match="not the official"):  # given as one's own file, it is used
+        assert len(data.load_ruler(changed)) == 48
+
+
+def test_dtype_and_device_are_part_of_the_fingerprint(tmp_path):
+    be = Counting()
+    prof = _probe_profile(tmp_path)  # smoke: dtype auto -> float32 on this CPU
+    run_probe(prof, prof.model, "base", backend=be)
+    path = tmp_path / "smoke" / "probe" / "base" / "paper" / "generations.jsonl"
+    before = path.read_bytes()
+    assert {k: read_fingerprint(path)[k] for k in ("device", "dtype")} == prof.numerics()
+    bf16 = _probe_profile(tmp_path, dtype="bfloat16")
+    with pytest.raises(StaleRunError, match='dtype: "float32" -> "bfloat16"'):
+        run_probe(bf16, bf16.model, "base", backend=be)
+    assert path.read_bytes() == before and be.prompts == 1
+    same = _probe_profile(tmp_path, dtype="float32", device="cpu")  # what auto resolved to: the same records
+    assert len(run_probe(same, same.model, "base", backend=be)) == 1 and be.prompts == 1
+
+
+def test_negative_sizes_fail_the_profile_check(capsys):
+    from lwlib import config
+
+    sets = ["probe.templates=-1", "probe.max_new_tokens=-5", "bench.max_items=-3", "dpo.samples=-2",
+            "sft.per_device_batch_size=0", "agentwrite.max_steps=-1", "nll.max_samples=-4",
+            "probe.backend.concurrency=0", "bench.judge.max_tokens=-1"]
+    for item in sets:
+        assert config.main(["check", "smoke", "--set", item]) == 2, item
+        key, value = item.split("=")
+        err = capsys.readouterr().err
+        assert f"error: --set {item}: " in err and f"{key.split('.')[-1]} must be >= " in err and value in err, err
+    assert config.main(["check", "smoke", "--set", "name=../x"]) == 2
+    assert "error: --set name=../x: name must be letters, digits and ._-" in capsys.readouterr().err
+
+
+def test_a_lock_whose_taker_died_names_the_child_that_holds_it(tmp_path):
+    """The process that took a folder's lock forked (a worker that inherited the lock) and died: the lock file
+    names the dead one; the error names the live holder."""
+    folder = tmp_path / "stage"
+    code = ("import os, sys, time\nfrom lwlib.runs import lock_dir\nlock_dir(sys.argv[1])\n"
+            "if os.fork():\n    os._exit(0)\nprint(os.getpid(), flush=True)\ntime.sleep(60)\n")
+    taker = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True,
+                             cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    child = int(taker.stdout.readline())
+    taker.wait()
+    try:
+        with pytest.raises(RunLockedError, match=rf"written by PID {child} \(.*python.*\), left running by PID "
+                                                 rf"{taker.pid} \(gone") as e:
+            JsonlStore(folder / "records.jsonl", fingerprint={"model": "m"})
+        assert e.value.pid == child and f"kill {child}" in str(e.value)
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_run_all_does_not_point_at_a_cut_off_executed_notebook(tmp_path):
+    """A full disk cuts the executed copy off: the failure message says so instead of sending the reader to it."""
+    import nbformat.v4 as nbf
+
+    nb = nbf.new_notebook(cells=[nbf.new_code_cell('profile = "x"', metadata={"tags": ["parameters"]})])
+    repo = fake_repo(tmp_path, notebooks={"01_x.ipynb": nb})
+    python = repo / ".venv" / "bin" / "python"
+    python.unlink()  # a python whose lwlib.nbrun fills the disk: a cut-off copy and ENOSPC
+    python.write_text(f'''#!/bin/sh
+if [ "$1" = "-m" ] && [ "$2" = "lwlib.nbrun" ]; then
+  printf '{{"cells": [{{"cell_type": "code", "sou' > "$4"
+  echo "OSError: [Errno 28] No space left on device" >&2
+  exit 1
+fi
+exec {sys.executable} "$@"
+''')
+    python.chmod(0o755)
+    (tmp_path / "p.yaml").write_text("name: cut\nmodel: none\n")
+    r = subprocess.run([str(repo / "run_all.sh"), str(tmp_path / "p.yaml")], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "LWLIB_RUNS": str(tmp_path / "runs"),
+                                         "PYTHONPATH": str(REPO_ROOT)})
+    out = tmp_path / "runs" / "cut" / "notebooks" / "01_x.ipynb"
+    assert r.returncode == 1 and "No space left on device" in r.stderr
+    assert f"No readable executed copy: {out} is missing or cut off" in r.stderr, r.stderr
+    assert "The executed copy, with the error in it" not in r.stderr

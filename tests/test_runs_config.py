@@ -283,9 +283,19 @@ def test_override_errors_name_the_override_not_the_file(tmp_path):
     # a file's own mistake is still the file's, even with overrides elsewhere
     [err] = validate_profile(_profile(tmp_path, "model: m\ndpo:\n  steps: ten\n", overrides={"sft.max_steps": 3}))
     assert err.startswith(str(tmp_path / "x.yaml") + ": dpo.steps")
-    # a section-level check (__post_init__) of a section an override changed names both
+    # a check in __post_init__ that names its field blames the override of that field ...
     [err] = validate_profile(_profile(tmp_path, "model: m\n", overrides={"sft.loss": "mean"}))
-    assert err.startswith(str(tmp_path / "x.yaml") + ' with override sft.loss="mean": sft: sft.loss must be')
+    assert err.startswith('override sft.loss="mean": sft: sft.loss must be')
+    # ... and one about another field of a section an override changed names both
+    [err] = validate_profile(_profile(tmp_path, "model: m\nsft:\n  batch_size: 8\n",
+                                      overrides={"sft.per_device_batch_size": 3}))
+    assert err.startswith(str(tmp_path / "x.yaml") + " with override sft.per_device_batch_size=3: sft: sft.batch_size")
+    # a top-level field's own check (the run folder's name) blames the --set, not the file (issue 29)
+    with pytest.raises(ConfigError, match=r"^--set name=\.\./x: name must be letters, digits and \._-"):
+        _profile(tmp_path, "name: fine\nmodel: m\n", overrides={"name": "../x"},
+                 override_labels={"name": "--set name=../x"})
+    with pytest.raises(ConfigError, match=re.escape(str(tmp_path / "x.yaml")) + r": name must be letters"):
+        _profile(tmp_path, "name: ../x\nmodel: m\n", overrides={"seed": 3})
 
 
 def test_section_registry_is_one_place_and_tolerates_broken_modules(tmp_path, monkeypatch):

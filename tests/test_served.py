@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from lwlib.backends import BackendConfig, GenParams, make_backend, release
-from lwlib.served import SGLANG_COMMAND, VLLM_COMMAND, ServedBackend, server_argv
+from lwlib.backends import BackendConfig, GenParams, ServedBackend, make_backend, release
+from lwlib.served import SGLANG_COMMAND, VLLM_COMMAND, server_argv
 
 MODEL = "smollm2-135m-instruct"
 LWLIB_SERVE = [sys.executable, "-m", "lwlib.serve", "--model", "{model}", "--port", "{port}", "--device", "cpu",
