@@ -106,6 +106,7 @@ def cap_experiment(prof, frames: dict[str, pd.DataFrame], quantile: float = 0.95
             arms.append(top)
         if len(arms) < 2:
             continue
+        top = arms[-1]  # the uncapped point, or the largest cap where it is not measured (yet)
         c = cells({a: runs[a] for a in arms})
         data_max = [float(data_stats(sft_folder(prof.run_dir, a).parent)["data_max_output_words"]) for a in arms]
         caps = [int(a[3:]) if a.startswith("cap") else None for a in arms]

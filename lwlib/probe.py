@@ -213,6 +213,27 @@ def load_probe(profile: Profile, tag: str, decoding: str) -> pd.DataFrame:
     return pd.DataFrame(read_records(path))
 
 
+def probed_before(profile: Profile, tag: str, cfg: ProbeConfig | None = None) -> dict[str, pd.DataFrame] | None:
+    """The records of ``tag`` under every decoding of the profile when an earlier sitting probed every selected prompt
+    and sample of it (its checkpoint may be gone: a session does not keep what it trained), else None. Read as they
+    are, without the store's fingerprint check (which would need the checkpoint): ``{"<tag> (<decoding>)": records}``.
+
+    Usage: ``frames = probed_before(prof, "cap500") or probe_models(prof, {"cap500": folder})``
+    """
+    cfg = cfg or profile.section("probe", ProbeConfig)
+    want = {f"{it.id}-s{s}" for it in select_items(load_ruler(cfg.data_path), cfg) for s in range(cfg.samples_per_prompt)}
+    out = {}
+    for dec in profile_decodings(profile):
+        try:
+            df = load_probe(profile, tag, dec.name)
+        except FileNotFoundError:
+            return None
+        if df.empty or not want <= set(df["id"]):
+            return None
+        out[model_label(tag, dec)] = df[df["id"].isin(want)].reset_index(drop=True)
+    return out
+
+
 def load_ruler_frames(profile: Profile, tags: Sequence[str] = ("base", "sft", "dpo")) -> dict[str, pd.DataFrame]:
     """The ruler-probe records of every tag and decoding that has them (missing ones noted and skipped),
     ``{"<tag> (<decoding>)": records}``."""
