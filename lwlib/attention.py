@@ -208,18 +208,10 @@ def check_packed_attention(config, attn_implementation: str) -> None:
 
 
 def layer_attention(config) -> list[tuple[str, int | None]]:
-    """``(layer type, sliding window or None)`` of every layer, as transformers' attention modules pass them to the
-    attention function: the config's ``layer_types`` where it has them (Gemma 3, Qwen 2/3: a ``sliding_attention``
-    layer gets ``sliding_window``), else every layer sliding when the config sets ``sliding_window`` (Mistral), else
-    every layer full.
+    """``(layer type, sliding window or None)`` of every layer: :func:`lwlib.families.layer_types`."""
+    from .families import layer_types
 
-    Usage: ``layer_attention(model.config)[:6]`` (Gemma-3-270M: 5 x ``("sliding_attention", 512)``, then
-    ``("full_attention", None)``)
-    """
-    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    window, n = getattr(cfg, "sliding_window", None), cfg.num_hidden_layers
-    types = getattr(cfg, "layer_types", None) or ["sliding_attention" if window else "full_attention"] * n
-    return [(t, window if t == "sliding_attention" else None) for t in types[:n]]
+    return layer_types(config)
 
 
 def _kernel_limit(kernel: str, layer_type: str, window: int | None, softcap: float | None, causal: bool) -> str | None:

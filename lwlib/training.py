@@ -131,29 +131,11 @@ def pick_loss(setting: bool | str, liger: bool, chunk_size: int, vocab: int, pac
 
 
 def liger_kernels_for(model) -> dict[str, bool]:
-    """Which of Liger-Kernel's kernels :func:`use_liger` patches into ``model``: the keywords of Liger's
-    ``apply_liger_kernel_to_<family>`` for the model's family (``config.model_type``; liger-kernel 0.8.5), the
-    architecture-specific choice in one place.
+    """Which of Liger-Kernel's kernels :func:`use_liger` patches into ``model``: the choice of its family,
+    :func:`lwlib.families.liger_kernels`."""
+    from .families import liger_kernels
 
-    - Always off: RoPE (Liger patches it module-wide, for every model of the family in the process) and both
-      losses (the fused loss is :func:`lwlib.losses.liger_sft_loss`, outside the model).
-    - Llama, Mistral, Qwen 2/3 and the other SwiGLU families: Liger's defaults, fused RMSNorm and SwiGLU.
-    - ``gemma3_text`` (Gemma 3 text models, Gemma-3-270M): fused RMSNorm with Gemma's ``(1 + weight)`` (offset 1.0)
-      and casting mode "gemma" (all in fp32), not in place, on the input, post-attention, pre- and post-feed-forward
-      norms, the final norm and the query/key norms; and GeGLU for the MLP, whose kernel computes GELU's tanh
-      approximation only, so a config whose ``hidden_activation`` is another function is refused.
-
-    Usage: ``_apply_liger_kernel_to_instance(model=model, **liger_kernels_for(model))``
-    """
-    kinds = {"rope": False, "fused_linear_cross_entropy": False, "cross_entropy": False}
-    config = model.config
-    if config.model_type == "gemma3_text":
-        act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
-        if act != "gelu_pytorch_tanh":
-            raise ValueError(f"sft.liger_kernel: Liger's GeGLU kernel computes gelu_pytorch_tanh, but this "
-                             f"{config.model_type} model's MLP uses {act!r}; set sft.liger_kernel: false")
-        kinds.update(rms_norm=True, geglu=True)
-    return kinds
+    return liger_kernels(model.config)
 
 
 def use_liger(model) -> None:
