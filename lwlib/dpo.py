@@ -635,7 +635,7 @@ def plot_dpo_training(log: pd.DataFrame, path: str | Path, title: str) -> Path:
     """Loss, reward margin and reward accuracy against the step (three panels)."""
     plt = pyplot()
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(10, 4.0))
     for ax, col, lab in zip(axes, ("loss", "reward_margin", "reward_accuracy"),
                             ("DPO loss", "reward margin (chosen - rejected)", "reward accuracy")):
         ax.plot(log["step"], log[col], "o-", ms=3)
