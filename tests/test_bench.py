@@ -168,6 +168,7 @@ def test_notebook_06_smoke(tmp_path, local_backend):
     assert j["items"] == 2 and j["judged"] + j["failed (unparseable after all tries)"] == 2
     text = out.read_text()
     assert "skipping 'sft'" in text
+    assert "Profile smoke is far too small for these verdicts" in text  # the claims' banner (lwlib.claims_view)
 
 
 def test_length_score_difference_paired_on_known_values():
