@@ -3,7 +3,8 @@
 #   ./run_all.sh [PROFILE] [--from NN] [--only NN] [--resume] [--set KEY=VALUE ...]
 #   PROFILE: smoke (default) | gpu_short | gpu | paper | a YAML file (a relative path is taken from where you are)
 # Executed copies go to <run folder>/notebooks/ (run folder: ${LWLIB_RUNS:-runs}/<profile's name>); figures to
-# figures/<name>/; an HTML report of the run (executed notebooks, manifests, claims) to <run folder>/report/index.html.
+# $LWLIB_FIGURES/<name>, else figures/<name>/, or <run folder>/figures/ when $LWLIB_RUNS moves the run folder; an HTML
+# report of the run (claims, figures, executed notebooks, manifests) to <run folder>/report/index.html.
 # Stages resume from their run-folder files, so re-running after an interruption continues where it stopped;
 # --from NN starts at notebook NN, --only NN runs one notebook, --resume skips notebooks whose executed copy
 # finished without error (for machines that cut jobs at a time limit: run the same command again).
@@ -36,7 +37,7 @@ while [ $# -gt 0 ]; do
     --set) SETS+=(--set "$2"); shift 2 ;;
     --set=*) SETS+=(--set "${1#--set=}"); shift ;;
     --resume) RESUME=1; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo pipefail/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "run_all.sh: unknown option $1" >&2; exit 2 ;;
     *) PROFILE=$1; shift ;;
   esac
@@ -54,6 +55,9 @@ check_notebook --only "$ONLY"
 case "${LWLIB_RUNS:-}" in "" | /*) ;; *) export LWLIB_RUNS="$CALLER_DIR/$LWLIB_RUNS" ;; esac
 case "${LWLIB_FIGURES:-}" in "" | /*) ;; *) export LWLIB_FIGURES="$CALLER_DIR/$LWLIB_FIGURES" ;; esac
 export LWLIB_CONSOLE_PROGRESS=${LWLIB_CONSOLE_PROGRESS:-1}  # lwlib's bars: a line per 10% on this console too
+# papermill's cell counter redraws one line with \r: on a terminal lwlib's lines clear it first; in a log or a pipe
+# it would run into them, so there the counter is off and lwlib's lines and the "===" lines tell the progress
+if [ -t 2 ]; then bar=(--progress-bar); else bar=(--no-progress-bar); fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the kernels import this checkout's lwlib (a venv may serve several)
 
 env/setup.sh
@@ -164,7 +168,8 @@ PYEOF
   # lwlib.nbrun: papermill with kernel python3 (this venv's python) and an encrypted kernel connection; in a process
   # group of its own (set -m), so that stop_all can signal all of it
   set -m
-  .venv/bin/python -m lwlib.nbrun "$nb" "$out/$base" -y "$params" -k python3 --cwd notebooks --progress-bar &
+  LWLIB_COMMAND="$rerun (notebook $base)" \
+    .venv/bin/python -m lwlib.nbrun "$nb" "$out/$base" -y "$params" -k python3 --cwd notebooks "${bar[@]}" &
   child=$!
   set +m
   status=0
@@ -186,5 +191,7 @@ PYEOF
 done
 write_report
 .venv/bin/python -m lwlib.results "$run_dir" || echo "run_all.sh: copying the results to results/$name failed" >&2
-echo "=== [$name] all notebooks done: executed copies in $out, figures in figures/$name"
+figs=$(.venv/bin/python -c 'import sys; from lwlib.config import figures_dir_for; print(figures_dir_for(sys.argv[1]))' \
+       "$run_dir" 2>/dev/null || echo "figures/$name")
+echo "=== [$name] all notebooks done: executed copies in $out, figures in $figs"
 echo "    report: $run_dir/report/index.html; small result files: results/$name"

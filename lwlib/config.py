@@ -28,6 +28,15 @@ Top-level fields:
     dtype: ``auto`` (bf16 on CUDA, fp32 on CPU), ``bfloat16``, ``float16`` or ``float32``.
     decodings: the named decodings every length measurement runs under (:mod:`lwlib.decodings`; default: the
         paper's alone).
+    too_small_for_verdicts: ``true`` where the profile's sizes are far too small for the claims' verdicts to mean
+        anything (``smoke``: a few CPU steps on tiny data show that the pipeline runs end to end); notebook 06 and
+        the HTML report then show a banner above the claims table. Default ``false``.
+
+Where things go: the run folder is ``<run root>/<name>`` (run root: the notebooks' ``run_root``, else
+``$LWLIB_RUNS``, else ``runs/`` of the checkout lwlib was imported from); figures go to ``<figures root>/<name>``
+when a figures root is given (the notebooks' ``figures_root``, else ``$LWLIB_FIGURES``), else beside the run: to
+the checkout's ``figures/<name>`` for a run under its ``runs/``, to ``<run folder>/figures`` for a run elsewhere
+(:func:`figures_dir_for`), so that ``LWLIB_RUNS`` moves the figures with the runs.
 
 A new section is one line in :data:`SECTIONS` (``"corpus": "lwlib.corpus:CorpusConfig"``) or a call to
 :func:`register_section`; its module is imported only when the section is built, and a registered module
@@ -81,9 +90,19 @@ def default_run_root() -> Path:
     return Path(os.environ.get("LWLIB_RUNS", REPO_ROOT / "runs"))
 
 
-def default_figures_root() -> Path:
-    """``$LWLIB_FIGURES`` if set, else ``figures/`` in the repository."""
-    return Path(os.environ.get("LWLIB_FIGURES", REPO_ROOT / "figures"))
+def figures_dir_for(run_dir: str | Path, root: str | Path | None = None) -> Path:
+    """Where the figures of the run folder ``run_dir`` go (not created): ``<root>/<run name>`` for a figures root
+    given here or in ``$LWLIB_FIGURES``; else ``figures/<run name>`` of the checkout for a run under its ``runs/``,
+    and ``<run_dir>/figures`` for a run elsewhere (``$LWLIB_RUNS``): figures follow the run folder.
+
+    Usage: ``figures_dir_for("runs/smoke")`` -> ``<checkout>/figures/smoke``"""
+    run_dir = Path(run_dir)
+    root = root or os.environ.get("LWLIB_FIGURES")
+    if root:
+        return Path(root) / run_dir.name
+    if run_dir.absolute().parent.resolve() == (REPO_ROOT / "runs").resolve():
+        return REPO_ROOT / "figures" / run_dir.name
+    return run_dir / "figures"
 
 
 # --------------------------------------------------------------------------------------- top level
@@ -100,6 +119,7 @@ class ProfileHeader:
     device: str = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     decodings: Any = None
+    too_small_for_verdicts: bool = False
 
     def __post_init__(self) -> None:
         if self.decodings is not None:
@@ -189,9 +209,15 @@ class Profile:
         p.mkdir(parents=True, exist_ok=True)
         return p
 
+    @property
+    def too_small_for_verdicts(self) -> bool:
+        """Whether the claims' verdicts of this profile mean nothing (the header field; ``smoke``)."""
+        return self.header.too_small_for_verdicts
+
     def figures_dir(self, root: str | Path | None = None) -> Path:
-        """``<figures_root>/<profile>``, created (figures of each profile kept apart)."""
-        p = Path(root or default_figures_root()) / self.name
+        """The run's figures folder, created: ``<root>/<profile>`` for a figures root given or in
+        ``$LWLIB_FIGURES``, else beside the run folder (:func:`figures_dir_for`)."""
+        p = figures_dir_for(self.run_dir, root)
         p.mkdir(parents=True, exist_ok=True)
         return p
 

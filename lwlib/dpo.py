@@ -548,7 +548,7 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
 
     from .attention import pick_padded_attn
     from .models import load_tokenizer, resolve_model, run_model
-    from .training import batch_plan, checkpointing_args, deepspeed_config, save_trained
+    from .training import batch_plan, checkpointing_args, deepspeed_config, save_trained, warmup_steps
 
     cfg = cfg or prof.section("dpo", DPOStageConfig)
     out_dir = Path(out_dir) if out_dir else prof.stage_dir("dpo") / "model"
@@ -574,7 +574,7 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
     args = DPOConfig(
         output_dir=str(run / "checkpoints"), per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=accumulation, learning_rate=cfg.learning_rate,
-        max_steps=cfg.steps, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,
+        max_steps=cfg.steps, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=warmup_steps(cfg.warmup_ratio, cfg.steps),
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, beta=cfg.beta,
         max_length=plan["max_length"], bf16=cuda, fp16=False, use_cpu=not cuda,
         **checkpointing_args(cfg.gradient_checkpointing),
@@ -640,7 +640,7 @@ def plot_dpo_training(log: pd.DataFrame, path: str | Path, title: str) -> Path:
     """Loss, reward margin and reward accuracy against the step (three panels)."""
     plt = pyplot()
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(10, 4.0))
     for ax, col, lab in zip(axes, ("loss", "reward_margin", "reward_accuracy"),
                             ("DPO loss", "reward margin (chosen - rejected)", "reward accuracy")):
         ax.plot(log["step"], log[col], "o-", ms=3)

@@ -186,6 +186,15 @@ def trainer_class():
             self.liger = liger
             self.compile_loss = bool(self.args.torch_compile)
 
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            # a warmup ratio becomes whole steps rounded down (lwlib.training.warmup_steps), not up: with one warmup
+            # step a 2-step run's first step had learning rate 0
+            if 0 < self.args.warmup_steps < 1:
+                from .training import warmup_steps
+
+                self.args.warmup_steps = warmup_steps(self.args.warmup_steps, num_training_steps)
+            return super().create_scheduler(num_training_steps, optimizer)
+
         def _denominator(self, batches: list[dict], device) -> torch.Tensor:
             # the collator's host-side counts: no wait for the GPU before the step's first forward pass
             if self.loss_mode == "token":

@@ -11,6 +11,11 @@ Two settings differ from bare papermill:
   support): the kernel manager provisions the keys, and ipykernel 7 no longer prints "Kernel is running over
   TCP without encryption" for every notebook.
 
+And the executed notebook's progress bars (tqdm's widgets) are written out as text from their final state
+(:func:`lwlib.report.widgets_as_text`, also after a failure): a widget needs its JavaScript, which plain
+``jupyter nbconvert --to html`` loads from a CDN (offline: nothing where the bars were) and GitHub's viewer not
+at all; as text every viewer shows ``generate: 100% |##########| 48/48 [01:12<00:00]``.
+
 Usage::
 
     python -m lwlib.nbrun IN.ipynb OUT.ipynb -y "{profile: smoke}" --cwd notebooks   # papermill's options
@@ -47,9 +52,24 @@ def execute_notebook(input_path: str | Path, output_path: str | Path, parameters
     """``papermill.execute_notebook`` with :data:`KERNEL` and :func:`kernel_config`; returns the executed notebook."""
     import papermill as pm
 
-    return pm.execute_notebook(str(input_path), str(output_path), parameters=parameters or {},
-                               kernel_name=kernel_name, cwd=str(cwd) if cwd is not None else None,
-                               progress_bar=progress_bar, config=kernel_config(), **kwargs)
+    try:
+        return pm.execute_notebook(str(input_path), str(output_path), parameters=parameters or {},
+                                   kernel_name=kernel_name, cwd=str(cwd) if cwd is not None else None,
+                                   progress_bar=progress_bar, config=kernel_config(), **kwargs)
+    finally:
+        bars_as_text(output_path)
+
+
+def bars_as_text(path: str | Path) -> None:
+    """Rewrite the executed notebook ``path`` with its widget outputs as text (nothing to do without widgets)."""
+    import nbformat
+
+    from .report import WIDGET_VIEW, widgets_as_text
+
+    path = Path(path)
+    if not path.is_file() or WIDGET_VIEW not in path.read_text(encoding="utf-8"):
+        return
+    nbformat.write(widgets_as_text(nbformat.read(str(path), as_version=4)), str(path))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,7 +83,12 @@ def main(argv: list[str] | None = None) -> None:
 
     def run(*a: Any, **kw: Any) -> Any:
         kw.setdefault("config", kernel_config())
-        return execute(*a, **kw)
+        try:
+            return execute(*a, **kw)
+        finally:
+            out = kw.get("output_path", a[1] if len(a) > 1 else None)
+            if out and out != "-":
+                bars_as_text(out)
 
     cli.execute_notebook = run
     cli.papermill.main(args=args, prog_name="python -m lwlib.nbrun")

@@ -287,10 +287,11 @@ def summary_table(frames: dict[str, pd.DataFrame], quantile: float = 0.95) -> pd
 
 
 def plot_ruler(frames: dict[str, pd.DataFrame], path: str | Path, title: str) -> Path:
-    """The paper's ruler figure: mean output length vs required length, log-log, with y = x.
+    """The paper's Figure 1: mean output length vs required length, log-log, with the line y = x.
 
-    One panel per decoding (the records' ``decoding`` field), its name in the panel title; in each, one colour per
-    model: solid lines raw words, dashed lines effective words (before collapse).
+    One panel per decoding (the records' ``decoding`` field), its name in the panel title, every panel on the same
+    axes; in each, one colour per model: solid lines raw words, dashed lines effective words (before collapse).
+    One legend for all panels.
     """
     plt = pyplot()
 
@@ -298,24 +299,50 @@ def plot_ruler(frames: dict[str, pd.DataFrame], path: str | Path, title: str) ->
     for name, df in frames.items():
         dec = str(df["decoding"].iloc[0]) if "decoding" in df and len(df) else ""
         by_dec.setdefault(dec, {})[name.removesuffix(f" ({dec})") if dec else name] = df
-    fig, axes = plt.subplots(1, len(by_dec), figsize=(6.0 * len(by_dec), 5), squeeze=False, sharey=True)
     models = list(dict.fromkeys(m for d in by_dec.values() for m in d))
-    for ax, (dec, group) in zip(axes[0], by_dec.items()):
-        lo, hi = 1e9, 0.0
-        for name, df in group.items():
-            g = df.groupby("required_length").agg(words=("words", "mean"), eff=("effective_words", "mean"))
+    curves = {(dec, name): df.groupby("required_length").agg(words=("words", "mean"), eff=("effective_words", "mean"))
+              for dec, group in by_dec.items() for name, df in group.items()}
+    xs = [x for g in curves.values() for x in g.index] or [1000]
+    ys = [max(y, 1) for g in curves.values() for y in (*g["words"], *g["eff"])] or [1000]
+    xlim = (min(xs) * 0.7, max(xs) * 1.4)
+    ylim = (min(min(xs), min(ys)) * 0.7, max(max(xs), max(ys)) * 1.4)  # the whole y = x line over the x-range
+    n = len(by_dec) or 1
+    ncols = min(n, 2)
+    nrows = -(-n // ncols)
+    legend_rows = len(models) + 1  # raw lines and y = x in one legend column, effective lines in the other
+    height = 4.1 * nrows + 1.0 + 0.18 * legend_rows
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols + 0.4, height), squeeze=False, sharex=True, sharey=True)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    handles: dict[str, Any] = {}
+    for ax, (dec, group) in zip(flat, by_dec.items()):
+        for name in group:
+            g = curves[(dec, name)]
             c = f"C{models.index(name) % 10}"
-            ax.plot(g.index, g["words"].clip(lower=1), "o-", color=c, label=f"{name} (raw)")
-            ax.plot(g.index, g["eff"].clip(lower=1), "s--", color=c, alpha=0.8, label=f"{name} (effective)")
-            lo, hi = min(lo, g.index.min(), max(g["eff"].min(), 1)), max(hi, g.index.max(), g["words"].max())
-        ref = np.array([max(lo, 1) * 0.8, hi * 1.2])
-        ax.plot(ref, ref, "k:", lw=1, label="y = x (required)")
+            (raw,) = ax.plot(g.index, g["words"].clip(lower=1), "o-", color=c, label=f"{name} (raw)")
+            (eff,) = ax.plot(g.index, g["eff"].clip(lower=1), "s--", color=c, alpha=0.8, label=f"{name} (effective)")
+            handles.setdefault(raw.get_label(), raw)
+            handles.setdefault(eff.get_label(), eff)
+        (ref,) = ax.plot(xlim, xlim, "k:", lw=1, label="y = x (the required length)")
+        handles.setdefault(ref.get_label(), ref)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("Required length (words)")
-        ax.set_title(f"decoding: {dec}" if dec else "", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.set_xlim(*xlim)
+        ax.set_ylim(*ylim)
+        ax.set_title(f"decoding: {dec}" if dec else "", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("Output length (words, mean)")
+    for i, ax in enumerate(flat[:n]):
+        if i % ncols == 0:
+            ax.set_ylabel("Output length (words, mean)")
+        if i >= n - ncols:
+            ax.set_xlabel("Required length (words)")
+            ax.xaxis.set_tick_params(labelbottom=True)
+    # two legend columns: raw lines and y = x on the left, effective lines on the right
+    order = [k for k in handles if k.endswith("(raw)")] + [k for k in handles if k.startswith("y = x")]
+    order += [k for k in handles if k not in order]
+    fig.legend([handles[k] for k in order], order, loc="lower center", ncol=2, fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 0.0))
     fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, (0.18 * legend_rows + 0.1) / height, 1, 1))
     return save_figure(fig, path)

@@ -1,25 +1,32 @@
 """An HTML report of a run, readable without Jupyter: ``<run>/report/index.html``.
 
-The index page links every executed notebook of ``<run>/notebooks/`` rendered to HTML with nbconvert (one
-file each beside the index), with its papermill status and times; it shows the run's manifests (the
-``manifest*.json`` every stage writes: profile source and overrides, library versions, git SHA, host, time)
-and, where it exists, the run's claims table (``<run>/claims.json`` or ``results/<profile>/claims.json``:
-a list of records with ``id``, ``paper``, ``rule``, ``measured``, ``reproduced``). ``run_all.sh`` writes it
-at the end of a run and after a failure, for what ran.
+The index page shows, in this order: the profile; the run's claims table where it exists (``<run>/claims.json``
+or ``results/<profile>/claims.json``, rendered by :class:`lwlib.claims_view.ClaimsTable`, the same table as notebook
+06, with its banner where the profile is too small for verdicts); the run's figures, embedded in the page (the
+folder :func:`lwlib.config.figures_dir_for` names); every executed notebook of ``<run>/notebooks/`` rendered to
+HTML with nbconvert (one file each beside the index), with its papermill status and times; the environment and
+the run's manifests (the ``manifest*.json`` every stage writes: what ran it, time, git SHA, host).
+``run_all.sh`` writes it at the end of a run and after a failure, for what ran.
 
 Progress-bar widgets (tqdm in a notebook) are rendered as text from the widget state nbclient saved (their
 final value), so the pages need no widget JavaScript; a notebook whose HTML is newer than it is not rendered
 again.
 
+An executed notebook converted by plain ``jupyter nbconvert --to html`` shows its progress bars only where the
+page can load the widget JavaScript from a CDN (offline: nothing where the bars were);
+``python -m lwlib.report NOTEBOOK.ipynb`` writes ``NOTEBOOK.html`` with the bars as text, needing nothing.
+
 Usage::
 
     python -m lwlib.report runs/smoke            # -> runs/smoke/report/index.html
+    python -m lwlib.report runs/smoke/notebooks/01_output_length_probe.ipynb   # -> ...ipynb's folder, .html
     write_report(prof.run_dir)
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import copy
 import functools
 import html
@@ -30,6 +37,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .claims_view import ClaimsTable, banner_text
+from .config import figures_dir_for
 from .runs import REPO_ROOT, atomic_write_text
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
@@ -168,11 +177,17 @@ def find_claims(run_dir: Path) -> tuple[Path, list[dict[str, Any]]] | None:
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:14px}
-th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:14px;max-width:100%}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top;overflow-wrap:anywhere}
 th{background:#f3f3f3} code{font-size:13px} .ok{color:#1a7f37} .bad{color:#c62828} .muted{color:#777}
-td.v{font-family:ui-monospace,monospace;font-size:12px;white-space:pre-wrap;max-width:420px}
+figure{margin:1em 0 2em} figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{font-size:13px;color:#555}
 """
+# the figures in the order of the notebooks (figures/README.md); others follow by name
+FIGURE_ORDER = ("ruler_probe", "agentwrite_length_hist", "agentwrite_planned_vs_actual", "corpus_length_hist",
+                "sft_loss", "ruler_base_vs_sft", "sft_arms_max_length", "ruler_sft_arms", "sft_length_cap_experiment",
+                "sft_loss_all", "dpo_training", "ruler_sft_vs_dpo", "dpo_length_score_by_bucket", "nll_by_position",
+                "longbench_write_scatter", "longbench_write_buckets", "ruler_all_models")
 
 
 def _e(x: Any) -> str:
@@ -196,6 +211,18 @@ def _duration(s: Any) -> str:
         return "-"
     s = int(s)
     return f"{s // 3600}h {s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m {s % 60:02d}s"
+
+
+def figures_html(folder: Path) -> str:
+    """Every PNG of ``folder`` embedded in the page (base64: the report is one file), in :data:`FIGURE_ORDER`."""
+    pngs = sorted(folder.glob("*.png"), key=lambda p: (FIGURE_ORDER.index(p.stem) if p.stem in FIGURE_ORDER
+                                                       else len(FIGURE_ORDER), p.name))
+    out = []
+    for p in pngs:
+        data = base64.b64encode(p.read_bytes()).decode("ascii")
+        out.append(f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,{data}">'
+                   f"<figcaption><code>{html.escape(p.name)}</code></figcaption></figure>")
+    return "".join(out)
 
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None, render: bool = True) -> Path:
@@ -245,9 +272,6 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, render:
             rows.append(["overrides", prof["overrides"]])
         parts += ["<h2>Profile</h2>", _table(["field", "value"], rows)]
 
-    parts += ["<h2>Notebooks</h2>", _table(["notebook", "status", "start", "end", "took", "error", "executed copy"],
-                                           nb_rows, raw=True) if nb_rows else "<p>No executed notebook yet.</p>"]
-
     try:
         claims = find_claims(run_dir)
     except ValueError as e:
@@ -255,23 +279,33 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, render:
         parts += ["<h2>Claims</h2>", f"<p class='bad'>{_e(e)}</p>"]
     if claims:
         path, recs = claims
-        extra = sorted({k for r in recs for k in r} - set(CLAIM_FIELDS))
-        cols = [*CLAIM_FIELDS, *extra]
-        n_ok = sum(1 for r in recs if r.get("reproduced") is True)
-        parts += [f"<h2>Claims</h2><p>{n_ok} of {len(recs)} reproduced; from <code>{html.escape(str(path))}</code></p>",
-                  _table(cols, [[r.get(c) for c in cols] for r in recs])]
+        parts += ["<h2>Claims</h2>", ClaimsTable(recs, profile=prof).to_html(),
+                  f"<p class='muted'>from <code>{html.escape(str(path))}</code></p>"]
+    elif banner_text(prof):
+        parts.append(ClaimsTable([], profile=prof).to_html().replace("<p>No claim measured in this run.</p>", ""))
+
+    figs = figures_dir_for(run_dir)
+    if figs.is_dir() and any(figs.glob("*.png")):
+        parts += ["<h2>Figures</h2>", f"<p class='muted'>from <code>{html.escape(str(figs))}</code> "
+                  "(figures/README.md says what each shows)</p>", figures_html(figs)]
+
+    parts += ["<h2>Notebooks</h2>", _table(["notebook", "status", "start", "end", "took", "error", "executed copy"],
+                                           nb_rows, raw=True) if nb_rows else "<p>No executed notebook yet.</p>"]
 
     if manifests:
         latest = manifests[-1]
         vers = latest.get("versions") or {}
         parts += ["<h2>Environment</h2>",
                   _table(["", "value"], [["git SHA", latest.get("git_sha")], ["host", latest.get("host")],
-                                         *[[k, v] for k, v in vers.items()]]),
-                  "<h2>Manifests</h2>",
-                  _table(["file", "time (UTC)", "git SHA", "host", "torch", "transformers", "command"],
-                         [[m["path"], m.get("time_utc"), m.get("git_sha"), m.get("host"),
-                           (m.get("versions") or {}).get("torch"), (m.get("versions") or {}).get("transformers"),
-                           " ".join(map(str, m.get("argv") or []))[:200]] for m in manifests])]
+                                         *[[k, v] for k, v in vers.items()]])]
+        for key in ("torch", "transformers"):
+            seen = sorted({str((m.get("versions") or {}).get(key)) for m in manifests})
+            if len(seen) > 1:
+                parts.append(f"<p class='bad'>The stages ran with {len(seen)} versions of {key}: {_e(', '.join(seen))}</p>")
+        parts += ["<h2>Manifests</h2>",
+                  _table(["file", "written by", "time (UTC)", "git SHA", "host"],
+                         [[m["path"], manifest_command(m), m.get("time_utc"), _short_sha(m.get("git_sha")),
+                           m.get("host")] for m in manifests])]
         shas = sorted({str(m.get("git_sha")) for m in manifests})
         if len(shas) > 1:
             parts.append(f"<p class='bad'>The stages ran at {len(shas)} different commits: {_e(', '.join(shas))}</p>")
@@ -283,15 +317,38 @@ def _rel(target: Path, start: Path) -> str:
     return os.path.relpath(target, start)
 
 
+def _short_sha(sha: Any) -> str | None:
+    return None if not sha else str(sha)[:12] + ("-dirty" if str(sha).endswith("-dirty") else "")
+
+
+def manifest_command(m: dict[str, Any]) -> str:
+    """What wrote a manifest: its ``command`` (:func:`lwlib.runs.run_command`), else its command line, where that
+    says more than a Jupyter kernel's ``ipykernel_launcher -f <kernel file>``."""
+    if m.get("command"):
+        return str(m["command"])
+    argv = [str(a) for a in m.get("argv") or []]
+    if argv and Path(argv[0]).name.startswith("ipykernel"):
+        return "a Jupyter kernel (notebook not recorded)"
+    return " ".join(argv) or "-"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lwlib.report", description="Write RUN_DIR/report/index.html: the "
-                                 "executed notebooks as HTML, the run's manifests and claims.")
-    ap.add_argument("run_dir", help="a run folder, e.g. runs/smoke")
-    ap.add_argument("--out", default=None, help="report folder (default RUN_DIR/report)")
+                                 "claims, figures, executed notebooks as HTML and manifests of a run; or, given an "
+                                 "executed notebook, that notebook as HTML with its progress bars as text.")
+    ap.add_argument("run_dir", help="a run folder, e.g. runs/smoke, or an executed notebook (.ipynb)")
+    ap.add_argument("--out", default=None, help="report folder (default RUN_DIR/report; for a notebook: the HTML "
+                    "file, default beside it)")
     ap.add_argument("--no-render", action="store_true", help="link the notebooks without rendering them to HTML")
     args = ap.parse_args(argv)
     try:
-        index = write_report(args.run_dir, args.out, render=not args.no_render)
+        if args.run_dir.endswith(".ipynb"):
+            src = Path(args.run_dir)
+            if not src.is_file():
+                raise FileNotFoundError(f"no notebook {src}")
+            index = render_notebook(src, Path(args.out) if args.out else src.with_suffix(".html"))
+        else:
+            index = write_report(args.run_dir, args.out, render=not args.no_render)
     except (FileNotFoundError, ValueError) as e:
         print(f"lwlib.report: {e}", file=sys.stderr)
         return 1

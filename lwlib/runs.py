@@ -628,5 +628,20 @@ def write_manifest(folder: str | Path, config: Any, name: str = "manifest.json")
             "host": platform.node(),
             "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "argv": sys.argv,
+            "command": run_command(),
         },
     )
+
+
+def run_command() -> str:
+    """What is running, for a reader of the manifest: ``$LWLIB_COMMAND`` (``run_all.sh`` sets it to its command line
+    and the notebook), else the notebook JupyterLab runs (``$JPY_SESSION_NAME``), else the command line; a Jupyter
+    kernel's own command line (``ipykernel_launcher -f <kernel file>``) says nothing and is not given."""
+    if os.environ.get("LWLIB_COMMAND"):
+        return os.environ["LWLIB_COMMAND"]
+    argv0 = Path(sys.argv[0]).name if sys.argv else ""
+    if os.environ.get("JPY_SESSION_NAME"):
+        return f"Jupyter: {os.environ['JPY_SESSION_NAME']}"
+    if argv0.startswith(("ipykernel_launcher", "ipykernel")):
+        return "a Jupyter kernel (notebook not known)"
+    return " ".join(sys.argv)

@@ -2,6 +2,7 @@
 which is :mod:`lwlib.train`.
 
 - :func:`batch_plan`: world size and gradient accumulation for a batch size over the launcher's ranks;
+- :func:`warmup_steps`: a warmup ratio as whole steps, rounded down (a tiny run's first step learns);
 - :func:`deepspeed_config`: a profile's DeepSpeed config path, resolved against the repository;
 - :func:`checkpointing_args`: ``TrainingArguments`` keywords for activation checkpointing under either
   transformers name;
@@ -38,6 +39,22 @@ import torch
 from .runs import REPO_ROOT, atomic_write_json
 
 
+def quiet_deepspeed_on_cpu() -> None:
+    """Name DeepSpeed's CPU accelerator (``$DS_ACCELERATOR=cpu``, unless set) where torch sees no GPU: transformers'
+    Trainer imports DeepSpeed where it is installed, whose auto-detection otherwise warns "Setting accelerator to
+    CPU" in every training cell of a CPU run; it picks the same accelerator. Called when this module is imported."""
+    if "DS_ACCELERATOR" in os.environ or torch.cuda.is_available():
+        return
+    for name in ("mps", "xpu"):
+        backend = getattr(torch.backends, name, None) or getattr(torch, name, None)
+        if backend is not None and getattr(backend, "is_available", lambda: False)():
+            return
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+quiet_deepspeed_on_cpu()
+
+
 def batch_plan(batch_size: int, per_device_batch_size: int, section: str) -> tuple[int, int]:
     """``(world size, gradient accumulation steps)`` that make ``batch_size`` items per optimizer step
     from ``per_device_batch_size`` on each of the ``WORLD_SIZE`` ranks (1 without a launcher)."""
@@ -46,6 +63,14 @@ def batch_plan(batch_size: int, per_device_batch_size: int, section: str) -> tup
     if batch_size % per_step:
         raise ValueError(f"{section}.batch_size {batch_size} is not a multiple of per-device batch x {world} devices")
     return world, batch_size // per_step
+
+
+def warmup_steps(ratio: float, total_steps: int) -> int:
+    """Linear-warmup steps for the warmup ``ratio`` of ``total_steps``, rounded down. transformers rounds up, and a
+    schedule's first warmup step has learning rate 0: a 2-step run with the paper's ratio 0.03 got one warmup step
+    and learned nothing at its first. Rounded down, a run too short for a whole warmup step has none; longer runs
+    keep the ratio to within a step. ``warmup_steps(0.03, 2) == 0``, ``warmup_steps(0.05, 40) == 2``."""
+    return int(ratio * total_steps + 1e-9)
 
 
 def deepspeed_config(path: str | None) -> str | None:

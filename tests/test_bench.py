@@ -15,6 +15,7 @@ from lwlib import bench
 from lwlib.backends import OpenAIBackend
 from lwlib.config import load_profile
 from lwlib.judge import JudgeConfig
+from lwlib.plots import check_figures
 from lwlib.scoring import BUCKET_NAMES, bucket_of, length_score
 from lwlib.text import count_words
 
@@ -162,6 +163,7 @@ def test_notebook_06_smoke(tmp_path, local_backend):
     figs = tmp_path / "figures" / "smoke"
     for name in ("longbench_write_scatter.png", "longbench_write_buckets.png", "ruler_all_models.png"):
         assert (figs / name).stat().st_size > 5000
+    assert check_figures(figs) == {}  # readable at notebook width
     summary = json.loads((tmp_path / "runs" / "smoke" / "bench" / "summary.json").read_text())
     assert set(summary) == {"base (paper)", "base (loopfree)"}  # sft/dpo not trained in this fresh run: skipped
     assert json.loads((tmp_path / "runs" / "smoke" / "claims.json").read_text()) == []  # nothing measured here
@@ -169,6 +171,7 @@ def test_notebook_06_smoke(tmp_path, local_backend):
     assert j["items"] == 2 and j["judged"] + j["failed (unparseable after all tries)"] == 2
     text = out.read_text()
     assert "skipping 'sft'" in text
+    assert "Profile smoke is far too small for these verdicts" in text  # the claims' banner (lwlib.claims_view)
 
 
 def test_length_score_difference_paired_on_known_values():

@@ -82,6 +82,8 @@ def test_notebook_run_prints_progress_on_the_console_not_in_the_notebook(tmp_pat
     executed = json.loads(out.read_text())
     text = json.dumps(executed["cells"])
     assert "done 5" in text and "[lwlib" not in text
+    # the bar as text from its final state (lwlib.nbrun.bars_as_text): offline nbconvert and any viewer show it
+    assert "steps: 100% |##########| 5/5" in text and "widget-view" not in text and "widgets" not in executed["metadata"]
     assert executed["metadata"]["papermill"]["parameters"] == {"n": 5}  # kernel python3, not the notebook's lwlib
 
 

@@ -10,6 +10,7 @@ import torch
 from lwlib.config import load_profile
 from lwlib.logprobs import encode_conversation, token_nll
 from lwlib.nll import NLLConfig, cumulative_average, cumulative_curve, load_conversations, run_nll
+from lwlib.plots import check_figure
 from lwlib.runs import read_jsonl
 from nbutil import execute_notebook
 
@@ -101,6 +102,6 @@ def test_notebook_05_smoke(tmp_path):
     out = execute_notebook("05_nll_by_position.ipynb", tmp_path, overrides={"nll.data_path": None})
     text = out.read_text()
     assert "skipping 'sft'" in text  # no sft/dpo checkpoints in this run
-    assert (tmp_path / "figures" / "smoke" / "nll_by_position.png").exists()
+    assert check_figure(tmp_path / "figures" / "smoke" / "nll_by_position.png") == []  # written, readable
     rows = read_jsonl(tmp_path / "runs" / "smoke" / "nll" / "base" / "token_nll.jsonl")
     assert len(rows) == 2

@@ -7,6 +7,7 @@ import pytest
 
 from lwlib.config import load_profile
 from lwlib.data import load_ruler
+from lwlib.plots import check_figure
 from lwlib.probe import ProbeConfig, run_probe, select_items, summarize_probe
 from lwlib.runs import read_jsonl
 from nbutil import execute_notebook
@@ -68,7 +69,7 @@ def test_notebook_01_runs_and_writes_figure_and_metrics(tmp_path):
                            overrides={"probe.lengths": [1000, 10000], "probe.max_new_tokens": 24})
     assert out.exists()
     fig = tmp_path / "figures" / "smoke" / "ruler_probe.png"
-    assert fig.exists() and fig.stat().st_size > 10_000
+    assert fig.exists() and fig.stat().st_size > 10_000 and check_figure(fig) == []
     metrics = json.loads((tmp_path / "runs" / "smoke" / "probe" / "metrics.json").read_text())
     assert set(metrics) == {"base (paper)", "base (loopfree)"}  # every model under both decodings
     assert metrics["base (paper)"]["n_outputs"] == 2 and metrics["base (paper)"]["max_output_words_raw"] > 0

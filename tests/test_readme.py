@@ -1,4 +1,5 @@
-"""The README's file tree matches the repository: every listed path exists, every source file is listed.
+"""The README's file tree matches the repository (every listed path exists, every source file is listed), and the figure
+gallery (figures/README.md) describes every figure the notebooks write.
 
 Usage: ``pytest tests/test_readme.py`` (no lwlib import, milliseconds)."""
 
@@ -43,3 +44,10 @@ def test_readme_tree_lists_every_source_file():
     files = [f for f in files if "__pycache__" not in f]
     unlisted = [f for f in files if not covered(f, entries)]
     assert not unlisted, f"README.md '## Files' does not list: {unlisted}"
+
+
+def test_figure_gallery_describes_every_figure_the_notebooks_write():
+    written = sorted({m for p in (ROOT / "notebooks").glob("*.ipynb")
+                      for m in re.findall(r'"([a-z0-9_]+)\.png', p.read_text(encoding="utf-8"))})
+    gallery = (ROOT / "figures" / "README.md").read_text(encoding="utf-8")
+    assert len(written) >= 15 and [n for n in written if f"| `{n}` |" not in gallery] == []

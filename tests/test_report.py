@@ -6,7 +6,8 @@ import re
 import nbformat
 import pytest
 
-from lwlib.report import find_claims, main, widgets_as_text, write_report
+from lwlib.plots import pyplot, save_figure
+from lwlib.report import find_claims, main, manifest_command, widgets_as_text, write_report
 from lwlib.runs import write_manifest
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
@@ -42,17 +43,27 @@ def _executed(path, name, failed=False):
     nbformat.write(nb, str(path))
 
 
-def test_report_links_every_executed_notebook_with_manifest_and_claims(tmp_path):
+def test_report_links_every_executed_notebook_with_manifest_and_claims(tmp_path, monkeypatch):
     run = tmp_path / "smoke"
     names = ["01_output_length_probe", "02_agentwrite", "04_dpo"]
     for n in names:
         _executed(run / "notebooks" / f"{n}.ipynb", n, failed=n == "04_dpo")
+    monkeypatch.setenv("LWLIB_COMMAND", "./run_all.sh smoke (notebook 01_output_length_probe.ipynb)")
     write_manifest(run / "probe" / "base", {"profile": {"profile": "smoke", "source": "/x/smoke.yaml",
-                                                        "model": "smollm2-135m-instruct", "overrides": {"probe.lengths": [1000]}}})
+                                                        "model": "smollm2-135m-instruct", "overrides": {"probe.lengths": [1000]},
+                                                        "too_small_for_verdicts": True}})
+    monkeypatch.delenv("LWLIB_COMMAND")
+    write_manifest(run / "nll", {"profile": {"profile": "smoke"}})  # written in a pytest process: its command line
     claims = [{"id": "ruler-cap", "paper": "max output ~2k words", "rule": "effective < 3000",
-               "measured": {"words": 812}, "reproduced": True},
+               "measured": {"words": 812, "ratio": 77.64999999999999}, "reproduced": True},
               {"id": "sft-longer", "paper": "SFT writes longer", "rule": "ratio > 1", "measured": 0.9, "reproduced": False}]
     (run / "claims.json").write_text(json.dumps(claims))
+    figs = tmp_path / "figures"
+    monkeypatch.setenv("LWLIB_FIGURES", str(figs))
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [3, 4])
+    save_figure(fig, figs / "smoke" / "nll_by_position.png")
 
     assert main([str(run)]) == 0
     index = (run / "report" / "index.html").read_text()
@@ -67,8 +78,12 @@ def test_report_links_every_executed_notebook_with_manifest_and_claims(tmp_path)
     assert index.count('class="ok">finished') == 2 and 'class="bad">failed' in index
     assert "ZeroDivisionError: division by zero" in index and "2m 05s" in index
     assert "/x/smoke.yaml" in index and "probe.lengths" in index and "probe/base/manifest.json" in index
-    assert "1 of 2 reproduced" in index and "ruler-cap" in index and "effective &lt; 3000" in index
-    assert '<span class="ok">yes</span>' in index and '<span class="bad">no</span>' in index
+    assert "1 of 2 claims reproduced, 1 not reproduced" in index and "ruler-cap" in index
+    assert "effective &lt; 3000" in index and "ratio: 77.6" in index and "77.649" not in index
+    assert "far too small for these verdicts to mean anything" in index  # the banner of a smoke profile
+    assert '<img alt="nll_by_position" src="data:image/png;base64,' in index  # the run's figures, embedded
+    assert "./run_all.sh smoke (notebook 01_output_length_probe.ipynb)" in index and "test_report.py" in index
+    assert "ipykernel_launcher" not in index
 
 
 def test_report_rerenders_only_changed_notebooks_and_reports_bad_claims(tmp_path):
@@ -92,3 +107,20 @@ def test_widgets_without_state_keep_their_text():
         "display_data", data={WIDGET_VIEW: {"model_id": "gone"}, "text/plain": "bar 2/4"})])]
     out = widgets_as_text(nb).cells[0].outputs[0]["data"]
     assert out == {"text/plain": "bar 2/4"} and WIDGET_VIEW in nb.cells[0].outputs[0]["data"]  # a copy
+
+
+def test_one_notebook_to_html_with_its_bars_as_text(tmp_path):
+    """What plain ``jupyter nbconvert --to html`` cannot do offline: the progress bars written out as text."""
+    nb = tmp_path / "01_x.ipynb"
+    _executed(nb, "one")
+    assert main([str(nb)]) == 0
+    page = (tmp_path / "01_x.html").read_text()
+    assert "generate: 100% |##########| 4/4" in page and WIDGET_VIEW not in page
+    assert main([str(tmp_path / "missing.ipynb")]) == 1
+
+
+def test_manifest_command_of_older_manifests():
+    kernel = ["/v/lib/python3.12/site-packages/ipykernel_launcher.py", "-f", "/tmp/kernel-1.json"]
+    assert manifest_command({"argv": kernel}) == "a Jupyter kernel (notebook not recorded)"
+    assert manifest_command({"argv": kernel, "command": "Jupyter: notebooks/03_sft.ipynb"}) == "Jupyter: notebooks/03_sft.ipynb"
+    assert manifest_command({"argv": ["-m", "lwlib.train", "sft"]}) == "-m lwlib.train sft"

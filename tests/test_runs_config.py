@@ -380,3 +380,6 @@ def test_run_all_rejects_bad_input_before_any_notebook_and_creates_nothing(tmp_p
             assert "01_output_length_probe.ipynb" in r.stderr and "06_longbench_write.ipynb" in r.stderr
     assert not (tmp_path / "runs").exists()
     assert not (REPO_ROOT / "runs" / "bad").exists()
+    r = subprocess.run([run_all, "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("Run every notebook headlessly")  # the usage header, no code
+    assert "./run_all.sh [PROFILE] [--from NN]" in r.stdout and "pipefail" not in r.stdout and "=" * 3 not in r.stdout

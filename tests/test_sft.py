@@ -14,6 +14,7 @@ from lwlib.config import load_profile
 from lwlib.losses import sft_loss, trainer_class
 from lwlib.packing import (IGNORE, PackCollator, PackedDataset, load_template, pack_examples, split_batch,
                            tokenize_chat, training_template)
+from lwlib.plots import check_figure
 from lwlib.runs import REPO_ROOT
 from lwlib.sft import SFTConfig, apply_length_cap, load_sft_data, load_train_log, output_words, train_sft
 from lwlib.training import pick_liger
@@ -237,6 +238,28 @@ def test_trainer_gradient_equals_direct_token_mean(model_and_tok, template, tmp_
             # chunked: the head's gradient is summed chunk by chunk, another fp32 order (in fp64 the two agree to 1e-15)
             assert torch.allclose(g, g_direct, atol=1e-6 if chunk == 0 else 1e-4, rtol=1e-4), (mode, chunk)
         assert float(denom) == (sum(e.n_targets for e in exs) if mode == "token" else 4)
+
+
+def test_a_two_step_run_learns_at_its_first_step(model_and_tok, tmp_path):
+    """The warmup ratio rounds down to whole steps: a 2-step run (smoke's capped runs) has no warmup step, whose
+    learning rate would be 0; a long run keeps the paper's ratio."""
+    from transformers import TrainingArguments
+
+    from lwlib.training import warmup_steps
+
+    assert (warmup_steps(0.03, 2), warmup_steps(0.05, 40), warmup_steps(0.03, 1000)) == (0, 2, 30)
+    model, _ = model_and_tok
+    for steps, warmup in ((2, 0), (100, 3)):
+        args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-4, warmup_steps=0.03, max_steps=steps,
+                                 lr_scheduler_type="cosine", use_cpu=True, report_to=[])
+        trainer = trainer_class()(model=model, args=args)
+        trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+        assert trainer.args.warmup_steps == warmup
+        if steps == 2:
+            first = trainer.lr_scheduler.get_last_lr()[0]
+            trainer.optimizer.step()  # no gradients: nothing changes
+            trainer.lr_scheduler.step()
+            assert first == pytest.approx(1e-4) and 0 < trainer.lr_scheduler.get_last_lr()[0] < first
 
 
 def test_length_cap_drop_and_truncate():
@@ -513,7 +536,7 @@ def test_notebook_03_smoke(tmp_path):
     from nbutil import execute_notebook
 
     _write_agentwrite_output(tmp_path / "runs", sizes=(1, 2, 5))
-    execute_notebook("03_sft.ipynb", tmp_path, overrides={
+    out = execute_notebook("03_sft.ipynb", tmp_path, overrides={
         "probe.lengths": [1000], "probe.max_new_tokens": 16, "sft.data_path": "agentwrite", "sft.general_per_long": 0.7,
         "sft.general_max": 3, "sft.arms": {"general": "none"}, "sft.self_distill_max_new_tokens": 128,
         "sft.general_passages_cut": None, "sft.long_min_words": None, "sft.long_per_general": None,
@@ -540,6 +563,12 @@ def test_notebook_03_smoke(tmp_path):
     for name in ("sft_loss.png", "sft_loss_all.png", "ruler_base_vs_sft.png", "sft_length_cap_experiment.png",
                  "sft_length_cap_experiment_paper.png", "sft_arms_max_length.png"):
         assert (tmp_path / "figures" / "smoke" / name).stat().st_size > 10_000
+    for name in ("sft_loss.png", "sft_loss_all.png", "ruler_base_vs_sft.png", "ruler_sft_arms.png"):
+        assert check_figure(tmp_path / "figures" / "smoke" / name) == [], name
+    text = out.read_text()
+    assert "Table (b), the SFT arms" in text and "Table (a), the controlled experiment" in text
+    assert text.count("image/png") >= 6  # every figure shown, sft_loss_all.png included
+    assert "Setting accelerator to CPU" not in text  # DeepSpeed's warning on a CPU (lwlib.training)
 
 
 def test_train_cli_parses_overrides():
