@@ -166,7 +166,7 @@ def plot_cap_experiment(prof, frames: dict[str, pd.DataFrame], decoding: str, pa
     labels = {a: f"{a} (data <= {w:,.0f} words)" for a, w in zip(m["runs"], m["data_max_words"])}
     _ruler_lines(ax, runs, m["runs"], labels)
     ax.set_title(f"LongWrite-Ruler by SFT data cap ({decoding} decoding)", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left")
     x = np.array(m["data_max_words"])
     for i, k in enumerate(m["seeds"]):
         v = m["by_seed"][str(k)] if str(k) in m["by_seed"] else m["by_seed"][k]
@@ -176,7 +176,7 @@ def plot_cap_experiment(prof, frames: dict[str, pd.DataFrame], decoding: str, pa
     pooled = [m["pooled"][a]["p95"] for a in m["runs"]]
     bx.plot(x, pooled, "k-", lw=1.5, label="all seeds (p95 of pooled outputs)")
     top = max(x.max(), max(pooled)) * 1.3
-    bx.plot([50, top], [50, top], ":", color="gray", lw=1, label="y = x")
+    bx.plot([50, top], [50, top], "--", color="0.6", lw=1, label="p95 = the data's longest output")
     bx.set_xscale("log")
     bx.set_yscale("log")
     bx.set_xlabel("longest output in the SFT data (words)")
@@ -184,7 +184,7 @@ def plot_cap_experiment(prof, frames: dict[str, pd.DataFrame], decoding: str, pa
     r = m["ratio_top_over_smallest"]
     bx.set_title(f"p95: {r['top']} / {r['smallest']} = {r['value']:.1f}x [{r['lo']:.1f}, {r['hi']:.1f}]; "
                  "hollow = censored (lower bound)", fontsize=8)
-    bx.legend(fontsize=7, loc="upper left")
+    bx.legend(fontsize=8, loc="upper left")
     bx.grid(alpha=0.3, which="both")
     fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
@@ -253,7 +253,7 @@ def plot_arms(prof, frames: dict[str, pd.DataFrame], decoding: str, descriptions
     labels = {a: f"{a}: {descriptions.get(a, a)}" for a in m["arms"]}
     _ruler_lines(ax, runs, m["arms"], labels)
     ax.set_title(f"LongWrite-Ruler by SFT data ({decoding} decoding)", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left")
     xs = np.arange(len(m["arms"]))
     pooled = [m["pooled"][a]["p95"] for a in m["arms"]]
     bx.bar(xs, pooled, 0.6, color=[f"C{j}" for j in range(len(xs))], alpha=0.5, label="all seeds (pooled p95)")
@@ -269,7 +269,7 @@ def plot_arms(prof, frames: dict[str, pd.DataFrame], decoding: str, descriptions
     bx.axhline(10000, color="gray", ls="--", lw=1, label="10,000 words")
     bx.set_xticks(xs, m["arms"], fontsize=8)
     bx.set_ylabel("max output length (p95 effective words)")
-    bx.legend(fontsize=7, loc="upper left")
+    bx.legend(fontsize=8, loc="upper left")
     fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
 

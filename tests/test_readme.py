@@ -51,3 +51,33 @@ def test_figure_gallery_describes_every_figure_the_notebooks_write():
                       for m in re.findall(r'"([a-z0-9_]+)\.png', p.read_text(encoding="utf-8"))})
     gallery = (ROOT / "figures" / "README.md").read_text(encoding="utf-8")
     assert len(written) >= 15 and [n for n in written if f"| `{n}` |" not in gallery] == []
+
+
+def _json(rel: str):
+    import json
+
+    return json.loads((ROOT / rel).read_text(encoding="utf-8"))
+
+
+def test_readme_results_match_the_result_files():
+    """The numbers of the README's Results section are the committed result files' (rounded as written)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8").split("## Results", 1)[1].split("## Honest limits")[0]
+    num = lambda s: int(s.replace(",", ""))  # noqa: E731
+    # gpu (Gemma-3-270M), first sitting: p95 effective words of seed 0 per run
+    m = re.search(r"seed 0: cap500 ([\d,]+), cap1000 ([\d,]+), cap2000 ([\d,]+) \(base ([\d,]+)\)", text)
+    assert m, "README: the gpu sitting's line of (a) is not where this test looks"
+    gpu = _json("results/gpu/sft/cap_experiment.json")["loopfree"]
+    assert [num(x) for x in m.groups()[:3]] == [round(p) for p in gpu["by_seed"]["0"]["p95"]]
+    assert gpu["runs"] == ["cap500", "cap1000", "cap2000"]
+    base = _json("results/gpu/probe/base/loopfree/summary.json")["max_output_words_effective"]
+    assert num(m.group(4)) == round(base)
+    assert all(r["reproduced"] is None for r in _json("results/gpu/claims.json"))  # "every claim is incomplete"
+    # gpu_smollm2: (a), (b), (c) as the README states them
+    cap = _json("results/gpu_smollm2/sft/cap_experiment.json")["loopfree"]
+    p95 = dict(zip(cap["caps"], (round(x) for x in cap["p95_effective_words"])))
+    assert f"uncapped {p95[None]:,} <\ncap4000 {p95[4000]:,}" in text or \
+        f"uncapped {p95[None]:,} < cap4000 {p95[4000]:,}" in text.replace("\n", " ")
+    arms = _json("results/gpu_smollm2/sft/arms.json")["loopfree"]
+    assert f"({round(arms['sft'])} vs {round(arms['sft_general'])}, " in text.replace("\n", " ")
+    c = _json("results/gpu_smollm2/dpo/length_score_difference.json")["loopfree"]
+    assert f"S_l {c['before']:.1f} -> {c['after']:.1f}, interval {c['lo']:.1f} .. {c['hi']:.1f}" in text.replace("\n", " ")
