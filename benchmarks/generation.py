@@ -192,7 +192,7 @@ def run_row(be: LocalBackend, wl: Workload, limits: list[int], kvb: int, bandwid
                occupancy=round(d["active_steps"] / max(d["slot_steps"], 1), 3),
                capture_s=round(d["capture_s"], 3), captures=d["captures"], prefill_s=round(d["prefill_s"], 3),
                prefill_calls=d["prefill_calls"], decode_s=round(d["decode_s"], 3),
-               context_tokens=d["context_tokens"], read_tokens=d["read_tokens"],
+               context_tokens=d["context_tokens"], kv_layer_tokens=d["kv_layer_tokens"], read_tokens=d["read_tokens"],
                shapes=sorted(set(map(tuple, after["shapes"])) - set(map(tuple, before["shapes"]))))
     return row
 

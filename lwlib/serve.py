@@ -554,4 +554,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # no interpreter teardown: a daemon connection thread still inside torch or the tokenizer when Python finalizes is
+    # unwound by pthread_exit through C++ frames, which aborts the process ("terminate called without an active
+    # exception", exit -6) after a clean stop; everything is flushed and the worker has already been joined
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -166,7 +166,11 @@ def test_notebook_06_smoke(tmp_path, local_backend):
     assert check_figures(figs) == {}  # readable at notebook width
     summary = json.loads((tmp_path / "runs" / "smoke" / "bench" / "summary.json").read_text())
     assert set(summary) == {"base (paper)", "base (loopfree)"}  # sft/dpo not trained in this fresh run: skipped
-    assert json.loads((tmp_path / "runs" / "smoke" / "claims.json").read_text()) == []  # nothing measured here
+    claims = json.loads((tmp_path / "runs" / "smoke" / "claims.json").read_text())  # nothing measured here: every
+    assert [c["id"] for c in claims] == [  # claim listed as incomplete, naming the file it waits for
+        "a_length_follows_sft_cap", "b_long_data_lifts_limit", "h_10000_words", "d_length_follows_instruction",
+        "c_dpo_improves_length_score", "nll_long_context_helps"]
+    assert all(c["measured"] is None and c["reproduced"] is None and "is missing" in c["why"] for c in claims)
     j = summary["base (paper)"]["judge"]
     assert j["items"] == 2 and j["judged"] + j["failed (unparseable after all tries)"] == 2
     text = out.read_text()

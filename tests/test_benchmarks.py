@@ -121,14 +121,18 @@ def _check_generation_result(res, out):
         assert all(r["x_slots"] is None for r in mine if r is not cb)
         for r in mine:
             assert 0 < r["first_s"] <= r["wall_s"] and r["tokens"] > 0
-            if r["engine"] == "slots":  # the floor is the rows' cached KV bytes over the bandwidth, per step
-                floor = r["context_tokens"] * res["kv_bytes_per_token"] / res["bandwidth_B_per_s"] / r["steps"] * 1000
-                assert r["floor_ms"] == pytest.approx(floor, abs=1e-3) and r["floor_ms"] <= r["bucket_floor_ms"]
+            if r["engine"] == "slots":  # the floor: each layer's cached KV (a window's worth for a local layer) and the
+                bw = res["bandwidth_B_per_s"]  # weights, read once per step, over the bandwidth
+                kv_floor = r["kv_layer_tokens"] * res["layer_kv_bytes_per_token"] / bw / r["steps"] * 1000
+                assert r["kv_floor_ms"] == pytest.approx(kv_floor, abs=1e-3) and r["kv_floor_ms"] <= r["bucket_floor_ms"]
+                assert r["floor_ms"] == pytest.approx(kv_floor + res["weight_bytes"] / bw * 1000, abs=2e-3)
+                assert r["kv_layer_tokens"] == 30 * r["context_tokens"]  # no sliding window: every layer, every token
                 assert 0 < r["occupancy"] <= 1
     for r in rows:  # ignore_eos: every decode row makes exactly its tokens, on all three engines
         if r["workload"].startswith("decode-"):
             assert r["tokens"] == r["rows"] * r["max_new"] and r["stopped"] == 0
-    assert res["kv_bytes_per_token"] == 2 * 30 * 3 * 64 * 4  # fp32 on CPU
+    assert res["layer_kv_bytes_per_token"] == 2 * 3 * 64 * 4  # one layer's key and value, fp32 on CPU
+    assert res["weight_bytes"] > 0
     assert [c["slots_vs_generate"] == c["prompts"] for c in res["greedy_check"]] == [True]
     assert [c["transformers_cb_vs_generate"] == c["prompts"] for c in res["greedy_check"]] == [True]
 

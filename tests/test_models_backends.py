@@ -160,7 +160,8 @@ def test_serve_cli_serves_the_bundled_model_until_interrupted():
             assert time.monotonic() < deadline, "the long request did not start"
             time.sleep(0.05)
         p.send_signal(signal.SIGINT)  # while it generates
-        assert p.wait(timeout=60) == 0 and "stopped" in p.stderr.read()
+        rc, err = p.wait(timeout=60), p.stderr.read()
+        assert rc == 0 and "stopped" in err, err[-3000:]
         asker.join(60)
         assert not asker.is_alive() and len(long) == 1
     finally:

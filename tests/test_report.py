@@ -1,7 +1,9 @@
 """The HTML report of a run (lwlib.report): written, linking every executed notebook, manifests and claims."""
 
+import html
 import json
 import re
+import sys
 
 import nbformat
 import pytest
@@ -82,7 +84,8 @@ def test_report_links_every_executed_notebook_with_manifest_and_claims(tmp_path,
     assert "effective &lt; 3000" in index and "ratio: 77.6" in index and "77.649" not in index
     assert "far too small for these verdicts to mean anything" in index  # the banner of a smoke profile
     assert '<img alt="nll_by_position" src="data:image/png;base64,' in index  # the run's figures, embedded
-    assert "./run_all.sh smoke (notebook 01_output_length_probe.ipynb)" in index and "test_report.py" in index
+    assert "./run_all.sh smoke (notebook 01_output_length_probe.ipynb)" in index
+    assert html.escape(" ".join(sys.argv)) in index  # the nll manifest's command: this pytest process's own
     assert "ipykernel_launcher" not in index
 
 

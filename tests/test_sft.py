@@ -563,7 +563,8 @@ def test_notebook_03_smoke(tmp_path):
     for name in ("sft_loss.png", "sft_loss_all.png", "ruler_base_vs_sft.png", "sft_length_cap_experiment.png",
                  "sft_length_cap_experiment_paper.png", "sft_arms_max_length.png"):
         assert (tmp_path / "figures" / "smoke" / name).stat().st_size > 10_000
-    for name in ("sft_loss.png", "sft_loss_all.png", "ruler_base_vs_sft.png", "ruler_sft_arms.png"):
+    for name in ("sft_loss.png", "sft_loss_all.png", "ruler_base_vs_sft.png", "sft_length_cap_experiment.png",
+                 "sft_arms_max_length.png"):
         assert check_figure(tmp_path / "figures" / "smoke" / name) == [], name
     text = out.read_text()
     assert "Table (b), the SFT arms" in text and "Table (a), the controlled experiment" in text
