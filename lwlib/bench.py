@@ -604,7 +604,8 @@ def plot_bucket_bars(results: dict[str, pd.DataFrame], path: str | Path, title: 
     counts = []
     for b in BUCKET_NAMES:
         ns = sorted({int(t.at[b, "n"]) for t in tables.values() if not pd.isna(t.at[b, "n"])})
-        counts.append(f"{b}\n" + (f"{ns[0]} items" if len(ns) == 1 else f"{ns[0]}-{ns[-1]} items" if ns else "no item"))
+        counts.append(f"{b}\n" + (f"{ns[0]} item{'s' * (ns[0] != 1)}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]} items"
+                                  if ns else "no item"))
     axes[0].set_title("S_l, length score (label: value)", fontsize=10)
     axes[1].set_title("S_q, quality score over judged items (label: judged/items)", fontsize=10)
     if not judged_any:

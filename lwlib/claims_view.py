@@ -45,7 +45,8 @@ def fmt_number(x: Any) -> str:
         return "inf" if x > 0 else "-inf"
     if abs(x) >= 100 or x.is_integer():
         return f"{x:,.0f}"
-    return f"{x:.3g}"
+    text = f"{x:.3g}"
+    return f"{x:#.3g}" if text.lstrip("-").isdigit() else text  # 3.996 -> 4.00, not 4
 
 
 def _scalar(x: Any) -> bool:

@@ -290,7 +290,8 @@ def plot_ruler(frames: dict[str, pd.DataFrame], path: str | Path, title: str) ->
     """The paper's Figure 1: mean output length vs required length, log-log, with the line y = x.
 
     One panel per decoding (the records' ``decoding`` field), its name in the panel title, every panel on the same
-    axes; in each, one colour per model: solid lines raw words, dashed lines effective words (before collapse).
+    axes; in each, a colour and a marker per model (later ones thinner, so that coinciding curves stay visible):
+    solid lines and filled markers raw words, dashed lines and open markers effective words (before collapse).
     One legend for all panels.
     """
     plt = pyplot()
@@ -319,9 +320,14 @@ def plot_ruler(frames: dict[str, pd.DataFrame], path: str | Path, title: str) ->
     for ax, (dec, group) in zip(flat, by_dec.items()):
         for name in group:
             g = curves[(dec, name)]
-            c = f"C{models.index(name) % 10}"
-            (raw,) = ax.plot(g.index, g["words"].clip(lower=1), "o-", color=c, label=f"{name} (raw)")
-            (eff,) = ax.plot(g.index, g["eff"].clip(lower=1), "s--", color=c, alpha=0.8, label=f"{name} (effective)")
+            k = models.index(name)
+            # a colour and a marker per model, thinner and smaller for each later one: models whose curves coincide
+            # (a smoke run's) stay visible as nested markers; raw solid and filled, effective dashed and open
+            st = {"color": f"C{k % 10}", "marker": "osD^vP*X"[k % 8], "lw": max(2.4 - 0.4 * k, 1.0),
+                  "markersize": max(8.5 - 1.5 * k, 4.0)}
+            (raw,) = ax.plot(g.index, g["words"].clip(lower=1), linestyle="-", label=f"{name} (raw)", **st)
+            (eff,) = ax.plot(g.index, g["eff"].clip(lower=1), linestyle="--", markerfacecolor="none",
+                             label=f"{name} (effective)", **st)
             handles.setdefault(raw.get_label(), raw)
             handles.setdefault(eff.get_label(), eff)
         (ref,) = ax.plot(xlim, xlim, "k:", lw=1, label="y = x (the required length)")

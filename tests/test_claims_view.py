@@ -17,7 +17,7 @@ LONG = "Section 2: " + "a statement the paper makes at some length, " * 8 + "the
 
 
 @pytest.mark.parametrize("x, text", [(77.64999999999999, "77.6"), (1768.3, "1,768"), (12345, "12,345"), (0.8996, "0.9"),
-                                     (-2.47, "-2.47"), (0.006, "0.006"), (3.0, "3"), (float("nan"), "n/a"),
+                                     (-2.47, "-2.47"), (0.006, "0.006"), (3.0, "3"), (3.996, "4.00"), (float("nan"), "n/a"),
                                      (None, "none"), (True, "yes"), ("sft", "sft")])
 def test_numbers_read_without_float_noise(x, text):
     assert fmt_number(x) == text
