@@ -59,6 +59,11 @@ class GenParams:
             tokens); with a penalty this is a "loop-free" decoding for small models that repeat themselves.
         no_repeat_ngram_size: n > 0 forbids any n-gram of the generated text to occur twice (end tokens
             excepted); 0 = off. Local backend only.
+        sample: which output of its prompt a row is (several samples of one prompt: the probe's, DPO's,
+            LongBench-Write's). An API request is seeded with :func:`request_seed` (``seed`` plus a stride per
+            sample), so that a server that seeds each request (vLLM, ``lwlib.serve``) gives the samples of a prompt
+            different outputs instead of one output k times; the local engines draw all rows of a call from one
+            seeded generator and need no more than that.
     """
 
     max_new_tokens: int = 1024
@@ -69,6 +74,7 @@ class GenParams:
     ignore_eos: bool = False
     repetition_window: int = 0
     no_repeat_ngram_size: int = 0
+    sample: int = 0
 
     def __post_init__(self):
         if not self.repetition_penalty > 0:
@@ -77,6 +83,28 @@ class GenParams:
             raise ValueError(f"GenParams.repetition_window must be >= 0, got {self.repetition_window}")
         if self.no_repeat_ngram_size < 0:
             raise ValueError(f"GenParams.no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+        if self.sample < 0:
+            raise ValueError(f"GenParams.sample must be >= 0, got {self.sample}")
+
+
+SAMPLE_SEED_STRIDE = 100_003  # apart from the seed indices of a profile's runs (seed + k)
+
+
+def request_seed(params: GenParams) -> int | None:
+    """The seed an API request carries: ``seed + SAMPLE_SEED_STRIDE * sample`` (None: unseeded).
+
+    Usage: ``request_seed(GenParams(seed=3, sample=1)) == 100_006``
+    """
+    return None if params.seed is None else params.seed + SAMPLE_SEED_STRIDE * params.sample
+
+
+def samples_params(params: GenParams, n: int) -> list[GenParams]:
+    """``n`` copies of ``params``, sample ``k`` marked ``k`` (:attr:`GenParams.sample`): the settings of a prompt's
+    ``n`` samples.
+
+    Usage: ``ps = samples_params(dec.params(4096), 4)  # Job(..., ps[k], ...) for sample k``
+    """
+    return [params if k == 0 else dataclasses.replace(params, sample=k) for k in range(n)]
 
 
 @dataclass
@@ -329,7 +357,7 @@ class LocalBackend(_CollectMixin):
                 yield i, self._finish(encoded[i], toks, limits[i], seconds)
 
     def _iter_generate(self, encoded, limits, plist, stop=None):
-        for grp in _groups([dataclasses.astuple(p) for p in plist]):
+        for grp in _groups([dataclasses.astuple(dataclasses.replace(p, sample=0)) for p in plist]):  # samples alike
             params = plist[grp[0]]
             order = sorted(grp, key=lambda i: (-len(encoded[i]), -limits[i]))
             if params.seed is not None:
@@ -494,7 +522,7 @@ class OpenAIBackend(_CollectMixin):
                     top_p=params.top_p, max_tokens=max_tokens, timeout=timeout,
                 )
                 if params.seed is not None:
-                    kw["seed"] = params.seed
+                    kw["seed"] = request_seed(params)  # the samples of one prompt: different seeds
                 try:
                     r = self.client.chat.completions.create(**kw)
                     ch = r.choices[0] if isinstance(getattr(r, "choices", None), list) and r.choices else None

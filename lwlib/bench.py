@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .backends import Backend, BackendConfig, Generation, make_backend
+from .backends import Backend, BackendConfig, Generation, make_backend, samples_params
 from .config import Profile
 from .typed import check_sizes
 from .data import WritingItem, data_file, load_longbench_write
@@ -77,6 +77,9 @@ class BenchConfig:
             pred.py); every model is predicted under each of them.
         backend: prediction backend (lwlib.backends.BackendConfig); model empty = the tag's model.
         judge: the quality judge (:class:`lwlib.judge.JudgeConfig`).
+        samples: outputs per item, model and decoding (the gpu design's 2); sample ``k >= 1`` is stored as
+            ``<item id>-s<k>`` (``item_id`` and ``sample`` columns), and intervals resample items, a sample never
+            without its item's others.
         n_boot: bootstrap resamples for 95% confidence intervals (0 = none).
         rep_ngram: n of the repeated-n-gram measure (lwlib.text.repetition_report).
         rep_window: window (in n-grams) of the collapse rule.
@@ -94,6 +97,7 @@ class BenchConfig:
     max_new_tokens: int = 32768
     backend: BackendConfig = field(default_factory=BackendConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    samples: int = 1
     n_boot: int = 1000
     rep_ngram: int = 5
     rep_window: int = 200
@@ -103,7 +107,7 @@ class BenchConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        check_sizes(self, "bench", 1, "max_items", "max_new_tokens", "rep_ngram", "rep_window")
+        check_sizes(self, "bench", 1, "max_items", "max_new_tokens", "samples", "rep_ngram", "rep_window")
         check_sizes(self, "bench", 0, "n_boot")
 
 
@@ -160,9 +164,10 @@ def predict_decodings(
 ) -> dict[str, pd.DataFrame]:
     """:func:`run_predictions` under several decodings in one backend call (one batch of all their rows), a
     store per decoding; ``{decoding name: predictions}``. The backend is built only if something is missing."""
-    from .models import run_model
+    from .models import run_model, split_seed
 
     cfg = cfg or profile.section("bench", BenchConfig)
+    seed = profile.seed + split_seed(tag)[1]  # seed k's models (sft-s<k>, dpo-s<k>) sample with seed + k
     model = cfg.backend.model or (run_model(profile, tag) if backend is None else getattr(backend, "name", tag))
     data = ([data_fingerprint(data_file("longbench_write.jsonl", cfg.data_path, field="bench.data_path")),
              data_fingerprint(data_file("longbench_write_en.jsonl", cfg.en_data_path, field="bench.en_data_path"))]
@@ -174,7 +179,7 @@ def predict_decodings(
         out = bench_dir(profile, tag, dec.name)
         fingerprint = {  # what decides a record (not the selection: records are per item)
             "model": model_fingerprint(model, profile.run_dir), "max_new_tokens": cfg.max_new_tokens,
-            "decoding": dec.as_dict(), "seed": profile.seed, "data": data,
+            "decoding": dec.as_dict(), "seed": seed, "data": data,
             "repetition": [cfg.rep_ngram, cfg.rep_window, cfg.rep_threshold],  # stored per record
             **(profile.numerics() if cfg.backend.kind == "local" else {}),  # a local model's device and dtype
         }
@@ -182,23 +187,32 @@ def predict_decodings(
                                               overwrite=cfg.overwrite, stage="bench")
         write_manifest(out, {"profile": profile.resolved(), "bench": dataclasses.asdict(cfg), "model": model,
                              "tag": tag, "decoding": dec.as_dict(), "fingerprint": fingerprint})
-        params = dec.params(cfg.max_new_tokens, seed=profile.seed)
-        jobs += [Job(it.id, it.prompt, params, store,
-                     functools.partial(_prediction_record, it=it, tag=tag, model=model, dec=dec.name, cfg=cfg))
-                 for it in items]
+        params = samples_params(dec.params(cfg.max_new_tokens, seed=seed), cfg.samples)
+        jobs += [Job(sample_id(it.id, k), it.prompt, params[k], store,
+                     functools.partial(_prediction_record, it=it, tag=tag, model=model, dec=dec.name, cfg=cfg, k=k))
+                 for it in items for k in range(cfg.samples)]
     names = "+".join(d.name for d in decodings)
     generate_into(jobs, backend, make=lambda: make_backend(cfg.backend, model, profile.device, profile.dtype),
                   desc=f"LongBench-Write ({tag}: {names})", what=f"bench predictions ({tag}, {names})")
-    ids = {it.id for it in items}
+    ids = {sample_id(it.id, k) for it in items for k in range(cfg.samples)}
     return {d.name: add_length_scores(pd.DataFrame([r for r in stores[d.name].records() if r["id"] in ids]))
             for d in decodings}
 
 
-def _prediction_record(g: Generation, it: WritingItem, tag: str, model: str, dec: str, cfg: BenchConfig) -> dict:
+def sample_id(item_id: str, k: int) -> str:
+    """The record id of sample ``k`` of an item: the item's id for 0 (as one-sample runs stored it), ``-s<k>`` after.
+
+    Usage: ``sample_id("lbw-007", 1) == "lbw-007-s1"``
+    """
+    return item_id if k == 0 else f"{item_id}-s{k}"
+
+
+def _prediction_record(g: Generation, it: WritingItem, tag: str, model: str, dec: str, cfg: BenchConfig,
+                       k: int = 0) -> dict:
     rep = _rep(g.text, cfg)
     return {
-        "id": it.id, "tag": tag, "model": model, "decoding": dec, "prompt": it.prompt,
-        "type": it.type, "lang": it.lang,
+        "id": sample_id(it.id, k), "item_id": it.id, "sample": k, "tag": tag, "model": model, "decoding": dec,
+        "prompt": it.prompt, "type": it.type, "lang": it.lang,
         "length": it.length, "bucket": bucket_of(it.length), "response": g.text,
         "response_length": count_words(g.text), "tokens": g.completion_tokens, "hit_limit": g.hit_limit,
         "finish_reason": g.finish_reason, "effective_length": rep.effective_words,
@@ -214,8 +228,13 @@ def bench_dir(profile: Profile, tag: str, decoding: str) -> Path:
 
 
 def add_length_scores(df: pd.DataFrame) -> pd.DataFrame:
-    """Add ``S_l`` (official length score) and ``S_l_eff`` (on effective length) per item."""
+    """Add ``S_l`` (official length score) and ``S_l_eff`` (on effective length) per output; ``item_id`` and
+    ``sample`` where records of a one-sample run lack them."""
     df = df.copy()
+    if "item_id" not in df:
+        df["item_id"] = df["id"].str.replace(r"-s\d+$", "", regex=True) if len(df) else []
+    if "sample" not in df:
+        df["sample"] = 0
     df["S_l"] = [length_score(r, a) for r, a in zip(df["length"], df["response_length"])]
     df["S_l_eff"] = [length_score(r, a) for r, a in zip(df["length"], df["effective_length"])]
     return df
@@ -388,6 +407,10 @@ def _scores(g: pd.DataFrame, n_boot: int, seed: int) -> dict[str, Any]:
         "collapsed": float(g["collapsed"].mean()) if len(g) else np.nan,
         "hit_limit": float(g["hit_limit"].mean()) if len(g) else np.nan,
     }
+    row["items"] = int(g["item_id"].nunique()) if "item_id" in g else len(g)
+    if row["items"] < len(g):  # several samples per item: the intervals resample items
+        per_item = pd.DataFrame({"item": g["item_id"].to_numpy(), "sl": sl, "sq": sq}).groupby("item", sort=False)
+        sl, sq = per_item["sl"].mean().to_numpy(float), per_item["sq"].mean().to_numpy(float)  # NaN-skipping means
     for name, (lo, hi) in _boot_ci(sl, sq, n_boot, seed).items():
         row[f"{name}_lo"], row[f"{name}_hi"] = lo, hi
     return row
@@ -622,28 +645,57 @@ def plot_bucket_bars(results: dict[str, pd.DataFrame], path: str | Path, title: 
     return save_figure(fig, path)
 
 
-def length_score_difference(before: pd.DataFrame, after: pd.DataFrame, by: str | None = "bucket",
-                            n_boot: int = 1000, seed: int = 0, column: str = "S_l") -> pd.DataFrame:
+def length_score_difference(before: pd.DataFrame | dict[int, pd.DataFrame], after: pd.DataFrame | dict[int, pd.DataFrame],
+                            by: str | None = "bucket", n_boot: int = 1000, seed: int = 0,
+                            column: str = "S_l") -> pd.DataFrame:
     """``after - before`` of the mean ``column`` (S_l) on the same items, overall and per ``by`` group, with a paired
-    bootstrap 95% interval (items resampled together in both models) and the share of resamples above 0.
+    bootstrap 95% interval and the share of resamples above 0. ``before``/``after``: one run's predictions, or
+    ``{seed index: predictions}`` (seed k's SFT and its DPO model). Outputs pair by record id (sample k of an item
+    with sample k), a difference is averaged over an item's samples, and the bootstrap resamples seeds, then items
+    within each seed (both models together); a seed missing on either side is left out, an item must be in every
+    seed. Columns: n (items), seeds, before, after, difference, lo, hi, share_above_0 (and ``d_s<k>``, seed k's
+    difference, with several seeds).
 
     Usage: ``length_score_difference(results["sft (paper)"], results["dpo (paper)"])``
     """
-    m = before[["id", column, "bucket", "type", "lang"]].merge(after[["id", column]], on="id", suffixes=("_before", "_after"))
-    if m.empty:
-        raise ValueError("length_score_difference: the two results share no item")
+    before = before if isinstance(before, dict) else {0: before}
+    after = after if isinstance(after, dict) else {0: after}
+    seeds = sorted(set(before) & set(after))
+    per_seed = {}
+    for k in seeds:
+        b, a = before[k], after[k]
+        if "item_id" not in b:  # a one-sample run's records
+            b = b.assign(item_id=b["id"].str.replace(r"-s\d+$", "", regex=True))
+        m = b[["id", "item_id", column, "bucket", "type", "lang"]].merge(a[["id", column]], on="id",
+                                                                          suffixes=("_before", "_after"))
+        per_seed[k] = m.groupby("item_id", sort=True).agg(
+            before=(f"{column}_before", "mean"), after=(f"{column}_after", "mean"), bucket=("bucket", "first"),
+            type=("type", "first"), lang=("lang", "first"))
+    items = sorted(set.intersection(*(set(t.index) for t in per_seed.values()))) if per_seed else []
+    if not items:
+        raise ValueError("length_score_difference: the two results share no item"
+                         + (f" (seeds {seeds})" if len(seeds) > 1 else ""))
+    tabs = [per_seed[k].loc[items] for k in seeds]
     rng = np.random.default_rng(seed)
-    groups = [("overall", m)]
+    info = tabs[0]
+    groups = [("overall", np.ones(len(items), bool))]
     if by is not None:
-        keys = list(BUCKET_NAMES) if by == "bucket" else sorted(m[by].unique())
-        groups += [(k, m[m[by] == k]) for k in keys if (m[by] == k).any()]
+        keys = list(BUCKET_NAMES) if by == "bucket" else sorted(info[by].unique())
+        groups += [(k, (info[by] == k).to_numpy()) for k in keys if (info[by] == k).any()]
     rows = []
-    for name, g in groups:
-        d = (g[f"{column}_after"] - g[f"{column}_before"]).to_numpy(float)
-        row = {"group": name, "n": len(d), "before": float(g[f"{column}_before"].mean()),
-               "after": float(g[f"{column}_after"].mean()), "difference": float(d.mean())}
+    for name, mask in groups:
+        bef = np.stack([t["before"].to_numpy(float)[mask] for t in tabs])  # [seeds, items]
+        aft = np.stack([t["after"].to_numpy(float)[mask] for t in tabs])
+        d = aft - bef
+        row = {"group": name, "n": int(mask.sum()), "seeds": len(seeds), "before": float(bef.mean()),
+               "after": float(aft.mean()), "difference": float(d.mean())}
+        if len(seeds) > 1:
+            row.update({f"d_s{k}": float(d[i].mean()) for i, k in enumerate(seeds)})
         if n_boot > 0:
-            b = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
+            n_s, n_i = d.shape
+            s_idx = rng.integers(0, n_s, size=(n_boot, n_s)) if n_s > 1 else np.zeros((n_boot, 1), int)
+            i_idx = rng.integers(0, n_i, size=(n_boot, n_s, n_i))
+            b = d[s_idx[:, :, None], i_idx].mean(axis=(1, 2))
             row.update(lo=float(np.percentile(b, 2.5)), hi=float(np.percentile(b, 97.5)),
                        share_above_0=float((b > 0).mean()))
         rows.append(row)

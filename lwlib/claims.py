@@ -211,8 +211,12 @@ def summary_arms(m: dict[str, Any]) -> str:
 
 
 def summary_c(m: dict[str, Any]) -> str:
+    per_seed = ""
+    if len(m.get("by_seed", {})) > 1:
+        per_seed = "; per seed " + ", ".join(f"{k}: {v:+.1f}" for k, v in m["by_seed"].items())
+    samples = f" x {m['samples_per_item']} samples" if m.get("samples_per_item", 1) > 1 else ""
     return (f"S_l {m['before']:.1f} -> {m['after']:.1f}: {m['difference']:+.1f} [{m['lo']:+.1f}, {m['hi']:+.1f}] "
-            f"({m['items']} items{', seeds ' + str(m['seeds']) if 'seeds' in m else ''})")
+            f"({m['items']} items{samples}{', seeds ' + str(m['seeds']) if 'seeds' in m else ''}{per_seed})")
 
 
 def summary_nll(m: dict[str, Any] | None, curves: dict[str, Any]) -> str:

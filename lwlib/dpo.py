@@ -30,11 +30,17 @@ Run folder ``<run>/dpo/``: ``instructions.jsonl``, ``samples.jsonl`` (resumable)
 (resumable; judge outputs kept), ``judge_cache.jsonl`` (judge calls by judge model, prompt and response),
 ``pairs.jsonl``, ``data_stats.json``, ``model/``, ``train_log.json``.
 
+Seeds (``seeds``): seed ``k >= 1`` starts from seed k's SFT model (``sft-s<k>``; :func:`start_tag`), samples and
+pairs with seed ``profile.seed + k`` and trains with it, in ``<run>/dpo/s<k>/`` (:func:`dpo_dir`); its model is
+the tag ``dpo-s<k>``. The instructions are the same for every seed (``instructions.jsonl`` and the judge cache stay
+in ``<run>/dpo/``).
+
 Usage::
 
     cfg = prof.section("dpo", DPOStageConfig)
-    pairs, stats = build_dpo_data(prof, cfg)      # sample, judge, pair (resumable)
-    folder = train_dpo(prof, cfg, pairs)          # runs/<profile>/dpo/model
+    for k in range(cfg.seeds):
+        pairs, stats = build_dpo_data(prof, cfg, seed=k)  # sample, judge, pair (resumable)
+        folder = train_dpo(prof, cfg, pairs, seed=k)      # runs/<profile>/dpo/model, dpo/s1/model, ...
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .backends import Backend, BackendConfig, Generation, make_backend
+from .backends import Backend, BackendConfig, Generation, make_backend, samples_params
 from .config import Profile
 from .typed import check_sizes
 from .data import is_hf_spec, parse_hf_spec
@@ -131,8 +137,12 @@ class DPOStageConfig:
             were made with other settings (start model, decoding, instruction generator, judge;
             lwlib.runs.StaleRunError), move them aside and start anew instead of refusing.
 
+        seeds: DPO runs, seed k from seed k's SFT model (``sft-s<k>``; the gpu design's 3); each has its own
+            samples, pairs and model (``dpo-s<k>``), the instructions are shared.
+
     Evaluation fields (notebook 04):
-        bench_items: LongBench-Write items predicted and judged for SFT vs DPO (null = all 120).
+        bench_items: LongBench-Write items predicted and judged for SFT vs DPO (null = all 120); the samples per
+            item are ``bench.samples``.
     """
 
     start_model: str = "sft"
@@ -168,11 +178,12 @@ class DPOStageConfig:
     deepspeed: str | None = None
     logging_steps: int = 1
     overwrite: bool = False
+    seeds: int = 1
     bench_items: int | None = None
 
     def __post_init__(self) -> None:
         check_sizes(self, "dpo", 1, "instructions", "min_words", "max_words", "max_new_tokens", "steps", "batch_size",
-                    "per_device_batch_size", "max_length", "logging_steps", "bench_items")
+                    "per_device_batch_size", "max_length", "logging_steps", "seeds", "bench_items")
         check_sizes(self, "dpo", 0, "general_per_long", "general_max")
         if self.score_rule not in SCORE_RULES:
             raise ValueError(f"dpo.score_rule must be one of {SCORE_RULES}, got {self.score_rule!r}")
@@ -186,6 +197,44 @@ class DPOStageConfig:
             raise ValueError(f"dpo.length_basis must be 'effective' or 'raw', got {self.length_basis!r}")
         if self.judge.kind not in ("local", "openai", "none"):
             raise ValueError(f"dpo.judge.kind must be local, openai or none, got {self.judge.kind!r}")
+
+
+# ------------------------------------------------------------------------------------------------ seeds
+
+def dpo_dir(prof: Profile, seed: int = 0) -> Path:
+    """The folder of DPO seed ``seed``: ``<run>/dpo`` for 0, ``<run>/dpo/s<k>`` after (created).
+
+    Usage: ``dpo_dir(prof, 2)  # runs/gpu/dpo/s2``
+    """
+    if seed < 0:
+        raise ValueError(f"DPO seed index must be >= 0, got {seed}")
+    p = prof.stage_dir("dpo") / (f"s{seed}" if seed else "")
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def start_tag(cfg: DPOStageConfig, seed: int = 0) -> str:
+    """The start model of DPO seed ``seed``: seed k of notebook 03's run ``cfg.start_model`` (``sft`` -> ``sft-s2``);
+    ``base`` or a path stays itself (the seeds then differ in sampling and training only).
+
+    Usage: ``run_model(prof, start_tag(cfg, 1))``
+    """
+    from .models import seed_tag, split_seed
+
+    tag = cfg.start_model
+    if tag == "base" or "/" in tag or split_seed(tag)[1] or not _run_tag(tag):
+        return tag
+    return seed_tag(tag, seed)
+
+
+def _run_tag(tag: str) -> bool:
+    from .models import sft_folder
+
+    try:
+        sft_folder(".", tag)
+        return True
+    except ValueError:
+        return False
 
 
 # ------------------------------------------------------------------------------------------ instructions
@@ -208,14 +257,15 @@ def dpo_instructions(prof: Profile, cfg: DPOStageConfig) -> list[dict[str, Any]]
 # ------------------------------------------------------------------------------------------- sampling
 
 def sample_outputs(prof: Profile, cfg: DPOStageConfig, instructions: list[dict[str, Any]],
-                   backend: Backend | None = None) -> pd.DataFrame:
-    """``cfg.samples`` outputs per instruction from the start model under ``cfg.decoding``; resumable
-    (``<run>/dpo/samples.jsonl``, id ``<instruction id>-s<k>``)."""
+                   backend: Backend | None = None, seed: int = 0) -> pd.DataFrame:
+    """``cfg.samples`` outputs per instruction from seed ``seed``'s start model under ``cfg.decoding``; resumable
+    (``samples.jsonl`` of :func:`dpo_dir`, id ``<instruction id>-s<k>``)."""
     from .models import run_model
 
     dec = sampling_decoding(prof, cfg)
-    store = _samples_store(prof, cfg)
-    params = dec.params(cfg.max_new_tokens, seed=prof.seed)
+    store = _samples_store(prof, cfg, seed)
+    params = samples_params(dec.params(cfg.max_new_tokens, seed=prof.seed + seed), cfg.samples)
+    start = start_tag(cfg, seed)
 
     def record(g: Generation, it: dict[str, Any], k: int) -> dict[str, Any]:
         rep = repetition_report(g.text)
@@ -224,13 +274,12 @@ def sample_outputs(prof: Profile, cfg: DPOStageConfig, instructions: list[dict[s
                 "required_length": it["length"], "response": g.text, "words": rep.words,
                 "effective_words": rep.effective_words, "collapsed": rep.collapsed,
                 "tokens": g.completion_tokens, "finish_reason": g.finish_reason,
-                "model": str(cfg.start_model), "decoding": dec.name}
+                "model": start, "decoding": dec.name}
 
-    jobs = [Job(f"{it['id']}-s{k}", [{"role": "user", "content": it["prompt"]}], params, store,
+    jobs = [Job(f"{it['id']}-s{k}", [{"role": "user", "content": it["prompt"]}], params[k], store,
                 functools.partial(record, it=it, k=k)) for it in instructions for k in range(cfg.samples)]
-    generate_into(jobs, backend, make=lambda: make_backend(cfg.backend, run_model(prof, cfg.start_model), prof.device,
-                                                           prof.dtype),
-                  desc=f"DPO sampling ({dec.name})", what="DPO sampling")
+    generate_into(jobs, backend, make=lambda: make_backend(cfg.backend, run_model(prof, start), prof.device, prof.dtype),
+                  desc=f"DPO sampling ({start}, {dec.name})", what=f"DPO sampling ({start})")
     want = {f"{it['id']}-s{k}" for it in instructions for k in range(cfg.samples)}
     return pd.DataFrame([r for r in store.records() if r["id"] in want])
 
@@ -248,27 +297,27 @@ def _instructions_fingerprint(prof: Profile, cfg: DPOStageConfig) -> dict[str, A
             "min_words": cfg.min_words, "max_words": cfg.max_words}
 
 
-def _samples_fingerprint(prof: Profile, cfg: DPOStageConfig) -> dict[str, Any]:
+def _samples_fingerprint(prof: Profile, cfg: DPOStageConfig, seed: int = 0) -> dict[str, Any]:
     from .models import run_model
 
-    return {"model": model_fingerprint(cfg.backend.model or run_model(prof, cfg.start_model), prof.run_dir),
+    return {"model": model_fingerprint(cfg.backend.model or run_model(prof, start_tag(cfg, seed)), prof.run_dir),
             "max_new_tokens": cfg.max_new_tokens, "decoding": sampling_decoding(prof, cfg).as_dict(),
-            "seed": prof.seed, "instructions": _instructions_fingerprint(prof, cfg),
+            "seed": prof.seed + seed, "instructions": _instructions_fingerprint(prof, cfg),
             **(prof.numerics() if cfg.backend.kind == "local" else {})}  # a local model's device and dtype
 
 
-def _samples_store(prof: Profile, cfg: DPOStageConfig) -> JsonlStore:
-    return JsonlStore(prof.stage_dir("dpo") / "samples.jsonl", key="id", fingerprint=_samples_fingerprint(prof, cfg),
-                      overwrite=cfg.overwrite, stage="dpo")
+def _samples_store(prof: Profile, cfg: DPOStageConfig, seed: int = 0) -> JsonlStore:
+    return JsonlStore(dpo_dir(prof, seed) / "samples.jsonl", key="id",
+                      fingerprint=_samples_fingerprint(prof, cfg, seed), overwrite=cfg.overwrite, stage="dpo")
 
 
-def _scores_store(prof: Profile, cfg: DPOStageConfig) -> JsonlStore:
+def _scores_store(prof: Profile, cfg: DPOStageConfig, seed: int = 0) -> JsonlStore:
     j = cfg.judge
     judge = {"kind": j.kind, "model": (model_fingerprint(j.model or prof.model, prof.run_dir) if j.kind == "local"
                                        else j.model), "base_url": j.base_url, "max_tokens": j.max_tokens,
              "temperature": j.temperature, "max_tries": j.max_tries, "max_response_words": j.max_response_words}
-    return JsonlStore(prof.stage_dir("dpo") / "scores.jsonl", key="id", overwrite=cfg.overwrite, stage="dpo",
-                      fingerprint={"samples": fingerprint_id(_samples_fingerprint(prof, cfg)), "judge": judge,
+    return JsonlStore(dpo_dir(prof, seed) / "scores.jsonl", key="id", overwrite=cfg.overwrite, stage="dpo",
+                      fingerprint={"samples": fingerprint_id(_samples_fingerprint(prof, cfg, seed)), "judge": judge,
                                    "seed": prof.seed, "length_basis": cfg.length_basis})
 
 
@@ -279,7 +328,8 @@ def make_dpo_judge(prof: Profile, cfg: DPOStageConfig):
     return make_judge(prof, cfg.judge, where="dpo.judge")
 
 
-def judge_samples(prof: Profile, cfg: DPOStageConfig, samples: pd.DataFrame, judge=None) -> pd.DataFrame:
+def judge_samples(prof: Profile, cfg: DPOStageConfig, samples: pd.DataFrame, judge=None,
+                  seed: int = 0) -> pd.DataFrame:
     """Quality and length scores of every sample; resumable (``<run>/dpo/scores.jsonl``).
 
     Each record: id, instruction_id, length_score, quality_scores (six dimensions or null), quality
@@ -287,7 +337,7 @@ def judge_samples(prof: Profile, cfg: DPOStageConfig, samples: pd.DataFrame, jud
     Judged by :func:`lwlib.judge.judge_records` (as the benchmark's judgements): judge calls are cached in
     ``<run>/dpo/judge_cache.jsonl``, and a sample stored with another judge model's scores is an error. A
     transport error leaves the sample unscored (retried on rerun)."""
-    store = _scores_store(prof, cfg)
+    store = _scores_store(prof, cfg, seed)
     records = samples.to_dict("records")
     todo = [r for r in records if r["id"] not in store]
     own = None
@@ -426,25 +476,26 @@ def load_general_pairs(src: str, n: int, seed: int = 0) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------- the data
 
 def build_dpo_data(prof: Profile, cfg: DPOStageConfig | None = None, backend: Backend | None = None,
-                   judge=None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Instructions -> samples -> scores -> pairs (+ general pairs); resumable.
+                   judge=None, seed: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Instructions -> samples -> scores -> pairs (+ general pairs) of DPO seed ``seed``; resumable.
 
     Returns (training pairs in TRL's conversational format with ids and scores, statistics); writes
-    ``pairs.jsonl`` and ``data_stats.json``."""
+    ``pairs.jsonl`` and ``data_stats.json`` in :func:`dpo_dir`."""
     cfg = cfg or prof.section("dpo", DPOStageConfig)
-    out = prof.stage_dir("dpo")
-    ins_store = JsonlStore(out / "instructions.jsonl", key="id", fingerprint=_instructions_fingerprint(prof, cfg),
-                           overwrite=cfg.overwrite, stage="dpo")
-    _samples_store(prof, cfg), _scores_store(prof, cfg)  # settings checked before the manifest describes them
-    write_manifest(out, {"profile": prof.resolved(), "dpo": dataclasses.asdict(cfg)}, name="manifest_data.json")
+    out = dpo_dir(prof, seed)
+    ins_store = JsonlStore(prof.stage_dir("dpo") / "instructions.jsonl", key="id",
+                           fingerprint=_instructions_fingerprint(prof, cfg), overwrite=cfg.overwrite, stage="dpo")
+    _samples_store(prof, cfg, seed), _scores_store(prof, cfg, seed)  # settings checked before the manifest
+    write_manifest(out, {"profile": prof.resolved(), "dpo": dataclasses.asdict(cfg), "seed_index": seed,
+                         "start_model": start_tag(cfg, seed)}, name="manifest_data.json")
     instructions = dpo_instructions(prof, cfg)
     for it in instructions:
         if it["id"] not in ins_store:
             ins_store.append(it)
-    samples = sample_outputs(prof, cfg, instructions, backend)
-    scores = judge_samples(prof, cfg, samples, judge)
+    samples = sample_outputs(prof, cfg, instructions, backend, seed)
+    scores = judge_samples(prof, cfg, samples, judge, seed)
     scored = combine_scores(scores, cfg.score_rule, cfg.quality_weight)
-    pairs, skipped = make_pairs(scored, prof.seed, cfg.drop_ties)
+    pairs, skipped = make_pairs(scored, prof.seed + seed, cfg.drop_ties)
     by_id = samples.set_index("id")
     sc = scored.set_index("id")
     long_pairs = []
@@ -466,11 +517,12 @@ def build_dpo_data(prof: Profile, cfg: DPOStageConfig | None = None, backend: Ba
         n_gen = math.ceil(cfg.general_per_long * len(long_pairs))
         if cfg.general_max is not None:
             n_gen = min(n_gen, cfg.general_max)
-        general = load_general_pairs(cfg.general_data, n_gen, prof.seed)
+        general = load_general_pairs(cfg.general_data, n_gen, prof.seed + seed)
     data = long_pairs + general
     atomic_write_jsonl(out / "pairs.jsonl", data)
     n_quality = int(scores["quality"].notna().sum()) if len(scores) else 0
-    stats = {"instructions": len(instructions), "samples": int(len(samples)), "judged_with_quality": n_quality,
+    stats = {"seed_index": seed, "start_model": start_tag(cfg, seed), "instructions": len(instructions),
+             "samples": int(len(samples)), "judged_with_quality": n_quality,
              "quality_missing": int(len(scores) - n_quality),
              "score_rule": cfg.score_rule, "rules_used": scored["rule"].value_counts().to_dict(),
              "long_pairs": len(long_pairs), "skipped_instructions": skipped,
@@ -486,10 +538,10 @@ def _nan_none(x: Any) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
-def load_scored(prof: Profile, cfg: DPOStageConfig | None = None) -> pd.DataFrame:
-    """Every sample with its scores and the rule that produced them (from the run folder)."""
+def load_scored(prof: Profile, cfg: DPOStageConfig | None = None, seed: int = 0) -> pd.DataFrame:
+    """Every sample of DPO seed ``seed`` with its scores and the rule that produced them (from the run folder)."""
     cfg = cfg or prof.section("dpo", DPOStageConfig)
-    run = prof.run_dir / "dpo"
+    run = dpo_dir(prof, seed)
     for f in ("samples.jsonl", "scores.jsonl"):
         if not (run / f).exists():
             raise FileNotFoundError(f"{run / f} does not exist: run build_dpo_data (notebook 04) first")
@@ -501,9 +553,9 @@ def load_scored(prof: Profile, cfg: DPOStageConfig | None = None) -> pd.DataFram
         scores[cols], on="id", how="left")
 
 
-def load_pairs(prof: Profile) -> list[dict[str, Any]]:
-    """The pairs of :func:`build_dpo_data` (``<run>/dpo/pairs.jsonl``)."""
-    path = prof.run_dir / "dpo" / "pairs.jsonl"
+def load_pairs(prof: Profile, seed: int = 0) -> list[dict[str, Any]]:
+    """The pairs of :func:`build_dpo_data` (``pairs.jsonl`` of :func:`dpo_dir`)."""
+    path = dpo_dir(prof, seed) / "pairs.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run build_dpo_data (notebook 04) first")
     return read_jsonl(path)
@@ -536,9 +588,10 @@ def length_plan(lengths: list[int], cap: int | None) -> dict[str, int | None]:
 # ------------------------------------------------------------------------------------------- training
 
 def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict[str, Any]] | None = None,
-              out_dir: str | Path | None = None) -> Path:
-    """DPO-train the start model on ``pairs`` (default: ``pairs.jsonl``) with TRL's ``DPOTrainer`` and
-    a frozen reference (a copy of the start model); returns the checkpoint folder (model + tokenizer).
+              out_dir: str | Path | None = None, seed: int = 0) -> Path:
+    """DPO-train seed ``seed``'s start model on ``pairs`` (default: its ``pairs.jsonl``) with TRL's ``DPOTrainer``
+    and a frozen reference (a copy of the start model), trainer seed ``profile.seed + seed``; returns the checkpoint
+    folder (model + tokenizer; default ``model/`` in :func:`dpo_dir`).
 
     Writes ``train_log.json`` (log history: loss, rewards/margins, rewards/accuracies ...) and
     ``length_plan.json`` beside the folder. A finished model is reused unless ``cfg.overwrite``."""
@@ -551,15 +604,15 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
     from .training import batch_plan, checkpointing_args, deepspeed_config, save_trained, warmup_steps
 
     cfg = cfg or prof.section("dpo", DPOStageConfig)
-    out_dir = Path(out_dir) if out_dir else prof.stage_dir("dpo") / "model"
+    out_dir = Path(out_dir) if out_dir else dpo_dir(prof, seed) / "model"
     run = out_dir.parent
     run.mkdir(parents=True, exist_ok=True)
     if training_finished(out_dir) and not cfg.overwrite:
         return out_dir
-    pairs = pairs if pairs is not None else load_pairs(prof)
+    pairs = pairs if pairs is not None else load_pairs(prof, seed)
     if not pairs:
         raise ValueError("no DPO pairs to train on (see data_stats.json: skipped instructions)")
-    start = resolve_model(run_model(prof, cfg.start_model))
+    start = resolve_model(run_model(prof, start_tag(cfg, seed)))
     tok = load_tokenizer(start)
     tok.padding_side = "right"
     plan = length_plan(pair_token_lengths(tok, pairs), cfg.max_length)
@@ -578,7 +631,7 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, beta=cfg.beta,
         max_length=plan["max_length"], bf16=cuda, fp16=False, use_cpu=not cuda,
         **checkpointing_args(cfg.gradient_checkpointing),
-        logging_steps=cfg.logging_steps, save_strategy="no", report_to=[], seed=prof.seed,
+        logging_steps=cfg.logging_steps, save_strategy="no", report_to=[], seed=prof.seed + seed,
         dataloader_num_workers=0, deepspeed=ds_cfg, disable_tqdm=False,
     )
     attn = pick_padded_attn(prof.device)
@@ -592,8 +645,9 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
     cols = ("prompt", "chosen", "rejected")
     ds = Dataset.from_list([{c: p[c] for c in cols} for p in pairs])
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
-    trainer.add_callback(console_callback("dpo train"))
-    write_manifest(run, {"profile": prof.resolved(), "dpo": dataclasses.asdict(cfg), "start_model": start,
+    trainer.add_callback(console_callback(f"dpo train (seed {seed})" if seed else "dpo train"))
+    write_manifest(run, {"profile": prof.resolved(), "dpo": dataclasses.asdict(cfg), "seed_index": seed,
+                         "start_model": start,
                          "pairs": len(pairs), "length_plan": plan, "attn_implementation": attn,
                          "gradient_accumulation_steps": args.gradient_accumulation_steps})
     with warnings.catch_warnings():
@@ -636,16 +690,21 @@ def reward_margins(policy, reference, tok, pairs: list[dict[str, Any]], beta: fl
     return pd.DataFrame(rows)
 
 
-def plot_dpo_training(log: pd.DataFrame, path: str | Path, title: str) -> Path:
-    """Loss, reward margin and reward accuracy against the step (three panels)."""
+def plot_dpo_training(log: pd.DataFrame | dict[str, pd.DataFrame], path: str | Path, title: str) -> Path:
+    """Loss, reward margin and reward accuracy against the step (three panels); ``{label: log}`` draws one line per
+    run (the DPO seeds), with a legend."""
     plt = pyplot()
 
+    logs = log if isinstance(log, dict) else {"": log}
     fig, axes = plt.subplots(1, 3, figsize=(10, 4.0))
     for ax, col, lab in zip(axes, ("loss", "reward_margin", "reward_accuracy"),
                             ("DPO loss", "reward margin (chosen - rejected)", "reward accuracy")):
-        ax.plot(log["step"], log[col], "o-", ms=3)
+        for (name, lg), marker in zip(logs.items(), "osd^v<>"):
+            ax.plot(lg["step"], lg[col], marker + "-", ms=3, label=name or None, lw=1.2)
         ax.set_xlabel("step")
         ax.set_title(lab, fontsize=9)
         ax.grid(True, alpha=0.3)
+    if len(logs) > 1:
+        axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)

@@ -276,23 +276,35 @@ def plot_arms(prof, frames: dict[str, pd.DataFrame], decoding: str, descriptions
 
 # ------------------------------------------------------------------------------------ (c) DPO and S_l
 
-def dpo_length_comparison(prof, results: dict[str, pd.DataFrame], before: str, after: str, n_boot: int = 1000,
-                          seed: int = 0) -> pd.DataFrame:
+def dpo_length_comparison(prof, results: dict[str, pd.DataFrame], before: str | list[str], after: str | list[str],
+                          n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """S_l of ``after`` minus ``before`` (model tags) on the same LongBench-Write items, overall and per bucket,
-    for every decoding in ``results`` (labels ``"<tag> (<decoding>)"``), with paired bootstrap 95% intervals.
-    Writes ``<run>/dpo/length_score_difference.json``."""
+    for every decoding in ``results`` (labels ``"<tag> (<decoding>)"``), with paired bootstrap 95% intervals over
+    seeds, then items (:func:`lwlib.bench.length_score_difference`). Lists of tags give seed k's pair at index k
+    (``["sft", "sft-s1"]``, ``["dpo", "dpo-s1"]``: the design's seeds); the seeds present in ``results`` are used and
+    the record says which were expected. Writes ``<run>/dpo/length_score_difference.json``."""
     from .bench import length_score_difference
     from .decodings import model_label, profile_decodings
 
+    befores, afters = ([x] if isinstance(x, str) else list(x) for x in (before, after))
+    if len(befores) != len(afters):
+        raise ValueError(f"dpo_length_comparison: {len(befores)} models before and {len(afters)} after")
+    before, after = befores[0], afters[0]
     tables, measured = {}, {}
     for dec in profile_decodings(prof):
-        b, a = results.get(model_label(before, dec)), results.get(model_label(after, dec))
-        if b is None or a is None:
+        pairs = {k: (results.get(model_label(b, dec)), results.get(model_label(a, dec)))
+                 for k, (b, a) in enumerate(zip(befores, afters))}
+        pairs = {k: p for k, p in pairs.items() if p[0] is not None and p[1] is not None}
+        if not pairs:
             continue
-        t = length_score_difference(b, a, "bucket", n_boot, seed)
+        t = length_score_difference({k: p[0] for k, p in pairs.items()}, {k: p[1] for k, p in pairs.items()},
+                                    "bucket", n_boot, seed)
         tables[dec.name] = t
         o = t.loc["overall"]
+        samples = max(int(p[0]["item_id"].value_counts().max()) if "item_id" in p[0] else 1 for p in pairs.values())
         measured[dec.name] = {"before_model": before, "after_model": after, "items": int(o["n"]),
+                              "seeds": sorted(pairs), "expected_seeds": len(befores), "samples_per_item": samples,
+                              "by_seed": {str(k): float(o.get(f"d_s{k}", o["difference"])) for k in sorted(pairs)},
                               "before": float(o["before"]), "after": float(o["after"]),
                               "difference": float(o["difference"]), "lo": float(o.get("lo", np.nan)),
                               "hi": float(o.get("hi", np.nan)),

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .backends import Backend, BackendConfig, Generation, make_backend
+from .backends import Backend, BackendConfig, Generation, make_backend, samples_params
 from .config import Profile
 from .typed import check_sizes
 from .data import WritingItem, data_file, load_ruler
@@ -158,8 +158,9 @@ def probe_decodings(
                                               overwrite=cfg.overwrite, stage="probe")
         write_manifest(out, {"profile": profile.resolved(), "probe": dataclasses.asdict(cfg), "model": model,
                              "tag": tag, "decoding": dec.as_dict(), "fingerprint": fingerprint})
-        params = dec.params(cfg.max_new_tokens, seed=profile.seed + split_seed(tag)[1])  # (seed k's models: k)
-        jobs += [Job(f"{it.id}-s{s}", it.prompt, params, store,
+        params = samples_params(dec.params(cfg.max_new_tokens, seed=profile.seed + split_seed(tag)[1]),  # seed k's
+                                cfg.samples_per_prompt)                                               # models: k
+        jobs += [Job(f"{it.id}-s{s}", it.prompt, params[s], store,
                      functools.partial(_probe_record, it=it, s=s, model=model, tag=tag, dec=dec.name, cfg=cfg))
                  for it in items for s in range(cfg.samples_per_prompt)]
     names = "+".join(d.name for d in decodings)

@@ -21,7 +21,7 @@ PATTERNS = (
     "claims.json", "corpus/stats.json", "agentwrite/summary.json", "probe/metrics.json", "probe/*/*/summary.json",
     "sft/metrics.json", "sft/data_stats.json", "sft/train_log.json", "sft/cap_experiment.json", "sft/arms.json",
     "sft/*/data_stats.json", "sft/*/train_log.json", "dpo/data_stats.json", "dpo/train_log.json",
-    "dpo/length_plan.json", "dpo/length_score_difference.json", "dpo/comparison.json", "dpo/bench_summary.json",
+    "dpo/s*/data_stats.json", "dpo/s*/train_log.json", "dpo/s*/length_plan.json", "dpo/length_plan.json", "dpo/length_score_difference.json", "dpo/comparison.json", "dpo/bench_summary.json",
     "nll/summary.json", "nll/claim.json", "nll/*/curve.csv", "nll/*/summary.json", "bench/summary.json",
     # the general answers another model wrote (small; a run made over several sittings restores them)
     "sft/general_self_distill.jsonl", "sft/general_self_distill.jsonl.fingerprint.json",

@@ -354,7 +354,8 @@ def test_openai_path_against_local_server(tmp_path, chat_server, local_backend):
 
 
 def test_notebook_02_builds_a_dataset_on_smoke(tmp_path):
-    execute_notebook("02_agentwrite.ipynb", tmp_path)
+    execute_notebook("02_agentwrite.ipynb", tmp_path, overrides={"agentwrite.max_paragraphs": 2,
+                                                                 "agentwrite.write_max_new_tokens": 32})
     folder = tmp_path / "runs" / "smoke" / "agentwrite"
     from lwlib.sft import load_sft_data
 

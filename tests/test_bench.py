@@ -3,6 +3,7 @@ tables, figures, notebook 06. The length score is tested in test_scoring.py, the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -61,6 +62,54 @@ def test_predictions_records_and_resume(predicted, local_backend):
     again = bench.run_predictions(prof, "base", cfg, backend=None)  # nothing left: no model is loaded
     assert again["response"].tolist() == df["response"].tolist()
     assert len((prof.run_dir / "bench" / "base" / "paper" / "predictions.jsonl").read_text().splitlines()) == 2
+
+
+def test_predictions_with_two_samples_per_item(tmp_path, local_backend):
+    """``bench.samples: 2``: every item twice (sample 0 under the item's own id, as one-sample runs stored it,
+    sample 1 as ``<id>-s1``); the table counts outputs and items; a one-sample rerun reads sample 0 back."""
+    prof = load_profile("smoke", run_root=tmp_path)
+    cfg = bench.BenchConfig(languages=["en"], max_items=2, max_new_tokens=6, samples=2, n_boot=100)
+    df = bench.run_predictions(prof, "base", cfg, backend=local_backend)
+    items = sorted(set(df["item_id"]))
+    assert len(items) == 2 and sorted(df["id"]) == sorted(items + [f"{i}-s1" for i in items])
+    assert sorted(df["sample"]) == [0, 0, 1, 1] and (df.groupby("item_id")["length"].nunique() == 1).all()
+    t = bench.score_table(df, by=None, n_boot=100)
+    assert (t.loc["overall", "n"], t.loc["overall", "items"]) == (4, 2)
+    one = bench.run_predictions(prof, "base", dataclasses.replace(cfg, samples=1), backend=None)  # nothing to make
+    assert sorted(one["id"]) == items and sorted(one["response"]) == sorted(df[df["sample"] == 0]["response"])
+    with pytest.raises(ValueError, match="samples"):
+        bench.BenchConfig(samples=0)
+
+
+def test_score_table_resamples_items_not_samples():
+    """Two identical samples per item: the same intervals as one sample (the bootstrap draws items)."""
+    one = pd.DataFrame({"id": ["a", "b", "c", "d"], "item_id": ["a", "b", "c", "d"], "S_l": [10.0, 40.0, 70.0, 90.0],
+                        "S_l_eff": 0.0, "collapsed": False, "hit_limit": False, "bucket": "[0,500)"})
+    two = pd.concat([one, one.assign(id=one["id"] + "-s1")], ignore_index=True)
+    t1, t2 = (bench.score_table(x, by=None, n_boot=300, seed=4).loc["overall"] for x in (one, two))
+    assert (t1["items"], t2["items"], t2["n"]) == (4, 4, 8)
+    assert (t2["S_l"], t2["S_l_lo"], t2["S_l_hi"]) == (t1["S_l"], t1["S_l_lo"], t1["S_l_hi"])
+
+
+def test_length_score_difference_over_seeds_and_samples():
+    """Seeds x items x samples: a sample pairs with the same sample of the same item; an item's difference is the
+    mean over its samples; seeds are resampled first."""
+    def preds(values):  # {item: [sample 0, sample 1]} -> records
+        rows = [{"id": i if k == 0 else f"{i}-s{k}", "item_id": i, "S_l": v, "bucket": "[0,500)", "type": "x",
+                 "lang": "en"} for i, vs in values.items() for k, v in enumerate(vs)]
+        return pd.DataFrame(rows)
+
+    before = {0: preds({"a": [50, 52], "b": [60, 60]}), 1: preds({"a": [40, 40], "b": [80, 70]})}
+    after = {0: preds({"a": [60, 62], "b": [70, 70]}), 1: preds({"a": [30, 30], "b": [70, 60]})}
+    t = bench.length_score_difference(before, after, by=None, n_boot=400, seed=2)
+    o = t.loc["overall"]
+    assert (o["n"], o["seeds"], o["d_s0"], o["d_s1"], o["difference"]) == (2, 2, 10.0, -10.0, 0.0)
+    assert o["before"] == pytest.approx((51 + 60 + 40 + 75) / 4) and o["lo"] == -10.0 and o["hi"] == 10.0
+    same = bench.length_score_difference({0: before[0], 1: before[0]}, {0: after[0], 1: after[0]}, by=None,
+                                         n_boot=400)
+    assert same.loc["overall", "lo"] == same.loc["overall", "hi"] == 10.0  # every resample: +10
+    with pytest.raises(ValueError, match="share no item"):
+        bench.length_score_difference({0: before[0]}, {1: after[1]})  # no seed on both sides
 
 
 def test_evaluation_with_local_model_as_judge(predicted, chat_server):

@@ -151,6 +151,7 @@ def test_generation_benchmark_minimal(gen_bench, tmp_path, capsys):
     assert "| workload | engine | attention | fused | rows | batch |" in printed and "greedy identity (float32" in printed
 
 
+@pytest.mark.slow  # the kernels' identity is tested in test_decode_attention.py; this is the benchmark's table
 def test_generation_benchmark_attention_rows(gen_bench, tmp_path):
     """One slots row per attention kernel, no generate rows (``--generate-tokens 0``) and no transformers CB rows;
     the probe workload holds prompts x samples rows."""

@@ -87,6 +87,11 @@ def test_rules_c_and_nll_both_outcomes():
     c = {"before": 30.0, "after": 34.1, "difference": 4.1, "lo": 0.5, "hi": 7.0, "items": 120}
     assert claims.rule_c(c) == (True, None) and claims.rule_c({**c, "lo": -0.2})[0] is False
     assert claims.rule_c({**c, "seeds": [0], "expected_seeds": 3})[0] is None
+    three = {**c, "seeds": [0, 1, 2], "expected_seeds": 3, "samples_per_item": 2,
+             "by_seed": {"0": 5.0, "1": 2.5, "2": 4.8}}
+    assert claims.rule_c(three) == (True, None)
+    assert claims.summary_c(three) == ("S_l 30.0 -> 34.1: +4.1 [+0.5, +7.0] (120 items x 2 samples, seeds [0, 1, 2]; "
+                                       "per seed 0: +5.0, 1: +2.5, 2: +4.8)")
     n = {"change": -0.12, "lo": -0.2, "hi": -0.05}
     assert claims.rule_nll(n) == (True, None) and claims.rule_nll({**n, "hi": 0.01})[0] is False
     assert claims.rule_nll(None)[0] is None

@@ -187,6 +187,37 @@ def test_build_dpo_data_with_the_real_model_resumes(tmp_path, local_backend):
     assert read_jsonl(tmp_path / "smoke" / "dpo" / "pairs.jsonl") == pairs
 
 
+def test_dpo_seeds_start_from_their_sft_seed_in_their_own_folder(tmp_path):
+    """Seed k of DPO: start model ``sft-s<k>`` (a base or a path stays itself), its samples, scores and pairs in
+    dpo/s<k>/ (the model tag dpo-s<k> points there), the instructions shared with seed 0."""
+    from lwlib.dpo import dpo_dir, start_tag
+    from lwlib.judge import JudgeConfig
+    from lwlib.models import run_model
+
+    assert [start_tag(DPOStageConfig(start_model=t), 2) for t in ("sft", "cap500", "sft_general", "sft-s1", "base",
+                                                                   "runs/x/model")] == [
+        "sft-s2", "cap500-s2", "sft_general-s2", "sft-s1", "base", "runs/x/model"]
+    assert start_tag(DPOStageConfig(start_model="sft"), 0) == "sft"
+    prof = load_profile("smoke", run_root=tmp_path)
+    assert dpo_dir(prof, 0) == tmp_path / "smoke" / "dpo" and dpo_dir(prof, 2) == tmp_path / "smoke" / "dpo" / "s2"
+    with pytest.raises(FileNotFoundError, match=r"dpo/s2/model"):
+        run_model(prof, "dpo-s2")
+    cfg = DPOStageConfig(start_model="base", instructions=2, languages=["en"], min_words=10, max_words=30,
+                         samples=2, max_new_tokens=8, judge=JudgeConfig(kind="none"), seeds=2)
+    texts = {0: ["one two three", "one two three four five six seven eight nine ten"],
+             1: ["alpha", "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu"]}
+    built = {k: build_dpo_data(prof, cfg, backend=ScriptedBackend(texts[k], name="base"), seed=k) for k in (0, 1)}
+    for k, folder in ((0, tmp_path / "smoke" / "dpo"), (1, tmp_path / "smoke" / "dpo" / "s1")):
+        samples = read_jsonl(folder / "samples.jsonl")
+        assert {s["response"] for s in samples} <= set(texts[k]) and len(samples) == 4
+        assert read_jsonl(folder / "pairs.jsonl") == built[k][0] and built[k][1]["seed_index"] == k
+        assert json.loads((folder / "data_stats.json").read_text())["start_model"] == "base"
+    assert not (tmp_path / "smoke" / "dpo" / "s1" / "instructions.jsonl").exists()
+    assert [p["instruction_id"] for p in built[0][0]] == [p["instruction_id"] for p in built[1][0]]
+    again = build_dpo_data(prof, cfg, backend=NoCalls(), seed=1)  # resumed from dpo/s1
+    assert again == built[1]
+
+
 def test_dpo_steps_on_cpu_change_weights_and_move_the_margin(tmp_path, model_and_tok):
     """Two real DPO steps (TRL's DPOTrainer) on the bundled model: the reward margin starts at 0 and grows, every
     trainable parameter changes, and the margin computed without TRL agrees."""
@@ -215,18 +246,29 @@ def test_dpo_steps_on_cpu_change_weights_and_move_the_margin(tmp_path, model_and
     assert m["margin"].iloc[0] > 0  # independent of TRL: the chosen answer gained over the rejected one
 
 
-def test_notebook_04_smoke(tmp_path):
+@pytest.mark.parametrize("seeds", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_notebook_04_smoke(tmp_path, seeds):
+    """Notebook 04 end to end from the base model: pairs, DPO, the probe, SFT vs DPO on LongBench-Write with 2 samples
+    per item; with 2 seeds (slow) a second DPO run in dpo/s1 and the interval over both."""
     out = execute_notebook("04_dpo.ipynb", tmp_path, overrides={
         "dpo.start_model": "base", "dpo.samples": 2, "dpo.max_new_tokens": 12, "dpo.judge.max_tokens": 4,
         "dpo.judge.max_response_words": 20, "dpo.steps": 1, "dpo.batch_size": 1, "dpo.bench_items": 1,
         "probe.lengths": [1000], "probe.max_new_tokens": 8, "bench.max_new_tokens": 8,
-        "bench.judge.max_tokens": 4, "bench.judge.max_tries": 1, "bench.judge.serve": False, "bench.n_boot": 0})
+        "bench.judge.max_tokens": 4, "bench.judge.max_tries": 1, "bench.judge.serve": False, "bench.n_boot": 20,
+        "dpo.seeds": seeds, "bench.samples": 2})
     run = tmp_path / "runs" / "smoke" / "dpo"
     assert (run / "model" / "config.json").exists() and (run / "train_log.json").exists()
+    assert (run / "s1" / "model" / "config.json").exists() == (run / "s1" / "pairs.jsonl").exists() == (seeds == 2)
     assert (tmp_path / "figures" / "smoke" / "dpo_training.png").exists()
     for dec in ("paper", "loopfree"):
         assert (tmp_path / "runs" / "smoke" / "probe" / "dpo" / dec / "generations.jsonl").exists()
     diff = json.loads((run / "length_score_difference.json").read_text())
     assert set(diff) == {"paper", "loopfree"} and diff["loopfree"]["before_model"] == "base"
+    lf = diff["loopfree"]
+    assert (lf["seeds"], lf["expected_seeds"], lf["samples_per_item"], lf["items"]) == (list(range(seeds)), seeds, 2, 1)
+    assert lf["lo"] <= lf["difference"] <= lf["hi"] and set(lf["by_seed"]) == {str(k) for k in range(seeds)}
+    last = "dpo-s1" if seeds == 2 else "dpo"
+    preds = read_jsonl(tmp_path / "runs" / "smoke" / "bench" / last / "loopfree" / "predictions.jsonl")
+    assert sorted(p["sample"] for p in preds) == [0, 1]
     assert (tmp_path / "figures" / "smoke" / "dpo_length_score_by_bucket.png").exists()
     assert "chosen" in out.read_text()

@@ -77,6 +77,23 @@ def test_openai_backend_against_loopback_server(chat_server, local_backend):
     assert all(g.error is None and g.prompt_tokens > 0 and g.completion_tokens > 0 for g in api)
 
 
+def test_samples_of_one_prompt_differ_through_a_server_that_seeds_each_request(chat_server):
+    """A server seeds each request (vLLM, lwlib.serve): k samples of one prompt with one seed would be one output k
+    times (DPO's 4 samples: no pair). Marked samples (samples_params) carry different seeds; unmarked ones repeat."""
+    from lwlib.backends import SAMPLE_SEED_STRIDE, request_seed, samples_params
+
+    assert [request_seed(p) for p in samples_params(GenParams(seed=3), 3)] == [3, 3 + SAMPLE_SEED_STRIDE,
+                                                                             3 + 2 * SAMPLE_SEED_STRIDE]
+    assert request_seed(GenParams(seed=None, sample=2)) is None
+    be = OpenAIBackend(chat_server.model, base_url=chat_server.url, concurrency=1, max_retries=0)
+    p = GenParams(max_new_tokens=24, temperature=1.0, seed=0)
+    prompt = ["Tell me a story about a dragon."]
+    same = [g.text for g in be.generate(prompt * 2, p)]
+    assert same[0] == same[1]  # one seed, one output: what the stages sent before
+    marked = [g.text for g in be.generate(prompt * 3, samples_params(p, 3))]
+    assert marked[0] == same[0] and len(set(marked)) == 3
+
+
 def test_openai_backend_retries_server_errors(local_backend):
     with serve(local_backend, fail_first=2) as server:
         be = OpenAIBackend(server.model, base_url=server.url, max_retries=3, backoff_s=0.01)
