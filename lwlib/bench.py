@@ -48,6 +48,7 @@ from .typed import check_sizes
 from .data import WritingItem, data_file, load_longbench_write
 from .decodings import Decoding, model_label, profile_decodings
 from .generation import Job, generate_into
+from .intervals import unit_ids
 from .judge import (JUDGE_DIMENSIONS, Judged, JudgeConfig, JudgeResult, close_judge, judge_cache, judge_label,
                     judge_model_id, judge_records, judging_fingerprint, make_judge, quality_score)
 from .plots import model_grid, panel_grid, pyplot, save_figure
@@ -232,7 +233,7 @@ def add_length_scores(df: pd.DataFrame) -> pd.DataFrame:
     ``sample`` where records of a one-sample run lack them."""
     df = df.copy()
     if "item_id" not in df:
-        df["item_id"] = df["id"].str.replace(r"-s\d+$", "", regex=True) if len(df) else []
+        df["item_id"] = unit_ids(df["id"]) if len(df) else []
     if "sample" not in df:
         df["sample"] = 0
     df["S_l"] = [length_score(r, a) for r, a in zip(df["length"], df["response_length"])]
@@ -665,7 +666,7 @@ def length_score_difference(before: pd.DataFrame | dict[int, pd.DataFrame], afte
     for k in seeds:
         b, a = before[k], after[k]
         if "item_id" not in b:  # a one-sample run's records
-            b = b.assign(item_id=b["id"].str.replace(r"-s\d+$", "", regex=True))
+            b = b.assign(item_id=unit_ids(b["id"]))
         m = b[["id", "item_id", column, "bucket", "type", "lang"]].merge(a[["id", column]], on="id",
                                                                           suffixes=("_before", "_after"))
         per_seed[k] = m.groupby("item_id", sort=True).agg(

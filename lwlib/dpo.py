@@ -219,22 +219,16 @@ def start_tag(cfg: DPOStageConfig, seed: int = 0) -> str:
 
     Usage: ``run_model(prof, start_tag(cfg, 1))``
     """
-    from .models import seed_tag, split_seed
+    from .models import seed_tag, sft_folder, split_seed
 
     tag = cfg.start_model
-    if tag == "base" or "/" in tag or split_seed(tag)[1] or not _run_tag(tag):
+    if split_seed(tag)[1]:  # a seed's run already
+        return tag
+    try:
+        sft_folder(".", tag)  # a tag of notebook 03's runs (ValueError for base, a path or anything else)
+    except ValueError:
         return tag
     return seed_tag(tag, seed)
-
-
-def _run_tag(tag: str) -> bool:
-    from .models import sft_folder
-
-    try:
-        sft_folder(".", tag)
-        return True
-    except ValueError:
-        return False
 
 
 # ------------------------------------------------------------------------------------------ instructions

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .intervals import N_BOOT, Cells, bootstrap, cells, censored_quantile, spearman
+from .intervals import N_BOOT, Cells, bootstrap, cells, censored_quantile, spearman, unit_ids
 from .plots import pyplot, save_figure
 from .runs import atomic_write_json
 
@@ -301,7 +301,7 @@ def dpo_length_comparison(prof, results: dict[str, pd.DataFrame], before: str | 
                                     "bucket", n_boot, seed)
         tables[dec.name] = t
         o = t.loc["overall"]
-        samples = max(int(p[0]["item_id"].value_counts().max()) if "item_id" in p[0] else 1 for p in pairs.values())
+        samples = max(int(unit_ids(p[0]["id"]).value_counts().max()) for p in pairs.values())
         measured[dec.name] = {"before_model": before, "after_model": after, "items": int(o["n"]),
                               "seeds": sorted(pairs), "expected_seeds": len(befores), "samples_per_item": samples,
                               "by_seed": {str(k): float(o.get(f"d_s{k}", o["difference"])) for k in sorted(pairs)},

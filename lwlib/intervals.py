@@ -31,6 +31,15 @@ CENSORED_SHARE = 0.05
 N_BOOT = 2000
 
 
+def unit_ids(ids: pd.Series) -> pd.Series:
+    """The prompt or item each record id belongs to: the id without its ``-s<sample>`` suffix (the probe's
+    ``ruler-007-s1``, LongBench-Write's ``lbw-007-s1``; an id without the suffix is its own).
+
+    Usage: ``df.groupby(unit_ids(df["id"]))``
+    """
+    return ids.str.replace(r"-s\d+$", "", regex=True)
+
+
 def is_censored(df: pd.DataFrame) -> pd.Series:
     """Outputs at the token limit that had not collapsed into a loop (their length is a lower bound)."""
     return df["hit_limit"].astype(bool) & ~df["collapsed"].astype(bool)
@@ -101,7 +110,7 @@ def cells(frames: dict[str, dict[int, pd.DataFrame]], column: str = "effective_w
     tables = {}
     for arm, by in frames.items():
         for k in seeds:
-            df = by[k].assign(prompt=by[k]["id"].str.replace(r"-s\d+$", "", regex=True))
+            df = by[k].assign(prompt=unit_ids(by[k]["id"]))
             tables[arm, k] = df
     prompts = sorted(set.intersection(*(set(t["prompt"]) for t in tables.values())))
     samples = sorted(set.intersection(*(set(t["sample"]) for t in tables.values())))
