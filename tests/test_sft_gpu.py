@@ -86,6 +86,17 @@ def test_liger_loss_and_gradients_equal_the_plain_path(tmp_path, autocast):
             assert cos > (0.99 if autocast else 0.9999), (mode, name, float(cos))
 
 
+def _assert_same_gradients(out, ref, inputs, ref_inputs, g):
+    """One random output gradient through the kernel's bf16 ``out`` and the fp32 reference ``ref``: the gradients of
+    the inputs (q, k, v) point the same way, cosine > 0.999."""
+    grad = torch.randn(out.shape, device="cuda", generator=g)
+    out.backward(grad.to(out.dtype))
+    ref.backward(grad)
+    for x, r in zip(inputs, ref_inputs):
+        cos = torch.nn.functional.cosine_similarity(x.grad.flatten().double(), r.grad.flatten().double(), dim=0)
+        assert cos > 0.999, float(cos)
+
+
 @pytest.mark.parametrize("attn", FLAT_ATTN)
 def test_varlen_kernel_equals_per_sequence_attention(attn):
     """The CUDA kernel path of ``torch_varlen`` / ``fa4_varlen`` (bf16) against per-sequence causal attention in
@@ -102,12 +113,7 @@ def test_varlen_kernel_equals_per_sequence_attention(attn):
     ref_in = [x.detach().float().requires_grad_() for x in (q, k, v)]
     ref = _varlen_reference(*(x[0].transpose(0, 1) for x in ref_in), cu.cpu(), 0.125, 3).unsqueeze(0)
     assert (out.float() - ref).abs().max().item() < 2e-2
-    grad = torch.randn(out.shape, device="cuda", generator=g)
-    out.backward(grad.to(out.dtype))
-    ref.backward(grad)
-    for x, r in zip((q, k, v), ref_in):
-        cos = torch.nn.functional.cosine_similarity(x.grad.flatten().double(), r.grad.flatten().double(), dim=0)
-        assert cos > 0.999, float(cos)
+    _assert_same_gradients(out, ref, (q, k, v), ref_in, g)
 
 
 @pytest.mark.parametrize("attn", FLAT_ATTN)
@@ -203,12 +209,7 @@ def test_varlen_kernel_applies_the_sliding_window(attn):
         full = _varlen_reference(*flat, cu.cpu(), 1 / 16, 4).unsqueeze(0)
     assert (out.float() - ref).abs().max().item() < 2e-2
     assert (out.float() - full).abs().max().item() > 0.1  # the window changes the result: it is applied
-    grad = torch.randn(out.shape, device="cuda", generator=g)
-    out.backward(grad.to(out.dtype))
-    ref.backward(grad)
-    for x, r in zip((q, k, v), ref_in):
-        cos = torch.nn.functional.cosine_similarity(x.grad.flatten().double(), r.grad.flatten().double(), dim=0)
-        assert cos > 0.999, float(cos)
+    _assert_same_gradients(out, ref, (q, k, v), ref_in, g)
 
 
 def _gemma3_cuda(**kw):
