@@ -595,7 +595,7 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
 
     from .attention import pick_padded_attn
     from .models import load_tokenizer, resolve_model, run_model
-    from .training import batch_plan, checkpointing_args, deepspeed_config, save_trained, warmup_steps
+    from .training import batch_plan, checkpointing_args, deepspeed_config, save_trained, step_timer, warmup_steps
 
     cfg = cfg or prof.section("dpo", DPOStageConfig)
     out_dir = Path(out_dir) if out_dir else dpo_dir(prof, seed) / "model"
@@ -640,6 +640,8 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
     ds = Dataset.from_list([{c: p[c] for c in cols} for p in pairs])
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
     trainer.add_callback(console_callback(f"dpo train (seed {seed})" if seed else "dpo train"))
+    timer = step_timer(run)
+    trainer.add_callback(timer)
     write_manifest(run, {"profile": prof.resolved(), "dpo": dataclasses.asdict(cfg), "seed_index": seed,
                          "start_model": start,
                          "pairs": len(pairs), "length_plan": plan, "attn_implementation": attn,
@@ -649,7 +651,8 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
         # deprecates (a FutureWarning per step, in TRL's code, not ours)
         warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         result = trainer.train()
-    return save_trained(trainer, result, model, tok, out_dir, start_model=start, length_plan=plan)
+    return save_trained(trainer, result, model, tok, out_dir, start_model=start, length_plan=plan,
+                        step_seconds=timer.seconds)
 
 
 def load_dpo_log(folder: str | Path) -> pd.DataFrame:

@@ -21,6 +21,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -645,3 +646,51 @@ def run_command() -> str:
     if argv0.startswith(("ipykernel_launcher", "ipykernel")):
         return "a Jupyter kernel (notebook not known)"
     return " ".join(sys.argv)
+
+
+class Sitting:
+    """A time limit for starting long units of work (training runs), from ``$LWLIB_SITTING_END`` (Unix time): on a
+    machine lent for a fixed time, a run that cannot end before the limit is not started, so nothing is cut halfway
+    and the next sitting resumes at a run boundary. A unit starts while the time left covers the longest unit timed
+    so far (before any: ``$LWLIB_SITTING_RUN_S`` seconds, default 0). Without ``$LWLIB_SITTING_END`` everything starts.
+
+    Usage::
+
+        sitting = Sitting.from_env()
+        for run in runs:
+            if not sitting.room():
+                break
+            with sitting.timed():
+                train(run)
+    """
+
+    def __init__(self, end: float | None = None, estimate_s: float = 0.0) -> None:
+        self.end = end
+        self.longest = float(estimate_s)
+
+    @classmethod
+    def from_env(cls) -> Sitting:
+        def number(name: str) -> float | None:
+            raw = os.environ.get(name, "").strip()
+            try:
+                return float(raw) if raw else None
+            except ValueError:
+                raise ValueError(f"${name}={raw!r} is not a number of seconds") from None
+
+        return cls(number("LWLIB_SITTING_END"), number("LWLIB_SITTING_RUN_S") or 0.0)
+
+    def left(self) -> float | None:
+        """Seconds until the limit (None: no limit)."""
+        return None if self.end is None else self.end - time.time()
+
+    def room(self) -> bool:
+        """Whether a unit as long as the longest so far ends before the limit."""
+        left = self.left()
+        return left is None or left >= self.longest
+
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[None]:
+        """Time one unit (the longest sets what :meth:`room` asks for)."""
+        t0 = time.time()
+        yield
+        self.longest = max(self.longest, time.time() - t0)

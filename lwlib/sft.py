@@ -77,7 +77,7 @@ from .runs import (JsonlStore, atomic_write_json, iter_jsonl, model_fingerprint,
                    write_manifest)
 from .models import seed_tag, sft_folder
 from .training import (batch_plan, checkpointing_args, deepspeed_config, pick_liger, pick_loss, save_trained,
-                       use_liger)
+                       step_timer, use_liger)
 from .text import count_words, truncate_words
 
 Messages = list[dict[str, str]]
@@ -598,6 +598,8 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
                               data_collator=collator, loss_mode=cfg.loss, loss_chunk_size=chunk,
                               liger=fused_loss)
     trainer.add_callback(console_callback(f"sft train ({out_dir.parent.name}/{out_dir.name})"))
+    timer = step_timer(run)
+    trainer.add_callback(timer)
     optim = {k: getattr(args, k) for k in ("learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay",
                                            "adam_beta1", "adam_beta2", "max_grad_norm")}
     write_manifest(run, {"profile": prof.resolved(), "sft": dataclasses.asdict(cfg), "seed_index": seed,
@@ -610,7 +612,7 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
     last = get_last_checkpoint(args.output_dir) if cfg.save_steps and Path(args.output_dir).exists() else None
     result = trainer.train(resume_from_checkpoint=last)
     # a base model without a chat template (Llama-3.1-8B) keeps the training one: it generates in that format
-    return save_trained(trainer, result, model, tok, out_dir, chat_template=template)
+    return save_trained(trainer, result, model, tok, out_dir, chat_template=template, step_seconds=timer.seconds)
 
 
 def load_train_log(folder: str | Path):

@@ -12,7 +12,9 @@ which is :mod:`lwlib.train`.
 - :func:`pick_loss`: which loss kernel a run uses (fused, chunked or full logits), so that large vocabularies at
   long packs never hold the whole logits;
 - :func:`save_trained`: the end of a training run, the same for both stages: final model, config and tokenizer
-  for generation, ``train_log.json``.
+  for generation, ``train_log.json``;
+- :func:`step_timer`: a callback that records each optimizer step's wall time (``train_log.json``'s
+  ``step_seconds``) and, with ``$LWLIB_TRAIN_PROFILE=first:last``, profiles those steps (``train_profile.json``).
 
 Usage::
 
@@ -214,3 +216,71 @@ def save_trained(trainer, result, model, tok, out_dir: str | Path, chat_template
                                                               "metrics": result.metrics,
                                                               "global_step": result.global_step, **log})
     return out_dir
+
+
+def step_timer(out: str | Path | None = None) -> Any:
+    """A ``transformers.TrainerCallback`` recording the wall time of every optimizer step (``.seconds``, for
+    ``save_trained(..., step_seconds=timer.seconds)``: warm-up steps against the steady ones). With
+    ``$LWLIB_TRAIN_PROFILE=first:last`` (1-based steps, e.g. ``11:13``) and ``out`` (a folder) it also runs
+    torch's profiler over those steps and writes ``out/train_profile.json``: wall time, summed GPU kernel time (their
+    difference: the GPU idle), the CUDA kernels with the most GPU time and the CPU operators with the most self time.
+
+    Usage: ``timer = step_timer(run); trainer.add_callback(timer)``
+    """
+    import time
+
+    from transformers import TrainerCallback
+
+    spec = os.environ.get("LWLIB_TRAIN_PROFILE", "")
+    first, last = (int(x) for x in spec.split(":")) if spec and out is not None else (0, -1)
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+            self.t0 = 0.0
+            self.prof = None
+            self.p0 = 0.0
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step + 1 == first and state.is_world_process_zero:
+                from torch.profiler import ProfilerActivity, profile
+
+                torch.cuda.synchronize() if torch.cuda.is_available() else None
+                self.prof = profile(activities=[ProfilerActivity.CPU]
+                                    + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
+                self.prof.__enter__()
+                self.p0 = time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            now = time.perf_counter()
+            self.seconds.append(round(now - self.t0, 4))
+            self.t0 = now
+            if self.prof is not None and state.global_step == last:
+                torch.cuda.synchronize() if torch.cuda.is_available() else None
+                wall = time.perf_counter() - self.p0
+                self.prof.__exit__(None, None, None)
+                atomic_write_json(Path(out) / "train_profile.json", profile_summary(self.prof, wall, last - first + 1))
+                self.prof = None
+                self.t0 = time.perf_counter()  # (the profiler's own cost is not the next step's)
+
+    return StepTimer()
+
+
+def profile_summary(prof, wall_s: float, steps: int, k: int = 15) -> dict[str, Any]:
+    """What :func:`step_timer` writes from a finished ``torch.profiler.profile``: per step, the wall time, the summed
+    time of the GPU kernels, the ``k`` kernels with the most GPU time and the ``k`` CPU operators with the most self
+    time (ms)."""
+    gpu = lambda e: getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)  # noqa: E731
+    ev = prof.key_averages()
+    kern = sorted((e for e in ev if gpu(e) > 0 and str(getattr(e, "device_type", "")).endswith("CUDA")), key=gpu,
+                  reverse=True)
+    cpu = sorted(ev, key=lambda e: e.self_cpu_time_total, reverse=True)
+    per = lambda us: round(us / 1000 / steps, 2)  # noqa: E731
+    return {"steps": steps, "wall_ms_per_step": round(1000 * wall_s / steps, 1),
+            "gpu_kernels_ms_per_step": per(sum(gpu(e) for e in kern)),
+            "top_kernels": [{"kernel": e.key[:100], "ms_per_step": per(gpu(e)), "calls": e.count} for e in kern[:k]],
+            "top_cpu_ops": [{"op": e.key[:100], "self_ms_per_step": per(e.self_cpu_time_total), "calls": e.count}
+                            for e in cpu[:k]]}

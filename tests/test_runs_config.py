@@ -383,3 +383,31 @@ def test_run_all_rejects_bad_input_before_any_notebook_and_creates_nothing(tmp_p
     r = subprocess.run([run_all, "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("Run every notebook headlessly")  # the usage header, no code
     assert "./run_all.sh [PROFILE] [--from NN]" in r.stdout and "pipefail" not in r.stdout and "=" * 3 not in r.stdout
+
+
+def test_sitting_starts_only_what_ends_in_time(monkeypatch):
+    """$LWLIB_SITTING_END stops a loop before a unit longer than the time left (by the longest timed so far)."""
+    import time
+
+    from lwlib.runs import Sitting
+
+    monkeypatch.delenv("LWLIB_SITTING_END", raising=False)
+    monkeypatch.delenv("LWLIB_SITTING_RUN_S", raising=False)
+    free = Sitting.from_env()
+    assert free.left() is None and free.room()
+    monkeypatch.setenv("LWLIB_SITTING_END", str(time.time() + 100))
+    monkeypatch.setenv("LWLIB_SITTING_RUN_S", "150")
+    assert not Sitting.from_env().room()  # the estimate alone does not fit
+    monkeypatch.setenv("LWLIB_SITTING_RUN_S", "50")
+    s = Sitting.from_env()
+    assert s.room() and 99 < s.left() <= 100
+    with s.timed():
+        time.sleep(0.05)
+    assert s.longest == 50  # a shorter unit keeps the estimate
+    s.end = time.time() + 0.01
+    with s.timed():
+        time.sleep(0.05)
+    assert s.longest == 50 and not s.room()
+    monkeypatch.setenv("LWLIB_SITTING_END", "soon")
+    with pytest.raises(ValueError, match="LWLIB_SITTING_END"):
+        Sitting.from_env()

@@ -384,13 +384,14 @@ def assert_every_parameter_changed(before, after, what: str) -> None:
     assert not unchanged, f"{what} left {len(unchanged)} trainable parameters unchanged: {unchanged[:5]}"
 
 
-def test_cpu_training_changes_weights_lowers_loss_and_reloads(tmp_path, model_and_tok):
+def test_cpu_training_changes_weights_lowers_loss_and_reloads(tmp_path, model_and_tok, monkeypatch):
     """A real run of a few steps on the bundled model: all data in one pack, so every step sees the
     same tokens and the loss must fall; every trainable parameter changes; the checkpoint reloads and
-    generates."""
+    generates. The step timer records every step's wall time and profiles the steps it is asked to."""
     from lwlib.backends import GenParams, LocalBackend
     from lwlib.models import load_model
 
+    monkeypatch.setenv("LWLIB_TRAIN_PROFILE", "2:3")
     prof = load_profile("smoke", run_root=tmp_path)
     cfg = SFTConfig(packing_length=1024, batch_size=1, per_device_batch_size=1, learning_rate=1e-4, max_steps=4,
                     warmup_ratio=0.0, gradient_checkpointing=True, general_data="none")
@@ -398,6 +399,11 @@ def test_cpu_training_changes_weights_lowers_loss_and_reloads(tmp_path, model_an
     out = train_sft(prof, cfg, data=data)
     log = load_train_log(out)
     assert len(log) == 4 and log["loss"].iloc[-1] < log["loss"].iloc[0]
+    seconds = json.loads((out.parent / "train_log.json").read_text())["step_seconds"]
+    assert len(seconds) == 4 and all(s > 0 for s in seconds)
+    profiled = json.loads((out.parent / "train_profile.json").read_text())
+    assert profiled["steps"] == 2 and profiled["wall_ms_per_step"] > 0
+    assert profiled["top_cpu_ops"] and all(op["self_ms_per_step"] >= 0 for op in profiled["top_cpu_ops"])
     stats = json.loads((out.parent / "data_stats.json").read_text())
     assert stats["examples"] == len(data) and stats["packs"] == 1
     optim = json.loads((out.parent / "manifest.json").read_text())["config"]["optimizer"]
