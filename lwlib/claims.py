@@ -97,8 +97,8 @@ RULES = {
 
 # ---------------------------------------------------------------------------------------------- the rules
 
-def _seeds_missing(m: dict[str, Any]) -> str | None:
-    have, want = len(m.get("seeds", [])), int(m.get("expected_seeds", 1))
+def _seeds_missing(m: dict[str, Any], key: str = "seeds") -> str | None:
+    have, want = len(m.get(key, m.get("seeds", []))), int(m.get("expected_seeds", 1))
     return f"incomplete: {have} of {want} seeds measured" if have < want else None
 
 
@@ -138,9 +138,10 @@ def rule_b(m: dict[str, Any]) -> tuple[bool | None, str | None]:
 
 def rule_h(m: dict[str, Any]) -> tuple[bool | None, str | None]:
     """Claim (h) on one decoding's ``arms.json`` entry."""
-    if (why := _seeds_missing(m)):
+    if (why := _seeds_missing(m, "long_arm_seeds")):  # (the long arm alone: no other arm needed)
         return None, why
-    short = {k: v[m["long_arm"]]["p95"] for k, v in m["by_seed"].items() if not v[m["long_arm"]]["p95"] >= TITLE_WORDS}
+    long = {k: v[m["long_arm"]]["p95"] for k, v in m["by_seed"].items() if m["long_arm"] in v}
+    short = {k: p for k, p in long.items() if not p >= TITLE_WORDS}
     if not short:
         return True, None
     return False, "p95 below 10,000 words in seed(s) " + ", ".join(f"{k} ({fmt_words(p)})" for k, p in short.items())
@@ -148,7 +149,7 @@ def rule_h(m: dict[str, Any]) -> tuple[bool | None, str | None]:
 
 def rule_d(m: dict[str, Any]) -> tuple[bool | None, str | None]:
     """Claim (d) on one decoding's ``arms.json`` entry."""
-    if (why := _seeds_missing(m)):
+    if (why := _seeds_missing(m, "long_arm_seeds")):  # (the long arm alone: no other arm needed)
         return None, why
     f = m["length_following"]
     ok = f["spearman"] >= FOLLOW_SPEARMAN and f["lo"] > 0

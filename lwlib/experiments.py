@@ -197,9 +197,10 @@ def arms_experiment(prof, frames: dict[str, pd.DataFrame], long_arm: str = "sft"
     """Section 4's comparison from the probes of the SFT arms (``frames``: ``"<tag> (<decoding>)"``, seeds as
     ``-s<k>``): per decoding, seed and arm the p95 effective output length (censoring flagged); over the seeds the
     ratio of general + long-output data (``long_arm``) to general data alone (``general_arm``) with a
-    seeds-and-prompts bootstrap interval (claim b), the long arm's p95 per seed (claim h, 10,000+ words) and the
-    Spearman correlation of its outputs' lengths with the required lengths (claim d, Figure 1 after training), with
-    its interval. Other arms are reported only. Writes ``<run>/sft/arms.json``; returns one row per (decoding,
+    seeds-and-prompts bootstrap interval over the seeds both arms have (claim b), the long arm's p95 per seed
+    (claim h, 10,000+ words) and the Spearman correlation of its outputs' lengths with the required lengths (claim d,
+    Figure 1 after training), with its interval, both over every seed of the long arm (``long_arm_seeds``: they need
+    no other arm). Other arms are reported only. Writes ``<run>/sft/arms.json``; returns one row per (decoding,
     seed, arm)."""
     from .sft import SFTConfig
 
@@ -210,24 +211,26 @@ def arms_experiment(prof, frames: dict[str, pd.DataFrame], long_arm: str = "sft"
         arms = [a for a in runs if a == "sft" or a.startswith("sft_")]
         if long_arm not in arms:
             continue
-        c = cells({a: runs[a] for a in arms})
+        c = cells({a: runs[a] for a in arms})  # the seeds and prompts every arm has: the paired comparison (b)
+        own = {a: cells({a: runs[a]}) for a in arms}  # each arm's own seeds: its p95 per seed, claims h and d
         seeds: dict[int, dict[str, Any]] = {}
         for a in arms:
-            for k, num in _per_seed(c, a, runs[a], quantile).items():
+            for k, num in _per_seed(own[a], a, runs[a], quantile).items():
                 seeds.setdefault(k, {})[a] = num
                 rows.append({"decoding": dec, "seed": k, "arm": a, **num})
         pooled = {a: _arm_numbers(c.words[a], c.censored[a], ~_flags(runs[a], c.seeds, "hit_limit"),
                                   _flags(runs[a], c.seeds, "collapsed"), quantile) for a in arms}
-        req = np.broadcast_to(c.required[None, :, None], c.words[long_arm].shape)
-        rho = {k: spearman(req[i], c.words[long_arm][i]) for i, k in enumerate(c.seeds)}
-        d_lo, d_hi = bootstrap(c, lambda v, r: spearman(np.broadcast_to(r[:, :, None], v[long_arm][0].shape),
-                                                         v[long_arm][0]), n_boot, prof.seed)
+        lc = own[long_arm]
+        req = np.broadcast_to(lc.required[None, :, None], lc.words[long_arm].shape)
+        rho = {k: spearman(req[i], lc.words[long_arm][i]) for i, k in enumerate(lc.seeds)}
+        d_lo, d_hi = bootstrap(lc, lambda v, r: spearman(np.broadcast_to(r[:, :, None], v[long_arm][0].shape),
+                                                          v[long_arm][0]), n_boot, prof.seed)
         out: dict[str, Any] = {"arms": arms, "long_arm": long_arm, "general_arm": general_arm, "seeds": c.seeds,
-                               "expected_seeds": cfg.seeds, "prompts": len(c.prompts),
+                               "long_arm_seeds": lc.seeds, "expected_seeds": cfg.seeds, "prompts": len(c.prompts),
                                "samples": c.words[long_arm].shape[2],
                                "by_seed": seeds, "pooled": pooled,
                                "length_following": {"spearman_by_seed": rho,
-                                                    "spearman": spearman(req, c.words[long_arm]),
+                                                    "spearman": spearman(req, lc.words[long_arm]),
                                                     "lo": d_lo, "hi": d_hi}}
         if general_arm in arms:
             ratio = pooled[long_arm]["p95"] / max(pooled[general_arm]["p95"], 1.0)

@@ -194,6 +194,30 @@ def test_experiment_files_feed_the_claims(tmp_path):
     assert json.loads((prof.run_dir / "claims.json").read_text())[0]["id"] == "a_length_follows_sft_cap"
 
 
+def test_claims_h_and_d_need_only_the_long_arms_seeds(tmp_path):
+    """With every seed of sft but one of sft_general, (h) and (d) have verdicts over sft's 3 seeds; (b), which pairs
+    the two arms, stays incomplete at the 1 seed they share."""
+    from lwlib.experiments import arms_experiment
+    from lwlib.models import seed_tag
+
+    prof = load_profile("smoke", run_root=tmp_path, overrides={"sft.seeds": 3})
+    rng = np.random.default_rng(1)
+    required = [1000, 2000, 5000, 10000, 20000, 30000] * 4
+    frames = {}
+    for tag, seeds in (("sft", 3), ("sft_general", 1)):
+        for k in range(seeds):
+            w = (np.repeat(np.array(required, float), 2) * rng.uniform(0.4, 0.6, 48) if tag == "sft"
+                 else rng.uniform(300, 700, 48))
+            frames[f"{seed_tag(tag, k)} (loopfree)"] = _probe(seed_tag(tag, k), "loopfree", list(w), required)
+    arms_experiment(prof, frames, n_boot=100)
+    m = json.loads((prof.run_dir / "sft" / "arms.json").read_text())["loopfree"]
+    assert m["seeds"] == [0] and m["long_arm_seeds"] == [0, 1, 2]
+    assert set(m["by_seed"]) == {"0", "1", "2"} and "sft_general" not in m["by_seed"]["2"]
+    assert len(m["length_following"]["spearman_by_seed"]) == 3
+    assert claims.rule_b(m) == (None, "incomplete: 1 of 3 seeds measured")
+    assert claims.rule_h(m) == (True, None) and claims.rule_d(m) == (True, None)
+
+
 def test_censored_outputs_make_the_p95_a_lower_bound(tmp_path):
     from lwlib.intervals import censored_quantile, is_censored
 
