@@ -198,8 +198,9 @@ def summary_a(m: dict[str, Any]) -> str:
 def summary_arms(m: dict[str, Any]) -> str:
     lines = []
     for a in m["arms"]:
-        per = ", ".join(fmt_words(v[a]["p95"], v[a]["lower_bound"]) for v in m["by_seed"].values())
-        lines.append(f"{a}: p95 by seed {per}; all seeds {fmt_words(m['pooled'][a]['p95'], m['pooled'][a]['lower_bound'])}"
+        per = ", ".join(fmt_words(v[a]["p95"], v[a]["lower_bound"]) for v in m["by_seed"].values() if a in v)
+        lines.append(f"{a}: p95 by seed {per}; seeds {', '.join(map(str, m['seeds']))} pooled "
+                     f"{fmt_words(m['pooled'][a]['p95'], m['pooled'][a]['lower_bound'])}"
                      f" ({m['pooled'][a]['share_stopped']:.0%} stopped)")
     r = m.get("ratio_long_over_general")
     if r:

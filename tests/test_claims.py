@@ -216,6 +216,7 @@ def test_claims_h_and_d_need_only_the_long_arms_seeds(tmp_path):
     assert len(m["length_following"]["spearman_by_seed"]) == 3
     assert claims.rule_b(m) == (None, "incomplete: 1 of 3 seeds measured")
     assert claims.rule_h(m) == (True, None) and claims.rule_d(m) == (True, None)
+    assert "sft_general: p95 by seed " in claims.summary_arms(m) and "seeds 0 pooled" in claims.summary_arms(m)
 
 
 def test_censored_outputs_make_the_p95_a_lower_bound(tmp_path):
