@@ -333,6 +333,68 @@ def test_profile_paths_resolve_from_the_callers_directory(tmp_path, monkeypatch)
     assert load_profile("smoke").source == config.PROFILE_DIR / "smoke.yaml"
 
 
+def test_include_merges_the_file_over_the_included_profile(tmp_path):
+    """``include``: mappings merge key by key; lists, scalars and null replace; name/description are the file's."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "b.yaml").write_text(
+        "name: b\ndescription: the base\nmodel: m\nseed: 3\n"
+        "sft:\n  learning_rate: 1.0e-4\n  caps: [500, 1000]\n  deepspeed: env/x.json\n  max_steps: 7\n"
+        "probe:\n  backend: {kind: server, concurrency: 256}\n  lengths: [1000, 2000]\n")
+    (tmp_path / "top.yaml").write_text(
+        "include: base/b.yaml\nseed: 5\n"
+        "sft:\n  caps: [50]\n  deepspeed: null\nprobe:\n  backend: {concurrency: 8}\n")
+    prof = load_profile(tmp_path / "top.yaml", run_root=tmp_path)
+    assert prof.name == "top" and "description" not in prof.data and prof.seed == 5 and prof.model == "m"
+    assert prof.data["sft"] == {"learning_rate": 1e-4, "caps": [50], "deepspeed": None, "max_steps": 7}
+    assert prof.data["probe"] == {"backend": {"kind": "server", "concurrency": 8}, "lengths": [1000, 2000]}
+    assert prof.includes == [tmp_path / "base" / "b.yaml"] and validate_profile(prof) == []
+    res = prof.resolved()
+    assert res["includes"] == [str(tmp_path / "base" / "b.yaml")] and "include" not in res
+    assert res["sft"]["caps"] == [50] and res["probe"]["backend"]["kind"] == "server"
+    assert "includes" not in load_profile("smoke").resolved()
+    # a chain: the nearest file wins, a built-in name resolves to the built-in profile
+    (tmp_path / "chain.yaml").write_text("include: top.yaml\nname: chained\nsft:\n  max_steps: 1\n")
+    chained = load_profile(tmp_path / "chain.yaml", overrides={"sft.caps": [9]})
+    assert chained.name == "chained" and chained.includes == [tmp_path / "top.yaml", tmp_path / "base" / "b.yaml"]
+    assert chained.data["sft"] == {"learning_rate": 1e-4, "caps": [9], "deepspeed": None, "max_steps": 1}
+    (tmp_path / "p.yaml").write_text("include: paper\nsft:\n  max_steps: 2\n")
+    p = load_profile(tmp_path / "p.yaml")
+    assert p.includes == [config.PROFILE_DIR / "paper.yaml"] and p.model == load_profile("paper").model
+    assert p.data["sft"]["max_steps"] == 2 and p.data["sft"]["packing_length"] == 32768 and p.name == "p"
+
+
+def test_include_errors_name_the_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("include: b.yaml\nmodel: m\n")
+    (tmp_path / "b.yaml").write_text("include: ./a.yaml\n")
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    with pytest.raises(ConfigError, match=re.escape(f"{b}: include: include cycle: {a} -> {b} -> {a}")):
+        load_profile(a)
+    (tmp_path / "self.yaml").write_text("include: self.yaml\nmodel: m\n")
+    with pytest.raises(ConfigError, match=r"include cycle: (\S+self\.yaml) -> \1$"):
+        load_profile(tmp_path / "self.yaml")
+    (tmp_path / "c.yaml").write_text("include: nope.yaml\nmodel: m\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'c.yaml'}: include: no profile file")):
+        load_profile(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("include: [a.yaml]\nmodel: m\n")
+    with pytest.raises(ConfigError, match=r"d\.yaml: include: expected a profile name or path"):
+        load_profile(tmp_path / "d.yaml")
+    # a mistake in the included file names that file (and the one including it); the including file's own, itself
+    (tmp_path / "base.yaml").write_text("model: m\nsft:\n  max_stepz: 3\n  learning_rate: 1e-4\n"
+                                        "dpo:\n  steps: 2\nprobee:\n  x: 1\n")
+    (tmp_path / "top.yaml").write_text("include: base.yaml\nsft:\n  learning_rate: abc\ndpo:\n  steps: ten\n")
+    base, top = tmp_path / "base.yaml", tmp_path / "top.yaml"
+    with pytest.raises(ConfigError, match=re.escape(f"{base} (included by {top}): probee: unknown section")):
+        load_profile(top)
+    base.write_text("model: m\nsft:\n  max_stepz: 3\n  learning_rate: 1e-4\ndpo:\n  steps: 2\n")
+    errors = validate_profile(load_profile(top))
+    assert any(e.startswith(f"{base} (included by {top}): sft: unknown field(s) ['max_stepz']") for e in errors), errors
+    assert any(e.startswith(f"{top}: dpo.steps: expected int, got 'ten'") for e in errors), errors
+    top.write_text("include: base.yaml\n")
+    errors = validate_profile(load_profile(top, overrides={"sft.max_stepz": 4}))
+    assert len(errors) == 1 and errors[0].startswith(  # an override of the field is blamed first, as without include
+        "override sft.max_stepz=4: sft: unknown field(s) ['max_stepz']"), errors
+
+
 def test_config_check_cli(tmp_path, capsys):
     (tmp_path / "p.yaml").write_text("name: mine\nmodel: m\ndevice: cpu\nsft:\n  max_steps: 3\n")
     assert config.main(["check", "p.yaml", "--base-dir", str(tmp_path), "--papermill-params",
