@@ -509,8 +509,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"requests that may wait behind the one being generated; more get HTTP 429 "
                          f"(default {DEFAULT_MAX_QUEUE})")
     ap.add_argument("--engine", default="generate", choices=["generate", "slots"],
-                    help="local decoding engine (lwlib.backends.LocalBackend): generate (transformers generate, the "
-                         "default) or slots (static KV cache and CUDA graphs: several times faster per request on a GPU)")
+                    help="local decoding engine (lwlib.backends.LocalBackend): generate (transformers generate, "
+                         "the default) or slots (static KV cache, CUDA graphs: several times faster on a GPU)")
     ap.add_argument("--kv-cache-gb", type=float, default=None,
                     help="slots: memory for the KV cache (default: 60%% of free GPU memory; CPU: 4 GB)")
     args = ap.parse_args(argv)

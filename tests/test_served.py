@@ -19,8 +19,9 @@ LWLIB_SERVE = [*LWLIB_SERVE_COMMAND, "--device", "cpu", "--dtype", "float32"]  #
 def test_server_is_started_for_the_model_answers_like_the_local_backend_and_is_stopped(tmp_path, local_backend,
                                                                                        engine):
     log = tmp_path / "server.log"
-    be = make_backend(BackendConfig(kind="server", server_command=[*LWLIB_SERVE, "--engine", engine, "--kv-cache-gb",
-                                                                   "0.5"], server_ready_s=300, server_log=str(log)), MODEL)
+    command = [*LWLIB_SERVE, "--engine", engine, "--kv-cache-gb", "0.5"]
+    be = make_backend(BackendConfig(kind="server", server_command=command, server_ready_s=300, server_log=str(log)),
+                      MODEL)
     assert isinstance(be, ServedBackend) and be.running and be.model == MODEL
     try:
         p = GenParams(max_new_tokens=12, temperature=0.0)

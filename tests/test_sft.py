@@ -309,6 +309,27 @@ def test_long_data_from_a_hugging_face_id(tmp_path, monkeypatch):
     assert calls[-1] == ("other/set", None, "test")
 
 
+def test_general_data_jsonl_path_is_found_from_the_notebooks_folder(tmp_path, monkeypatch):
+    """sft.general_data as a relative JSONL path: from the current directory when it is there, else from the
+    repository (papermill runs the notebooks in notebooks/); the paper_rehearsal profile's general data."""
+    from lwlib.sft import data_file, load_general
+
+    rel = "results/gpu/sft/general_self_distill.jsonl"
+    monkeypatch.chdir(REPO_ROOT / "notebooks")
+    assert data_file(rel) == REPO_ROOT / rel and data_file("/abs/x.jsonl") == Path("/abs/x.jsonl")
+    prof = load_profile("smoke", run_root=tmp_path)
+    got = load_general(prof, SFTConfig(general_data=rel), 5)
+    assert len(got) == 5 and all(m[-1]["role"] == "assistant" for m in got)
+    (tmp_path / "results").mkdir()
+    (tmp_path / rel.replace("results/gpu/sft/", "results/")).write_text(
+        json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_general(prof, SFTConfig(general_data="results/general_self_distill.jsonl"), 5) == [
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]]  # the current directory's first
+    with pytest.raises(FileNotFoundError, match="no SFT data at nope.jsonl"):
+        load_general(prof, SFTConfig(general_data="nope.jsonl"), 5)
+
+
 def _corpus_file(run_root: Path, sizes=(40, 130, 260, 600, 1400)) -> list[dict]:
     """Corpus-format records (a manifest book, so instructions can be written) where notebook 02 puts them."""
     para = "The harbour town woke slowly, and the gulls argued over the stones while the bakery opened its door."
