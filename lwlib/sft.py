@@ -76,8 +76,8 @@ from .progress import console_callback
 from .runs import (REPO_ROOT, JsonlStore, atomic_write_json, iter_jsonl, model_fingerprint, read_log_history,
                    training_finished, write_manifest)
 from .models import seed_tag, sft_folder
-from .training import (batch_plan, checkpointing_args, deepspeed_config, pick_liger, pick_loss, save_trained,
-                       step_timer, use_liger)
+from .training import (batch_plan, checkpointing_args, deepspeed_config, launcher_env, pick_liger, pick_loss,
+                       save_trained, step_timer, use_liger)
 from .text import count_words, truncate_words
 
 Messages = list[dict[str, str]]
@@ -578,6 +578,7 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
     attn = pick_attn(cfg.attn_implementation, device, cfg.torch_compile)
     world, accumulation = batch_plan(cfg.batch_size, cfg.per_device_batch_size, "sft")
     ds_cfg = deepspeed_config(cfg.deepspeed)
+    launcher_env(ds_cfg)  # DeepSpeed in a notebook: a world of one
     args = TrainingArguments(
         output_dir=str(run / "checkpoints"), per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=accumulation, learning_rate=cfg.learning_rate,

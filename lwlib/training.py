@@ -3,7 +3,8 @@ which is :mod:`lwlib.train`.
 
 - :func:`batch_plan`: world size and gradient accumulation for a batch size over the launcher's ranks;
 - :func:`warmup_steps`: a warmup ratio as whole steps, rounded down (a tiny run's first step learns);
-- :func:`deepspeed_config`: a profile's DeepSpeed config path, resolved against the repository;
+- :func:`deepspeed_config`: a profile's DeepSpeed config path, resolved against the repository; :func:`launcher_env`:
+  the launcher's variables for DeepSpeed in a process started without one (a notebook on one GPU);
 - :func:`checkpointing_args`: ``TrainingArguments`` keywords for activation checkpointing under either
   transformers name;
 - :func:`pick_liger` and :func:`use_liger`: whether Liger-Kernel's Triton kernels run here (``sft.liger_kernel``),
@@ -81,6 +82,27 @@ def deepspeed_config(path: str | None) -> str | None:
         return None
     p = Path(path)
     return str(p if p.is_absolute() else REPO_ROOT / p)
+
+
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launcher_env(ds_cfg: str | None) -> dict[str, str]:
+    """DeepSpeed in a process no launcher started (a notebook's kernel on one GPU: ``paper_rehearsal``): set the
+    variables a launcher sets, for a world of one (``RANK`` and ``LOCAL_RANK`` 0, ``WORLD_SIZE`` 1, ``MASTER_ADDR``
+    127.0.0.1, a free ``MASTER_PORT``); without them accelerate does not start DeepSpeed's process group and
+    DeepSpeed looks for MPI (mpi4py, not installed). Sets nothing without ``ds_cfg`` or where any of them is set
+    (a launcher's ranks). Returns what it set.
+
+    Usage: ``ds_cfg = deepspeed_config(cfg.deepspeed); launcher_env(ds_cfg)  # before TrainingArguments``"""
+    if not ds_cfg or any(v in os.environ for v in LAUNCHER_VARS):
+        return {}
+    from .served import free_port
+
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    os.environ.update(env)
+    return env
 
 
 def checkpointing_args(enabled: bool) -> dict[str, Any]:

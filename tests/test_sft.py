@@ -491,6 +491,24 @@ def test_liger_kernel_setting_resolves_per_machine_and_deepspeed_config():
         pick_liger(True, cuda=True, ds_cfg=None, compiled=True)
 
 
+def test_deepspeed_without_a_launcher_gets_a_world_of_one(monkeypatch):
+    """A notebook's kernel (no torchrun) with a DeepSpeed config: the launcher's variables for one rank, so that
+    accelerate starts DeepSpeed's process group instead of DeepSpeed looking for MPI; a launcher's are kept."""
+    import os
+
+    from lwlib.training import LAUNCHER_VARS, batch_plan, launcher_env
+
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS})  # restored
+    assert launcher_env(None) == {} and not any(v in os.environ for v in LAUNCHER_VARS)
+    env = launcher_env(str(REPO_ROOT / "env" / "ds_zero3_offload.json"))
+    assert {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")} == {
+        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    assert int(os.environ["MASTER_PORT"]) > 0 and batch_plan(8, 1, "sft") == (1, 8)  # the paper's 8 packs: 8 micro
+    monkeypatch.setenv("WORLD_SIZE", "8")  # torchrun's ranks
+    monkeypatch.setenv("RANK", "3")
+    assert launcher_env("ds.json") == {} and os.environ["RANK"] == "3"
+
+
 def test_attention_choice_per_machine_and_compilation(monkeypatch):
     """auto: sdpa on CPU; on CUDA FlashAttention-4's varlen kernels where flash-attn-4 runs (Hopper/Blackwell),
     else flash-attn 2, else PyTorch's varlen kernel when compiled (1.6x eager flex on an H100) and flex_attention
