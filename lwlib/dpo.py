@@ -654,7 +654,7 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
         warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         result = trainer.train()
     return save_trained(trainer, result, model, tok, out_dir, start_model=start, length_plan=plan,
-                        step_seconds=timer.seconds)
+                        step_seconds=timer.seconds, peak_memory=timer.peak_memory)
 
 
 def load_dpo_log(folder: str | Path) -> pd.DataFrame:

@@ -623,7 +623,8 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
     last = get_last_checkpoint(args.output_dir) if cfg.save_steps and Path(args.output_dir).exists() else None
     result = trainer.train(resume_from_checkpoint=last)
     # a base model without a chat template (Llama-3.1-8B) keeps the training one: it generates in that format
-    return save_trained(trainer, result, model, tok, out_dir, chat_template=template, step_seconds=timer.seconds)
+    return save_trained(trainer, result, model, tok, out_dir, chat_template=template, step_seconds=timer.seconds,
+                        peak_memory=timer.peak_memory)
 
 
 def load_train_log(folder: str | Path):

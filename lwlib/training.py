@@ -15,7 +15,8 @@ which is :mod:`lwlib.train`.
 - :func:`save_trained`: the end of a training run, the same for both stages: final model, config and tokenizer
   for generation, ``train_log.json``;
 - :func:`step_timer`: a callback that records each optimizer step's wall time (``train_log.json``'s
-  ``step_seconds``) and, with ``$LWLIB_TRAIN_PROFILE=first:last``, profiles those steps (``train_profile.json``).
+  ``step_seconds``) and the run's peak memory (``peak_memory``: :func:`peak_memory`) and, with
+  ``$LWLIB_TRAIN_PROFILE=first:last``, profiles those steps (``train_profile.json``).
 
 Usage::
 
@@ -240,9 +241,26 @@ def save_trained(trainer, result, model, tok, out_dir: str | Path, chat_template
     return out_dir
 
 
+def peak_memory() -> dict[str, int | None]:
+    """Peak memory: ``gpu_allocated_bytes`` / ``gpu_reserved_bytes`` (torch's peaks on the current CUDA device since
+    the last reset, which :func:`step_timer` makes when training begins; None without CUDA) and ``cpu_max_rss_bytes``
+    (this process's largest resident set over its whole life: pinned offload buffers included, and in a notebook's
+    kernel also the stages before).
+
+    Usage: ``peak_memory()["cpu_max_rss_bytes"]``"""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    cuda = torch.cuda.is_available()
+    return {"gpu_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            "gpu_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None, "cpu_max_rss_bytes": rss}
+
+
 def step_timer(out: str | Path | None = None) -> Any:
     """A ``transformers.TrainerCallback`` recording the wall time of every optimizer step (``.seconds``, for
-    ``save_trained(..., step_seconds=timer.seconds)``: warm-up steps against the steady ones). With
+    ``save_trained(..., step_seconds=timer.seconds)``: warm-up steps against the steady ones) and, at the end of
+    training, the run's :func:`peak_memory` (``.peak_memory``, for ``save_trained(..., peak_memory=...)``). With
     ``$LWLIB_TRAIN_PROFILE=first:last`` (1-based steps, e.g. ``11:13``) and ``out`` (a folder) it also runs
     torch's profiler over those steps and writes ``out/train_profile.json``: wall time, summed GPU kernel time (their
     difference: the GPU idle), the CUDA kernels with the most GPU time and the CPU operators with the most self time.
@@ -259,6 +277,7 @@ def step_timer(out: str | Path | None = None) -> Any:
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
             self.seconds: list[float] = []
+            self.peak_memory: dict[str, int | None] = {}
             self.t0 = 0.0
             self.prof = None
             self.p0 = 0.0
@@ -274,7 +293,12 @@ def step_timer(out: str | Path | None = None) -> Any:
                 self.p0 = time.perf_counter()
 
         def on_train_begin(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()  # this run's peak, not an earlier stage's in the same kernel
             self.t0 = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kw):
+            self.peak_memory = peak_memory()
 
         def on_step_end(self, args, state, control, **kw):
             now = time.perf_counter()

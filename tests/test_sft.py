@@ -420,8 +420,11 @@ def test_cpu_training_changes_weights_lowers_loss_and_reloads(tmp_path, model_an
     out = train_sft(prof, cfg, data=data)
     log = load_train_log(out)
     assert len(log) == 4 and log["loss"].iloc[-1] < log["loss"].iloc[0]
-    seconds = json.loads((out.parent / "train_log.json").read_text())["step_seconds"]
+    train_log = json.loads((out.parent / "train_log.json").read_text())
+    seconds, peak = train_log["step_seconds"], train_log["peak_memory"]
     assert len(seconds) == 4 and all(s > 0 for s in seconds)
+    assert peak["cpu_max_rss_bytes"] > 100e6
+    assert (peak["gpu_allocated_bytes"] is None) == (not torch.cuda.is_available())
     profiled = json.loads((out.parent / "train_profile.json").read_text())
     assert profiled["steps"] == 2 and profiled["wall_ms_per_step"] > 0
     assert profiled["top_cpu_ops"] and all(op["self_ms_per_step"] >= 0 for op in profiled["top_cpu_ops"])
