@@ -131,7 +131,7 @@ def test_atomic_writes_of_bytes_and_jsonl_replace_whole_files(tmp_path):
     assert p.read_bytes() == b"" and not list(tmp_path.rglob(".*tmp"))
 
 
-@pytest.mark.parametrize("name", ["smoke", "gpu", "gpu_smollm2", "gpu_short", "paper"])
+@pytest.mark.parametrize("name", ["smoke", "gpu", "gpu_smollm2", "gpu_short", "paper", "paper_rehearsal"])
 def test_builtin_profiles_load_every_section(name):
     prof = load_profile(name)
     assert prof.name == name and prof.model
@@ -393,6 +393,75 @@ def test_include_errors_name_the_files(tmp_path):
     errors = validate_profile(load_profile(top, overrides={"sft.max_stepz": 4}))
     assert len(errors) == 1 and errors[0].startswith(  # an override of the field is blamed first, as without include
         "override sft.max_stepz=4: sft: unknown field(s) ['max_stepz']"), errors
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+# Every value of paper_rehearsal that differs from paper's, by reason (lwlib/profiles/paper_rehearsal.yaml comments
+# each; results/paper_rehearsal/README.md tabulates them). Anything else that changes fails the test below.
+REHEARSAL_DIFFERS = {
+    # names and flags
+    "name", "description", "too_small_for_verdicts",
+    # substitutions: the model (and what follows from its 8,192-token context and its own chat template)
+    "model", "sft.chat_template", "sft.packing_length", "dpo.max_length", "nll.max_tokens",
+    "agentwrite.max_prompt_tokens",
+    # substitutions: lwlib.serve in place of vllm serve (one request at a time: fewer in flight)
+    "probe.backend.server_command", "probe.backend.concurrency", "dpo.backend.server_command",
+    "dpo.backend.concurrency", "bench.backend.server_command", "bench.backend.concurrency",
+    # substitutions: lwlib.serve on port 8000 in place of GPT-4o (judge and AgentWrite writer)
+    "bench.judge.model", "bench.judge.base_url", "dpo.judge.model", "dpo.judge.base_url",
+    "agentwrite.backend.model", "agentwrite.backend.base_url",
+    # substitutions: data (the human-written stand-in for LongWriter-6k, a committed JSONL for UltraChat)
+    "sft.data_path", "sft.general_data", "nll.data_path", "corpus.max_passages", "corpus.nll_max_passages",
+    # sizes
+    "probe.lengths", "probe.templates", "probe.max_new_tokens",
+    "agentwrite.n_instructions", "agentwrite.heldout", "agentwrite.plan_max_new_tokens",
+    "agentwrite.write_max_new_tokens", "agentwrite.max_paragraphs",
+    "sft.max_steps", "sft.save_steps", "sft.caps",
+    "dpo.instructions", "dpo.min_words", "dpo.max_words", "dpo.max_new_tokens", "dpo.steps", "dpo.bench_items",
+    "dpo.judge.max_tokens", "dpo.judge.max_tries",
+    "nll.max_samples", "bench.max_items", "bench.max_new_tokens", "bench.judge.max_tokens", "bench.judge.max_tries",
+}
+
+
+def test_paper_rehearsal_differs_from_paper_only_where_it_says():
+    """The rehearsal is the paper profile but for the listed substitutions and sizes: the resolved profiles, flattened
+    to dotted keys, differ in exactly REHEARSAL_DIFFERS; both validate."""
+    from lwlib.models import BUNDLED
+    from lwlib.served import LWLIB_SERVE_COMMAND
+
+    paper, rehearsal = load_profile("paper"), load_profile("paper_rehearsal")
+    assert validate_profile(paper) == [] and validate_profile(rehearsal) == []
+    assert rehearsal.includes == [config.PROFILE_DIR / "paper.yaml"] and rehearsal.name == "paper_rehearsal"
+    bookkeeping = ("profile", "source", "includes")
+    a, b = ({k: v for k, v in _flat(p.resolved()).items() if k not in bookkeeping} for p in (paper, rehearsal))
+    differ = {k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>")}
+    assert differ - REHEARSAL_DIFFERS == set(), "paper_rehearsal changes values it does not list"
+    assert REHEARSAL_DIFFERS - differ == set(), "listed as changed, but the same as paper's"
+    # what stays the paper's, named: ZeRO-3 (+ offload for SFT), the token-mean loss, checkpointing, server backends
+    sft, dpo = rehearsal.section("sft"), rehearsal.section("dpo")
+    assert (sft.deepspeed, dpo.deepspeed) == ("env/ds_zero3_offload.json", "env/ds_zero3.json")
+    assert sft.loss == "token" and sft.gradient_checkpointing and dpo.gradient_checkpointing
+    assert (sft.batch_size, sft.per_device_batch_size, sft.learning_rate) == (8, 1, 1.0e-5)
+    for section in ("probe", "bench", "dpo"):
+        be = rehearsal.section(section).backend
+        assert be.kind == "server" and be.server_command[:len(LWLIB_SERVE_COMMAND)] == LWLIB_SERVE_COMMAND
+    for judge in (rehearsal.section("bench").judge, dpo.judge):
+        assert judge.kind == "openai" and judge.base_url == "http://127.0.0.1:8000/v1"  # lwlib.serve's default port
+    # the model is the bundled one, packed at its full context; the general data is a file of the repository
+    from transformers import AutoConfig
+
+    from lwlib.models import resolve_model
+
+    context = AutoConfig.from_pretrained(resolve_model(rehearsal.model)).max_position_embeddings
+    assert rehearsal.model in BUNDLED and sft.packing_length == context == dpo.max_length == 8192
+    assert (REPO_ROOT / sft.general_data).is_file()
+    assert config.main(["check", "paper_rehearsal"]) == 0
 
 
 def test_config_check_cli(tmp_path, capsys):
