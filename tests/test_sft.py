@@ -543,7 +543,7 @@ def test_attention_choice_per_machine_and_compilation(monkeypatch):
 
 
 def test_profiles_have_sft_sections():
-    for name in ("smoke", "gpu", "gpu_short", "paper"):
+    for name in ("smoke", "gpu", "gpu_short", "paper", "paper_rehearsal"):
         cfg = load_profile(name).section("sft", SFTConfig)
         assert cfg.loss == "token"
     paper = load_profile("paper").section("sft", SFTConfig)
