@@ -650,8 +650,9 @@ class BackendConfig:
             (``triton`` on CUDA where Triton is installed).
         fused_kernels: slots: ``liger`` (Liger-Kernel's fused RMSNorm, SwiGLU and RoPE in the engine's passes:
             fewer kernels per decoding step), ``none``, or ``auto`` (``liger`` on CUDA where installed).
-        server_command: server: the command that serves ``{model}`` on ``{port}`` with ``{gpus}`` GPUs; null =
-            ``lwlib.served.VLLM_COMMAND`` (``vllm serve``; ``lwlib.served.SGLANG_COMMAND`` for SGLang).
+        server_command: server: the command that serves ``{model}`` on ``{port}`` with ``{gpus}`` GPUs (``{python}``:
+            this interpreter); null = ``lwlib.served.VLLM_COMMAND`` (``vllm serve``; ``lwlib.served.SGLANG_COMMAND``
+            for SGLang, ``lwlib.served.LWLIB_SERVE_COMMAND`` for ``lwlib.serve``).
         server_ready_s: server: seconds to wait for the server to answer (loading an 8B model takes minutes).
         server_log: server: file for the server's output; null = a temporary file (named in errors).
     """

@@ -17,6 +17,11 @@ Usage::
     python -m lwlib.config check gpu --set sft.max_steps=10     # the same check from a shell (run_all.sh)
 
 Top-level fields:
+    include: another profile (a built-in name, or a path taken from this file's folder) loaded first; this file's
+        values are merged over it: mappings key by key, a list, a scalar or ``null`` replaces the included value
+        (:func:`merge_profiles`). ``name`` and ``description`` are never inherited. Included files may include
+        others; a cycle is an error naming the files. Errors about a value name the file it came from
+        (``paper.yaml (included by paper_rehearsal.yaml): ...``).
     name: the profile's name (letters, digits, ``._-``); its run folder is ``<run_root>/<name>``.
         Default: the file's stem. A copied profile that keeps
         ``name: smoke`` shares ``runs/smoke`` (its stores then refuse records made with other settings:
@@ -160,8 +165,10 @@ def section_class(name: str) -> type:
 
 @dataclass
 class Profile:
-    """A loaded profile. ``data`` is the resolved YAML (overrides applied); ``overrides`` the dotted
-    overrides applied to it, ``override_labels`` how errors name each (default ``override k=v``)."""
+    """A loaded profile. ``data`` is the resolved YAML (included profiles merged, overrides applied); ``overrides``
+    the dotted overrides applied to it, ``override_labels`` how errors name each (default ``override k=v``);
+    ``includes`` the files ``include`` brought in (nearest first), ``origins`` the file each dotted value of
+    ``data`` came from (empty without includes: all from ``source``)."""
 
     name: str
     source: Path
@@ -169,6 +176,8 @@ class Profile:
     run_root: Path = field(default_factory=default_run_root)
     overrides: dict[str, Any] = field(default_factory=dict)
     override_labels: dict[str, str] = field(default_factory=dict)
+    includes: list[Path] = field(default_factory=list)
+    origins: dict[str, str] = field(default_factory=dict)
 
     @property
     def header(self) -> ProfileHeader:
@@ -242,24 +251,41 @@ class Profile:
     def _label(self, key: str) -> str:
         return self.override_labels.get(key) or f"override {key}={json.dumps(self.overrides[key], default=str)}"
 
+    def origin(self, fields_: tuple[str, ...] | list[str]) -> str:
+        """The file the dotted ``fields_`` of an error came from: ``source``, or for values an included profile
+        set, ``<that file> (included by <source>)`` (several files: all of them named)."""
+        if not self.origins:
+            return str(self.source)
+        keys = [re.sub(r"\[.*$", "", f) for f in fields_ if f]
+        files = {self.origins[k] for k in keys if k in self.origins}  # the fields themselves, else what is under them
+        files = files or {o for k in keys for leaf, o in self.origins.items() if leaf.startswith(k + ".")}
+        files.discard(str(self.source))
+        if not files:
+            return str(self.source)
+        return f"{', '.join(sorted(files))} (included by {self.source})"
+
     def blame(self, e: ConfigError) -> ConfigError:
         """``e`` re-attributed to the override(s) it is about: an override that set the bad field (or a
         mapping above it) is named instead of the file; an error about a whole section that an override
-        changed names the file and the override."""
+        changed names the file and the override; a value an included profile set names that file."""
         def under(f: str, k: str) -> bool:
             return f == k or f.startswith(k + ".") or f.startswith(k + "[")
 
         hit = [k for k in self.overrides if any(under(f, k) for f in e.fields)]
         if hit:
             return e.with_source("; ".join(self._label(k) for k in hit))
+        file = self.origin(e.fields) if e.source == str(self.source) else e.source
         touched = [k for k in self.overrides if any(f and k.startswith(f + ".") for f in e.fields)]
         if touched:
-            return e.with_source(f"{self.source} with {', '.join(self._label(k) for k in touched)}")
-        return e
+            return e.with_source(f"{file} with {', '.join(self._label(k) for k in touched)}")
+        return e.with_source(file)
 
     def resolved(self) -> dict[str, Any]:
-        """The full resolved profile, for manifests (``source``: the absolute path of the file)."""
+        """The full resolved profile, for manifests (``source``: the absolute path of the file; ``includes``: the
+        files it included, when it did; the values: included profiles merged, overrides applied)."""
         out = {"profile": self.name, "source": str(Path(self.source).absolute()), **copy.deepcopy(self.data)}
+        if self.includes:
+            out["includes"] = [str(Path(p).absolute()) for p in self.includes]
         if self.overrides:
             out["overrides"] = copy.deepcopy(self.overrides)
         return out
@@ -292,6 +318,70 @@ def profile_source(name_or_path: str | Path, base_dir: str | Path | None = None)
     return source
 
 
+def _read_profile(source: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(str(source), "", f"not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(str(source), "", "a profile must be a mapping")
+    return data
+
+
+def _leaves(value: Any, key: str) -> list[str]:
+    """The dotted keys of the values in ``value`` at ``key`` (a non-empty mapping: its leaves; else ``key``)."""
+    if isinstance(value, dict) and value:
+        return [leaf for k, v in value.items() for leaf in _leaves(v, f"{key}.{k}")]
+    return [key]
+
+
+def merge_profiles(base: dict[str, Any], over: dict[str, Any], origins: dict[str, str] | None = None,
+                   over_source: str = "", prefix: str = "") -> dict[str, Any]:
+    """``over`` deep-merged over ``base`` (neither changed): mappings merge key by key, anything else (a list, a
+    scalar, ``null``) replaces. ``origins`` (dotted key -> file), when given, is updated to name ``over_source``
+    for every value ``over`` set.
+
+    Usage: ``merge_profiles({"sft": {"lr": 1, "caps": [1]}}, {"sft": {"caps": [2]}})`` ->
+    ``{"sft": {"lr": 1, "caps": [2]}}``"""
+    out = dict(base) if prefix else copy.deepcopy(base)  # (nested calls work on the top call's copy)
+    for k, v in over.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_profiles(out[k], v, origins, over_source, key + ".")
+            continue
+        out[k] = copy.deepcopy(v)
+        if origins is not None:
+            for o in [o for o in origins if o == key or o.startswith(key + ".")]:
+                del origins[o]
+            origins.update(dict.fromkeys(_leaves(v, key), over_source))
+    return out
+
+
+def _load_tree(source: Path, chain: list[Path]) -> tuple[dict[str, Any], dict[str, str], list[Path]]:
+    """The data of the profile file ``source`` with its ``include`` (recursively) merged under it, the file of
+    each dotted value, and the included files (nearest first); ``chain``: the files including this one."""
+    data = _read_profile(source)
+    inc = data.pop("include", None)
+    if inc is None:
+        return data, {leaf: str(source) for k, v in data.items() for leaf in _leaves(v, str(k))}, []
+    if not isinstance(inc, str) or not inc.strip():
+        raise ConfigError(str(source), "include", f"expected a profile name or path, got {inc!r}")
+    try:
+        inc_source = profile_source(inc, source.parent)
+    except FileNotFoundError as e:
+        raise ConfigError(str(source), "include", str(e)) from None
+    path = [*chain, source]
+    if inc_source in path:
+        cycle = [*path[path.index(inc_source):], inc_source]
+        raise ConfigError(str(source), "include", "include cycle: " + " -> ".join(str(p) for p in cycle))
+    base, origins, includes = _load_tree(inc_source, [*chain, source])
+    for k in ("name", "description"):  # never inherited: the including file's own (or the defaults)
+        base.pop(k, None)
+        origins.pop(k, None)
+    merged = merge_profiles(base, data, origins, str(source))
+    return merged, origins, [inc_source, *includes]
+
+
 def load_profile(
     name_or_path: str | Path,
     overrides: dict[str, Any] | None = None,
@@ -307,18 +397,15 @@ def load_profile(
     ``base_dir`` (default: the current directory); ``override_labels`` names overrides in errors
     (``{"sft.max_steps": "--set sft.max_steps=ten"}``). The top-level fields and the section names are
     checked here; each section's fields when it is built (:meth:`Profile.section`, :func:`validate_profile`).
+    A file's ``include`` is loaded first and the file merged over it (:func:`merge_profiles`).
     """
     source = profile_source(name_or_path, base_dir)
-    try:
-        data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(str(source), "", f"not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(str(source), "", "a profile must be a mapping")
+    data, origins, includes = _load_tree(source, [])
     overrides = dict(overrides or {})
     prof = Profile(name=str(data.get("name") or source.stem), source=source, data=data,
                    run_root=Path(run_root) if run_root else default_run_root(), overrides=overrides,
-                   override_labels=dict(override_labels or {}))
+                   override_labels=dict(override_labels or {}), includes=includes,
+                   origins=origins if includes else {})
     in_file = set(data)
     for dotted, value in overrides.items():
         try:
@@ -441,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(params, default_flow_style=True, width=10**9, allow_unicode=True).strip())
     else:
         print(f"profile {prof.name} ({prof.source}): OK, sections {', '.join(sorted(SECTIONS))}"
+              + (f"; includes {', '.join(map(str, prof.includes))}" if prof.includes else "")
               + (f"; overrides {overrides}" if overrides else ""))
     return 0
 

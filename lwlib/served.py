@@ -12,7 +12,8 @@ lwlib, so that lwlib.backends can import it). One server per model, so base, SFT
 theirs in turn and nothing has to be started by hand.
 
 The command is a list of arguments with placeholders: ``{model}`` (the model path or id), ``{port}`` (a free port
-chosen here), ``{gpus}`` (the visible CUDA devices, at least 1). The defaults:
+chosen here), ``{gpus}`` (the visible CUDA devices, at least 1), ``{python}`` (this process's interpreter, so that
+a server written in Python runs in the same environment: :data:`LWLIB_SERVE_COMMAND`). The defaults:
 
 - vLLM (:data:`VLLM_COMMAND`): ``vllm serve {model} --served-model-name {model} --port {port}
   --data-parallel-size {gpus} --seed 0`` (one replica per GPU for an 8-9B model; use ``--tensor-parallel-size``
@@ -20,6 +21,9 @@ chosen here), ``{gpus}`` (the visible CUDA devices, at least 1). The defaults:
   set temperature and top_p explicitly, so the paper's decoding is what runs.
 - SGLang (:data:`SGLANG_COMMAND`): ``python -m sglang.launch_server --model-path {model} --served-model-name
   {model} --port {port} --dp-size {gpus}``.
+- lwlib.serve (:data:`LWLIB_SERVE_COMMAND`): ``{python} -m lwlib.serve --model {model} --port {port}``, this
+  project's own server (one request at a time; the ``paper_rehearsal`` profile's stand-in for vLLM on one GPU,
+  with ``--engine slots --kv-cache-gb 2`` added).
 
 A repetition penalty (the ``loopfree`` decoding) is not sent: OpenAI-compatible servers apply theirs to the
 prompt too; the ``paper`` profile uses the paper's decoding only.
@@ -39,6 +43,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -50,6 +55,7 @@ VLLM_COMMAND = ["vllm", "serve", "{model}", "--served-model-name", "{model}", "-
                 "--data-parallel-size", "{gpus}", "--seed", "0"]
 SGLANG_COMMAND = ["python", "-m", "sglang.launch_server", "--model-path", "{model}", "--served-model-name", "{model}",
                   "--port", "{port}", "--dp-size", "{gpus}"]
+LWLIB_SERVE_COMMAND = ["{python}", "-m", "lwlib.serve", "--model", "{model}", "--port", "{port}"]
 _RUNNING: set[ServerProcess] = set()
 
 
@@ -71,12 +77,13 @@ def visible_gpus() -> int:
 
 
 def server_argv(command: Sequence[str], model: str, port: int, gpus: int) -> list[str]:
-    """``command`` with ``{model}``, ``{port}`` and ``{gpus}`` filled in (KeyError names an unknown placeholder)."""
+    """``command`` with ``{model}``, ``{port}``, ``{gpus}`` and ``{python}`` (``sys.executable``) filled in
+    (ValueError names an unknown placeholder)."""
     try:
-        return [str(a).format(model=model, port=port, gpus=gpus) for a in command]
+        return [str(a).format(model=model, port=port, gpus=gpus, python=sys.executable) for a in command]
     except (KeyError, IndexError) as e:
         raise ValueError(f"backend.server_command: unknown placeholder {e} in {list(command)} "
-                         "(known: {model}, {port}, {gpus})") from None
+                         "(known: {model}, {port}, {gpus}, {python})") from None
 
 
 class ServerProcess:

@@ -73,11 +73,11 @@ from .losses import trainer_class
 from .packing import PackCollator, PackedDataset, TokenizedExample, pack_examples, pack_stats, tokenize_chat, training_template
 from .plots import pyplot, save_figure
 from .progress import console_callback
-from .runs import (JsonlStore, atomic_write_json, iter_jsonl, model_fingerprint, read_log_history, training_finished,
-                   write_manifest)
+from .runs import (REPO_ROOT, JsonlStore, atomic_write_json, iter_jsonl, model_fingerprint, read_log_history,
+                   training_finished, write_manifest)
 from .models import seed_tag, sft_folder
-from .training import (batch_plan, checkpointing_args, deepspeed_config, pick_liger, pick_loss, save_trained,
-                       step_timer, use_liger)
+from .training import (batch_plan, checkpointing_args, deepspeed_config, launcher_env, pick_liger, pick_loss,
+                       save_trained, step_timer, use_liger)
 from .text import count_words, truncate_words
 
 Messages = list[dict[str, str]]
@@ -97,7 +97,8 @@ class SFTConfig:
             the limit?): ``{name: long-output data}`` with values as ``data_path`` (``none`` = general data alone,
             ``agentwrite`` = the 135M writer's own AgentWrite data), same general data and steps as the main run;
             checkpoints ``<run>/sft/<name>/model``, model tags ``sft_<name>``.
-        general_data: general SFT data: a JSONL path, ``hf:<dataset id>[:<config>][@<split>]`` (column
+        general_data: general SFT data: a JSONL path (relative: from the current directory, else from the
+            repository: :func:`data_file`), ``hf:<dataset id>[:<config>][@<split>]`` (column
             ``messages``; e.g. ``hf:HuggingFaceH4/ultrachat_200k@train_sft``),
             ``self-distill`` (the base model answers built-in short instructions) or ``none``.
         general_per_long: general examples per long-output example (paper: ~180k general + 6k
@@ -417,9 +418,18 @@ def load_general(prof: Profile, cfg: SFTConfig, n: int) -> list[Messages]:
         return self_distill(prof, n, cfg)
     if src.startswith("hf:"):
         return load_hf_messages(src, n, prof.seed, field="sft.general_data")
-    data = load_sft_data(src)
+    data = load_sft_data(data_file(src))
     random.Random(prof.seed).shuffle(data)
     return data[:n]
+
+
+def data_file(path: str | Path) -> Path:
+    """A profile's JSONL path: as given when it exists (absolute, or from the current directory), else taken from
+    the repository, as ``sft.deepspeed`` is (papermill runs the notebooks in ``notebooks/``).
+
+    Usage: ``data_file("results/gpu/sft/general_self_distill.jsonl")  # found from notebooks/ too``"""
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() or not (REPO_ROOT / p).exists() else REPO_ROOT / p
 
 
 def long_data_path(prof: Profile, spec: str | None) -> str | None:
@@ -568,6 +578,7 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
     attn = pick_attn(cfg.attn_implementation, device, cfg.torch_compile)
     world, accumulation = batch_plan(cfg.batch_size, cfg.per_device_batch_size, "sft")
     ds_cfg = deepspeed_config(cfg.deepspeed)
+    launcher_env(ds_cfg)  # DeepSpeed in a notebook: a world of one
     args = TrainingArguments(
         output_dir=str(run / "checkpoints"), per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=accumulation, learning_rate=cfg.learning_rate,
@@ -612,7 +623,8 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
     last = get_last_checkpoint(args.output_dir) if cfg.save_steps and Path(args.output_dir).exists() else None
     result = trainer.train(resume_from_checkpoint=last)
     # a base model without a chat template (Llama-3.1-8B) keeps the training one: it generates in that format
-    return save_trained(trainer, result, model, tok, out_dir, chat_template=template, step_seconds=timer.seconds)
+    return save_trained(trainer, result, model, tok, out_dir, chat_template=template, step_seconds=timer.seconds,
+                        peak_memory=timer.peak_memory)
 
 
 def load_train_log(folder: str | Path):

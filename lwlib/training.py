@@ -3,7 +3,8 @@ which is :mod:`lwlib.train`.
 
 - :func:`batch_plan`: world size and gradient accumulation for a batch size over the launcher's ranks;
 - :func:`warmup_steps`: a warmup ratio as whole steps, rounded down (a tiny run's first step learns);
-- :func:`deepspeed_config`: a profile's DeepSpeed config path, resolved against the repository;
+- :func:`deepspeed_config`: a profile's DeepSpeed config path, resolved against the repository; :func:`launcher_env`:
+  the launcher's variables for DeepSpeed in a process started without one (a notebook on one GPU);
 - :func:`checkpointing_args`: ``TrainingArguments`` keywords for activation checkpointing under either
   transformers name;
 - :func:`pick_liger` and :func:`use_liger`: whether Liger-Kernel's Triton kernels run here (``sft.liger_kernel``),
@@ -14,7 +15,8 @@ which is :mod:`lwlib.train`.
 - :func:`save_trained`: the end of a training run, the same for both stages: final model, config and tokenizer
   for generation, ``train_log.json``;
 - :func:`step_timer`: a callback that records each optimizer step's wall time (``train_log.json``'s
-  ``step_seconds``) and, with ``$LWLIB_TRAIN_PROFILE=first:last``, profiles those steps (``train_profile.json``).
+  ``step_seconds``) and the run's peak memory (``peak_memory``: :func:`peak_memory`) and, with
+  ``$LWLIB_TRAIN_PROFILE=first:last``, profiles those steps (``train_profile.json``).
 
 Usage::
 
@@ -81,6 +83,27 @@ def deepspeed_config(path: str | None) -> str | None:
         return None
     p = Path(path)
     return str(p if p.is_absolute() else REPO_ROOT / p)
+
+
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launcher_env(ds_cfg: str | None) -> dict[str, str]:
+    """DeepSpeed in a process no launcher started (a notebook's kernel on one GPU: ``paper_rehearsal``): set the
+    variables a launcher sets, for a world of one (``RANK`` and ``LOCAL_RANK`` 0, ``WORLD_SIZE`` 1, ``MASTER_ADDR``
+    127.0.0.1, a free ``MASTER_PORT``); without them accelerate does not start DeepSpeed's process group and
+    DeepSpeed looks for MPI (mpi4py, not installed). Sets nothing without ``ds_cfg`` or where any of them is set
+    (a launcher's ranks). Returns what it set.
+
+    Usage: ``ds_cfg = deepspeed_config(cfg.deepspeed); launcher_env(ds_cfg)  # before TrainingArguments``"""
+    if not ds_cfg or any(v in os.environ for v in LAUNCHER_VARS):
+        return {}
+    from .served import free_port
+
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    os.environ.update(env)
+    return env
 
 
 def checkpointing_args(enabled: bool) -> dict[str, Any]:
@@ -218,9 +241,26 @@ def save_trained(trainer, result, model, tok, out_dir: str | Path, chat_template
     return out_dir
 
 
+def peak_memory() -> dict[str, int | None]:
+    """Peak memory: ``gpu_allocated_bytes`` / ``gpu_reserved_bytes`` (torch's peaks on the current CUDA device since
+    the last reset, which :func:`step_timer` makes when training begins; None without CUDA) and ``cpu_max_rss_bytes``
+    (this process's largest resident set over its whole life: pinned offload buffers included, and in a notebook's
+    kernel also the stages before).
+
+    Usage: ``peak_memory()["cpu_max_rss_bytes"]``"""
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    cuda = torch.cuda.is_available()
+    return {"gpu_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            "gpu_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None, "cpu_max_rss_bytes": rss}
+
+
 def step_timer(out: str | Path | None = None) -> Any:
     """A ``transformers.TrainerCallback`` recording the wall time of every optimizer step (``.seconds``, for
-    ``save_trained(..., step_seconds=timer.seconds)``: warm-up steps against the steady ones). With
+    ``save_trained(..., step_seconds=timer.seconds)``: warm-up steps against the steady ones) and, at the end of
+    training, the run's :func:`peak_memory` (``.peak_memory``, for ``save_trained(..., peak_memory=...)``). With
     ``$LWLIB_TRAIN_PROFILE=first:last`` (1-based steps, e.g. ``11:13``) and ``out`` (a folder) it also runs
     torch's profiler over those steps and writes ``out/train_profile.json``: wall time, summed GPU kernel time (their
     difference: the GPU idle), the CUDA kernels with the most GPU time and the CPU operators with the most self time.
@@ -237,6 +277,7 @@ def step_timer(out: str | Path | None = None) -> Any:
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
             self.seconds: list[float] = []
+            self.peak_memory: dict[str, int | None] = {}
             self.t0 = 0.0
             self.prof = None
             self.p0 = 0.0
@@ -252,7 +293,12 @@ def step_timer(out: str | Path | None = None) -> Any:
                 self.p0 = time.perf_counter()
 
         def on_train_begin(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()  # this run's peak, not an earlier stage's in the same kernel
             self.t0 = time.perf_counter()
+
+        def on_train_end(self, args, state, control, **kw):
+            self.peak_memory = peak_memory()
 
         def on_step_end(self, args, state, control, **kw):
             now = time.perf_counter()

@@ -109,7 +109,7 @@ def test_transport_errors_are_not_cached(tmp_path):
 def test_judge_config_is_a_backend_config_and_every_profile_loads(tmp_path):
     """JudgeConfig is lwlib.backends.BackendConfig plus the judging fields: the profiles' judge sections load as
     before, a backend field (the local engine) is accepted under judge, and kind may be none."""
-    for name in ("smoke", "gpu_short", "gpu", "paper"):
+    for name in ("smoke", "gpu_short", "gpu", "paper", "paper_rehearsal"):
         prof = load_profile(name, run_root=tmp_path)
         for section in ("bench", "dpo"):
             j = prof.section(section).judge

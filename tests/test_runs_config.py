@@ -131,7 +131,7 @@ def test_atomic_writes_of_bytes_and_jsonl_replace_whole_files(tmp_path):
     assert p.read_bytes() == b"" and not list(tmp_path.rglob(".*tmp"))
 
 
-@pytest.mark.parametrize("name", ["smoke", "gpu", "gpu_smollm2", "gpu_short", "paper"])
+@pytest.mark.parametrize("name", ["smoke", "gpu", "gpu_smollm2", "gpu_short", "paper", "paper_rehearsal"])
 def test_builtin_profiles_load_every_section(name):
     prof = load_profile(name)
     assert prof.name == name and prof.model
@@ -331,6 +331,137 @@ def test_profile_paths_resolve_from_the_callers_directory(tmp_path, monkeypatch)
     with pytest.raises(FileNotFoundError, match="no profile file " + re.escape(str(tmp_path / "nope.yaml"))):
         load_profile("nope.yaml")
     assert load_profile("smoke").source == config.PROFILE_DIR / "smoke.yaml"
+
+
+def test_include_merges_the_file_over_the_included_profile(tmp_path):
+    """``include``: mappings merge key by key; lists, scalars and null replace; name/description are the file's."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "b.yaml").write_text(
+        "name: b\ndescription: the base\nmodel: m\nseed: 3\n"
+        "sft:\n  learning_rate: 1.0e-4\n  caps: [500, 1000]\n  deepspeed: env/x.json\n  max_steps: 7\n"
+        "probe:\n  backend: {kind: server, concurrency: 256}\n  lengths: [1000, 2000]\n")
+    (tmp_path / "top.yaml").write_text(
+        "include: base/b.yaml\nseed: 5\n"
+        "sft:\n  caps: [50]\n  deepspeed: null\nprobe:\n  backend: {concurrency: 8}\n")
+    prof = load_profile(tmp_path / "top.yaml", run_root=tmp_path)
+    assert prof.name == "top" and "description" not in prof.data and prof.seed == 5 and prof.model == "m"
+    assert prof.data["sft"] == {"learning_rate": 1e-4, "caps": [50], "deepspeed": None, "max_steps": 7}
+    assert prof.data["probe"] == {"backend": {"kind": "server", "concurrency": 8}, "lengths": [1000, 2000]}
+    assert prof.includes == [tmp_path / "base" / "b.yaml"] and validate_profile(prof) == []
+    res = prof.resolved()
+    assert res["includes"] == [str(tmp_path / "base" / "b.yaml")] and "include" not in res
+    assert res["sft"]["caps"] == [50] and res["probe"]["backend"]["kind"] == "server"
+    assert "includes" not in load_profile("smoke").resolved()
+    # a chain: the nearest file wins, a built-in name resolves to the built-in profile
+    (tmp_path / "chain.yaml").write_text("include: top.yaml\nname: chained\nsft:\n  max_steps: 1\n")
+    chained = load_profile(tmp_path / "chain.yaml", overrides={"sft.caps": [9]})
+    assert chained.name == "chained" and chained.includes == [tmp_path / "top.yaml", tmp_path / "base" / "b.yaml"]
+    assert chained.data["sft"] == {"learning_rate": 1e-4, "caps": [9], "deepspeed": None, "max_steps": 1}
+    (tmp_path / "p.yaml").write_text("include: paper\nsft:\n  max_steps: 2\n")
+    p = load_profile(tmp_path / "p.yaml")
+    assert p.includes == [config.PROFILE_DIR / "paper.yaml"] and p.model == load_profile("paper").model
+    assert p.data["sft"]["max_steps"] == 2 and p.data["sft"]["packing_length"] == 32768 and p.name == "p"
+
+
+def test_include_errors_name_the_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("include: b.yaml\nmodel: m\n")
+    (tmp_path / "b.yaml").write_text("include: ./a.yaml\n")
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    with pytest.raises(ConfigError, match=re.escape(f"{b}: include: include cycle: {a} -> {b} -> {a}")):
+        load_profile(a)
+    (tmp_path / "self.yaml").write_text("include: self.yaml\nmodel: m\n")
+    with pytest.raises(ConfigError, match=r"include cycle: (\S+self\.yaml) -> \1$"):
+        load_profile(tmp_path / "self.yaml")
+    (tmp_path / "c.yaml").write_text("include: nope.yaml\nmodel: m\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'c.yaml'}: include: no profile file")):
+        load_profile(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("include: [a.yaml]\nmodel: m\n")
+    with pytest.raises(ConfigError, match=r"d\.yaml: include: expected a profile name or path"):
+        load_profile(tmp_path / "d.yaml")
+    # a mistake in the included file names that file (and the one including it); the including file's own, itself
+    (tmp_path / "base.yaml").write_text("model: m\nsft:\n  max_stepz: 3\n  learning_rate: 1e-4\n"
+                                        "dpo:\n  steps: 2\nprobee:\n  x: 1\n")
+    (tmp_path / "top.yaml").write_text("include: base.yaml\nsft:\n  learning_rate: abc\ndpo:\n  steps: ten\n")
+    base, top = tmp_path / "base.yaml", tmp_path / "top.yaml"
+    with pytest.raises(ConfigError, match=re.escape(f"{base} (included by {top}): probee: unknown section")):
+        load_profile(top)
+    base.write_text("model: m\nsft:\n  max_stepz: 3\n  learning_rate: 1e-4\ndpo:\n  steps: 2\n")
+    errors = validate_profile(load_profile(top))
+    assert any(e.startswith(f"{base} (included by {top}): sft: unknown field(s) ['max_stepz']") for e in errors), errors
+    assert any(e.startswith(f"{top}: dpo.steps: expected int, got 'ten'") for e in errors), errors
+    top.write_text("include: base.yaml\n")
+    errors = validate_profile(load_profile(top, overrides={"sft.max_stepz": 4}))
+    assert len(errors) == 1 and errors[0].startswith(  # an override of the field is blamed first, as without include
+        "override sft.max_stepz=4: sft: unknown field(s) ['max_stepz']"), errors
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+# Every value of paper_rehearsal that differs from paper's, by reason (lwlib/profiles/paper_rehearsal.yaml comments
+# each; results/paper_rehearsal/README.md tabulates them). Anything else that changes fails the test below.
+REHEARSAL_DIFFERS = {
+    # names and flags
+    "name", "description", "too_small_for_verdicts",
+    # substitutions: the model (and what follows from its 8,192-token context and its own chat template)
+    "model", "sft.chat_template", "sft.packing_length", "dpo.max_length", "nll.max_tokens",
+    "agentwrite.max_prompt_tokens",
+    # substitutions: lwlib.serve in place of vllm serve (one request at a time: fewer in flight)
+    "probe.backend.server_command", "probe.backend.concurrency", "dpo.backend.server_command",
+    "dpo.backend.concurrency", "bench.backend.server_command", "bench.backend.concurrency",
+    # substitutions: lwlib.serve on port 8000 in place of GPT-4o (judge and AgentWrite writer)
+    "bench.judge.model", "bench.judge.base_url", "dpo.judge.model", "dpo.judge.base_url",
+    "agentwrite.backend.model", "agentwrite.backend.base_url",
+    # substitutions: data (the human-written stand-in for LongWriter-6k, a committed JSONL for UltraChat)
+    "sft.data_path", "sft.general_data", "nll.data_path", "corpus.max_passages", "corpus.nll_max_passages",
+    # sizes
+    "probe.lengths", "probe.templates", "probe.max_new_tokens",
+    "agentwrite.n_instructions", "agentwrite.heldout", "agentwrite.plan_max_new_tokens",
+    "agentwrite.write_max_new_tokens", "agentwrite.max_paragraphs",
+    "sft.max_steps", "sft.save_steps", "sft.caps",
+    "dpo.instructions", "dpo.min_words", "dpo.max_words", "dpo.max_new_tokens", "dpo.steps", "dpo.bench_items",
+    "dpo.judge.max_tokens", "dpo.judge.max_tries",
+    "nll.max_samples", "bench.max_items", "bench.max_new_tokens", "bench.judge.max_tokens", "bench.judge.max_tries",
+}
+
+
+def test_paper_rehearsal_differs_from_paper_only_where_it_says():
+    """The rehearsal is the paper profile but for the listed substitutions and sizes: the resolved profiles, flattened
+    to dotted keys, differ in exactly REHEARSAL_DIFFERS; both validate."""
+    from lwlib.models import BUNDLED
+    from lwlib.served import LWLIB_SERVE_COMMAND
+
+    paper, rehearsal = load_profile("paper"), load_profile("paper_rehearsal")
+    assert validate_profile(paper) == [] and validate_profile(rehearsal) == []
+    assert rehearsal.includes == [config.PROFILE_DIR / "paper.yaml"] and rehearsal.name == "paper_rehearsal"
+    bookkeeping = ("profile", "source", "includes")
+    a, b = ({k: v for k, v in _flat(p.resolved()).items() if k not in bookkeeping} for p in (paper, rehearsal))
+    differ = {k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>")}
+    assert differ - REHEARSAL_DIFFERS == set(), "paper_rehearsal changes values it does not list"
+    assert REHEARSAL_DIFFERS - differ == set(), "listed as changed, but the same as paper's"
+    # what stays the paper's, named: ZeRO-3 (+ offload for SFT), the token-mean loss, checkpointing, server backends
+    sft, dpo = rehearsal.section("sft"), rehearsal.section("dpo")
+    assert (sft.deepspeed, dpo.deepspeed) == ("env/ds_zero3_offload.json", "env/ds_zero3.json")
+    assert sft.loss == "token" and sft.gradient_checkpointing and dpo.gradient_checkpointing
+    assert (sft.batch_size, sft.per_device_batch_size, sft.learning_rate) == (8, 1, 1.0e-5)
+    for section in ("probe", "bench", "dpo"):
+        be = rehearsal.section(section).backend
+        assert be.kind == "server" and be.server_command[:len(LWLIB_SERVE_COMMAND)] == LWLIB_SERVE_COMMAND
+    for judge in (rehearsal.section("bench").judge, dpo.judge):
+        assert judge.kind == "openai" and judge.base_url == "http://127.0.0.1:8000/v1"  # lwlib.serve's default port
+    # the model is the bundled one, packed at its full context; the general data is a file of the repository
+    from transformers import AutoConfig
+
+    from lwlib.models import resolve_model
+
+    context = AutoConfig.from_pretrained(resolve_model(rehearsal.model)).max_position_embeddings
+    assert rehearsal.model in BUNDLED and sft.packing_length == context == dpo.max_length == 8192
+    assert (REPO_ROOT / sft.general_data).is_file()
+    assert config.main(["check", "paper_rehearsal"]) == 0
 
 
 def test_config_check_cli(tmp_path, capsys):

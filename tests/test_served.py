@@ -9,17 +9,19 @@ import sys
 import pytest
 
 from lwlib.backends import BackendConfig, GenParams, ServedBackend, make_backend, release
-from lwlib.served import SGLANG_COMMAND, VLLM_COMMAND, server_argv
+from lwlib.served import LWLIB_SERVE_COMMAND, SGLANG_COMMAND, VLLM_COMMAND, server_argv
 
 MODEL = "smollm2-135m-instruct"
-LWLIB_SERVE = [sys.executable, "-m", "lwlib.serve", "--model", "{model}", "--port", "{port}", "--device", "cpu",
-               "--dtype", "float32"]
+LWLIB_SERVE = [*LWLIB_SERVE_COMMAND, "--device", "cpu", "--dtype", "float32"]  # {python}: this interpreter
 
 
-def test_server_is_started_for_the_model_answers_like_the_local_backend_and_is_stopped(tmp_path, local_backend):
+@pytest.mark.parametrize("engine", ["generate", "slots"])
+def test_server_is_started_for_the_model_answers_like_the_local_backend_and_is_stopped(tmp_path, local_backend,
+                                                                                       engine):
     log = tmp_path / "server.log"
-    be = make_backend(BackendConfig(kind="server", server_command=LWLIB_SERVE, server_ready_s=300,
-                                    server_log=str(log)), MODEL)
+    command = [*LWLIB_SERVE, "--engine", engine, "--kv-cache-gb", "0.5"]
+    be = make_backend(BackendConfig(kind="server", server_command=command, server_ready_s=300, server_log=str(log)),
+                      MODEL)
     assert isinstance(be, ServedBackend) and be.running and be.model == MODEL
     try:
         p = GenParams(max_new_tokens=12, temperature=0.0)
@@ -52,6 +54,7 @@ def test_server_commands_fill_their_placeholders():
     assert argv[argv.index("--port") + 1] == "8123" and argv[argv.index("--data-parallel-size") + 1] == "8"
     assert argv[argv.index("--served-model-name") + 1] == "runs/paper/sft/model"  # requests name the model so
     assert server_argv(SGLANG_COMMAND, "m", 1, 2)[-1] == "2"
+    assert server_argv(LWLIB_SERVE_COMMAND, "m", 5, 1)[:3] == [sys.executable, "-m", "lwlib.serve"]
     with pytest.raises(ValueError, match=r"unknown placeholder 'gpu'"):
         server_argv(["serve", "{gpu}"], "m", 1, 1)
 

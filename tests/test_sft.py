@@ -309,6 +309,27 @@ def test_long_data_from_a_hugging_face_id(tmp_path, monkeypatch):
     assert calls[-1] == ("other/set", None, "test")
 
 
+def test_general_data_jsonl_path_is_found_from_the_notebooks_folder(tmp_path, monkeypatch):
+    """sft.general_data as a relative JSONL path: from the current directory when it is there, else from the
+    repository (papermill runs the notebooks in notebooks/); the paper_rehearsal profile's general data."""
+    from lwlib.sft import data_file, load_general
+
+    rel = "results/gpu/sft/general_self_distill.jsonl"
+    monkeypatch.chdir(REPO_ROOT / "notebooks")
+    assert data_file(rel) == REPO_ROOT / rel and data_file("/abs/x.jsonl") == Path("/abs/x.jsonl")
+    prof = load_profile("smoke", run_root=tmp_path)
+    got = load_general(prof, SFTConfig(general_data=rel), 5)
+    assert len(got) == 5 and all(m[-1]["role"] == "assistant" for m in got)
+    (tmp_path / "results").mkdir()
+    (tmp_path / rel.replace("results/gpu/sft/", "results/")).write_text(
+        json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_general(prof, SFTConfig(general_data="results/general_self_distill.jsonl"), 5) == [
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]]  # the current directory's first
+    with pytest.raises(FileNotFoundError, match="no SFT data at nope.jsonl"):
+        load_general(prof, SFTConfig(general_data="nope.jsonl"), 5)
+
+
 def _corpus_file(run_root: Path, sizes=(40, 130, 260, 600, 1400)) -> list[dict]:
     """Corpus-format records (a manifest book, so instructions can be written) where notebook 02 puts them."""
     para = "The harbour town woke slowly, and the gulls argued over the stones while the bakery opened its door."
@@ -399,8 +420,11 @@ def test_cpu_training_changes_weights_lowers_loss_and_reloads(tmp_path, model_an
     out = train_sft(prof, cfg, data=data)
     log = load_train_log(out)
     assert len(log) == 4 and log["loss"].iloc[-1] < log["loss"].iloc[0]
-    seconds = json.loads((out.parent / "train_log.json").read_text())["step_seconds"]
+    train_log = json.loads((out.parent / "train_log.json").read_text())
+    seconds, peak = train_log["step_seconds"], train_log["peak_memory"]
     assert len(seconds) == 4 and all(s > 0 for s in seconds)
+    assert peak["cpu_max_rss_bytes"] > 100e6
+    assert (peak["gpu_allocated_bytes"] is None) == (not torch.cuda.is_available())
     profiled = json.loads((out.parent / "train_profile.json").read_text())
     assert profiled["steps"] == 2 and profiled["wall_ms_per_step"] > 0
     assert profiled["top_cpu_ops"] and all(op["self_ms_per_step"] >= 0 for op in profiled["top_cpu_ops"])
@@ -470,6 +494,24 @@ def test_liger_kernel_setting_resolves_per_machine_and_deepspeed_config():
         pick_liger(True, cuda=True, ds_cfg=None, compiled=True)
 
 
+def test_deepspeed_without_a_launcher_gets_a_world_of_one(monkeypatch):
+    """A notebook's kernel (no torchrun) with a DeepSpeed config: the launcher's variables for one rank, so that
+    accelerate starts DeepSpeed's process group instead of DeepSpeed looking for MPI; a launcher's are kept."""
+    import os
+
+    from lwlib.training import LAUNCHER_VARS, batch_plan, launcher_env
+
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS})  # restored
+    assert launcher_env(None) == {} and not any(v in os.environ for v in LAUNCHER_VARS)
+    env = launcher_env(str(REPO_ROOT / "env" / "ds_zero3_offload.json"))
+    assert {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")} == {
+        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    assert int(os.environ["MASTER_PORT"]) > 0 and batch_plan(8, 1, "sft") == (1, 8)  # the paper's 8 packs: 8 micro
+    monkeypatch.setenv("WORLD_SIZE", "8")  # torchrun's ranks
+    monkeypatch.setenv("RANK", "3")
+    assert launcher_env("ds.json") == {} and os.environ["RANK"] == "3"
+
+
 def test_attention_choice_per_machine_and_compilation(monkeypatch):
     """auto: sdpa on CPU; on CUDA FlashAttention-4's varlen kernels where flash-attn-4 runs (Hopper/Blackwell),
     else flash-attn 2, else PyTorch's varlen kernel when compiled (1.6x eager flex on an H100) and flex_attention
@@ -501,7 +543,7 @@ def test_attention_choice_per_machine_and_compilation(monkeypatch):
 
 
 def test_profiles_have_sft_sections():
-    for name in ("smoke", "gpu", "gpu_short", "paper"):
+    for name in ("smoke", "gpu", "gpu_short", "paper", "paper_rehearsal"):
         cfg = load_profile(name).section("sft", SFTConfig)
         assert cfg.loss == "token"
     paper = load_profile("paper").section("sft", SFTConfig)
