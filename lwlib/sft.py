@@ -698,10 +698,11 @@ def _cap_cfg(cfg: SFTConfig, cap: int | None) -> SFTConfig:
     return dataclasses.replace(cfg, max_output_words=cap, max_steps=steps, **extra)
 
 
-def sft_runs(cfg: SFTConfig) -> list[SFTRun]:
+def sft_runs(cfg: SFTConfig, every: bool = False) -> list[SFTRun]:
     """Every run notebook 03 trains, seed by seed (all of seed 0 first, so a run cut short has whole seeds): the
     main run, the arms (``sft.arms``), the capped runs (``sft.caps``) and, with ``cap_uncapped``, the uncapped one;
-    only the kinds of ``sft.runs``.
+    only the kinds of ``sft.runs`` unless ``every`` (the runs an earlier sitting may have done, read back for the
+    tables whatever this sitting trains).
 
     Usage: ``for run in sft_runs(cfg): train_run(prof, run)``
     """
@@ -718,7 +719,7 @@ def sft_runs(cfg: SFTConfig) -> list[SFTRun]:
             out.append(SFTRun(seed_tag(f"cap{cap}", k), "cap", k, _cap_cfg(cfg, cap), f"{base}, {how} <= {cap} words"))
         if cfg.cap_uncapped:
             out.append(SFTRun(seed_tag("uncapped", k), "uncapped", k, _cap_cfg(cfg, None), f"{base}, uncut"))
-    return [r for r in out if r.kind in cfg.runs]
+    return [r for r in out if every or r.kind in cfg.runs]
 
 
 def train_run(prof: Profile, run: SFTRun) -> Path:

@@ -373,6 +373,9 @@ def test_cut_mode_mixes_hold_the_same_text_and_the_main_mix_its_proportion(tmp_p
                                      "sft-s1", "sft_general-s1", "cap300-s1", "cap2000-s1", "uncapped-s1"]
     assert [r.seed for r in runs] == [0] * 5 + [1] * 5 and runs[4].cfg.max_output_words is None
     assert runs[2].cfg.general_passages_cut is None and runs[2].cfg.long_per_general is None
+    some = __import__("dataclasses").replace(cfg, runs=["main"])  # one sitting's selection; every=True: all kinds
+    assert [r.tag for r in sft_runs(some)] == ["sft", "sft-s1"]
+    assert [r.tag for r in sft_runs(some, every=True)] == [r.tag for r in runs]
 
 
 def test_seed_tags_and_folders(tmp_path):
