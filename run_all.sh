@@ -8,6 +8,8 @@
 # Stages resume from their run-folder files, so re-running after an interruption continues where it stopped;
 # --from NN starts at notebook NN, --only NN runs one notebook, --resume skips notebooks whose executed copy
 # finished without error (for machines that cut jobs at a time limit: run the same command again).
+# $LWLIB_SITTING_END (Unix time): notebook 03 starts no training run that would end after it (lwlib.runs.Sitting;
+# $LWLIB_SITTING_RUN_S: a run's length before one is timed), so a job cut at its limit loses no run halfway.
 # --set KEY=VALUE overrides a profile value in every notebook (repeatable; the value is read as YAML, e.g.
 # --set sft.max_steps=10 --set "probe.lengths=[1000, 2000]"). Before any notebook starts, the whole profile
 # and its overrides are checked (python -m lwlib.config check): a mistake is reported with the file (or the
