@@ -59,6 +59,7 @@ import json
 import math
 import random
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -278,17 +279,24 @@ def _check_messages(msgs: Any, where: str) -> Messages:
 
 
 def load_sft_data(path: str | Path) -> list[Messages]:
-    """Read LongWriter-6k format JSONL (``{"messages": [{"role", "content"}, ...]}`` per line).
+    """Read LongWriter-6k format JSONL (``{"messages": [{"role", "content"}, ...]}`` per line). A record marked
+    ``"finish_reason": "length"`` (an answer cut at a token limit, as generated answers are stored here) is skipped,
+    with a warning counting them, as :func:`self_distill` skips them.
 
     Bad lines raise ``ValueError`` naming file and line."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no SFT data at {path}")
-    out = []
+    out, cut = [], 0
     for lineno, rec in iter_jsonl(path):
         if not isinstance(rec, dict) or "messages" not in rec:
             raise ValueError(f"{path}:{lineno}: record has no 'messages'")
+        if rec.get("finish_reason") == "length":
+            cut += 1
+            continue
         out.append(_check_messages(rec["messages"], f"{path}:{lineno}"))
+    if cut:
+        warnings.warn(f"{path}: {cut} record(s) with finish_reason 'length' (cut at a token limit) skipped")
     return out
 
 
