@@ -137,6 +137,7 @@ def _check_generation_result(res, out):
     assert [c["transformers_cb_vs_generate"] == c["prompts"] for c in res["greedy_check"]] == [True]
 
 
+@pytest.mark.slow  # 30 s on 2 cores: the benchmark script's table and floors (./test.sh slow)
 def test_generation_benchmark_minimal(gen_bench, tmp_path, capsys):
     """The generation benchmark end to end at its smallest (every workload, the slots engine, plain generate and
     transformers' continuous batching, the greedy check)."""

@@ -15,7 +15,7 @@ MODEL = "smollm2-135m-instruct"
 LWLIB_SERVE = [*LWLIB_SERVE_COMMAND, "--device", "cpu", "--dtype", "float32"]  # {python}: this interpreter
 
 
-@pytest.mark.parametrize("engine", ["generate", "slots"])
+@pytest.mark.parametrize("engine", ["generate", pytest.param("slots", marks=pytest.mark.slow)])
 def test_server_is_started_for_the_model_answers_like_the_local_backend_and_is_stopped(tmp_path, local_backend,
                                                                                        engine):
     log = tmp_path / "server.log"
