@@ -16,7 +16,10 @@ which is :mod:`lwlib.train`.
   for generation, ``train_log.json``;
 - :func:`step_timer`: a callback that records each optimizer step's wall time (``train_log.json``'s
   ``step_seconds``) and the run's peak memory (``peak_memory``: :func:`peak_memory`) and, with
-  ``$LWLIB_TRAIN_PROFILE=first:last``, profiles those steps (``train_profile.json``).
+  ``$LWLIB_TRAIN_PROFILE=first:last``, profiles those steps (``train_profile.json``);
+- :func:`compare_losses`: two runs' loss curves step by step against a tolerance fixed per precision
+  (:data:`LOSS_RTOL`): a DeepSpeed ZeRO-3 run against the plain run on the same data and seed, and the same test
+  for any number of ranks.
 
 Usage::
 
@@ -330,3 +333,43 @@ def profile_summary(prof, wall_s: float, steps: int, k: int = 15) -> dict[str, A
             "top_kernels": [{"kernel": e.key[:100], "ms_per_step": per(gpu(e)), "calls": e.count} for e in kern[:k]],
             "top_cpu_ops": [{"op": e.key[:100], "self_ms_per_step": per(e.self_cpu_time_total), "calls": e.count}
                             for e in cpu[:k]]}
+
+
+# Largest relative difference |a - b| / |b| of the logged loss at any step for which two runs on the same data, seed
+# and packs count as the same training, by the precision both train in. Fixed before any GPU comparison was run
+# (2026-12-06) and not to be widened to make one pass.
+# - fp32 (CPU): only the order of reductions differs (ZeRO-3's flattened partitions, its gradient-norm sum), ~1e-6
+#   per step; 1e-4 leaves room for that to grow over tens of steps and still fails on any real difference (a lost
+#   accumulation micro-step, a loss scaled by the accumulation steps twice or not at all moves it by 10% or more).
+# - bf16 (GPU): DeepSpeed's bf16 runs the forward pass in bf16 weights (fp32 master copy in the optimizer) where the
+#   plain run autocasts fp32 weights; bf16 keeps 8 bits of mantissa (relative 2^-8 = 0.4% per rounding), so the
+#   first step's losses differ by up to about 1% and the runs drift apart slowly after it: 3% at any of the first 20
+#   steps. A doubled or halved loss scale, a skipped micro-batch or a wrong learning-rate schedule is far outside it.
+LOSS_RTOL = {"fp32": 1e-4, "bf16": 3e-2}
+
+
+def compare_losses(a: str | Path | list[dict], b: str | Path | list[dict], precision: str) -> dict[str, Any]:
+    """Two training runs' loss curves, step by step: ``a`` and ``b`` are run folders holding ``train_log.json`` (or
+    their ``log_history`` lists); ``b`` is the reference (the plain single-process run). Every step logged in
+    either must be logged in both. Returns ``steps``, ``max_rel_diff`` and ``at_step`` (the worst step),
+    ``rtol`` (:data:`LOSS_RTOL` for ``precision``), ``per_step`` (step, loss a, loss b) and ``same`` (the largest
+    relative difference is within ``rtol``).
+
+    Usage: ``compare_losses(run / "sft_zero3", run / "sft_plain", "bf16")["same"]``"""
+    from .runs import read_log_history
+
+    if precision not in LOSS_RTOL:
+        raise ValueError(f"precision {precision!r}: one of {sorted(LOSS_RTOL)}")
+    curves = []
+    for run in (a, b):
+        hist = run if isinstance(run, list) else read_log_history(run, "lwlib.sft.train_sft or lwlib.dpo.train_dpo")
+        curves.append({int(h["step"]): float(h["loss"]) for h in hist if "loss" in h and "step" in h})
+    if not curves[1]:
+        raise ValueError(f"no loss logged in {b}")
+    if set(curves[0]) != set(curves[1]):
+        raise ValueError(f"the runs log different steps: {sorted(curves[0])} in {a}, {sorted(curves[1])} in {b}")
+    per = [(s, curves[0][s], curves[1][s]) for s in sorted(curves[1])]
+    rel = [abs(x - y) / max(abs(y), 1e-12) for _, x, y in per]
+    k = max(range(len(rel)), key=rel.__getitem__)
+    return {"steps": len(per), "max_rel_diff": rel[k], "at_step": per[k][0], "rtol": LOSS_RTOL[precision],
+            "precision": precision, "per_step": per, "same": rel[k] <= LOSS_RTOL[precision]}

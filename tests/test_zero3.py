@@ -1,0 +1,97 @@
+"""DeepSpeed ZeRO-3 trains the model the plain run trains: the loss-equality rule (:func:`lwlib.training.compare_losses`,
+tolerances fixed per precision in :data:`lwlib.training.LOSS_RTOL`) on hand-made curves, and real runs against the
+plain single-process run on the same data and seed: SFT under ZeRO-3 with and without CPU offload (gradient
+accumulation over two packs) and DPO under ZeRO-3 (TRL builds the sharded reference), on the CPU in fp32
+(``./test.sh slow``) and on one GPU in bf16 (``./test.sh gpu``; the rehearsal's comparison, issue 30). The same
+test, with a launcher's ranks, is the multi-GPU check."""
+
+import dataclasses
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from lwlib.config import load_profile
+from lwlib.dpo import DPOStageConfig, train_dpo
+from lwlib.sft import SFTConfig, train_sft
+from lwlib.training import LOSS_RTOL, compare_losses
+from test_sft import CONVS
+
+
+def _log(losses: list[float], first: int = 1) -> list[dict]:
+    return [{"step": first + k, "loss": x, "learning_rate": 1e-4} for k, x in enumerate(losses)] + [
+        {"step": first + len(losses) - 1, "train_runtime": 1.0}]
+
+
+def test_compare_losses_takes_the_worst_step_against_the_precisions_tolerance(tmp_path):
+    ref = [3.5, 3.2, 2.9, 2.7]
+    near = [3.5 * (1 + 5e-5), 3.2, 2.9 * (1 - 8e-5), 2.7]
+    got = compare_losses(_log(near), _log(ref), "fp32")
+    assert got["same"] and got["steps"] == 4 and got["at_step"] == 3
+    assert got["max_rel_diff"] == pytest.approx(8e-5, rel=1e-6) and got["rtol"] == LOSS_RTOL["fp32"] == 1e-4
+    # a loss scaled by the accumulation steps twice (half the loss from step 2 on) is no bf16 rounding
+    halved = [3.5, 1.6, 1.45, 1.35]
+    bad = compare_losses(_log(halved), _log(ref), "bf16")
+    assert not bad["same"] and bad["max_rel_diff"] == pytest.approx(0.5) and bad["at_step"] == 2
+    assert compare_losses(_log([x * 1.02 for x in ref]), _log(ref), "bf16")["same"]
+    assert not compare_losses(_log([x * 1.02 for x in ref]), _log(ref), "fp32")["same"]
+    # run folders: train_log.json's log_history
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "train_log.json").write_text(json.dumps({"log_history": _log(ref)}))
+    assert compare_losses(tmp_path / "a", _log(ref), "fp32")["max_rel_diff"] == 0.0
+    with pytest.raises(ValueError, match=r"different steps: \[1, 2, 3\] in .*\[1, 2, 3, 4\]"):
+        compare_losses(_log(ref[:3]), _log(ref), "fp32")
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        compare_losses(_log(ref), _log(ref), "fp16")
+    with pytest.raises(FileNotFoundError, match="no train_log.json"):
+        compare_losses(tmp_path / "nowhere", _log(ref), "fp32")
+
+
+def _zero3_against_plain(tmp_path, cuda: bool) -> dict[str, dict]:
+    """SFT: three runs of 3 optimizer steps (2 packs each: accumulation over 2 micro-steps) on the same data and seed:
+    plain, ZeRO-3, ZeRO-3 with parameters and optimizer offloaded to the CPU (the paper profile's SFT config). DPO:
+    plain and ZeRO-3 (the paper profile's DPO config). Returns each ZeRO-3 run's :func:`compare_losses` against its
+    plain run."""
+    pytest.importorskip("deepspeed")
+    prof = load_profile("smoke", run_root=tmp_path)
+    base = SFTConfig(packing_length=256, batch_size=2, per_device_batch_size=1, learning_rate=1e-4, max_steps=3,
+                     warmup_ratio=0.0, general_data="none", gradient_checkpointing=True, liger_kernel=False,
+                     save_steps=0)
+    runs = {"plain": None, "zero3": "env/ds_zero3.json", "zero3_offload": "env/ds_zero3_offload.json"}
+    for name, ds in runs.items():
+        train_sft(prof, dataclasses.replace(base, deepspeed=ds), data=CONVS * 3, out_dir=tmp_path / name / "model")
+    # DPO from the base model: 3 steps of 2 pairs, the reference a frozen copy (plain) or TRL's sharded one (ZeRO-3);
+    # a small learning rate keeps the loss away from 0, where a relative difference says nothing
+    dpo = DPOStageConfig(start_model="base", steps=3, batch_size=2, learning_rate=5e-6, warmup_ratio=0.0, beta=0.1,
+                         max_length=1024, gradient_checkpointing=True)
+    pairs = [{"prompt": [{"role": "user", "content": f"Write about the sea, part {k}."}],
+              "chosen": [{"role": "assistant", "content": "The sea is wide, deep and full of life. " * (k + 1)}],
+              "rejected": [{"role": "assistant", "content": "Sea sea sea sea. " * (k + 2)}]} for k in range(6)]
+    for name, ds in {"dpo_plain": None, "dpo_zero3": "env/ds_zero3.json"}.items():
+        train_dpo(prof, dataclasses.replace(dpo, deepspeed=ds), pairs, out_dir=tmp_path / name / "model")
+    precision = "bf16" if cuda else "fp32"
+    got = {name: compare_losses(tmp_path / name, tmp_path / "plain", precision) for name in runs if name != "plain"}
+    got["dpo_zero3"] = compare_losses(tmp_path / "dpo_zero3", tmp_path / "dpo_plain", precision)
+    assert got["dpo_zero3"]["per_step"][-1][2] > 0.05  # (the loss still far from 0)
+    return got
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
+def test_zero3_trains_what_the_plain_run_trains_on_cpu(tmp_path, monkeypatch):
+    """fp32 on the CPU (DeepSpeed's CPU accelerator, gloo): only the reduction order differs."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    if torch.cuda.is_available():
+        pytest.skip("the CPU comparison runs where torch sees no GPU")
+    for name, got in _zero3_against_plain(tmp_path, cuda=False).items():
+        assert got["same"], f"{name}: {got}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
+def test_zero3_trains_what_the_plain_run_trains_on_one_gpu(tmp_path):
+    """bf16 on one GPU: DeepSpeed's bf16 weights against the plain run's autocast (LOSS_RTOL['bf16'])."""
+    for name, got in _zero3_against_plain(tmp_path, cuda=True).items():
+        assert got["same"], f"{name}: {got}"
