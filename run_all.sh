@@ -7,7 +7,8 @@
 # report of the run (claims, figures, executed notebooks, manifests) to <run folder>/report/index.html.
 # Stages resume from their run-folder files, so re-running after an interruption continues where it stopped;
 # --from NN starts at notebook NN, --only NN runs one notebook, --resume skips notebooks whose executed copy
-# finished without error (for machines that cut jobs at a time limit: run the same command again).
+# finished without error, with the same --set values, and left no runs waiting (<run folder>/sitting.json; for
+# machines that cut jobs at a time limit: run the same command again).
 # $LWLIB_SITTING_END (Unix time): notebook 03 starts no training run that would end after it (lwlib.runs.Sitting;
 # $LWLIB_SITTING_RUN_S: a run's length before one is timed), so a job cut at its limit loses no run halfway.
 # --set KEY=VALUE overrides a profile value in every notebook (repeatable; the value is read as YAML, e.g.
@@ -154,13 +155,14 @@ for nb in notebooks/[0-9][0-9]_*.ipynb; do
   num=${base:0:2}
   [ -n "$FROM" ] && [[ "$num" < "$FROM" ]] && continue
   [ -n "$ONLY" ] && [ "$num" != "$ONLY" ] && continue
-  if [ "$RESUME" = 1 ] && .venv/bin/python - "$out/$base" <<'PYEOF'
-import json, sys
-try:
-    meta = json.load(open(sys.argv[1]))["metadata"].get("papermill", {})
-except (OSError, ValueError, KeyError):
-    sys.exit(1)
-sys.exit(0 if meta.get("end_time") and not meta.get("exception") else 1)
+  if [ "$RESUME" = 1 ] && .venv/bin/python - "$out/$base" "$run_dir" "$params" <<'PYEOF'
+import os, sys
+import yaml
+from lwlib.nbrun import rerun_reason
+why = rerun_reason(sys.argv[1], sys.argv[2], yaml.safe_load(sys.argv[3]) or {})
+if why and os.path.exists(sys.argv[1]):
+    print(f"=== {os.path.basename(sys.argv[1])}: {why}: run again")
+sys.exit(1 if why else 0)
 PYEOF
   then
     echo "=== [$name] $base: finished earlier (--resume), skipped"

@@ -16,6 +16,8 @@ And the executed notebook's progress bars (tqdm's widgets) are written out as te
 ``jupyter nbconvert --to html`` loads from a CDN (offline: nothing where the bars were) and GitHub's viewer not
 at all; as text every viewer shows ``generate: 100% |##########| 48/48 [01:12<00:00]``.
 
+:func:`rerun_reason` is ``run_all.sh --resume``'s test of whether a notebook's executed copy is done.
+
 Usage::
 
     python -m lwlib.nbrun IN.ipynb OUT.ipynb -y "{profile: smoke}" --cwd notebooks   # papermill's options
@@ -70,6 +72,34 @@ def bars_as_text(path: str | Path) -> None:
     if not path.is_file() or WIDGET_VIEW not in path.read_text(encoding="utf-8"):
         return
     nbformat.write(widgets_as_text(nbformat.read(str(path), as_version=4)), str(path))
+
+
+def rerun_reason(executed: str | Path, run_dir: str | Path, params: dict[str, Any]) -> str | None:
+    """Why ``run_all.sh --resume`` runs a notebook again, or None to skip it: its executed copy ``executed`` is
+    missing, unreadable, cut off (no end time) or failed; it ran with other ``--set`` values than ``params``'
+    ``overrides`` (papermill's parameters); or it left units waiting for a later sitting
+    (:func:`lwlib.runs.waiting_units` in ``run_dir``).
+
+    Usage: ``rerun_reason("runs/gpu/notebooks/03_sft.ipynb", "runs/gpu", {"profile": "gpu", "overrides": {}})``"""
+    import json
+
+    from .runs import waiting_units
+
+    try:
+        meta = json.loads(Path(executed).read_text(encoding="utf-8"))["metadata"].get("papermill", {})
+    except (OSError, ValueError, KeyError, AttributeError):
+        return "no readable executed copy"
+    if not meta.get("end_time"):
+        return "cut off before its end"
+    if meta.get("exception"):
+        return "failed"
+    before = (meta.get("parameters") or {}).get("overrides") or {}
+    if before != (params.get("overrides") or {}):
+        return f"finished earlier with other --set values ({before or 'none'})"
+    waiting = waiting_units(run_dir, Path(executed).name)
+    if waiting:
+        return f"finished earlier with runs waiting for a later sitting ({', '.join(waiting)})"
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,5 @@
-"""A run's results for the repository: the small files of a run folder (metrics, claims, summaries, loss logs, NLL
-curves, per-notebook timings, environment) copied to ``results/<profile>/``, without generations or checkpoints.
+"""A run's results for the repository: the small files of a run folder (metrics, claims, summaries, loss logs, step
+profiles, NLL curves, per-notebook timings, environment) copied to ``results/<profile>/``, without generations or checkpoints.
 
 ``run_all.sh`` calls it after the last notebook; by hand::
 
@@ -21,6 +21,7 @@ PATTERNS = (
     "claims.json", "corpus/stats.json", "agentwrite/summary.json", "probe/metrics.json", "probe/*/*/summary.json",
     "sft/metrics.json", "sft/data_stats.json", "sft/train_log.json", "sft/cap_experiment.json", "sft/arms.json",
     "sft/*/data_stats.json", "sft/*/train_log.json", "dpo/data_stats.json", "dpo/train_log.json",
+    "sft/train_profile.json", "sft/*/train_profile.json", "dpo/train_profile.json", "dpo/s*/train_profile.json",
     "dpo/s*/data_stats.json", "dpo/s*/train_log.json", "dpo/s*/length_plan.json", "dpo/length_plan.json", "dpo/length_score_difference.json", "dpo/comparison.json", "dpo/bench_summary.json",
     "nll/summary.json", "nll/claim.json", "nll/*/curve.csv", "nll/*/summary.json", "bench/summary.json",
     # the general answers another model wrote (small; a run made over several sittings restores them)
@@ -36,9 +37,15 @@ def default_results_root() -> Path:
 
 
 def notebook_timing(run_dir: str | Path) -> dict[str, Any]:
-    """Per executed notebook in ``<run>/notebooks``: papermill's start, end, seconds and whether it failed."""
+    """Per executed notebook in ``<run>/notebooks``: papermill's start, end, seconds and whether it failed
+    (``notebooks``: the newest execution of each), and every execution seen so far (``passes``, kept in
+    ``<run>/timing_passes.json``: a run made over several sittings, or resumed, runs a notebook more than once and
+    its executed copy keeps only the last). ``total_seconds`` sums the passes.
+
+    Usage: ``notebook_timing("runs/gpu")["total_seconds"]``"""
+    run = Path(run_dir)
     out: dict[str, Any] = {}
-    for nb in sorted(Path(run_dir, "notebooks").glob("*.ipynb")):
+    for nb in sorted(run.joinpath("notebooks").glob("*.ipynb")):
         try:
             meta = json.loads(nb.read_text(encoding="utf-8"))["metadata"].get("papermill", {})
         except (OSError, ValueError, KeyError) as e:
@@ -47,8 +54,20 @@ def notebook_timing(run_dir: str | Path) -> dict[str, Any]:
         out[nb.name] = {"start": meta.get("start_time"), "end": meta.get("end_time"),
                         "seconds": None if meta.get("duration") is None else round(float(meta["duration"]), 1),
                         "failed": bool(meta.get("exception"))}
-    done = [v["seconds"] for v in out.values() if v.get("seconds") is not None]
-    return {"notebooks": out, "total_seconds": round(sum(done), 1) if done else None}
+    path = run / "timing_passes.json"
+    try:
+        passes = json.loads(path.read_text(encoding="utf-8"))["passes"] if path.exists() else []
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a list of notebook passes ({e}); move it away to start over") from None
+    seen = {(p["notebook"], p.get("start")) for p in passes}
+    for name, v in out.items():
+        if v.get("start") and (name, v["start"]) not in seen:
+            passes.append({"notebook": name, **v})
+    passes.sort(key=lambda p: p.get("start") or "")
+    if passes:
+        atomic_write_json(path, {"passes": passes})
+    done = [p["seconds"] for p in passes if p.get("seconds") is not None]
+    return {"notebooks": out, "passes": passes, "total_seconds": round(sum(done), 1) if done else None}
 
 
 def export_results(run_dir: str | Path, dest: str | Path | None = None) -> Path:

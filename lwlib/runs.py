@@ -694,3 +694,33 @@ class Sitting:
         t0 = time.time()
         yield
         self.longest = max(self.longest, time.time() - t0)
+
+    @staticmethod
+    def record_waiting(run_dir: str | Path, notebook: str, waiting: list[str]) -> Path:
+        """Write which units of ``notebook`` (the file name, e.g. ``03_sft.ipynb``) wait for a later sitting to
+        ``<run_dir>/sitting.json`` (``{"waiting": {notebook: [...]}}``; an empty list removes the entry).
+        ``run_all.sh --resume`` does not skip a notebook that left units waiting: its executed copy ended without
+        error, but its work is not done. Returns the file.
+
+        Usage: ``Sitting.record_waiting(prof.run_dir, "03_sft.ipynb", waiting)``"""
+        path = Path(run_dir) / "sitting.json"
+        state = waiting_units(run_dir)
+        state.pop(notebook, None)
+        if waiting:
+            state[notebook] = list(waiting)
+        atomic_write_json(path, {"waiting": state})
+        return path
+
+
+def waiting_units(run_dir: str | Path, notebook: str | None = None) -> Any:
+    """What :meth:`Sitting.record_waiting` wrote: ``{notebook: [units]}``, or for one ``notebook`` its list (empty
+    where nothing waits). A missing file: nothing waits; an unreadable one is an error naming it."""
+    path = Path(run_dir) / "sitting.json"
+    if not path.exists():
+        state: dict[str, list[str]] = {}
+    else:
+        try:
+            state = dict(json.loads(path.read_text(encoding="utf-8"))["waiting"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a sitting record ({e}); delete it to start over") from None
+    return state if notebook is None else list(state.get(notebook, []))

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import yaml
@@ -171,20 +172,58 @@ def test_from_dict_nested():
         from_dict(Outer, {"inner": {"zzz": 5}}, where="here")
 
 
+def _executed(path: Path, end: str | None = "2026-11-23T15:12:32+00:00", overrides: dict | None = None,
+              exception: bool = False) -> None:
+    meta = {"papermill": {"end_time": end, "exception": exception or None,
+                          "parameters": {"profile": "smoke", "overrides": overrides or {}}}}
+    path.write_text(json.dumps({"cells": [], "metadata": meta, "nbformat": 4, "nbformat_minor": 5}))
+
+
+def test_resume_runs_again_what_is_cut_failed_differently_set_or_left_waiting(tmp_path):
+    """lwlib.nbrun.rerun_reason, run_all.sh --resume's test: an executed copy is done only when it ended without
+    error, with the same --set values, and left no runs waiting for a later sitting (sitting.json)."""
+    from lwlib.nbrun import rerun_reason
+    from lwlib.runs import Sitting, waiting_units
+
+    nb, params = tmp_path / "notebooks" / "03_sft.ipynb", {"profile": "smoke", "overrides": {"sft.runs": ["main"]}}
+    nb.parent.mkdir()
+    assert rerun_reason(nb, tmp_path, params) == "no readable executed copy"
+    _executed(nb, end=None)
+    assert rerun_reason(nb, tmp_path, params) == "cut off before its end"
+    _executed(nb, exception=True)
+    assert rerun_reason(nb, tmp_path, params) == "failed"
+    _executed(nb, overrides={"sft.runs": ["arm"]})
+    assert "other --set values ({'sft.runs': ['arm']})" in rerun_reason(nb, tmp_path, params)
+    _executed(nb, overrides={"sft.runs": ["main"]})
+    assert rerun_reason(nb, tmp_path, params) is None
+    Sitting.record_waiting(tmp_path, "03_sft.ipynb", ["sft-s1", "sft-s2"])
+    Sitting.record_waiting(tmp_path, "04_dpo.ipynb", ["dpo"])
+    assert rerun_reason(nb, tmp_path, params) == ("finished earlier with runs waiting for a later sitting "
+                                                  "(sft-s1, sft-s2)")
+    Sitting.record_waiting(tmp_path, "03_sft.ipynb", [])  # a later pass did them
+    assert rerun_reason(nb, tmp_path, params) is None and waiting_units(tmp_path) == {"04_dpo.ipynb": ["dpo"]}
+    (tmp_path / "sitting.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="sitting.json: not a sitting record"):
+        rerun_reason(nb, tmp_path, params)
+
+
 def test_run_all_resume_skips_finished_notebooks_and_runs_the_rest(tmp_path):
     """./run_all.sh --resume skips a notebook whose executed copy papermill finished without error and runs
-    one that was cut off (no end_time): here notebook 04 fails at once (no SFT checkpoint in this run folder)."""
+    one that a sitting's limit left with runs waiting: here notebook 04, which fails at once (no SFT checkpoint
+    in this run folder)."""
     out = tmp_path / "smoke" / "notebooks"
     out.mkdir(parents=True)
     names = sorted(p.name for p in (REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     for name in names:
-        cut = name.startswith("04")
-        meta = {"papermill": {"end_time": None if cut else "2026-11-23T15:12:32+00:00", "exception": None}}
-        (out / name).write_text(json.dumps({"cells": [], "metadata": meta, "nbformat": 4, "nbformat_minor": 5}))
+        _executed(out / name)
+    from lwlib.runs import Sitting
+
+    Sitting.record_waiting(tmp_path / "smoke", "04_dpo.ipynb", ["dpo"])
     r = subprocess.run(["./run_all.sh", "smoke", "--resume"], cwd=REPO_ROOT, capture_output=True, text=True,
                        env={**os.environ, "LWLIB_RUNS": str(tmp_path)}, timeout=300)
     skipped = [n for n in names if f"{n}: finished earlier (--resume), skipped" in r.stdout]
     assert skipped == [n for n in names if n[:2] in ("01", "02", "03")], r.stdout  # stops at the failure in 04
+    assert "04_dpo.ipynb: finished earlier with runs waiting for a later sitting (dpo): run again" in r.stdout
     assert r.returncode == 1 and "04_dpo.ipynb FAILED for profile smoke" in r.stderr
     assert "./run_all.sh smoke --resume" in r.stderr
     assert (tmp_path / "smoke" / "report" / "index.html").exists()  # the report of what ran, after the failure

@@ -186,6 +186,22 @@ def test_chunked_loss_equals_the_whole_pack_loss_and_gradients():
         chunked_sft_loss(hidden, head, labels, 1.0, None, "sequence")
 
 
+def test_fused_kernel_operands_follow_autocast_and_the_master_weight_gets_its_gradient():
+    """lwlib.losses.autocast_operands: under autocast a fused kernel gets its dtype (Liger's fused linear
+    cross-entropy multiplies with out= ops, which autocast does not cast: fp32 weights ran fp32 GEMMs), and the
+    gradient reaches the fp32 weight; outside autocast nothing changes."""
+    from lwlib.losses import autocast_operands
+
+    h, w = torch.randn(6, 8), torch.randn(5, 8, requires_grad=True)
+    assert autocast_operands(h, w) == (h, w, None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h2, w2, accum = autocast_operands(h, w)
+    assert (h2.dtype, w2.dtype, accum) == (torch.bfloat16, torch.bfloat16, torch.float32)
+    (h2 @ w2.t()).float().sum().backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32
+    torch.testing.assert_close(w.grad, h.sum(0).expand(5, 8), atol=0.1, rtol=0.02)
+
+
 def test_collator_weights_and_counts(tok, template):
     exs = [tokenize_chat(tok, c, template) for c in CONVS[:3]]
     batch = PackCollator(pad_id=tok.pad_token_id)([PackedDataset(exs, [[0, 1, 2]])[0]])
@@ -600,6 +616,7 @@ def test_notebook_03_smoke(tmp_path, seeds):
     run = tmp_path / "runs" / "smoke"
     metrics = json.loads((run / "sft" / "metrics.json").read_text())
     assert metrics["mix"]["long_examples"] == 3 and metrics["mix"]["general_source"] == "self-distill"
+    assert json.loads((run / "sitting.json").read_text()) == {"waiting": {}}  # no limit: nothing left waiting
     runs = {r["run"]: r for r in metrics["runs"]}
     tags = ["sft", "sft_general", "cap50", "cap200"]
     tags += [f"{t}-s1" for t in tags] if seeds == 2 else []
