@@ -7,7 +7,7 @@ cache ``[slots, kv_heads, L, d]`` (``lens[b]`` is the column its new key was jus
 cache bucket, not the rows' contexts. Here each program reads one row's ``split`` keys of one key/value head
 (programs past the row's length stop at once), keeps an online softmax for the ``G`` query heads of that
 key/value head, and writes an unnormalized partial; a second kernel merges a row's partials. What a step reads is
-the rows' real contexts (to ``BLOCK`` columns), whatever the bucket.
+the rows' real contexts (to a block of columns), whatever the bucket.
 
 On CUDA the kernels are compiled by Triton on first use (seconds, once per dtype; Triton keeps them on disk, in
 ``$TRITON_CACHE_DIR``: :func:`lwlib.runs.compile_caches`); on CPU they run in Triton's interpreter (slow: tests only). :func:`decode_attention_reference` is the
@@ -34,7 +34,16 @@ except ImportError:  # pragma: no cover - depends on the machine
     tl = None
 
 SPLIT = 256  # keys per program
-BLOCK = 64  # keys per inner iteration
+BLOCK = 64  # keys per inner iteration (fewer where a row of keys is wider than 512 bytes: :func:`block_keys`)
+
+
+def block_keys(head_dim: int, element_size: int) -> int:
+    """Keys per inner iteration: :data:`BLOCK`, halved for every doubling of a key's bytes past 512 (head_dim x
+    element size), at least 16. A block of keys and values must fit the GPU's shared memory with Triton's
+    pipelining: Gemma 3's head_dim 256 in fp32 at 64 keys asked for 282,688 bytes on an H200 (232,448 there).
+    ``block_keys(256, 2) == 64``, ``block_keys(256, 4) == 32``."""
+    row = head_dim * element_size
+    return BLOCK if row <= 512 else max(16, BLOCK * 512 // row)
 
 
 def interpreting() -> bool:
@@ -203,6 +212,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: to
     upcast = q.dtype == torch.bfloat16 and interpreting()  # the interpreter's dot has no bf16 (numpy)
     split_k[(b, kvh, n_splits)](q, k, v, lens, part, m, l_, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                                 k.stride(2), v.stride(0), v.stride(1), v.stride(2), float(scale), split, n_splits,
-                                G=g, GP=gp, D=d, BN=BLOCK, IEEE=ieee, UPCAST=upcast)
+                                G=g, GP=gp, D=d, BN=block_keys(d, q.element_size()), IEEE=ieee,
+                                UPCAST=upcast)
     merge_k[(b, kvh)](part, m, l_, lens, out, out.stride(0), out.stride(1), split, n_splits, G=g, GP=gp, D=d)
     return out

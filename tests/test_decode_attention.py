@@ -40,6 +40,21 @@ def test_kernel_equals_reference(heads, kvh, dtype):
     assert not torch.allclose(da.decode_attention(q, k2, v, lens, 0.125)[5].float(), got[5].float())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemma3_head_shape_equals_reference(dtype):
+    """Gemma-3-270M's heads (4 query heads on 1 key/value head of 256): fp32 keys of 1,024 bytes take blocks of 32
+    (64 asked an H200 for more shared memory than it has, and the engine fell back to sdpa), bf16 blocks of 64."""
+    assert (da.block_keys(256, 4), da.block_keys(256, 2), da.block_keys(64, 4), da.block_keys(1024, 4)) == (
+        32, da.BLOCK, da.BLOCK, 16)
+    g = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(3, 1, 300, 256, generator=g).to(dtype).to(DEV) for _ in range(2))
+    q = torch.randn(3, 4, 256, generator=g).to(dtype).to(DEV)
+    lens = torch.tensor([31, 32, 299], device=DEV)  # the end of a 32-key block, the next block's first key, deep
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(da.decode_attention(q, k, v, lens, 0.0625).float(),
+                               da.decode_attention_reference(q, k, v, lens, 0.0625).float(), atol=tol, rtol=tol)
+
+
 def test_grid_of_a_longer_bucket_gives_the_same_output():
     """The grid is sized by ``length`` (a CUDA graph's cache bucket); splits past a row's length do nothing."""
     g = torch.Generator().manual_seed(1)
