@@ -87,7 +87,8 @@ def _ratio_stat(top: str, bottom: str, quantile: float):
 def cap_experiment(prof, frames: dict[str, pd.DataFrame], quantile: float = 0.95, n_boot: int = N_BOOT
                    ) -> pd.DataFrame:
     """The controlled experiment (Section 2) from the probes of its runs (``frames``: labels ``"<tag> (<decoding>)"``
-    of ``cap<N>[-s<k>]`` and the uncapped point, ``uncapped[-s<k>]``, or ``sft[-s<k>]`` in profiles without it).
+    of ``cap<N>[-s<k>]`` and the uncapped point, ``uncapped[-s<k>]``, or ``sft[-s<k>]`` in profiles without one:
+    ``sft.cap_uncapped: false``).
     Per decoding and seed: each run's longest output in its data (``data_stats.json``) and its p95 effective output
     length on LongWrite-Ruler (a lower bound when censored, :func:`lwlib.intervals.censored_quantile`), the Spearman
     correlation of the two over the caps; over all seeds: the uncapped run's p95 over the smallest cap's, with a
@@ -100,7 +101,10 @@ def cap_experiment(prof, frames: dict[str, pd.DataFrame], quantile: float = 0.95
     rows, measured = [], {}
     for dec in _decodings(frames):
         runs = by_seed(frames, dec)
-        top = "uncapped" if "uncapped" in runs else "sft"
+        # the design's top point: the uncapped run where the profile has one (until it is measured, the largest
+        # cap measured), else the main run; never the main run where an uncapped one is designed (it holds general
+        # data, which (a)'s arms do not)
+        top = "uncapped" if cfg.cap_uncapped or "uncapped" in runs else "sft"
         arms = sorted((t for t in runs if t.startswith("cap") and t[3:].isdigit()), key=lambda t: int(t[3:]))
         if top in runs:
             arms.append(top)

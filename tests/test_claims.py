@@ -176,6 +176,13 @@ def test_experiment_files_feed_the_claims(tmp_path):
     assert m["data_max_words"] == [60, 170, 900] and m["by_seed"]["0"]["spearman"] == pytest.approx(1.0)
     r = m["ratio_top_over_smallest"]
     assert r["lo"] < r["value"] < r["hi"] and r["value"] > 5 and set(table["seed"]) == {0, 1}
+    # smoke designs an uncapped run (sft.cap_uncapped): before it is measured, (a)'s top point is the largest cap,
+    # never the main run, which holds general data that (a)'s arms do not
+    early = {k: v for k, v in frames.items() if not k.startswith("uncapped")}
+    cap_experiment(prof, early, n_boot=50)
+    assert json.loads((prof.run_dir / "sft" / "cap_experiment.json").read_text())["loopfree"]["runs"] == [
+        "cap50", "cap150"]
+    cap_experiment(prof, frames, n_boot=200)
     arms = arms_experiment(prof, frames, n_boot=200)
     b = json.loads((prof.run_dir / "sft" / "arms.json").read_text())["loopfree"]
     assert b["arms"] == ["sft", "sft_general"] and b["ratio_long_over_general"]["value"] > 3
