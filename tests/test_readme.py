@@ -63,7 +63,7 @@ def test_readme_results_match_the_result_files():
     """The numbers of the README's Results section are the committed result files' (rounded as written)."""
     text = (ROOT / "README.md").read_text(encoding="utf-8").split("## Results", 1)[1].split("## Honest limits")[0]
     num = lambda s: int(s.replace(",", ""))  # noqa: E731
-    # gpu (Gemma-3-270M), first sitting: p95 effective words of seed 0 per run
+    # gpu (Gemma-3-270M): p95 effective words of seed 0 per run of (a)
     m = re.search(r"seed 0: cap500 ([\d,]+), cap1000 ([\d,]+), cap2000 ([\d,]+) \(base ([\d,]+)\)", text)
     assert m, "README: the gpu sitting's line of (a) is not where this test looks"
     gpu = _json("results/gpu/sft/cap_experiment.json")["loopfree"]
@@ -71,7 +71,18 @@ def test_readme_results_match_the_result_files():
     assert gpu["runs"] == ["cap500", "cap1000", "cap2000"]
     base = _json("results/gpu/probe/base/loopfree/summary.json")["max_output_words_effective"]
     assert num(m.group(4)) == round(base)
-    assert all(r["reproduced"] is None for r in _json("results/gpu/claims.json"))  # "every claim is incomplete"
+    # the main run's p95 by seed, (h) and (d) decided "no", the others incomplete
+    arms = _json("results/gpu/sft/arms.json")["loopfree"]
+    p95 = " / ".join(f"{round(arms['by_seed'][str(k)]['sft']['p95']):,}" for k in arms["long_arm_seeds"])
+    assert f"| {p95} by seed (none censored) | **no** |" in text
+    assert not any(arms["by_seed"][str(k)]["sft"]["lower_bound"] for k in arms["long_arm_seeds"])
+    f = arms["length_following"]
+    assert f"Spearman {f['spearman']:.2f}, interval {f['lo']:.2f} .. {f['hi']:.2f} | **no** |" in text
+    verdicts = {r["id"]: r["reproduced"] for r in _json("results/gpu/claims.json")}
+    assert verdicts == {"a_length_follows_sft_cap": None, "b_long_data_lifts_limit": None, "h_10000_words": False,
+                        "d_length_follows_instruction": False, "c_dpo_improves_length_score": None,
+                        "nll_long_context_helps": None}
+    assert text.count("| incomplete") == 4 and text.count("| **no** |") == 2
     # gpu_smollm2: (a), (b), (c) as the README states them
     cap = _json("results/gpu_smollm2/sft/cap_experiment.json")["loopfree"]
     p95 = dict(zip(cap["caps"], (round(x) for x in cap["p95_effective_words"])))
