@@ -77,8 +77,8 @@ from .progress import console_callback
 from .runs import (REPO_ROOT, JsonlStore, atomic_write_json, iter_jsonl, model_fingerprint, read_log_history,
                    training_finished, write_manifest)
 from .models import seed_tag, sft_folder
-from .training import (batch_plan, checkpointing_args, deepspeed_config, launcher_env, pick_liger, pick_loss,
-                       save_trained, step_timer, use_liger)
+from .training import (batch_plan, checkpointing_args, deepspeed_config, final_checkpoint, finish_from_checkpoint,
+                       launcher_env, pick_liger, pick_loss, save_trained, step_timer, use_liger)
 from .text import count_words, truncate_words
 
 Messages = list[dict[str, str]]
@@ -601,6 +601,10 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
         torch_compile=cfg.torch_compile,
         disable_tqdm=False,
     )
+    done = final_checkpoint(args.output_dir) if cfg.save_steps else None
+    if done is not None:  # stopped after its last checkpoint, before the model was written: no step more
+        print(f"sft: {done.name} holds the run's last step: the model is written from it, not trained on")
+        return finish_from_checkpoint(done, tok, out_dir, chat_template=template)
     register_varlen_attention()
     model = AutoModelForCausalLM.from_pretrained(resolve_model(prof.model), dtype=torch.float32,
                                                  attn_implementation=attn)

@@ -4,6 +4,7 @@ a real CPU training run of the bundled model, the length cap, and the DeepSpeed 
 import copy
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -464,6 +465,31 @@ def test_cpu_training_changes_weights_lowers_loss_and_reloads(tmp_path, model_an
     # a second call reuses the finished model instead of retraining
     mtime = (out / "model.safetensors").stat().st_mtime
     assert train_sft(prof, cfg, data=data) == out and (out / "model.safetensors").stat().st_mtime == mtime
+
+
+def test_a_run_stopped_after_its_last_checkpoint_ends_from_it_without_a_step_more(tmp_path, model_and_tok):
+    """Stopped after saving the checkpoint of its last step but before writing the model, a run resumes to that
+    model: transformers' Trainer resumed from the final checkpoint would train a step past max_steps."""
+    from safetensors.torch import load_file
+
+    from lwlib.runs import model_fingerprint
+
+    prof = load_profile("smoke", run_root=tmp_path)
+    cfg = SFTConfig(packing_length=256, batch_size=1, per_device_batch_size=1, learning_rate=1e-4, max_steps=2,
+                    warmup_ratio=0.0, general_data="none", save_steps=1, liger_kernel=False)
+    out = train_sft(prof, cfg, data=CONVS)
+    first, fingerprint = load_file(out / "model.safetensors"), model_fingerprint(out)
+    log = json.loads((out.parent / "train_log.json").read_text())
+    shutil.rmtree(out)
+    (out.parent / "train_log.json").unlink()  # (as if stopped while the model was being written)
+    assert train_sft(prof, cfg, data=CONVS) == out
+    again = json.loads((out.parent / "train_log.json").read_text())
+    assert again["global_step"] == 2 and again["finished_from"] == "checkpoint-2"
+    assert [h["loss"] for h in again["log_history"] if "loss" in h] == [h["loss"] for h in log["log_history"]
+                                                                         if "loss" in h]
+    second = load_file(out / "model.safetensors")
+    assert all(torch.equal(first[k], second[k]) for k in first) and set(first) == set(second)
+    assert model_fingerprint(out) == fingerprint  # the same files: its probe records stay valid
 
 
 @pytest.mark.parametrize("name", ["ds_zero3.json", "ds_zero3_offload.json"])
