@@ -77,7 +77,7 @@ from .progress import console_callback
 from .runs import (REPO_ROOT, JsonlStore, atomic_write_json, iter_jsonl, model_fingerprint, read_log_history,
                    training_finished, write_manifest)
 from .models import seed_tag, sft_folder
-from .training import (batch_plan, checkpointing_args, deepspeed_config, final_checkpoint, finish_from_checkpoint,
+from .training import (batch_plan, checkpointing_args, deepspeed_config, finish_from_checkpoint, holds_last_step,
                        launcher_env, pick_liger, pick_loss, save_trained, step_timer, use_liger)
 from .text import count_words, truncate_words
 
@@ -601,10 +601,10 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
         torch_compile=cfg.torch_compile,
         disable_tqdm=False,
     )
-    done = final_checkpoint(args.output_dir) if cfg.save_steps else None
-    if done is not None:  # stopped after its last checkpoint, before the model was written: no step more
-        print(f"sft: {done.name} holds the run's last step: the model is written from it, not trained on")
-        return finish_from_checkpoint(done, tok, out_dir, chat_template=template)
+    last = get_last_checkpoint(args.output_dir) if cfg.save_steps and Path(args.output_dir).exists() else None
+    if last is not None and holds_last_step(last):  # stopped before the model was written: no step more
+        print(f"sft: {Path(last).name} holds the run's last step: the model is written from it, not trained on")
+        return finish_from_checkpoint(last, tok, out_dir, chat_template=template)
     register_varlen_attention()
     model = AutoModelForCausalLM.from_pretrained(resolve_model(prof.model), dtype=torch.float32,
                                                  attn_implementation=attn)
@@ -632,7 +632,6 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
                          "optimizer": {k: getattr(v, "value", v) for k, v in optim.items()},
                          "world_size": world, "gradient_accumulation_steps": accumulation,
                          "out_dir": str(out_dir), "data": stats})
-    last = get_last_checkpoint(args.output_dir) if cfg.save_steps and Path(args.output_dir).exists() else None
     result = trainer.train(resume_from_checkpoint=last)
     # a base model without a chat template (Llama-3.1-8B) keeps the training one: it generates in that format
     return save_trained(trainer, result, model, tok, out_dir, chat_template=template, step_seconds=timer.seconds,

@@ -13,7 +13,7 @@ which is :mod:`lwlib.train`.
 - :func:`pick_loss`: which loss kernel a run uses (fused, chunked or full logits), so that large vocabularies at
   long packs never hold the whole logits;
 - :func:`save_trained`: the end of a training run, the same for both stages: final model, config and tokenizer
-  for generation, ``train_log.json``; :func:`final_checkpoint` and :func:`finish_from_checkpoint`: the same end for
+  for generation, ``train_log.json``; :func:`holds_last_step` and :func:`finish_from_checkpoint`: the same end for
   a run stopped after saving its last step's checkpoint (resuming from it would train a step too many);
 - :func:`step_timer`: a callback that records each optimizer step's wall time (``train_log.json``'s
   ``step_seconds``) and the run's peak memory (``peak_memory``: :func:`peak_memory`) and, with
@@ -233,40 +233,42 @@ def save_trained(trainer, result, model, tok, out_dir: str | Path, chat_template
     out_dir = Path(out_dir)
     trainer.save_model(str(out_dir))
     if trainer.is_world_process_zero():
-        model.config.use_cache = True
-        model.config.save_pretrained(out_dir)
-        tok.padding_side = "left"
-        if chat_template and not tok.chat_template:
-            tok.chat_template = chat_template
-        tok.save_pretrained(out_dir)  # else keeps the model's own template
-        atomic_write_json(out_dir.parent / "train_log.json", {"log_history": trainer.state.log_history,
-                                                              "metrics": result.metrics,
-                                                              "global_step": result.global_step, **log})
+        _write_generation_files(out_dir, model.config, tok, chat_template,
+                                {"log_history": trainer.state.log_history, "metrics": result.metrics,
+                                 "global_step": result.global_step, **log})
     return out_dir
 
 
-def final_checkpoint(checkpoints: str | Path) -> Path | None:
-    """The newest ``checkpoint-<N>`` folder in ``checkpoints`` if it holds its run's last step (``trainer_state.json``:
-    ``global_step >= max_steps``; the process was stopped after saving it, before the final model was written), else
-    None. transformers' Trainer, resumed from such a checkpoint, trains one step past ``max_steps`` (it checks the
-    limit after a step; seen with transformers 5.23, plain and ZeRO-3): :func:`finish_from_checkpoint` ends the run
-    from it instead.
+def _write_generation_files(out_dir: Path, config, tok, chat_template: str | None, train_log: dict[str, Any]) -> None:
+    """Beside a run's saved weights: the config with the KV cache on, the tokenizer padding on the left (with
+    ``chat_template`` where it has none; else it keeps the model's own) and, last, ``train_log.json``."""
+    config.use_cache = True
+    config.save_pretrained(out_dir)
+    tok.padding_side = "left"
+    if chat_template and not tok.chat_template:
+        tok.chat_template = chat_template
+    tok.save_pretrained(out_dir)
+    atomic_write_json(out_dir.parent / "train_log.json", train_log)
 
-    Usage: ``ckpt = final_checkpoint(run / "checkpoints")``"""
-    from transformers.trainer_utils import get_last_checkpoint
 
-    folder = Path(checkpoints)
-    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
-    state = Path(last) / "trainer_state.json" if last else None
-    if state is None or not state.exists():
-        return None
+def holds_last_step(ckpt: str | Path) -> bool:
+    """Whether the Trainer's checkpoint folder ``ckpt`` holds its run's last step (``trainer_state.json``:
+    ``global_step >= max_steps``: the process was stopped after saving it, before the final model was written).
+    transformers' Trainer, resumed from such a checkpoint, trains one step past ``max_steps`` (it checks the limit
+    after a step; seen with transformers 5.23, plain and ZeRO-3): :func:`finish_from_checkpoint` ends the run from it
+    instead.
+
+    Usage: ``if last and holds_last_step(last): finish_from_checkpoint(last, tok, out_dir)``"""
+    state = Path(ckpt) / "trainer_state.json"
+    if not state.exists():
+        return False
     s = json.loads(state.read_text())
-    return Path(last) if s.get("max_steps") and s["global_step"] >= s["max_steps"] else None
+    return bool(s.get("max_steps")) and s["global_step"] >= s["max_steps"]
 
 
 def finish_from_checkpoint(ckpt: str | Path, tok, out_dir: str | Path, chat_template: str | None = None,
                            **log: Any) -> Path:
-    """End a training run from its final checkpoint (:func:`final_checkpoint`) without training: the checkpoint's
+    """End a training run from its final checkpoint (:func:`holds_last_step`) without training: the checkpoint's
     weight files (the Trainer writes them as ``save_model`` does; DeepSpeed ZeRO-3 gathered,
     ``stage3_gather_16bit_weights_on_model_save``) copied, the config with the KV cache on and the tokenizer as
     :func:`save_trained` writes them, ``train_log.json`` from the checkpoint's ``trainer_state.json`` (log history
@@ -288,16 +290,9 @@ def finish_from_checkpoint(ckpt: str | Path, tok, out_dir: str | Path, chat_temp
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in weights:  # the files the Trainer wrote, as save_model writes them (byte for byte: same fingerprint)
         shutil.copyfile(f, out_dir / f.name)
-    config = AutoConfig.from_pretrained(ckpt)
-    config.use_cache = True
-    config.save_pretrained(out_dir)
-    tok.padding_side = "left"
-    if chat_template and not tok.chat_template:
-        tok.chat_template = chat_template
-    tok.save_pretrained(out_dir)
-    atomic_write_json(out_dir.parent / "train_log.json", {"log_history": state["log_history"], "metrics": None,
-                                                          "global_step": state["global_step"],
-                                                          "finished_from": ckpt.name, **log})
+    _write_generation_files(out_dir, AutoConfig.from_pretrained(ckpt), tok, chat_template,
+                            {"log_history": state["log_history"], "metrics": None, "global_step": state["global_step"],
+                             "finished_from": ckpt.name, **log})
     return out_dir
 
 

@@ -1,12 +1,23 @@
 """Run a notebook through papermill with small parameters (the recommenders pattern); a stand-in repository
-for running ``run_all.sh`` without the real notebooks."""
+for running ``run_all.sh`` without the real notebooks; a stand-in executed copy (papermill's metadata only)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def write_executed(path: Path, start: str | None = "2026-11-23T15:00:00+00:00",
+                   seconds: float | None = 60.0, overrides: dict[str, Any] | None = None, failed: bool = False) -> None:
+    """An executed notebook copy holding only papermill's metadata: started at ``start``, ``seconds`` long (None:
+    cut off, no end time), run with ``--set`` ``overrides`` on profile smoke, ``failed`` or not."""
+    meta = {"start_time": start, "end_time": None if seconds is None else "2026-11-23T15:12:32+00:00",
+            "duration": seconds, "exception": failed or None,
+            "parameters": {"profile": "smoke", "overrides": overrides or {}}}
+    path.write_text(json.dumps({"cells": [], "metadata": {"papermill": meta}, "nbformat": 4, "nbformat_minor": 5}))
 
 
 def execute_notebook(name: str, tmp_path: Path, profile: str = "smoke", overrides: dict[str, Any] | None = None,

@@ -5,25 +5,20 @@ import json
 import pytest
 
 from lwlib.results import export_results, notebook_timing
-
-
-def _executed(path, start: str, seconds: float | None, failed: bool = False) -> None:
-    meta = {"start_time": start, "end_time": None if seconds is None else "later", "duration": seconds,
-            "exception": failed or None}
-    path.write_text(json.dumps({"cells": [], "metadata": {"papermill": meta}, "nbformat": 4, "nbformat_minor": 5}))
+from nbutil import write_executed
 
 
 def test_timing_keeps_every_pass_of_a_notebook_run_over_sittings(tmp_path):
     run = tmp_path / "gpu"
     (run / "notebooks").mkdir(parents=True)
-    _executed(run / "notebooks" / "01_probe.ipynb", "2026-12-06T16:24:09", 167.5)
-    _executed(run / "notebooks" / "03_sft.ipynb", "2026-12-06T16:36:48", None)  # cut by the first sitting's limit
+    write_executed(run / "notebooks" / "01_probe.ipynb", "2026-12-06T16:24:09", 167.5)
+    write_executed(run / "notebooks" / "03_sft.ipynb", "2026-12-06T16:36:48", None)  # cut by the first sitting's limit
     first = notebook_timing(run)
     assert first["total_seconds"] == 167.5 and [p["notebook"] for p in first["passes"]] == ["01_probe.ipynb",
                                                                                             "03_sft.ipynb"]
-    _executed(run / "notebooks" / "03_sft.ipynb", "2026-12-06T22:52:00", 280.0)  # the next sitting's pass
+    write_executed(run / "notebooks" / "03_sft.ipynb", "2026-12-06T22:52:00", 280.0)  # the next sitting's pass
     assert notebook_timing(run)["total_seconds"] == 447.5
-    _executed(run / "notebooks" / "03_sft.ipynb", "2026-12-06T23:02:42", 270.1)
+    write_executed(run / "notebooks" / "03_sft.ipynb", "2026-12-06T23:02:42", 270.1)
     got = notebook_timing(run)
     assert notebook_timing(run) == got  # reading again adds nothing
     assert got["notebooks"]["03_sft.ipynb"]["seconds"] == 270.1 and got["total_seconds"] == 717.6

@@ -5,7 +5,6 @@ import os
 import re
 import subprocess
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import yaml
@@ -16,6 +15,7 @@ from lwlib.decodings import profile_decodings
 from lwlib.probe import ProbeConfig
 from lwlib.runs import (REPO_ROOT, JsonlStore, StaleRunError, atomic_write_json, read_jsonl, read_log_history,
                         read_records, training_finished, write_manifest)
+from nbutil import write_executed
 
 
 def test_store_resumes_and_refuses_duplicates(tmp_path):
@@ -172,13 +172,6 @@ def test_from_dict_nested():
         from_dict(Outer, {"inner": {"zzz": 5}}, where="here")
 
 
-def _executed(path: Path, end: str | None = "2026-11-23T15:12:32+00:00", overrides: dict | None = None,
-              exception: bool = False) -> None:
-    meta = {"papermill": {"end_time": end, "exception": exception or None,
-                          "parameters": {"profile": "smoke", "overrides": overrides or {}}}}
-    path.write_text(json.dumps({"cells": [], "metadata": meta, "nbformat": 4, "nbformat_minor": 5}))
-
-
 def test_resume_runs_again_what_is_cut_failed_differently_set_or_left_waiting(tmp_path):
     """lwlib.nbrun.rerun_reason, run_all.sh --resume's test: an executed copy is done only when it ended without
     error, with the same --set values, and left no runs waiting for a later sitting (sitting.json)."""
@@ -188,13 +181,13 @@ def test_resume_runs_again_what_is_cut_failed_differently_set_or_left_waiting(tm
     nb, params = tmp_path / "notebooks" / "03_sft.ipynb", {"profile": "smoke", "overrides": {"sft.runs": ["main"]}}
     nb.parent.mkdir()
     assert rerun_reason(nb, tmp_path, params) == "no readable executed copy"
-    _executed(nb, end=None)
+    write_executed(nb, seconds=None)
     assert rerun_reason(nb, tmp_path, params) == "cut off before its end"
-    _executed(nb, exception=True)
+    write_executed(nb, failed=True)
     assert rerun_reason(nb, tmp_path, params) == "failed"
-    _executed(nb, overrides={"sft.runs": ["arm"]})
+    write_executed(nb, overrides={"sft.runs": ["arm"]})
     assert "other --set values ({'sft.runs': ['arm']})" in rerun_reason(nb, tmp_path, params)
-    _executed(nb, overrides={"sft.runs": ["main"]})
+    write_executed(nb, overrides={"sft.runs": ["main"]})
     assert rerun_reason(nb, tmp_path, params) is None
     Sitting.record_waiting(tmp_path, "03_sft.ipynb", ["sft-s1", "sft-s2"])
     Sitting.record_waiting(tmp_path, "04_dpo.ipynb", ["dpo"])
@@ -215,7 +208,7 @@ def test_run_all_resume_skips_finished_notebooks_and_runs_the_rest(tmp_path):
     out.mkdir(parents=True)
     names = sorted(p.name for p in (REPO_ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     for name in names:
-        _executed(out / name)
+        write_executed(out / name)
     from lwlib.runs import Sitting
 
     Sitting.record_waiting(tmp_path / "smoke", "04_dpo.ipynb", ["dpo"])
