@@ -6,8 +6,11 @@ accumulation over two packs) and DPO under ZeRO-3 (TRL builds the sharded refere
 test, with a launcher's ranks, is the multi-GPU check."""
 
 import dataclasses
+import importlib.metadata
 import importlib.util
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,7 +77,28 @@ def _zero3_against_plain(tmp_path, cuda: bool) -> dict[str, dict]:
     got = {name: compare_losses(tmp_path / name, tmp_path / "plain", precision) for name in runs if name != "plain"}
     got["dpo_zero3"] = compare_losses(tmp_path / "dpo_zero3", tmp_path / "dpo_plain", precision)
     assert got["dpo_zero3"]["per_step"][-1][2] > 0.05  # (the loss still far from 0)
+    _report(tmp_path, got, precision)
     return got
+
+
+def _report(tmp_path, got: dict[str, dict], precision: str) -> None:
+    """Print what the comparison measured (``pytest -s``): each ZeRO-3 run's largest relative loss difference, and
+    every run's peak memory and mean step time from its ``train_log.json``; with ``$LWLIB_ZERO3_REPORT`` also
+    written there as JSON (the rehearsal's record, results/paper_rehearsal)."""
+    runs = {}
+    for d in sorted(p for p in tmp_path.iterdir() if (p / "train_log.json").exists()):
+        log = json.loads((d / "train_log.json").read_text())
+        steps = log.get("step_seconds") or []
+        runs[d.name] = {"losses": [e["loss"] for e in log["log_history"] if "loss" in e],
+                        "peak_memory": log.get("peak_memory"),
+                        "mean_step_seconds": round(sum(steps[1:]) / max(len(steps) - 1, 1), 4) if steps else None}
+    out = {"precision": precision, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+           "torch": torch.__version__, "deepspeed": importlib.metadata.version("deepspeed"),
+           "compare": {k: {x: v[x] for x in ("same", "max_rel_diff", "at_step", "rtol", "steps")} for k, v in got.items()},
+           "runs": runs}
+    print("zero3 report:", json.dumps(out))
+    if os.environ.get("LWLIB_ZERO3_REPORT"):
+        Path(os.environ["LWLIB_ZERO3_REPORT"]).write_text(json.dumps(out, indent=1) + "\n")
 
 
 @pytest.mark.slow
