@@ -101,9 +101,10 @@ def autocast_operands(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch
     so the fp32 master weight gets its gradient) and the kernel should accumulate the weight's gradient in fp32
     (``accum_dtype``); otherwise they are returned as they are (``accum_dtype`` None).
 
-    Liger's fused linear cross-entropy multiplies with ``torch.mm(..., out=...)``, which autocast leaves alone:
-    with fp32 weights under bf16 autocast (``train_sft``) the output head ran as fp32 FFMA GEMMs, 1.4 of a
-    1.9 s step on an H200 (Gemma-3-270M, 2 x 32k-token packs; ``train_profile.json``, 2026-12-06).
+    Liger's fused linear cross-entropy multiplies with ``torch.mm(..., out=...)``, which autocast leaves alone.
+    (``train_sft``'s output head ran as fp32 FFMA GEMMs, 1.4 of a 1.9 s step on an H200, Gemma-3-270M, 2 x 32k-token
+    packs, ``train_profile.json`` 2026-12-06: its loss ran outside autocast, which the Trainer applies to the
+    model's forward only; the trainer now runs the loss under it too.)
 
     Usage: ``h, w, accum = autocast_operands(h, head.weight)``"""
     kind = hidden.device.type
@@ -244,8 +245,12 @@ def trainer_class():
             if num_items_in_batch is None:  # evaluation: this batch alone
                 num_items_in_batch = self._denominator([{"labels": labels, "num_sequences": 0}], labels.device) \
                     if self.loss_mode == "token" else torch.tensor(1.0)
-            loss, outputs = forward_loss(model, inputs, labels, num_items_in_batch, weights, self.loss_mode,
-                                         self.loss_chunk_size, self.liger, self.compile_loss)
+            # the Trainer autocasts only the model's forward (accelerate wraps it): the loss's own products (the
+            # output head of the fused or chunked loss) run under the training's autocast too, else they ran in
+            # fp32 (1.4 of a 1.9 s step on an H200, train_profile.json 2026-12-06). Under DeepSpeed: no autocast
+            with self.accelerator.autocast():
+                loss, outputs = forward_loss(model, inputs, labels, num_items_in_batch, weights, self.loss_mode,
+                                             self.loss_chunk_size, self.liger, self.compile_loss)
             if self.args.world_size > 1:  # DDP / DeepSpeed average gradients over ranks
                 loss = loss * self.args.world_size
             return (loss, outputs) if return_outputs else loss

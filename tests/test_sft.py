@@ -203,6 +203,34 @@ def test_fused_kernel_operands_follow_autocast_and_the_master_weight_gets_its_gr
     torch.testing.assert_close(w.grad, h.sum(0).expand(5, 8), atol=0.1, rtol=0.02)
 
 
+def test_trainer_loss_runs_under_the_trainings_autocast(model_and_tok, template, tmp_path, monkeypatch):
+    """The Trainer autocasts only the model's forward (accelerate wraps it); the loss's own products (the fused or
+    chunked output head) must run under that autocast too, else the output head ran in fp32 on the GPU (issue 28).
+    bf16 mixed precision on the CPU (accelerate's native autocast there) stands in for the GPU's."""
+    from transformers import TrainingArguments
+
+    import lwlib.losses as losses
+
+    model, tok = model_and_tok
+    exs = [tokenize_chat(tok, c, template) for c in CONVS[:2]]
+    coll = PackCollator(pad_id=tok.pad_token_id)
+    batch = coll([PackedDataset(exs, [[0, 1]])[0]])
+    seen, inner = [], losses.chunked_sft_loss
+
+    def spy(hidden, head, *a, **k):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), head(hidden[:, :2]).dtype))
+        return inner(hidden, head, *a, **k)
+
+    monkeypatch.setattr(losses, "chunked_sft_loss", spy)
+    for bf16 in (True, False):
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, use_cpu=True, bf16=bf16,
+                                 report_to=[])
+        trainer = trainer_class()(model=copy.deepcopy(model), args=args, data_collator=coll, loss_chunk_size=7)
+        _, denom = trainer.get_batch_samples(iter([batch]), 1, torch.device("cpu"))
+        assert torch.isfinite(trainer.compute_loss(trainer.model, batch, num_items_in_batch=denom))
+    assert seen == [(True, torch.bfloat16, torch.bfloat16), (False, torch.bfloat16, torch.float32)], seen
+
+
 def test_collator_weights_and_counts(tok, template):
     exs = [tokenize_chat(tok, c, template) for c in CONVS[:3]]
     batch = PackCollator(pad_id=tok.pad_token_id)([PackedDataset(exs, [[0, 1, 2]])[0]])
