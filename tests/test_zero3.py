@@ -57,7 +57,9 @@ def _zero3_against_plain(tmp_path, cuda: bool) -> dict[str, dict]:
     plain and ZeRO-3 (the paper profile's DPO config). Returns each ZeRO-3 run's :func:`compare_losses` against its
     plain run."""
     pytest.importorskip("deepspeed")
-    prof = load_profile("smoke", run_root=tmp_path)
+    # $LWLIB_ZERO3_MODEL: another bundled model than the smoke profile's (gemma3-270m where SmolLM2 is not at hand)
+    model = os.environ.get("LWLIB_ZERO3_MODEL")
+    prof = load_profile("smoke", {"model": model} if model else None, run_root=tmp_path)
     base = SFTConfig(packing_length=256, batch_size=2, per_device_batch_size=1, learning_rate=1e-4, max_steps=3,
                      warmup_ratio=0.0, general_data="none", gradient_checkpointing=True, liger_kernel=False,
                      save_steps=0)
@@ -66,7 +68,9 @@ def _zero3_against_plain(tmp_path, cuda: bool) -> dict[str, dict]:
         train_sft(prof, dataclasses.replace(base, deepspeed=ds), data=CONVS * 3, out_dir=tmp_path / name / "model")
     # DPO from the base model: 3 steps of 2 pairs, the reference a frozen copy (plain) or TRL's sharded one (ZeRO-3);
     # a small learning rate keeps the loss away from 0, where a relative difference says nothing
-    dpo = DPOStageConfig(start_model="base", steps=3, batch_size=2, learning_rate=5e-6, warmup_ratio=0.0, beta=0.1,
+    # (Gemma-3-270M base separates these pairs at once: 5e-6 took its loss to 0.002 by step 3 on the CPU; 3e-7: 0.54)
+    lr = {"gemma3-270m": 3e-7}.get(model, 5e-6)
+    dpo = DPOStageConfig(start_model="base", steps=3, batch_size=2, learning_rate=lr, warmup_ratio=0.0, beta=0.1,
                          max_length=1024, gradient_checkpointing=True)
     pairs = [{"prompt": [{"role": "user", "content": f"Write about the sea, part {k}."}],
               "chosen": [{"role": "assistant", "content": "The sea is wide, deep and full of life. " * (k + 1)}],
@@ -92,7 +96,8 @@ def _report(tmp_path, got: dict[str, dict], precision: str) -> None:
         runs[d.name] = {"losses": [e["loss"] for e in log["log_history"] if "loss" in e],
                         "peak_memory": log.get("peak_memory"),
                         "mean_step_seconds": round(sum(steps[1:]) / max(len(steps) - 1, 1), 4) if steps else None}
-    out = {"precision": precision, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    out = {"precision": precision, "model": os.environ.get("LWLIB_ZERO3_MODEL") or "smollm2-135m-instruct",
+           "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
            "torch": torch.__version__, "deepspeed": importlib.metadata.version("deepspeed"),
            "compare": {k: {x: v[x] for x in ("same", "max_rel_diff", "at_step", "rtol", "steps")} for k, v in got.items()},
            "runs": runs}
