@@ -266,6 +266,8 @@ def plot_arms(prof, frames: dict[str, pd.DataFrame], decoding: str, descriptions
     bx.bar(xs, pooled, 0.6, color=[f"C{j}" for j in range(len(xs))], alpha=0.5, label="all seeds (pooled p95)")
     for j, a in enumerate(m["arms"]):
         for i, (k, v) in enumerate(m["by_seed"].items()):
+            if a not in v:  # a seed this arm has not run yet (sft's three seeds before sft_general's)
+                continue
             n = v[a]
             bx.plot(j + 0.12 * (i - 1), n["p95"], "o", color="k", mfc="none" if n["lower_bound"] else "k", ms=5,
                     label="seeds (hollow = censored)" if (j, i) == (0, 0) else None)
