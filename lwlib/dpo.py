@@ -595,8 +595,8 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
 
     from .attention import pick_padded_attn
     from .models import load_tokenizer, resolve_model, run_model
-    from .training import (batch_plan, checkpointing_args, deepspeed_config, launcher_env, save_trained, step_timer,
-                           warmup_steps)
+    from .training import (accelerate_setup, batch_plan, checkpointing_args, deepspeed_arch_list, deepspeed_config,
+                           fresh_accelerator_state, launcher_env, save_trained, step_timer, warmup_steps)
 
     cfg = cfg or prof.section("dpo", DPOStageConfig)
     out_dir = Path(out_dir) if out_dir else dpo_dir(prof, seed) / "model"
@@ -620,6 +620,8 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
     _, accumulation = batch_plan(cfg.batch_size, cfg.per_device_batch_size, "dpo")
     ds_cfg = deepspeed_config(cfg.deepspeed)
     launcher_env(ds_cfg)  # DeepSpeed in a notebook: a world of one
+    deepspeed_arch_list(ds_cfg)  # (a Hopper image's "9.0a" breaks DeepSpeed's op builder)
+    fresh_accelerator_state()  # this run's own DeepSpeed choice, not an earlier run's in this process
     args = DPOConfig(
         output_dir=str(run / "checkpoints"), per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=accumulation, learning_rate=cfg.learning_rate,
@@ -654,7 +656,8 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
         warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         result = trainer.train()
     return save_trained(trainer, result, model, tok, out_dir, start_model=start, length_plan=plan,
-                        step_seconds=timer.seconds, peak_memory=timer.peak_memory)
+                        step_seconds=timer.seconds, peak_memory=timer.peak_memory,
+                        accelerate=accelerate_setup(trainer))
 
 
 def load_dpo_log(folder: str | Path) -> pd.DataFrame:

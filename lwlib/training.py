@@ -38,6 +38,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,76 @@ def launcher_env(ds_cfg: str | None) -> dict[str, str]:
            "MASTER_PORT": str(free_port())}
     os.environ.update(env)
     return env
+
+
+def deepspeed_arch_list(ds_cfg: str | None) -> str | None:
+    """DeepSpeed 0.19's JIT op builder (FusedAdam, CPU Adam) reads ``TORCH_CUDA_ARCH_LIST`` as numbers: an entry
+    with an architecture-specific suffix, as Hopper images set (``9.0a``), fails with ``ValueError: invalid literal
+    for int() with base 10: '0a'`` (seen 2026-12-07 on an H100 image, issue 30). With ``ds_cfg``, rewrites such
+    entries without the suffix (``9.0a`` -> ``9.0``, ``+PTX`` kept) for this process; returns the new value, None
+    where nothing changed.
+
+    Usage: ``deepspeed_arch_list(ds_cfg)  # before the Trainer builds DeepSpeed's ops``"""
+    val = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not ds_cfg or not val:
+        return None
+    out: list[str] = []
+    for cc in val.replace(" ", ";").split(";"):
+        m = re.fullmatch(r"(\d+)\.(\d+)[a-z]?(\+PTX)?", cc.strip())
+        new = f"{m[1]}.{m[2]}{m[3] or ''}" if m else cc.strip()
+        if new and new not in out:
+            out.append(new)
+    if ";".join(out) == val:
+        return None
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(out)
+    print(f"note: TORCH_CUDA_ARCH_LIST={val!r} -> {os.environ['TORCH_CUDA_ARCH_LIST']!r} for DeepSpeed's op builder")
+    return os.environ["TORCH_CUDA_ARCH_LIST"]
+
+
+# accelerate's Accelerator sets ACCELERATE_USE_DEEPSPEED for the rest of the process once it is given a DeepSpeed
+# plugin; a launcher (`accelerate launch --use_deepspeed`) sets it for the whole process: keep what the process began with
+_LAUNCH_DEEPSPEED = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+
+
+def fresh_accelerator_state() -> None:
+    """Forget accelerate's process-wide state (its ``AcceleratorState``, ``PartialState`` and ``GradientState``
+    singletons) before a run builds its ``TrainingArguments``: otherwise, after a DeepSpeed run, every later run in
+    the same process (a notebook's kernel, a test) kept DeepSpeed and that first run's config, whatever its own
+    arguments said (seen 2026-12-07 on an H100: tests/test_zero3.py's plain DPO run trained under ZeRO-3 with the
+    SFT runs' plugin), and, with the state reset alone, a default ZeRO-2 (the ``ACCELERATE_USE_DEEPSPEED`` that
+    accelerate leaves set: back to what the process began with); transformers' ZeRO-3 flag is cleared too (a plain
+    run's ``from_pretrained`` after a ZeRO-3 run made empty, partitioned weights). torch.distributed's process group
+    stays.
+
+    Usage: ``fresh_accelerator_state()  # then TrainingArguments(...)``"""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # (what accelerate's and transformers' tests call)
+    GradientState._reset_state()
+    unset_hf_deepspeed_config()  # else from_pretrained still partitions a plain run's model for ZeRO-3 (empty weights)
+    if _LAUNCH_DEEPSPEED is None:
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+    else:
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = _LAUNCH_DEEPSPEED
+
+
+def accelerate_setup(trainer) -> dict[str, Any]:
+    """What the run's Trainer actually trained under, for its ``train_log.json``: accelerate's distributed type,
+    the number of processes and, under DeepSpeed, the ZeRO stage and where optimizer and parameters were offloaded.
+
+    Usage: ``save_trained(..., accelerate=accelerate_setup(trainer))``"""
+    acc = trainer.accelerator
+    out: dict[str, Any] = {"distributed_type": str(getattr(acc.distributed_type, "value", acc.distributed_type)),
+                           "num_processes": acc.num_processes, "deepspeed": None}
+    plugin = acc.state.deepspeed_plugin if getattr(trainer, "is_deepspeed_enabled", False) else None
+    if plugin is not None:
+        zero = plugin.deepspeed_config.get("zero_optimization", {})
+        out["deepspeed"] = {"zero_stage": zero.get("stage"),
+                            "offload_optimizer": zero.get("offload_optimizer", {}).get("device", "none"),
+                            "offload_param": zero.get("offload_param", {}).get("device", "none")}
+    return out
 
 
 def checkpointing_args(enabled: bool) -> dict[str, Any]:

@@ -51,6 +51,19 @@ def test_compare_losses_takes_the_worst_step_against_the_precisions_tolerance(tm
         compare_losses(tmp_path / "nowhere", _log(ref), "fp32")
 
 
+def test_deepspeed_arch_list_drops_the_suffixes_deepspeeds_op_builder_cannot_read(monkeypatch):
+    """A Hopper image's TORCH_CUDA_ARCH_LIST ("9.0a") made DeepSpeed 0.19.8's op builder fail (int('0a')) on an
+    H100 (2026-12-07): with DeepSpeed on, the entries lose their suffix; without it nothing changes."""
+    from lwlib.training import deepspeed_arch_list
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0 9.0a 9.0 10.0f+PTX")
+    assert deepspeed_arch_list(None) is None and os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0 9.0a 9.0 10.0f+PTX"
+    assert deepspeed_arch_list("env/ds_zero3.json") == "8.0;9.0;10.0+PTX" == os.environ["TORCH_CUDA_ARCH_LIST"]
+    assert deepspeed_arch_list("env/ds_zero3.json") is None  # already readable
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    assert deepspeed_arch_list("env/ds_zero3.json") is None and "TORCH_CUDA_ARCH_LIST" not in os.environ
+
+
 def _zero3_against_plain(tmp_path, cuda: bool) -> dict[str, dict]:
     """SFT: three runs of 3 optimizer steps (2 packs each: accumulation over 2 micro-steps) on the same data and seed:
     plain, ZeRO-3, ZeRO-3 with parameters and optimizer offloaded to the CPU (the paper profile's SFT config). DPO:
@@ -81,6 +94,12 @@ def _zero3_against_plain(tmp_path, cuda: bool) -> dict[str, dict]:
     got = {name: compare_losses(tmp_path / name, tmp_path / "plain", precision) for name in runs if name != "plain"}
     got["dpo_zero3"] = compare_losses(tmp_path / "dpo_zero3", tmp_path / "dpo_plain", precision)
     assert got["dpo_zero3"]["per_step"][-1][2] > 0.05  # (the loss still far from 0)
+    # each run trained under its own setup, not an earlier run's in this process (the plain DPO run after the
+    # ZeRO-3 SFT runs had kept their DeepSpeed until lwlib.training.fresh_accelerator_state, 2026-12-07)
+    setup = {d: json.loads((tmp_path / d / "train_log.json").read_text())["accelerate"]["deepspeed"]
+             for d in ("plain", "zero3", "zero3_offload", "dpo_plain", "dpo_zero3")}
+    none, cpu = ({"zero_stage": 3, "offload_optimizer": x, "offload_param": x} for x in ("none", "cpu"))
+    assert setup == {"plain": None, "zero3": none, "zero3_offload": cpu, "dpo_plain": None, "dpo_zero3": none}, setup
     _report(tmp_path, got, precision)
     return got
 
@@ -94,7 +113,7 @@ def _report(tmp_path, got: dict[str, dict], precision: str) -> None:
         log = json.loads((d / "train_log.json").read_text())
         steps = log.get("step_seconds") or []
         runs[d.name] = {"losses": [e["loss"] for e in log["log_history"] if "loss" in e],
-                        "peak_memory": log.get("peak_memory"),
+                        "peak_memory": log.get("peak_memory"), "accelerate": log.get("accelerate"),
                         "mean_step_seconds": round(sum(steps[1:]) / max(len(steps) - 1, 1), 4) if steps else None}
     out = {"precision": precision, "model": os.environ.get("LWLIB_ZERO3_MODEL") or "smollm2-135m-instruct",
            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
