@@ -190,6 +190,9 @@ PYEOF
     fi
     echo "  Fix it, then resume with: $rerun --resume   (or --from $num)" >&2
     write_report
+    # the failed pass joins <run>/timing_passes.json now: the next pass's executed copy replaces this one
+    .venv/bin/python -c 'import sys; from lwlib.results import notebook_timing; notebook_timing(sys.argv[1])' \
+      "$run_dir" >/dev/null 2>&1 || true
     exit 1
   fi
 done

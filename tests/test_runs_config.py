@@ -220,6 +220,9 @@ def test_run_all_resume_skips_finished_notebooks_and_runs_the_rest(tmp_path):
     assert r.returncode == 1 and "04_dpo.ipynb FAILED for profile smoke" in r.stderr
     assert "./run_all.sh smoke --resume" in r.stderr
     assert (tmp_path / "smoke" / "report" / "index.html").exists()  # the report of what ran, after the failure
+    # the failed pass is on record before a later pass replaces its executed copy
+    passes = json.loads((tmp_path / "smoke" / "timing_passes.json").read_text())["passes"]
+    assert [p["failed"] for p in passes if p["notebook"] == "04_dpo.ipynb"] == [True]
 
 
 def test_training_finished_and_log_history(tmp_path):
