@@ -263,7 +263,8 @@ def plot_arms(prof, frames: dict[str, pd.DataFrame], decoding: str, descriptions
     ax.legend(fontsize=8, loc="upper left")
     xs = np.arange(len(m["arms"]))
     pooled = [m["pooled"][a]["p95"] for a in m["arms"]]
-    bx.bar(xs, pooled, 0.6, color=[f"C{j}" for j in range(len(xs))], alpha=0.5, label="all seeds (pooled p95)")
+    bx.bar(xs, pooled, 0.6, color=[f"C{j}" for j in range(len(xs))], alpha=0.5,
+           label="pooled p95 (the seeds every arm has)")
     for j, a in enumerate(m["arms"]):
         for i, (k, v) in enumerate(m["by_seed"].items()):
             if a not in v:  # a seed this arm has not run yet (sft's three seeds before sft_general's)
@@ -276,6 +277,8 @@ def plot_arms(prof, frames: dict[str, pd.DataFrame], decoding: str, descriptions
         bx.set_title(f"p95 {m['long_arm']} / {m['general_arm']} = {r['value']:.1f}x [{r['lo']:.1f}, {r['hi']:.1f}]",
                      fontsize=8)
     bx.axhline(10000, color="gray", ls="--", lw=1, label="10,000 words")
+    top = max([10000, *pooled, *(n["p95"] for v in m["by_seed"].values() for n in v.values())])
+    bx.set_ylim(0, top * 1.4)  # room above every marker for the legend
     bx.set_xticks(xs, m["arms"], fontsize=8)
     bx.set_ylabel("max output length (p95 effective words)")
     bx.legend(fontsize=8, loc="upper left")

@@ -69,6 +69,6 @@ def test_real_gemma3_slots_equal_generate_past_the_window():
     model = model.to(torch.bfloat16)
     dec = [GenParams(temperature=0), GenParams(temperature=0, repetition_penalty=1.15, repetition_window=512)] * 4
     kw = {"name": "g", "engine": "slots", "max_batch": 8, "segment_tokens": 64}
-    graphs = _quiet(lambda: LocalBackend(model, tok, **kw).generate(ruler, dec, max_new_tokens=600))
-    eager = LocalBackend(model, tok, cuda_graphs=False, **kw).generate(ruler, dec, max_new_tokens=600)
+    graphs = _quiet(lambda: LocalBackend(model, tok, **kw).generate(ruler, dec, max_new_tokens=[600] * len(ruler)))
+    eager = LocalBackend(model, tok, cuda_graphs=False, **kw).generate(ruler, dec, max_new_tokens=[600] * len(ruler))
     assert [g.text for g in graphs] == [g.text for g in eager]
