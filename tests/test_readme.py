@@ -78,6 +78,12 @@ def test_readme_results_match_the_result_files():
     assert not any(arms["by_seed"][str(k)]["sft"]["lower_bound"] for k in arms["long_arm_seeds"])
     f = arms["length_following"]
     assert f"Spearman {f['spearman']:.2f}, interval {f['lo']:.2f} .. {f['hi']:.2f} | **no** |" in text
+    # (b) over the seeds both arms have, incomplete until sft_general's third seed
+    g = " / ".join(f"{round(arms['by_seed'][str(k)]['sft_general']['p95']):,}" for k in arms["seeds"])
+    s = " / ".join(f"{round(arms['by_seed'][str(k)]['sft']['p95']):,}" for k in arms["seeds"])
+    r = arms["ratio_long_over_general"]
+    assert (f"general alone {g}, general + long {s}: {r['value']:.2f}x, interval {r['lo']:.2f} .. {r['hi']:.2f}"
+            in text and f"| incomplete ({len(arms['seeds'])} of 3 seeds) |" in text)
     verdicts = {r["id"]: r["reproduced"] for r in _json("results/gpu/claims.json")}
     assert verdicts == {"a_length_follows_sft_cap": None, "b_long_data_lifts_limit": None, "h_10000_words": False,
                         "d_length_follows_instruction": False, "c_dpo_improves_length_score": None,
