@@ -185,6 +185,9 @@ class SFTConfig:
             implementation; a model whose layers need what the flattened-pack kernel cannot apply is refused
             before training (:func:`lwlib.attention.check_packed_attention`).
         deepspeed: DeepSpeed config (``env/ds_zero3_offload.json``); null = none. Relative to the repo.
+        bf16: train in bf16 (the Trainer's autocast over fp32 weights; under DeepSpeed its bf16 mode: bf16 weights
+            and gradients, fp32 master weights in the optimizer); null: on a GPU, fp32 on the CPU. ``true`` on the
+            CPU compares the two modes where no GPU is at hand (``tests/test_zero3.py``).
         save_steps: write a resumable checkpoint every N steps (0 = only the final model).
         logging_steps: log the loss every N steps.
         overwrite: retrain even if the final model exists; and when the stored self-distillation answers
@@ -230,6 +233,7 @@ class SFTConfig:
     torch_compile: bool = False
     attn_implementation: str = "auto"
     deepspeed: str | None = None
+    bf16: bool | None = None
     save_steps: int = 0
     logging_steps: int = 1
     overwrite: bool = False
@@ -587,16 +591,16 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
     attn = pick_attn(cfg.attn_implementation, device, cfg.torch_compile)
     world, accumulation = batch_plan(cfg.batch_size, cfg.per_device_batch_size, "sft")
     ds_cfg = deepspeed_config(cfg.deepspeed)
+    fresh_accelerator_state()  # this run's own DeepSpeed choice and world, not an earlier run's in this process
     launcher_env(ds_cfg)  # DeepSpeed in a notebook: a world of one
     deepspeed_arch_list(ds_cfg)  # (a Hopper image's "9.0a" breaks DeepSpeed's op builder)
-    fresh_accelerator_state()  # this run's own DeepSpeed choice, not an earlier run's in this process
     args = TrainingArguments(
         output_dir=str(run / "checkpoints"), per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=accumulation, learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, lr_scheduler_type="cosine",
         warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of all steps (transformers 5)
         weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
-        adam_beta2=cfg.adam_beta2, max_grad_norm=cfg.max_grad_norm, bf16=cuda,
+        adam_beta2=cfg.adam_beta2, max_grad_norm=cfg.max_grad_norm, bf16=cuda if cfg.bf16 is None else cfg.bf16,
         **checkpointing_args(cfg.gradient_checkpointing),
         logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500, save_total_limit=2, report_to=[], seed=prof.seed + seed,

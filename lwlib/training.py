@@ -91,6 +91,7 @@ def deepspeed_config(path: str | None) -> str | None:
 
 
 LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_LAUNCHER_SET: dict[str, str] = {}  # what launcher_env set in this process (fresh_accelerator_state takes it back)
 
 
 def launcher_env(ds_cfg: str | None) -> dict[str, str]:
@@ -98,9 +99,9 @@ def launcher_env(ds_cfg: str | None) -> dict[str, str]:
     variables a launcher sets, for a world of one (``RANK`` and ``LOCAL_RANK`` 0, ``WORLD_SIZE`` 1, ``MASTER_ADDR``
     127.0.0.1, a free ``MASTER_PORT``); without them accelerate does not start DeepSpeed's process group and
     DeepSpeed looks for MPI (mpi4py, not installed). Sets nothing without ``ds_cfg`` or where any of them is set
-    (a launcher's ranks). Returns what it set.
+    (a launcher's ranks). Returns what it set; :func:`fresh_accelerator_state` takes it back before the next run.
 
-    Usage: ``ds_cfg = deepspeed_config(cfg.deepspeed); launcher_env(ds_cfg)  # before TrainingArguments``"""
+    Usage: ``fresh_accelerator_state(); launcher_env(deepspeed_config(cfg.deepspeed))  # before TrainingArguments``"""
     if not ds_cfg or any(v in os.environ for v in LAUNCHER_VARS):
         return {}
     from .served import free_port
@@ -108,6 +109,7 @@ def launcher_env(ds_cfg: str | None) -> dict[str, str]:
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
     os.environ.update(env)
+    _LAUNCHER_SET.update(env)
     return env
 
 
@@ -147,10 +149,12 @@ def fresh_accelerator_state() -> None:
     arguments said (seen 2026-12-07 on an H100: tests/test_zero3.py's plain DPO run trained under ZeRO-3 with the
     SFT runs' plugin), and, with the state reset alone, a default ZeRO-2 (the ``ACCELERATE_USE_DEEPSPEED`` that
     accelerate leaves set: back to what the process began with); transformers' ZeRO-3 flag is cleared too (a plain
-    run's ``from_pretrained`` after a ZeRO-3 run made empty, partitioned weights). torch.distributed's process group
-    stays.
+    run's ``from_pretrained`` after a ZeRO-3 run made empty, partitioned weights), and so are the launcher variables
+    :func:`launcher_env` set for an earlier run (a plain run after a DeepSpeed run trained as a distributed world of
+    one: accelerate's ``MULTI_CPU``, ``MULTI_GPU`` on a GPU, seen 2026-12-07); a real launcher's stay.
+    torch.distributed's process group stays. Call it before :func:`launcher_env`.
 
-    Usage: ``fresh_accelerator_state()  # then TrainingArguments(...)``"""
+    Usage: ``fresh_accelerator_state(); launcher_env(ds_cfg)  # then TrainingArguments(...)``"""
     from accelerate.state import AcceleratorState, GradientState
 
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -162,6 +166,10 @@ def fresh_accelerator_state() -> None:
         os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     else:
         os.environ["ACCELERATE_USE_DEEPSPEED"] = _LAUNCH_DEEPSPEED
+    for k, v in _LAUNCHER_SET.items():
+        if os.environ.get(k) == v:
+            del os.environ[k]
+    _LAUNCHER_SET.clear()
 
 
 def accelerate_setup(trainer) -> dict[str, Any]:

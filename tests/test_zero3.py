@@ -64,6 +64,34 @@ def test_deepspeed_arch_list_drops_the_suffixes_deepspeeds_op_builder_cannot_rea
     assert deepspeed_arch_list("env/ds_zero3.json") is None and "TORCH_CUDA_ARCH_LIST" not in os.environ
 
 
+def test_a_run_after_a_deepspeed_run_leaves_its_world_of_one_behind(monkeypatch):
+    """launcher_env's variables for a DeepSpeed run in a notebook (a world of one) made a later plain run in the same
+    process a distributed one (accelerate's MULTI_CPU; MULTI_GPU on a GPU: the CPU record of 2026-12-07): the next
+    run's fresh_accelerator_state takes back what launcher_env set, and only that (a real launcher's stay)."""
+    from accelerate.state import PartialState
+
+    from lwlib.training import LAUNCHER_VARS, fresh_accelerator_state, launcher_env
+
+    for v in LAUNCHER_VARS:
+        monkeypatch.delenv(v, raising=False)
+    fresh_accelerator_state()
+    env = launcher_env("env/ds_zero3.json")  # the DeepSpeed run
+    assert env["RANK"] == env["LOCAL_RANK"] == "0" and env["WORLD_SIZE"] == "1"
+    assert all(os.environ[k] == v for k, v in env.items())
+    fresh_accelerator_state()  # the plain run after it
+    assert launcher_env(None) == {} and not any(v in os.environ for v in LAUNCHER_VARS)
+    assert str(PartialState(cpu=True).distributed_type).endswith("NO")
+    # under a launcher (torchrun's rank 3 of 8) nothing is set and nothing taken back
+    launched = {"RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "8", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    for k, v in launched.items():
+        monkeypatch.setenv(k, v)
+    fresh_accelerator_state()
+    assert launcher_env("env/ds_zero3.json") == {}
+    fresh_accelerator_state()
+    assert {k: os.environ[k] for k in launched} == launched
+    fresh_accelerator_state()
+
+
 def _zero3_against_plain(tmp_path, cuda: bool) -> dict[str, dict]:
     """SFT: three runs of 3 optimizer steps (2 packs each: accumulation over 2 micro-steps) on the same data and seed:
     plain, ZeRO-3, ZeRO-3 with parameters and optimizer offloaded to the CPU (the paper profile's SFT config). DPO:
@@ -96,10 +124,15 @@ def _zero3_against_plain(tmp_path, cuda: bool) -> dict[str, dict]:
     assert got["dpo_zero3"]["per_step"][-1][2] > 0.05  # (the loss still far from 0)
     # each run trained under its own setup, not an earlier run's in this process (the plain DPO run after the
     # ZeRO-3 SFT runs had kept their DeepSpeed until lwlib.training.fresh_accelerator_state, 2026-12-07)
-    setup = {d: json.loads((tmp_path / d / "train_log.json").read_text())["accelerate"]["deepspeed"]
-             for d in ("plain", "zero3", "zero3_offload", "dpo_plain", "dpo_zero3")}
+    # (and the plain DPO run after them had been a distributed world of one, MULTI_CPU, until
+    # fresh_accelerator_state took back launcher_env's variables)
+    acc = {d: json.loads((tmp_path / d / "train_log.json").read_text())["accelerate"]
+           for d in ("plain", "zero3", "zero3_offload", "dpo_plain", "dpo_zero3")}
+    setup = {d: a["deepspeed"] for d, a in acc.items()}
     none, cpu = ({"zero_stage": 3, "offload_optimizer": x, "offload_param": x} for x in ("none", "cpu"))
     assert setup == {"plain": None, "zero3": none, "zero3_offload": cpu, "dpo_plain": None, "dpo_zero3": none}, setup
+    assert {d: a["distributed_type"] for d, a in acc.items() if a["deepspeed"] is None} == {
+        "plain": "NO", "dpo_plain": "NO"}, acc
     _report(tmp_path, got, precision)
     return got
 
@@ -134,6 +167,46 @@ def test_zero3_trains_what_the_plain_run_trains_on_cpu(tmp_path, monkeypatch):
         pytest.skip("the CPU comparison runs where torch sees no GPU")
     for name, got in _zero3_against_plain(tmp_path, cuda=False).items():
         assert got["same"], f"{name}: {got}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
+@pytest.mark.xfail(reason="2026-12-07: every DeepSpeed bf16 run of this test trained less in its first step than the "
+                   "plain run (37.7%), while the same settings in other processes came within 2.0%: the cause is not "
+                   "found (results/paper_rehearsal/README.md, 'On the CPU in bf16')", strict=False)
+def test_zero3_in_bf16_on_cpu(tmp_path, monkeypatch):
+    """DeepSpeed's bf16 mode against the plain run's bf16 autocast on the CPU (``sft.bf16``), SFT as in the GPU
+    comparison (3 steps of 2 packs of 256 tokens, lr 1e-4) on the smoke profile's model (SmolLM2, the rehearsal's):
+    ZeRO-3 within the bf16 rule. Recorded beside it (``$LWLIB_ZERO3_REPORT``, not asserted): the floor of two plain
+    bf16 runs that differ only in grouping (both packs of a step in one micro-batch), ZeRO-1 (DeepSpeed's bf16 mode
+    without partitioning) with and without accumulation, and ZeRO-3 with its gradients accumulated in fp32
+    (``data_types.grad_accum_dtype``), the setting one reaches for against bf16 accumulation."""
+    pytest.importorskip("deepspeed")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    if torch.cuda.is_available():
+        pytest.skip("the CPU comparison runs where torch sees no GPU")
+    model = os.environ.get("LWLIB_ZERO3_MODEL")
+    prof = load_profile("smoke", {"model": model} if model else None, run_root=tmp_path)
+    base = SFTConfig(packing_length=256, batch_size=2, per_device_batch_size=1, learning_rate=1e-4, max_steps=3,
+                     warmup_ratio=0.0, general_data="none", gradient_checkpointing=True, liger_kernel=False,
+                     save_steps=0, bf16=True)
+    z3 = json.loads((Path(__file__).resolve().parents[1] / "env" / "ds_zero3.json").read_text())
+    configs = {"zero1": {**z3, "zero_optimization": {"stage": 1}},
+               "zero3_fp32_accum": {**z3, "data_types": {"grad_accum_dtype": "fp32"}}}
+    for name, cfg in configs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+    two = {"per_device_batch_size": 2}  # both packs of a step in one micro-batch: no accumulation
+    runs = {"plain": {}, "plain_2_per_micro": two, "zero3": {"deepspeed": "env/ds_zero3.json"},
+            "zero1_2_per_micro": {"deepspeed": str(tmp_path / "zero1.json"), **two},
+            "zero1": {"deepspeed": str(tmp_path / "zero1.json")},
+            "zero3_fp32_accum": {"deepspeed": str(tmp_path / "zero3_fp32_accum.json")}}
+    for name, kw in runs.items():
+        train_sft(prof, dataclasses.replace(base, **kw), data=CONVS * 3, out_dir=tmp_path / name / "model")
+    got = {name: compare_losses(tmp_path / name, tmp_path / "plain", "bf16") for name in runs if name != "plain"}
+    got["zero1_2_per_micro_vs_zero3"] = compare_losses(tmp_path / "zero1_2_per_micro", tmp_path / "zero3", "bf16")
+    assert json.loads((tmp_path / "zero3" / "train_log.json").read_text())["accelerate"]["deepspeed"]["zero_stage"] == 3
+    _report(tmp_path, got, "bf16")
+    assert got["zero3"]["same"], got["zero3"]
 
 
 @pytest.mark.gpu
