@@ -171,9 +171,9 @@ def test_zero3_trains_what_the_plain_run_trains_on_cpu(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
-@pytest.mark.xfail(reason="2026-12-07: every DeepSpeed bf16 run of this test trained less in its first step than the "
-                   "plain run (37.7%), while the same settings in other processes came within 2.0%: the cause is not "
-                   "found (results/paper_rehearsal/README.md, 'On the CPU in bf16')", strict=False)
+@pytest.mark.xfail(reason="2026-12-07: on the CPU every run in DeepSpeed's bf16 mode (ZeRO-1 or 3, any accumulation) "
+                   "trained much less in its first step than the plain bf16 run (37.7%); the cause is not found "
+                   "(results/paper_rehearsal/README.md, 'On the CPU in bf16')", strict=False)
 def test_zero3_in_bf16_on_cpu(tmp_path, monkeypatch):
     """DeepSpeed's bf16 mode against the plain run's bf16 autocast on the CPU (``sft.bf16``), SFT as in the GPU
     comparison (3 steps of 2 packs of 256 tokens, lr 1e-4) on the smoke profile's model (SmolLM2, the rehearsal's):
