@@ -595,8 +595,8 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
 
     from .attention import pick_padded_attn
     from .models import load_tokenizer, resolve_model, run_model
-    from .training import (accelerate_setup, batch_plan, checkpointing_args, deepspeed_arch_list, deepspeed_config,
-                           fresh_accelerator_state, launcher_env, save_trained, step_timer, warmup_steps)
+    from .training import (accelerate_setup, batch_plan, checkpointing_args, deepspeed_config, prepare_run,
+                           save_trained, step_timer, warmup_steps)
 
     cfg = cfg or prof.section("dpo", DPOStageConfig)
     out_dir = Path(out_dir) if out_dir else dpo_dir(prof, seed) / "model"
@@ -619,9 +619,7 @@ def train_dpo(prof: Profile, cfg: DPOStageConfig | None = None, pairs: list[dict
     cuda = torch.cuda.is_available() and prof.device != "cpu"
     _, accumulation = batch_plan(cfg.batch_size, cfg.per_device_batch_size, "dpo")
     ds_cfg = deepspeed_config(cfg.deepspeed)
-    fresh_accelerator_state()  # this run's own DeepSpeed choice and world, not an earlier run's in this process
-    launcher_env(ds_cfg)  # DeepSpeed in a notebook: a world of one
-    deepspeed_arch_list(ds_cfg)  # (a Hopper image's "9.0a" breaks DeepSpeed's op builder)
+    prepare_run(ds_cfg)  # this run's own DeepSpeed and world, not an earlier run's in this process
     args = DPOConfig(
         output_dir=str(run / "checkpoints"), per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=accumulation, learning_rate=cfg.learning_rate,

@@ -77,9 +77,8 @@ from .progress import console_callback
 from .runs import (REPO_ROOT, JsonlStore, atomic_write_json, iter_jsonl, model_fingerprint, read_log_history,
                    training_finished, write_manifest)
 from .models import seed_tag, sft_folder
-from .training import (accelerate_setup, batch_plan, checkpointing_args, deepspeed_arch_list, deepspeed_config,
-                       finish_from_checkpoint, fresh_accelerator_state, holds_last_step, launcher_env, pick_liger,
-                       pick_loss, save_trained, step_timer, use_liger)
+from .training import (accelerate_setup, batch_plan, checkpointing_args, deepspeed_config, finish_from_checkpoint,
+                       holds_last_step, pick_liger, pick_loss, prepare_run, save_trained, step_timer, use_liger)
 from .text import count_words, truncate_words
 
 Messages = list[dict[str, str]]
@@ -591,9 +590,7 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
     attn = pick_attn(cfg.attn_implementation, device, cfg.torch_compile)
     world, accumulation = batch_plan(cfg.batch_size, cfg.per_device_batch_size, "sft")
     ds_cfg = deepspeed_config(cfg.deepspeed)
-    fresh_accelerator_state()  # this run's own DeepSpeed choice and world, not an earlier run's in this process
-    launcher_env(ds_cfg)  # DeepSpeed in a notebook: a world of one
-    deepspeed_arch_list(ds_cfg)  # (a Hopper image's "9.0a" breaks DeepSpeed's op builder)
+    prepare_run(ds_cfg)  # this run's own DeepSpeed and world, not an earlier run's in this process
     args = TrainingArguments(
         output_dir=str(run / "checkpoints"), per_device_train_batch_size=cfg.per_device_batch_size,
         gradient_accumulation_steps=accumulation, learning_rate=cfg.learning_rate,

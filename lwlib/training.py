@@ -4,7 +4,9 @@ which is :mod:`lwlib.train`.
 - :func:`batch_plan`: world size and gradient accumulation for a batch size over the launcher's ranks;
 - :func:`warmup_steps`: a warmup ratio as whole steps, rounded down (a tiny run's first step learns);
 - :func:`deepspeed_config`: a profile's DeepSpeed config path, resolved against the repository; :func:`launcher_env`:
-  the launcher's variables for DeepSpeed in a process started without one (a notebook on one GPU);
+  the launcher's variables for DeepSpeed in a process started without one (a notebook on one GPU); :func:`prepare_run`:
+  what every run does before its ``TrainingArguments`` (accelerate's state reset, those variables, DeepSpeed's
+  architecture list);
 - :func:`checkpointing_args`: ``TrainingArguments`` keywords for activation checkpointing under either
   transformers name;
 - :func:`pick_liger` and :func:`use_liger`: whether Liger-Kernel's Triton kernels run here (``sft.liger_kernel``),
@@ -170,6 +172,17 @@ def fresh_accelerator_state() -> None:
         if os.environ.get(k) == v:
             del os.environ[k]
     _LAUNCHER_SET.clear()
+
+
+def prepare_run(ds_cfg: str | None) -> None:
+    """What every training run does before it builds its ``TrainingArguments``, in the order it needs:
+    :func:`fresh_accelerator_state` (nothing of an earlier run in this process), :func:`launcher_env` (DeepSpeed in
+    a notebook: a world of one) and :func:`deepspeed_arch_list` (a Hopper image's ``9.0a``).
+
+    Usage: ``prepare_run(deepspeed_config(cfg.deepspeed))  # then TrainingArguments(...)``"""
+    fresh_accelerator_state()
+    launcher_env(ds_cfg)
+    deepspeed_arch_list(ds_cfg)
 
 
 def accelerate_setup(trainer) -> dict[str, Any]:

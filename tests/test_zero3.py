@@ -92,25 +92,35 @@ def test_a_run_after_a_deepspeed_run_leaves_its_world_of_one_behind(monkeypatch)
     fresh_accelerator_state()
 
 
+# the SFT runs of every comparison: 3 optimizer steps of 2 packs of 256 tokens (accumulation over 2 micro-steps)
+SFT_RUNS = SFTConfig(packing_length=256, batch_size=2, per_device_batch_size=1, learning_rate=1e-4, max_steps=3,
+                     warmup_ratio=0.0, general_data="none", gradient_checkpointing=True, liger_kernel=False, save_steps=0)
+
+
+def _model() -> str | None:
+    """``$LWLIB_ZERO3_MODEL``: another bundled model than the smoke profile's (gemma3-270m where SmolLM2 is not at
+    hand); None: the smoke profile's."""
+    return os.environ.get("LWLIB_ZERO3_MODEL")
+
+
+def _profile(tmp_path):
+    return load_profile("smoke", {"model": _model()} if _model() else None, run_root=tmp_path)
+
+
 def _zero3_against_plain(tmp_path, cuda: bool) -> dict[str, dict]:
     """SFT: three runs of 3 optimizer steps (2 packs each: accumulation over 2 micro-steps) on the same data and seed:
     plain, ZeRO-3, ZeRO-3 with parameters and optimizer offloaded to the CPU (the paper profile's SFT config). DPO:
     plain and ZeRO-3 (the paper profile's DPO config). Returns each ZeRO-3 run's :func:`compare_losses` against its
     plain run."""
     pytest.importorskip("deepspeed")
-    # $LWLIB_ZERO3_MODEL: another bundled model than the smoke profile's (gemma3-270m where SmolLM2 is not at hand)
-    model = os.environ.get("LWLIB_ZERO3_MODEL")
-    prof = load_profile("smoke", {"model": model} if model else None, run_root=tmp_path)
-    base = SFTConfig(packing_length=256, batch_size=2, per_device_batch_size=1, learning_rate=1e-4, max_steps=3,
-                     warmup_ratio=0.0, general_data="none", gradient_checkpointing=True, liger_kernel=False,
-                     save_steps=0)
+    prof = _profile(tmp_path)
     runs = {"plain": None, "zero3": "env/ds_zero3.json", "zero3_offload": "env/ds_zero3_offload.json"}
     for name, ds in runs.items():
-        train_sft(prof, dataclasses.replace(base, deepspeed=ds), data=CONVS * 3, out_dir=tmp_path / name / "model")
+        train_sft(prof, dataclasses.replace(SFT_RUNS, deepspeed=ds), data=CONVS * 3, out_dir=tmp_path / name / "model")
     # DPO from the base model: 3 steps of 2 pairs, the reference a frozen copy (plain) or TRL's sharded one (ZeRO-3);
     # a small learning rate keeps the loss away from 0, where a relative difference says nothing
     # (Gemma-3-270M base separates these pairs at once: 5e-6 took its loss to 0.002 by step 3 on the CPU; 3e-7: 0.54)
-    lr = {"gemma3-270m": 3e-7}.get(model, 5e-6)
+    lr = {"gemma3-270m": 3e-7}.get(_model(), 5e-6)
     dpo = DPOStageConfig(start_model="base", steps=3, batch_size=2, learning_rate=lr, warmup_ratio=0.0, beta=0.1,
                          max_length=1024, gradient_checkpointing=True)
     pairs = [{"prompt": [{"role": "user", "content": f"Write about the sea, part {k}."}],
@@ -148,7 +158,7 @@ def _report(tmp_path, got: dict[str, dict], precision: str) -> None:
         runs[d.name] = {"losses": [e["loss"] for e in log["log_history"] if "loss" in e],
                         "peak_memory": log.get("peak_memory"), "accelerate": log.get("accelerate"),
                         "mean_step_seconds": round(sum(steps[1:]) / max(len(steps) - 1, 1), 4) if steps else None}
-    out = {"precision": precision, "model": os.environ.get("LWLIB_ZERO3_MODEL") or "smollm2-135m-instruct",
+    out = {"precision": precision, "model": _model() or "smollm2-135m-instruct",
            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
            "torch": torch.__version__, "deepspeed": importlib.metadata.version("deepspeed"),
            "compare": {k: {x: v[x] for x in ("same", "max_rel_diff", "at_step", "rtol", "steps")} for k, v in got.items()},
@@ -181,15 +191,11 @@ def test_zero3_in_bf16_on_cpu(tmp_path, monkeypatch):
     bf16 runs that differ only in grouping (both packs of a step in one micro-batch), ZeRO-1 (DeepSpeed's bf16 mode
     without partitioning) with and without accumulation, and ZeRO-3 with its gradients accumulated in fp32
     (``data_types.grad_accum_dtype``), the setting one reaches for against bf16 accumulation."""
-    pytest.importorskip("deepspeed")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     if torch.cuda.is_available():
         pytest.skip("the CPU comparison runs where torch sees no GPU")
-    model = os.environ.get("LWLIB_ZERO3_MODEL")
-    prof = load_profile("smoke", {"model": model} if model else None, run_root=tmp_path)
-    base = SFTConfig(packing_length=256, batch_size=2, per_device_batch_size=1, learning_rate=1e-4, max_steps=3,
-                     warmup_ratio=0.0, general_data="none", gradient_checkpointing=True, liger_kernel=False,
-                     save_steps=0, bf16=True)
+    prof = _profile(tmp_path)
+    base = dataclasses.replace(SFT_RUNS, bf16=True)
     z3 = json.loads((Path(__file__).resolve().parents[1] / "env" / "ds_zero3.json").read_text())
     configs = {"zero1": {**z3, "zero_optimization": {"stage": 1}},
                "zero3_fp32_accum": {**z3, "data_types": {"grad_accum_dtype": "fp32"}}}
