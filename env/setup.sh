@@ -81,7 +81,9 @@ PYEOF
 fi
 export DS_BUILD_OPS=0  # deepspeed builds its CUDA ops lazily (JIT) instead of at install time
 if [ -n "$WHEELS" ]; then
-  "${pip[@]}" install -q "${src[@]}" --no-deps "${lock[@]}"
+  # --no-build-isolation: a source archive left in the folder (download_wheels.sh builds wheels where it can)
+  # builds with this venv's setuptools and torch; offline there is no index to fetch build requirements from
+  "${pip[@]}" install -q "${src[@]}" --no-deps --no-build-isolation "${lock[@]}"
 elif [ ${#lock[@]} -gt 0 ]; then
   "${pip[@]}" install -q "${lock[@]}"
 fi

@@ -321,13 +321,18 @@ def save_trained(trainer, result, model, tok, out_dir: str | Path, chat_template
     main process the model's config with the KV cache on again, the tokenizer padding on the left (for generation;
     given ``chat_template`` when it has none: a base model then generates in the format it was trained on) and
     ``train_log.json`` beside the folder: log history, metrics, global step and the ``log`` keywords.
-    ``result`` is what ``trainer.train()`` returned. Returns ``out_dir``."""
+    ``result`` is what ``trainer.train()`` returned. The run's ZeRO-3 flag in transformers ends with it: a model
+    loaded after the run in the same process (the notebook's kernel, a test) is whole, not partitioned for a
+    DeepSpeed engine that no longer exists. Returns ``out_dir``."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
     out_dir = Path(out_dir)
     trainer.save_model(str(out_dir))
     if trainer.is_world_process_zero():
         _write_generation_files(out_dir, model.config, tok, chat_template,
                                 {"log_history": trainer.state.log_history, "metrics": result.metrics,
                                  "global_step": result.global_step, **log})
+    unset_hf_deepspeed_config()  # (held while the Trainer's arguments live, which a caller may keep)
     return out_dir
 
 

@@ -17,6 +17,7 @@ import torch
 
 from lwlib.config import load_profile
 from lwlib.dpo import DPOStageConfig, train_dpo
+from lwlib.models import load_model
 from lwlib.sft import SFTConfig, train_sft
 from lwlib.training import LOSS_RTOL, compare_losses
 from test_sft import CONVS
@@ -103,8 +104,30 @@ def _model() -> str | None:
     return os.environ.get("LWLIB_ZERO3_MODEL")
 
 
-def _profile(tmp_path):
-    return load_profile("smoke", {"model": _model()} if _model() else None, run_root=tmp_path)
+def _profile(tmp_path, bf16_grid: bool = False):
+    """The smoke profile on the comparison's model; ``bf16_grid``: on a copy of it whose fp32 weights are rounded to
+    bf16 (:func:`_bf16_grid_copy`)."""
+    model = str(_bf16_grid_copy(tmp_path)) if bf16_grid else _model()
+    return load_profile("smoke", {"model": model} if model else None, run_root=tmp_path)
+
+
+def _bf16_grid_copy(tmp_path) -> Path:
+    """The comparison's model with every weight rounded to bf16 (kept in fp32), saved with its tokenizer: the start
+    of a bf16 comparison. DeepSpeed's bf16 mode casts the model to bf16 and builds its fp32 master weights from that,
+    so its master starts on the bf16 grid, and an update smaller than half a bf16 step leaves the weight the forward
+    sees where it was; a plain run from fp32 weights off the grid (the bundled models, dequantized from GGUF) rounds
+    them afresh in each forward, and its rounded weights move by the update on average. From the same grid both
+    lag alike, as from a checkpoint stored in bf16 (the paper's Llama-3.1-8B). Found 2026-12-07
+    (results/paper_rehearsal/README.md, "Why DeepSpeed's bf16 mode trained less")."""
+    out = tmp_path / "bf16_grid_model"
+    if not (out / "config.json").exists():
+        model, tok = load_model(_model() or "smollm2-135m-instruct", device="cpu", dtype="float32")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.to(torch.bfloat16).float())
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+    return out
 
 
 def _zero3_against_plain(tmp_path, cuda: bool) -> dict[str, dict]:
@@ -113,7 +136,7 @@ def _zero3_against_plain(tmp_path, cuda: bool) -> dict[str, dict]:
     plain and ZeRO-3 (the paper profile's DPO config). Returns each ZeRO-3 run's :func:`compare_losses` against its
     plain run."""
     pytest.importorskip("deepspeed")
-    prof = _profile(tmp_path)
+    prof = _profile(tmp_path, bf16_grid=cuda)  # in bf16 both runs start from the same bf16 weights
     runs = {"plain": None, "zero3": "env/ds_zero3.json", "zero3_offload": "env/ds_zero3_offload.json"}
     for name, ds in runs.items():
         train_sft(prof, dataclasses.replace(SFT_RUNS, deepspeed=ds), data=CONVS * 3, out_dir=tmp_path / name / "model")
@@ -128,6 +151,13 @@ def _zero3_against_plain(tmp_path, cuda: bool) -> dict[str, dict]:
               "rejected": [{"role": "assistant", "content": "Sea sea sea sea. " * (k + 2)}]} for k in range(6)]
     for name, ds in {"dpo_plain": None, "dpo_zero3": "env/ds_zero3.json"}.items():
         train_dpo(prof, dataclasses.replace(dpo, deepspeed=ds), pairs, out_dir=tmp_path / name / "model")
+    # a model loaded after the ZeRO-3 run in this process is whole (its ZeRO-3 flag ended with it: a later test's
+    # from_pretrained had made partitioned, empty embeddings, "Padding_idx must be within num_embeddings")
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    assert not is_deepspeed_zero3_enabled()
+    after, _ = load_model(tmp_path / "dpo_zero3" / "model", device="cpu", dtype="float32")
+    assert after.get_input_embeddings().weight.shape[0] > 0
     precision = "bf16" if cuda else "fp32"
     got = {name: compare_losses(tmp_path / name, tmp_path / "plain", precision) for name in runs if name != "plain"}
     got["dpo_zero3"] = compare_losses(tmp_path / "dpo_zero3", tmp_path / "dpo_plain", precision)
@@ -181,38 +211,28 @@ def test_zero3_trains_what_the_plain_run_trains_on_cpu(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
-@pytest.mark.xfail(reason="2026-12-07: on the CPU every run in DeepSpeed's bf16 mode (ZeRO-1 or 3, any accumulation) "
-                   "trained much less in its first step than the plain bf16 run (37.7%); the cause is not found "
-                   "(results/paper_rehearsal/README.md, 'On the CPU in bf16')", strict=False)
 def test_zero3_in_bf16_on_cpu(tmp_path, monkeypatch):
     """DeepSpeed's bf16 mode against the plain run's bf16 autocast on the CPU (``sft.bf16``), SFT as in the GPU
-    comparison (3 steps of 2 packs of 256 tokens, lr 1e-4) on the smoke profile's model (SmolLM2, the rehearsal's):
-    ZeRO-3 within the bf16 rule. Recorded beside it (``$LWLIB_ZERO3_REPORT``, not asserted): the floor of two plain
-    bf16 runs that differ only in grouping (both packs of a step in one micro-batch), ZeRO-1 (DeepSpeed's bf16 mode
-    without partitioning) with and without accumulation, and ZeRO-3 with its gradients accumulated in fp32
-    (``data_types.grad_accum_dtype``), the setting one reaches for against bf16 accumulation."""
+    comparison (3 steps of 2 packs of 256 tokens, lr 1e-4) on the smoke profile's model (SmolLM2, the rehearsal's),
+    from the same bf16 weights (:func:`_bf16_grid_copy`): ZeRO-3 within the bf16 rule. Beside it, from the model's
+    own fp32 weights (off the bf16 grid), the comparison that failed by 37.7% (2026-12-07): recorded, and asserted
+    to differ more than the one from the grid (the cause found)."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     if torch.cuda.is_available():
         pytest.skip("the CPU comparison runs where torch sees no GPU")
-    prof = _profile(tmp_path)
     base = dataclasses.replace(SFT_RUNS, bf16=True)
-    z3 = json.loads((Path(__file__).resolve().parents[1] / "env" / "ds_zero3.json").read_text())
-    configs = {"zero1": {**z3, "zero_optimization": {"stage": 1}},
-               "zero3_fp32_accum": {**z3, "data_types": {"grad_accum_dtype": "fp32"}}}
-    for name, cfg in configs.items():
-        (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
-    two = {"per_device_batch_size": 2}  # both packs of a step in one micro-batch: no accumulation
-    runs = {"plain": {}, "plain_2_per_micro": two, "zero3": {"deepspeed": "env/ds_zero3.json"},
-            "zero1_2_per_micro": {"deepspeed": str(tmp_path / "zero1.json"), **two},
-            "zero1": {"deepspeed": str(tmp_path / "zero1.json")},
-            "zero3_fp32_accum": {"deepspeed": str(tmp_path / "zero3_fp32_accum.json")}}
-    for name, kw in runs.items():
-        train_sft(prof, dataclasses.replace(base, **kw), data=CONVS * 3, out_dir=tmp_path / name / "model")
-    got = {name: compare_losses(tmp_path / name, tmp_path / "plain", "bf16") for name in runs if name != "plain"}
-    got["zero1_2_per_micro_vs_zero3"] = compare_losses(tmp_path / "zero1_2_per_micro", tmp_path / "zero3", "bf16")
-    assert json.loads((tmp_path / "zero3" / "train_log.json").read_text())["accelerate"]["deepspeed"]["zero_stage"] == 3
+    for grid in (True, False):
+        prof = _profile(tmp_path, bf16_grid=grid)
+        for name, ds in {"plain": None, "zero3": "env/ds_zero3.json"}.items():
+            train_sft(prof, dataclasses.replace(base, deepspeed=ds), data=CONVS * 3,
+                      out_dir=tmp_path / (f"{name}_grid" if grid else name) / "model")
+    got = {"zero3_grid": compare_losses(tmp_path / "zero3_grid", tmp_path / "plain_grid", "bf16"),
+           "zero3": compare_losses(tmp_path / "zero3", tmp_path / "plain", "bf16")}
+    assert json.loads((tmp_path / "zero3_grid" / "train_log.json").read_text())["accelerate"]["deepspeed"][
+        "zero_stage"] == 3
     _report(tmp_path, got, "bf16")
-    assert got["zero3"]["same"], got["zero3"]
+    assert got["zero3_grid"]["same"], got["zero3_grid"]
+    assert got["zero3"]["max_rel_diff"] > 3 * got["zero3_grid"]["max_rel_diff"], got
 
 
 @pytest.mark.gpu
