@@ -65,6 +65,46 @@ def test_deepspeed_arch_list_drops_the_suffixes_deepspeeds_op_builder_cannot_rea
     assert deepspeed_arch_list("env/ds_zero3.json") is None and "TORCH_CUDA_ARCH_LIST" not in os.environ
 
 
+def test_method_caches_are_emptied_so_what_they_saw_can_go():
+    """DeepSpeed 0.19.8's ``PartitionedParameterCoordinator.__params_to_release`` is a ``functools.lru_cache`` on a
+    method, inside its NVTX wrapper (which has no ``__wrapped__``): it kept every coordinator and submodule of every
+    ZeRO-3 engine, and through them the engine, for the life of the process. ``_clear_method_caches`` empties such
+    caches, wrapped or not; what they held can then be collected."""
+    import functools
+    import gc
+    import weakref
+
+    from lwlib.training import _clear_method_caches
+
+    def outer(f):  # like deepspeed.utils.nvtx.instrument_w_nvtx: no functools.wraps
+        def wrapped_fn(*a, **k):
+            return f(*a, **k)
+        return wrapped_fn
+
+    class Coordinator:
+        @outer
+        @functools.lru_cache(maxsize=None)
+        def wrapped(self, module):
+            return id(module)
+
+        @functools.lru_cache(maxsize=None)
+        def bare(self, module):
+            return id(module)
+
+    class Module:
+        pass
+
+    c, m = Coordinator(), Module()
+    c.wrapped(m), c.bare(m)
+    refs = [weakref.ref(c), weakref.ref(m)]
+    del c, m
+    gc.collect()
+    assert all(r() is not None for r in refs)  # the caches keep them
+    _clear_method_caches(Coordinator)
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
 def test_a_run_after_a_deepspeed_run_leaves_its_world_of_one_behind(monkeypatch):
     """launcher_env's variables for a DeepSpeed run in a notebook (a world of one) made a later plain run in the same
     process a distributed one (accelerate's MULTI_CPU; MULTI_GPU on a GPU: the CPU record of 2026-12-07): the next
@@ -156,6 +196,14 @@ def _zero3_against_plain(tmp_path, cuda: bool) -> dict[str, dict]:
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     assert not is_deepspeed_zero3_enabled()
+    # every DeepSpeed engine of these runs was let go (lwlib.training.release_deepspeed): ZeRO-3 had kept each one,
+    # its optimizer and offloaded weights alive for the life of the process (3.8 GB a run in the rehearsal's kernel)
+    import gc
+
+    from deepspeed import DeepSpeedEngine
+
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, DeepSpeedEngine)], "a DeepSpeed engine outlived its run"
     after, _ = load_model(tmp_path / "dpo_zero3" / "model", device="cpu", dtype="float32")
     assert after.get_input_embeddings().weight.shape[0] > 0
     precision = "bf16" if cuda else "fp32"
