@@ -70,6 +70,24 @@ def notebook_timing(run_dir: str | Path) -> dict[str, Any]:
     return {"notebooks": out, "passes": passes, "total_seconds": round(sum(done), 1) if done else None}
 
 
+def newest_manifest(run_dir: str | Path) -> dict[str, Any] | None:
+    """The stage manifest (``manifest.json`` at any depth of the run folder: a stage's, a training run's, a probe's)
+    written last by its own ``time_utc`` (file times break ties): the machine and code of the run's latest sitting.
+    File times alone mislead where a run folder was copied or unpacked (2026-12-07: a corpus built on a CPU and
+    carried to the GPU machine looked newer than the runs trained there). None if there is none.
+
+    Usage: ``newest_manifest("runs/gpu")["versions"]["gpu"]``"""
+    found = []
+    for p in Path(run_dir).glob("**/manifest.json"):
+        try:
+            m = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(m, dict):
+            found.append((str(m.get("time_utc") or ""), p.stat().st_mtime, m))
+    return max(found, key=lambda t: t[:2])[2] if found else None
+
+
 def export_results(run_dir: str | Path, dest: str | Path | None = None) -> Path:
     """Copy the small result files of the run folder ``run_dir`` to ``dest`` (default ``results/<its name>``), write
     ``timing.json`` (:func:`notebook_timing`) and ``environment.json`` (versions, git SHA, host and resolved profile
@@ -86,9 +104,8 @@ def export_results(run_dir: str | Path, dest: str | Path | None = None) -> Path:
             atomic_write_bytes(dest / rel, src.read_bytes())
             copied.append(str(rel))
     atomic_write_json(dest / "timing.json", notebook_timing(run))
-    manifests = sorted(run.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
-    if manifests:
-        m = json.loads(manifests[-1].read_text(encoding="utf-8"))
+    m = newest_manifest(run)
+    if m:
         atomic_write_json(dest / "environment.json", {k: m.get(k) for k in ("versions", "git_sha", "host", "time_utc")}
                           | {"profile": (m.get("config") or {}).get("profile")})
     atomic_write_json(dest / "files.json", {"run_dir": str(run), "files": copied})

@@ -29,3 +29,27 @@ def test_timing_keeps_every_pass_of_a_notebook_run_over_sittings(tmp_path):
     (run / "timing_passes.json").write_text("{}")
     with pytest.raises(ValueError, match="timing_passes.json: not a list of notebook passes"):
         notebook_timing(run)
+
+
+def test_environment_comes_from_the_manifest_written_last_by_its_own_time_at_any_depth(tmp_path):
+    """A corpus built on a CPU and unpacked on the GPU machine after the runs had their files copied: its file is
+    the newest, its time_utc the oldest; environment.json names the GPU sitting's probe (two folders deep)."""
+    import os
+
+    from lwlib.results import newest_manifest
+
+    run = tmp_path / "gpu"
+    probe = {"versions": {"gpu": "NVIDIA H100 80GB HBM3"}, "git_sha": "f623743", "host": "vm",
+             "time_utc": "2026-12-07T08:41:29Z", "config": {"profile": {"name": "gpu"}}}
+    corpus = {"versions": {"gpu": None}, "git_sha": "cfabefa", "host": "cpu", "time_utc": "2026-12-07T05:53:00Z"}
+    for rel, m in (("probe/cap4000/paper/manifest.json", probe), ("corpus/manifest.json", corpus)):
+        (run / rel).parent.mkdir(parents=True)
+        (run / rel).write_text(json.dumps(m))
+    os.utime(run / "probe/cap4000/paper/manifest.json", (1, 1))  # copied: the file times say nothing
+    (run / "sft").mkdir()
+    (run / "sft" / "manifest.json").write_text("not json")  # skipped, not fatal
+    assert newest_manifest(run)["git_sha"] == "f623743"
+    env = json.loads((export_results(run, tmp_path / "out") / "environment.json").read_text())
+    assert env == {"versions": {"gpu": "NVIDIA H100 80GB HBM3"}, "git_sha": "f623743", "host": "vm",
+                   "time_utc": "2026-12-07T08:41:29Z", "profile": {"name": "gpu"}}
+    assert newest_manifest(tmp_path / "nothing") is None
