@@ -354,9 +354,9 @@ def release_deepspeed(trainer) -> int:
     alive for the life of the process (DeepSpeed 0.19.8; ``engine.destroy()`` alone frees neither): each ZeRO-3
     offload run of SmolLM2-135M left 3.8 GB behind in the notebook's kernel (the rehearsal's main run and two caps:
     6.8, 10.6, 14.4 GB, H100, 2026-12-07; on the CPU the same 3.8 GB a run); ``lwlib.train sft --caps`` trains five
-    runs in one process per rank. Nothing happens without DeepSpeed. :func:`save_trained` calls it; the memory is returned once the
-    caller drops the Trainer (:func:`fresh_accelerator_state`, at the next run's start, collects it). Returns the
-    number of engines released.
+    runs in one process per rank. Nothing happens without DeepSpeed. :func:`save_trained` calls it; the memory is
+    returned once the caller drops the Trainer (:func:`fresh_accelerator_state`, at the next run's start, collects
+    it). Returns the number of engines released.
 
     Usage: ``release_deepspeed(trainer)  # after the model is saved``"""
     if not getattr(trainer, "is_deepspeed_enabled", False):
