@@ -71,21 +71,16 @@ def notebook_timing(run_dir: str | Path) -> dict[str, Any]:
 
 
 def newest_manifest(run_dir: str | Path) -> dict[str, Any] | None:
-    """The stage manifest (``manifest.json`` at any depth of the run folder: a stage's, a training run's, a probe's)
-    written last by its own ``time_utc`` (file times break ties): the machine and code of the run's latest sitting.
-    File times alone mislead where a run folder was copied or unpacked (2026-12-07: a corpus built on a CPU and
-    carried to the GPU machine looked newer than the runs trained there). None if there is none.
+    """The stage manifest written last by its own ``time_utc``, at any depth of the run folder (a stage's, a training
+    run's, a probe's: :func:`lwlib.report.collect_manifests`): the machine and code of the run's latest sitting. File
+    times mislead where a run folder was copied or unpacked (2026-12-07: a corpus built on a CPU and carried to the
+    GPU machine looked newer than the runs trained there). None if there is none.
 
     Usage: ``newest_manifest("runs/gpu")["versions"]["gpu"]``"""
-    found = []
-    for p in Path(run_dir).glob("**/manifest.json"):
-        try:
-            m = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(m, dict):
-            found.append((str(m.get("time_utc") or ""), p.stat().st_mtime, m))
-    return max(found, key=lambda t: t[:2])[2] if found else None
+    from .report import collect_manifests
+
+    found = collect_manifests(Path(run_dir))
+    return found[-1] if found else None
 
 
 def export_results(run_dir: str | Path, dest: str | Path | None = None) -> Path:
