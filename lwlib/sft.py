@@ -131,6 +131,10 @@ class SFTConfig:
         seeds: every run of notebook 03 (main, arms, caps) is trained this many times: run ``k`` uses the
             profile's seed + k for its data order and trainer, on the same data; tags of ``k >= 1`` end in
             ``-s<k>`` (:func:`seed_tag`).
+        rebuild: tags of runs trained and probed in an earlier sitting whose checkpoints a later notebook of this
+            sitting loads (DPO's start models, NLL's models; a session does not keep its checkpoints): notebook 03
+            trains them again (same data, seed and steps; their probes are not redone) and compares the new loss
+            curve with the recorded one (:func:`rebuild_run`). Default none.
         general_passages_cut: the corpus passages (notebook 02) cut at this many words join the general data, as
             the short writing answers of a general SFT mix (null = none).
         long_min_words: only long-output examples of at least this many output words enter the main mix (null =
@@ -210,6 +214,7 @@ class SFTConfig:
     cap_max_steps: int = -1
     runs: list[str] = field(default_factory=lambda: ["main", "arm", "cap", "uncapped"])
     seeds: int = 1
+    rebuild: list[str] = field(default_factory=list)
     general_passages_cut: int | None = None
     long_min_words: int | None = None
     long_per_general: float | None = None
@@ -250,6 +255,8 @@ class SFTConfig:
             raise ValueError(f"sft.runs must be a non-empty subset of [main, arm, cap, uncapped], got {self.runs!r}")
         if not isinstance(self.seeds, int) or self.seeds < 1:
             raise ValueError(f"sft.seeds must be an integer >= 1, got {self.seeds!r}")
+        if not isinstance(self.rebuild, list) or not all(isinstance(t, str) for t in self.rebuild):
+            raise ValueError(f"sft.rebuild must be a list of run tags, got {self.rebuild!r}")
         for name in ("general_passages_cut", "long_min_words"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -740,6 +747,50 @@ def sft_runs(cfg: SFTConfig, every: bool = False) -> list[SFTRun]:
 def train_run(prof: Profile, run: SFTRun) -> Path:
     """Train one :class:`SFTRun` into its folder (:func:`lwlib.models.sft_folder`); a finished one is reused."""
     return train_sft(prof, run.cfg, out_dir=sft_folder(prof.run_dir, run.tag), seed=run.seed)
+
+
+def rebuild_tags(cfg: SFTConfig) -> set[str]:
+    """``sft.rebuild`` checked against the profile's runs (:func:`sft_runs`): a tag no run has is an error naming it."""
+    known = [r.tag for r in sft_runs(cfg, every=True)]
+    unknown = [t for t in cfg.rebuild if t not in known]
+    if unknown:
+        raise ValueError(f"sft.rebuild names {unknown}, which are not runs of this profile (its runs: {known})")
+    return set(cfg.rebuild)
+
+
+def rebuild_run(prof: Profile, run: SFTRun, rel_tol: float = 0.01) -> Path:
+    """Train ``run`` again where an earlier sitting trained and probed it but its checkpoint is gone (its
+    ``train_log.json`` came back, its weights did not): the same data, seed and steps. The recorded log is kept as
+    ``train_log.recorded.json``; ``rebuild.json`` beside it compares the two loss curves step by step (the largest
+    relative difference, and whether it is within ``rel_tol``: GPU kernels need not be bitwise deterministic, and a
+    later sitting may run on another card). The probes stay those of the first training. Returns the checkpoint
+    folder; a run whose checkpoint exists is returned as it is.
+
+    Usage: ``folder = rebuild_run(prof, run)  # e.g. DPO's start model sft-s1 in a later sitting``
+    """
+    folder = sft_folder(prof.run_dir, run.tag)
+    if training_finished(folder):
+        return folder
+    log, kept = folder.parent / "train_log.json", folder.parent / "train_log.recorded.json"
+    if not kept.exists():
+        if not log.exists():
+            raise FileNotFoundError(f"{log} does not exist: {run.tag} was never trained here; notebook 03 trains it "
+                                    "(sft.runs), rebuild only trains again what an earlier sitting trained")
+        kept.write_bytes(log.read_bytes())
+    train_run(prof, run)
+    before, after = ([float(e["loss"]) for e in json.loads(p.read_text())["log_history"] if "loss" in e]
+                     for p in (kept, log))
+    if len(before) != len(after) or not before:
+        raise RuntimeError(f"rebuild of {run.tag}: {len(after)} logged losses against {len(before)} recorded "
+                           f"({kept}): not the same run")
+    rel = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(after, before))
+    atomic_write_json(folder.parent / "rebuild.json", {
+        "tag": run.tag, "steps": len(after), "max_rel_loss_difference": rel, "rel_tol": rel_tol,
+        "within_tol": rel <= rel_tol, "first_loss": [before[0], after[0]], "last_loss": [before[-1], after[-1]]})
+    if rel > rel_tol:
+        warnings.warn(f"rebuild of {run.tag}: the loss curve differs from the recorded one by up to {rel:.2%} "
+                      f"(tolerance {rel_tol:.0%}; {folder.parent / 'rebuild.json'})", stacklevel=2)
+    return folder
 
 
 def data_stats(folder: str | Path) -> dict[str, Any]:

@@ -654,6 +654,36 @@ def _write_agentwrite_output(run_root: Path, sizes=(2, 5, 9)) -> Path:
     return path
 
 
+def test_rebuild_trains_again_a_run_whose_checkpoint_is_gone_and_compares_the_losses(tmp_path):
+    """A later sitting needs the checkpoint of a run an earlier one trained and probed (DPO's start model): rebuild
+    trains it again from the same data and seed, keeps the recorded log and compares the loss curves (equal on a
+    CPU); a run never trained, or a recorded log of another run, is refused."""
+    from lwlib.sft import SFTRun, rebuild_run, train_run
+
+    _write_agentwrite_output(tmp_path, sizes=(1, 2))
+    prof = load_profile("smoke", run_root=tmp_path)
+    cfg = SFTConfig(data_path="agentwrite", general_data="none", packing_length=256, batch_size=1,
+                    per_device_batch_size=1, learning_rate=1e-4, max_steps=2, warmup_ratio=0.0, liger_kernel=False)
+    run = SFTRun("cap200", "cap", 0, cfg, "test")
+    with pytest.raises(FileNotFoundError, match="never trained"):
+        rebuild_run(prof, run)
+    folder = train_run(prof, run)
+    recorded = (folder.parent / "train_log.json").read_bytes()
+    shutil.rmtree(folder)  # (a session does not keep its checkpoints)
+    assert rebuild_run(prof, run) == folder and (folder / "config.json").exists()
+    assert (folder.parent / "train_log.recorded.json").read_bytes() == recorded
+    report = json.loads((folder.parent / "rebuild.json").read_text())
+    assert report["steps"] == 2 and report["within_tol"] and report["max_rel_loss_difference"] < 1e-6
+    mtime = (folder / "model.safetensors").stat().st_mtime
+    assert rebuild_run(prof, run) == folder and (folder / "model.safetensors").stat().st_mtime == mtime  # kept
+    shutil.rmtree(folder)
+    other = json.loads(recorded)
+    other["log_history"] = [h for h in other["log_history"] if "loss" in h][:1]
+    (folder.parent / "train_log.recorded.json").write_text(json.dumps(other))
+    with pytest.raises(RuntimeError, match="2 logged losses against 1 recorded"):
+        rebuild_run(prof, run)
+
+
 @pytest.mark.parametrize("seeds", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_notebook_03_smoke(tmp_path, seeds):
     """Notebook 03 end to end: the main run, the general-only arm and two caps, probed under both decodings, the
@@ -661,12 +691,13 @@ def test_notebook_03_smoke(tmp_path, seeds):
     from nbutil import execute_notebook
 
     _write_agentwrite_output(tmp_path / "runs", sizes=(1, 2, 5))
-    out = execute_notebook("03_sft.ipynb", tmp_path, overrides={
+    overrides = {
         "probe.lengths": [1000], "probe.max_new_tokens": 16, "sft.data_path": "agentwrite", "sft.general_per_long": 0.7,
         "sft.general_max": 3, "sft.arms": {"general": "none"}, "sft.self_distill_max_new_tokens": 128,
         "sft.general_passages_cut": None, "sft.long_min_words": None, "sft.long_per_general": None,
         "sft.cap_mode": "drop", "sft.cap_uncapped": False, "sft.cap_general": True, "sft.seeds": seeds,
-        "sft.packing_length": 512, "sft.max_steps": 2, "sft.caps": [50, 200], "sft.cap_max_steps": 1})
+        "sft.packing_length": 512, "sft.max_steps": 2, "sft.caps": [50, 200], "sft.cap_max_steps": 1}
+    out = execute_notebook("03_sft.ipynb", tmp_path, overrides=overrides)
     run = tmp_path / "runs" / "smoke"
     metrics = json.loads((run / "sft" / "metrics.json").read_text())
     assert metrics["mix"]["long_examples"] == 3 and metrics["mix"]["general_source"] == "self-distill"
@@ -700,6 +731,14 @@ def test_notebook_03_smoke(tmp_path, seeds):
     assert "Table (b), the SFT arms" in text and "Table (a), the controlled experiment" in text
     assert text.count("image/png") >= 6  # every figure shown, sft_loss_all.png included
     assert "Setting accelerator to CPU" not in text  # DeepSpeed's warning on a CPU (lwlib.training)
+    if seeds == 2:  # a later sitting: seed 1's main run again for DPO (sft.rebuild), its probes read back as they are
+        shutil.rmtree(run / "sft" / "s1" / "model")
+        probes = run / "probe" / "sft-s1" / "loopfree" / "generations.jsonl"
+        mtime = probes.stat().st_mtime
+        execute_notebook("03_sft.ipynb", tmp_path, overrides={**overrides, "sft.rebuild": ["sft-s1"]})
+        assert (run / "sft" / "s1" / "model" / "config.json").exists() and probes.stat().st_mtime == mtime
+        assert json.loads((run / "sft" / "s1" / "rebuild.json").read_text())["within_tol"]
+        assert not (run / "sft" / "cap50" / "rebuild.json").exists()  # only what was named
 
 
 def test_train_cli_parses_overrides():
