@@ -758,6 +758,16 @@ def rebuild_tags(cfg: SFTConfig) -> set[str]:
     return set(cfg.rebuild)
 
 
+def loss_curve_difference(recorded: list[float], new: list[float], what: str = "loss curves") -> float:
+    """The largest relative difference ``|new - recorded| / |recorded|`` over the steps of two loss curves of one
+    run; curves of different lengths (or empty) are not the same run: ``RuntimeError`` naming ``what``.
+
+    Usage: ``loss_curve_difference([2.0, 1.5], [2.0, 1.53]) == 0.02``"""
+    if len(recorded) != len(new) or not recorded:
+        raise RuntimeError(f"{what}: {len(new)} logged losses against {len(recorded)} recorded: not the same run")
+    return max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(new, recorded))
+
+
 def rebuild_run(prof: Profile, run: SFTRun, rel_tol: float = 0.01) -> Path:
     """Train ``run`` again where an earlier sitting trained and probed it but its checkpoint is gone (its
     ``train_log.json`` came back, its weights did not): the same data, seed and steps. The recorded log is kept as
@@ -780,10 +790,7 @@ def rebuild_run(prof: Profile, run: SFTRun, rel_tol: float = 0.01) -> Path:
     train_run(prof, run)
     before, after = ([float(e["loss"]) for e in json.loads(p.read_text())["log_history"] if "loss" in e]
                      for p in (kept, log))
-    if len(before) != len(after) or not before:
-        raise RuntimeError(f"rebuild of {run.tag}: {len(after)} logged losses against {len(before)} recorded "
-                           f"({kept}): not the same run")
-    rel = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(after, before))
+    rel = loss_curve_difference(before, after, f"rebuild of {run.tag} ({kept})")
     atomic_write_json(folder.parent / "rebuild.json", {
         "tag": run.tag, "steps": len(after), "max_rel_loss_difference": rel, "rel_tol": rel_tol,
         "within_tol": rel <= rel_tol, "first_loss": [before[0], after[0]], "last_loss": [before[-1], after[-1]]})
