@@ -30,11 +30,20 @@ untied input embedding is only gathered); ``kv floor`` the KV part alone. ``capt
 8 ruler prompts, slots (and transformers' continuous batching) vs plain ``generate`` in fp32 (and bf16 on CUDA,
 with CUDA graphs vs eager steps). The results file is rewritten after every row, so a run cut short keeps its rows.
 
+Diagnostics of the decode-B workloads (after their rows): ``--breakdown`` times the parts of one step alone (the
+captured forward, the same step eagerly, the draw over the ``[B, vocab]`` logits, the loop-free penalty) and, on
+CUDA, profiles the kernels of graph steps by group (:func:`step_breakdown`); ``--attention-sweep`` runs the Triton
+decoding attention of one global layer at that shape over split, block, warps and stages against a plain copy's
+rate (:func:`attention_sweep`); ``--rerun-best`` then decodes the workload again with the fastest setting.
+
 Usage::
 
     python benchmarks/generation.py                 # GPU: all rows (~3 minutes), table last
     python benchmarks/generation.py --transformers-cb   # ... and transformers' continuous batching (H200: > 20 min)
     python benchmarks/generation.py --tiny          # CPU smoke test (< 1 minute), tiny sizes
+    python benchmarks/generation.py --model gemma3-270m --random-init --tokenizer TOKENIZER_FOLDER --workloads decode \
+        --decode-batches 192 --decode-context 16384 --generate-tokens 0 --check-prompts 0 \
+        --breakdown --attention-sweep --rerun-best      # where a step's time goes, and the attention kernel tuned
     python benchmarks/generation.py --model gemma3-270m --random-init --workloads decode --decode-batches 192 \
         --decode-context 16384 --generate-batch 16      # Gemma 3's hybrid attention at 16k (weights not needed)
 """
@@ -42,8 +51,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import random
 import time
@@ -55,6 +66,7 @@ import torch
 from lwlib.backends import Generation, GenParams, LocalBackend
 from lwlib.data import load_longbench_write, load_ruler
 from lwlib.decoding import H200_COPY_BANDWIDTH, layer_kv_bytes
+from lwlib.families import text_config
 from lwlib.models import load_model, load_tokenizer, resolve_model
 from lwlib.progress import tqdm
 from lwlib.runs import atomic_write_json
@@ -164,6 +176,172 @@ def random_model(name: str, device: str, dtype: str, tokenizer: str | None = Non
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=pick_dtype(dtype, dev), attn_implementation="sdpa").to(dev)
     return model.eval(), load_tokenizer(tokenizer or name)
+
+
+def ms_per_call(fn, n: int, device: torch.device) -> float:
+    """Mean milliseconds of ``fn()`` over ``n`` calls after two untimed ones (CUDA events on CUDA)."""
+    for _ in range(2):
+        fn()
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) * 1000 / n
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / n
+
+
+# kernel name fragments -> the part of a decoding step they do (the first group that matches)
+KERNEL_GROUPS = (("attention (lwlib Triton)", ("_split_kernel", "_merge_kernel")),
+                 ("attention (other)", ("flash", "fmha", "attention", "sdpa")),
+                 ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "gemv", "sgemm")),
+                 ("Liger (RMSNorm, GeGLU/SwiGLU, RoPE)", ("rms_norm", "geglu", "swiglu", "rope")),
+                 ("softmax, draw, argmax", ("softmax", "multinomial", "exponential", "argmax", "distribution",
+                                            "philox", "curand")),
+                 ("copies", ("memcpy", "memset", "copy")))
+
+
+def kernel_group(name: str) -> str:
+    """Which part of a decoding step the CUDA kernel ``name`` does (:data:`KERNEL_GROUPS`; else "other")."""
+    low = name.lower()
+    return next((g for g, keys in KERNEL_GROUPS if any(k in low for k in keys)), "other")
+
+
+def kernel_profile(fn, n: int, top: int = 15) -> dict:
+    """The CUDA kernels of ``n`` calls of ``fn()`` (torch.profiler; kernels inside CUDA-graph replays included):
+    microseconds per call by group (:func:`kernel_group`) and the ``top`` kernels, and the GPU-busy time per call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+    per: dict[str, list] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            d = per.setdefault(ev.name, [0.0, 0])
+            d[0] += ev.time_range.elapsed_us()
+            d[1] += 1
+    groups: dict[str, float] = {}
+    for name, (us, _) in per.items():
+        groups[kernel_group(name)] = groups.get(kernel_group(name), 0.0) + us / n
+    ranked = sorted(per.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"calls": n, "gpu_busy_us": round(sum(us for us, _ in per.values()) / n, 1),
+            "groups_us": {g: round(v, 1) for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},
+            "top": [{"kernel": name[:120], "group": kernel_group(name), "us": round(us / n, 1),
+                     "launches": round(c / n, 2)} for name, (us, c) in ranked]}
+
+
+def step_breakdown(be: LocalBackend, b: int, context: int, n: int = 20) -> dict:
+    """Where one slots-engine decoding step goes at ``b`` rows of ``context`` cached tokens: milliseconds of the
+    forward (a CUDA-graph replay, and the same step eagerly), of the draw at temperature 0.5 over the ``[b, vocab]``
+    fp32 logits, and of the loop-free decoding's penalty (1.15 over each row's last 512 tokens), each timed alone;
+    on CUDA the kernels of ``n`` graph steps with their draws (:func:`kernel_profile`). Uses the engine's cache as
+    its last call left it (the values do not change the speed); call it after a row at ``b`` and ``context``.
+
+    Usage: ``step_breakdown(be, 192, 16384)``
+    """
+    from lwlib.decoding import pick_bucket
+    from lwlib.sampling import GenerationPenalty, sample_next
+
+    eng = be.slot_engine
+    slots, length = eng._pool
+    if b > slots or context >= length:
+        raise ValueError(f"step_breakdown: {b} rows of {context} tokens do not fit the cache ({slots} x {length})")
+    dev = eng.device
+    bucket = pick_bucket([c for c in eng.cache_buckets if c < length] + [length], context + 1)
+    out: dict = {"rows": b, "context": context, "cache_bucket": bucket, "attention": eng.attention,
+                 "fused": eng.fused}
+    with torch.no_grad():
+        eng._lens[:b].fill_(context)
+        eng._last[:b].fill_(eng.pad_id)
+        logits = eng._decode(b, bucket)
+        vocab = logits.shape[-1]
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(0)
+        hist = torch.randint(0, vocab, (b, 1024), generator=gen, device=dev)
+        counts = torch.full((b,), 1024, device=dev)
+        pen = GenerationPenalty(1.15, window=512, end_ids=eng.end_ids)
+        parts = {"forward": lambda: eng._decode(b, bucket), "forward_eager": lambda: eng._decode_eager(b, bucket),
+                 "draw": lambda: sample_next(logits, 0.5, 1.0, gen), "penalty": lambda: pen.apply(logits, hist, counts)}
+        out["ms"] = {k: round(ms_per_call(f, n, dev), 3) for k, f in parts.items()}
+        out["logits"] = [b, vocab, str(logits.dtype)]
+        if dev.type == "cuda":
+            out["kernels"] = kernel_profile(lambda: sample_next(eng._decode(b, bucket), 0.5, 1.0, gen), n)
+        eng._lens[:b].zero_()
+    return out
+
+
+SWEEP = [(split, block, warps, stages) for split in (256, 512, 1024) for block in (32, 64)
+         for warps in (4, 8) for stages in (2, 3)]
+
+
+def attention_sweep(b: int, context: int, config, dtype: torch.dtype, device: torch.device, bandwidth: float,
+                    grid=SWEEP, n: int = 20) -> list[dict]:
+    """lwlib's Triton decoding attention at ``b`` rows of ``context`` cached tokens in one global layer of the
+    model (``config``'s heads), at its defaults and at each ``(split, block, num_warps, num_stages)`` of ``grid``:
+    milliseconds, the K and V bytes read per call over the time (GB/s), and ``x floor`` at ``bandwidth``; first a
+    plain copy of the cache's K as the machine's own read-and-write rate. A setting that fails is a row with its error."""
+    from lwlib.decode_attention import decode_attention
+
+    heads = config.num_attention_heads
+    kvh = getattr(config, "num_key_value_heads", None) or heads
+    d = getattr(config, "head_dim", None) or config.hidden_size // heads
+    gen = torch.Generator(device=device)
+    gen.manual_seed(0)
+    q = torch.randn(b, heads, d, generator=gen, device=device).to(dtype)
+    k, v = (torch.randn(b, kvh, context + 1, d, generator=gen, device=device).to(dtype) for _ in range(2))
+    lens = torch.full((b,), context, device=device)
+    read = 2 * k.numel() * k.element_size()
+    copy_ms = ms_per_call(functools.partial(torch.Tensor.copy_, torch.empty_like(k), k), n, device)
+    rows = [{"setting": "copy of K (read + write)", "ms": round(copy_ms, 4),
+             "GB_per_s": round(2 * k.numel() * k.element_size() / copy_ms / 1e6, 1)}]
+    for split, block, warps, stages in [(256, None, None, None)] + list(grid):
+        row = {"split": split, "block": block, "num_warps": warps, "num_stages": stages}
+        try:
+            ms = ms_per_call(lambda: decode_attention(q, k, v, lens, d ** -0.5, split=split, block=block,
+                                                      num_warps=warps, num_stages=stages), n, device)
+            row.update(ms=round(ms, 4), GB_per_s=round(read / ms / 1e6, 1), x_floor=round(ms / (read / bandwidth * 1e3), 2))
+        except Exception as e:  # noqa: BLE001 - a setting the GPU cannot run (shared memory): its row says why
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+@contextlib.contextmanager
+def tuned_attention(tuning: dict):
+    """lwlib's decoding attention with ``tuning`` (``split``, ``block``, ``num_warps``, ``num_stages``) for every
+    call inside (the slots engine looks the function up at each call; graphs captured before keep their kernels)."""
+    import lwlib.decode_attention as da
+
+    orig = da.decode_attention
+    da.decode_attention = functools.partial(orig, **{k: tuning[k] for k in ("split", "block", "num_warps", "num_stages")})
+    try:
+        yield
+    finally:
+        da.decode_attention = orig
+
+
+def rerun_tuned(be: LocalBackend, wl: Workload, settings: list[dict], kvb: int, bandwidth: float, wbytes: int) -> dict:
+    """The slots row of ``wl`` again with the fastest setting of an :func:`attention_sweep` (its graphs captured
+    anew), as a row whose ``tuning`` names the setting."""
+    best = min((r for r in settings if "split" in r and "ms" in r), key=lambda r: r["ms"])
+    tuning = {k: best[k] for k in ("split", "block", "num_warps", "num_stages")}
+    be.slot_engine._graphs.clear()
+    with tuned_attention(tuning):
+        row = run_row(be, wl, wl.limits, kvb, bandwidth, be.slot_engine._pool[0], wbytes)
+    be.slot_engine._graphs.clear()
+    row.update(capped=False, tuning=tuning)
+    return row
 
 
 def run_row(be: LocalBackend, wl: Workload, limits: list[int], kvb: int, bandwidth: float, batch: int,
@@ -346,7 +524,7 @@ def run(args, out: Path | None = None) -> dict:
         return engines[kind]
 
     first = engine(kinds[0])
-    rows = []
+    rows, breakdowns, sweeps = [], [], []
     device = torch.cuda.get_device_name(0) if cuda else "cpu"
     out = out or RESULTS / ("generation_engines_" + ("tiny" if args.tiny else device.split()[-1].lower()) + ".json")
 
@@ -356,7 +534,8 @@ def run(args, out: Path | None = None) -> dict:
                 "bandwidth_B_per_s": args.bandwidth, "generate_mode": args.generate_mode,
                 "segment_tokens": args.segment_tokens, "max_batch": args.max_batch, "tiny": args.tiny,
                 "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                "greedy_check": check, "rows": rows, "total_s": round(time.perf_counter() - t_start, 1),
+                "greedy_check": check, "rows": rows, "breakdowns": breakdowns, "attention_sweeps": sweeps,
+                "total_s": round(time.perf_counter() - t_start, 1),
                 "out": str(out)}
     for wl in workloads(args, tok):
         longest = max(len(first.encode(p)) + m for p, m in zip(wl.prompts, wl.limits))
@@ -376,6 +555,32 @@ def run(args, out: Path | None = None) -> dict:
             row["capped"] = limits is capped
             rows.append(row)
             print(json.dumps(row), flush=True)
+            atomic_write_json(out, result([]))
+        if wl.name.startswith("decode-") and (args.breakdown or args.attention_sweep):
+            context = round(sum(len(first.encode(p)) for p in wl.prompts) / len(wl.prompts))
+            if args.breakdown:  # the engine of the first kind, as its row left it
+                breakdowns.append({"workload": wl.name, **step_breakdown(first, len(wl.prompts), context,
+                                                                         args.breakdown_steps)})
+                print(json.dumps(breakdowns[-1]), flush=True)
+            if args.attention_sweep:
+                from lwlib.decode_attention import available
+
+                if available(model.device):
+                    grid = [(256, 16, None, None)] if args.tiny else SWEEP
+                    sweeps.append({"workload": wl.name, "rows": len(wl.prompts), "context": context,
+                                   "settings": attention_sweep(len(wl.prompts), context, text_config(model.config),
+                                                               model.dtype, model.device, args.bandwidth, grid,
+                                                               args.breakdown_steps)})
+                    if args.rerun_best:
+                        rows.append(rerun_tuned(first, wl, sweeps[-1]["settings"], kvb, args.bandwidth, wbytes))
+                        print(json.dumps(rows[-1]), flush=True)
+                        if args.breakdown:
+                            with tuned_attention(rows[-1]["tuning"]):
+                                breakdowns.append({"workload": wl.name, "tuning": rows[-1]["tuning"],
+                                                   **step_breakdown(first, len(wl.prompts), context,
+                                                                    args.breakdown_steps)})
+                            first.slot_engine._graphs.clear()
+                            print(json.dumps(breakdowns[-1]), flush=True)
             atomic_write_json(out, result([]))
         if args.transformers_cb:  # on the unpatched model, at the workload's real limits
             row = run_cb_row(LocalBackend(model, tok, name=args.model), wl, wl.limits, args.cb_kv_tokens,
@@ -471,6 +676,16 @@ def main(argv: list[str] | None = None) -> dict:
                     help="transformers CB: paged KV cache size in tokens (default: transformers sizes it from free memory)")
     ap.add_argument("--cb-compile-level", type=int, default=0,
                     help="transformers CB: default_compile_level (0: CUDA graphs only; 1-3: torch.compile, minutes)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="after each decode-B row: where a step's time goes (step_breakdown: forward, draw, penalty, "
+                         "and on CUDA the kernels by group)")
+    ap.add_argument("--attention-sweep", action="store_true",
+                    help="after each decode-B row: the Triton decoding attention of one global layer at that shape, at "
+                         "its defaults and over SWEEP's (split, block, num_warps, num_stages)")
+    ap.add_argument("--rerun-best", action="store_true",
+                    help="with --attention-sweep: the decode-B row again with the sweep's fastest setting (and its "
+                         "breakdown with --breakdown)")
+    ap.add_argument("--breakdown-steps", type=int, default=20, help="timed calls per part (--breakdown, --attention-sweep)")
     ap.add_argument("--segment-tokens", type=int, default=32)
     ap.add_argument("--bandwidth", type=float, default=H200_COPY_BANDWIDTH)
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/generation_engines_<device>.json)")

@@ -180,13 +180,16 @@ def _kernels() -> tuple[Any, Any]:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, scale: float,
-                     length: int | None = None, split: int = SPLIT) -> torch.Tensor:
+                     length: int | None = None, split: int = SPLIT, block: int | None = None,
+                     num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """Attention of one query token per row over its slot's first ``lens[b] + 1`` cached columns.
 
     ``q`` ``[B, H, d]``; ``k``, ``v`` ``[slots, kv_heads, L, d]`` (``slots >= B``, row ``b`` = slot ``b``, the
     last dimension contiguous); ``lens`` ``[B]`` integer, every ``lens[b] < length`` (``length``: the columns
     any row may reach, default ``L``; it sizes the grid, so a CUDA graph captured at one ``length`` serves every
     shorter context). Returns ``[B, H, d]`` in ``q``'s dtype. fp32 inputs use exact fp32 products (no TF32).
+    ``split`` (keys per program), ``block`` (keys per inner iteration, default :func:`block_keys`), ``num_warps``
+    and ``num_stages`` (Triton's, default its own) tune the split kernel (``benchmarks/generation.py --attention-sweep``).
     """
     if not available(q.device):
         raise RuntimeError(f"decode_attention: needs Triton and a CUDA device (got {q.device}, Triton "
@@ -210,9 +213,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: to
     gp = max(16, 1 << (g - 1).bit_length())
     ieee = q.dtype == torch.float32
     upcast = q.dtype == torch.bfloat16 and interpreting()  # the interpreter's dot has no bf16 (numpy)
+    bn = block or block_keys(d, q.element_size())
+    if bn < 16 or bn & (bn - 1) or split % bn:
+        raise ValueError(f"decode_attention: block {bn} must be a power of two >= 16 dividing split {split}")
+    tune = {k_: v_ for k_, v_ in (("num_warps", num_warps), ("num_stages", num_stages)) if v_ is not None}
     split_k[(b, kvh, n_splits)](q, k, v, lens, part, m, l_, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                                 k.stride(2), v.stride(0), v.stride(1), v.stride(2), float(scale), split, n_splits,
-                                G=g, GP=gp, D=d, BN=block_keys(d, q.element_size()), IEEE=ieee,
-                                UPCAST=upcast)
+                                G=g, GP=gp, D=d, BN=bn, IEEE=ieee,
+                                UPCAST=upcast, **tune)
     merge_k[(b, kvh)](part, m, l_, lens, out, out.stride(0), out.stride(1), split, n_splits, G=g, GP=gp, D=d)
     return out

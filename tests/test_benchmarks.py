@@ -160,12 +160,39 @@ def test_generation_benchmark_attention_rows(gen_bench, tmp_path):
     res = gen_bench.main(["--tiny", "--device", "cpu", "--attention", "sdpa", "triton", "--workloads", "decode", "probe",
                           "--decode-batches", "2", "--decode-context", "80", "--decode-tokens", "2", "--probe-prompts",
                           "2", "--probe-samples", "2", "--probe-tokens", "2", "--generate-tokens", "0", "--check-prompts", "0",
-                          "--out", str(tmp_path / "g.json")])
+                          "--breakdown", "--attention-sweep", "--rerun-best", "--breakdown-steps", "1", "--out", str(tmp_path / "g.json")])
     got = [(r["workload"], r["engine"], r["attention"], r["fused"], r["rows"], r["capped"], r["x_generate"])
            for r in res["rows"]]
     assert got == [("decode-2", "slots", "sdpa", "none", 2, False, None), ("decode-2", "slots", "triton", "none", 2, False, None),
+                   ("decode-2", "slots", "sdpa", "none", 2, False, None),  # --rerun-best: the first engine, tuned
                    ("probe", "slots", "sdpa", "none", 4, False, None), ("probe", "slots", "triton", "none", 4, False, None)]
-    assert all(r["tokens"] == 4 for r in res["rows"][:2])  # ignore_eos: 2 rows x 2 tokens
+    assert all(r["tokens"] == 4 for r in res["rows"][:3])  # ignore_eos: 2 rows x 2 tokens
+    best = min(res["attention_sweeps"][0]["settings"][1:], key=lambda r: r["ms"])  # the sweep's faster setting
+    assert res["rows"][2]["tuning"] == {k: best[k] for k in ("split", "block", "num_warps", "num_stages")}
+    brk, tuned = res["breakdowns"]  # where a step goes: each part timed alone (no kernels on CPU); again tuned
+    assert tuned["tuning"] == res["rows"][2]["tuning"] and set(tuned["ms"]) == set(brk["ms"])
+    assert (brk["workload"], brk["rows"], brk["attention"]) == ("decode-2", 2, "sdpa") and 60 < brk["context"] < 120
+    assert set(brk["ms"]) == {"forward", "forward_eager", "draw", "penalty"} and min(brk["ms"].values()) > 0
+    assert brk["logits"][:2] == [2, 49152] and "kernels" not in brk
+    (sweep,) = res["attention_sweeps"]  # the copy's rate, the kernel at its defaults, then the tiny grid's setting
+    assert [r.get("block", "copy") for r in sweep["settings"]] == ["copy", None, 16]
+    assert all(r["ms"] > 0 and r["GB_per_s"] >= 0 and "error" not in r for r in sweep["settings"])
+
+
+def test_kernel_groups_of_real_kernel_names(gen_bench):
+    """The breakdown's groups, on kernel names as the profiler reports them on an H100 (torch 2.11, cu130)."""
+    names = {"_split_kernel": "attention (lwlib Triton)", "_merge_kernel": "attention (lwlib Triton)",
+             "nvjet_tst_128x64_64x8_2x1_v_bz_TNN": "matmul",
+             "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1": "matmul",
+             "_rms_norm_forward_kernel": "Liger (RMSNorm, GeGLU/SwiGLU, RoPE)",
+             "_geglu_tanh_forward_kernel": "Liger (RMSNorm, GeGLU/SwiGLU, RoPE)",
+             "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float, "
+             "at::native::(anonymous namespace)::SoftMaxForwardEpilogue>(float*, float const*, int)":
+                 "softmax, draw, argmax",
+             "Memcpy DtoD (Device -> Device)": "copies",
+             "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>, "
+             "std::array<char*, 3ul> >(int, at::native::CUDAFunctor_add<float>, std::array<char*, 3ul>)": "other"}
+    assert {n: gen_bench.kernel_group(n) for n in names} == names
 
 
 def test_stage_benchmark_tiny(tmp_path):

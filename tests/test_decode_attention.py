@@ -64,6 +64,9 @@ def test_grid_of_a_longer_bucket_gives_the_same_output():
     a = da.decode_attention(q, k, v, lens, 0.125, length=512)
     b = da.decode_attention(q, k, v, lens, 0.125, length=1024)
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    # the tuning settings (benchmarks/generation.py --attention-sweep) change the split, not the result
+    tuned = da.decode_attention(q, k, v, lens, 0.125, length=512, split=128, block=16, num_warps=4, num_stages=2)
+    torch.testing.assert_close(tuned, a, atol=1e-5, rtol=1e-5)
 
 
 def test_kernel_input_errors():
@@ -73,6 +76,9 @@ def test_kernel_input_errors():
         da.decode_attention(torch.zeros(2, 8, 64, device=DEV), k, k, torch.zeros(2, dtype=torch.long, device=DEV), 1.0)
     with pytest.raises(ValueError, match="does not fit the cache"):
         da.decode_attention(torch.zeros(3, 9, 64, device=DEV), k, k, torch.zeros(3, dtype=torch.long, device=DEV), 1.0)
+    for split, block in ((256, 48), (100, 64), (256, 8)):
+        with pytest.raises(ValueError, match="power of two >= 16 dividing split"):
+            da.decode_attention(q, k, k, torch.zeros(2, dtype=torch.long, device=DEV), 1.0, split=split, block=block)
     with pytest.raises(ValueError, match="contiguous"):
         da.decode_attention(q, k.transpose(2, 3), k.transpose(2, 3), torch.zeros(2, dtype=torch.long, device=DEV), 1.0)
 
