@@ -53,7 +53,7 @@ from .judge import (JUDGE_DIMENSIONS, Judged, JudgeConfig, JudgeResult, close_ju
                     judge_model_id, judge_records, judging_fingerprint, make_judge, quality_score)
 from .plots import model_grid, panel_grid, pyplot, save_figure
 from .runs import (JsonlStore, atomic_write_json, data_fingerprint, fingerprint_id, model_fingerprint,
-                   read_fingerprint, write_manifest)
+                   read_fingerprint, read_records, write_manifest)
 from .scoring import BUCKET_NAMES, bucket_of, length_score
 from .text import count_words, repetition_report
 
@@ -169,7 +169,13 @@ def predict_decodings(
 
     cfg = cfg or profile.section("bench", BenchConfig)
     seed = profile.seed + split_seed(tag)[1]  # seed k's models (sft-s<k>, dpo-s<k>) sample with seed + k
-    model = cfg.backend.model or (run_model(profile, tag) if backend is None else getattr(backend, "name", tag))
+    try:
+        model = cfg.backend.model or (run_model(profile, tag) if backend is None else getattr(backend, "name", tag))
+    except FileNotFoundError:  # the checkpoint is gone: an earlier sitting's complete predictions are read back
+        done = predicted_before(profile, tag, cfg, decodings, items)
+        if done is None:
+            raise
+        return done
     data = ([data_fingerprint(data_file("longbench_write.jsonl", cfg.data_path, field="bench.data_path")),
              data_fingerprint(data_file("longbench_write_en.jsonl", cfg.en_data_path, field="bench.en_data_path"))]
             if items is None else fingerprint_id({it.id: [it.prompt, it.lang, it.length] for it in items}))
@@ -198,6 +204,52 @@ def predict_decodings(
     ids = {sample_id(it.id, k) for it in items for k in range(cfg.samples)}
     return {d.name: add_length_scores(pd.DataFrame([r for r in stores[d.name].records() if r["id"] in ids]))
             for d in decodings}
+
+
+def predicted_before(profile: Profile, tag: str, cfg: BenchConfig | None = None,
+                     decodings: Sequence[Decoding] | None = None, items: list[WritingItem] | None = None,
+                     ) -> dict[str, pd.DataFrame] | None:
+    """The predictions of ``tag`` under every decoding (default: the profile's) when an earlier sitting made every
+    selected item and sample of it (its checkpoint may be gone: a session does not keep what it trained), else
+    None; read as they are, without the store's fingerprint check (which would need the checkpoint):
+    ``{decoding name: predictions}``, as :func:`predict_decodings` returns them.
+
+    Usage: ``done = predicted_before(prof, "dpo-s1")  # None until every item of every decoding is there``
+    """
+    cfg = cfg or profile.section("bench", BenchConfig)
+    if items is None:
+        items = select_items(load_longbench_write(cfg.data_path, cfg.en_data_path, field="bench.data_path",
+                                                  en_field="bench.en_data_path"), cfg)
+    want = {sample_id(it.id, k) for it in items for k in range(cfg.samples)}
+    out = {}
+    for dec in decodings or profile_decodings(profile):
+        path = profile.stage_dir("bench") / tag / dec.name / "predictions.jsonl"
+        recs = [r for r in read_records(path) if r["id"] in want] if path.exists() else []
+        if {r["id"] for r in recs} != want:
+            return None
+        out[dec.name] = add_length_scores(pd.DataFrame(recs))
+    return out
+
+
+def bench_tags(profile: Profile, tags: Sequence[str], cfg: BenchConfig | None = None) -> list[str]:
+    """The ``tags`` LongBench-Write can score: those whose model exists in this run, and those whose checkpoint is
+    gone but an earlier sitting predicted in full (:func:`predicted_before`); each other one is skipped with a note.
+
+    Usage: ``bench_tags(prof, ["base", "sft", "dpo", "dpo-s1"])``
+    """
+    from .models import run_model
+
+    out = []
+    for tag in tags:
+        try:
+            run_model(profile, tag)
+        except FileNotFoundError as e:
+            if predicted_before(profile, tag, cfg) is None:
+                print(f"[bench] skipping {tag!r}: {e}")
+                continue
+            print(f"[bench] {tag!r}: its checkpoint is gone; an earlier sitting's predictions are read back")
+        out.append(tag)
+    return out
 
 
 def sample_id(item_id: str, k: int) -> str:
@@ -344,15 +396,14 @@ def evaluate_models(
     """Predict and judge every model of ``cfg.models`` that exists under every decoding of the profile;
     ``{"<tag> (<decoding>)": scored DataFrame}``.
 
-    A missing checkpoint (``sft``/``dpo`` not trained in this run) is skipped with a printed note.
+    A missing checkpoint (``sft``/``dpo`` not trained in this run) is skipped with a printed note, unless an
+    earlier sitting predicted every item of it (:func:`bench_tags`): those predictions are scored.
     One judge serves all models (built from the config unless given). ``backends`` may give a
     prediction backend per tag (tests). Writes ``summary_path`` (default ``<run>/bench/summary.json``).
     """
-    from .models import available_tags
-
     cfg = cfg or profile.section("bench", BenchConfig)
     backends = backends or {}
-    tags = [t for t in cfg.models if t in backends or t in available_tags(profile, [t], "bench")]
+    tags = [t for t in cfg.models if t in backends or t in bench_tags(profile, [t], cfg)]
     if not tags:
         raise RuntimeError(f"bench: none of the models {cfg.models} exists in {profile.run_dir}")
     decs = profile_decodings(profile)

@@ -81,6 +81,34 @@ def test_predictions_with_two_samples_per_item(tmp_path, local_backend):
         bench.BenchConfig(samples=0)
 
 
+def test_predictions_of_a_gone_checkpoint_are_read_back(tmp_path, local_backend, capsys):
+    """A model whose checkpoint an earlier sitting trained and lost (``dpo-s1`` here: its predictions made through a
+    backend, no checkpoint in the run) is scored from its predictions when every selected item of every decoding is
+    there, without the store's fingerprint check (which needs the checkpoint); one item short, it is skipped."""
+    from lwlib.decodings import profile_decodings
+
+    prof = load_profile("smoke", run_root=tmp_path)
+    cfg = bench.BenchConfig(languages=["en"], max_items=2, max_new_tokens=6, n_boot=50,
+                            judge=dataclasses.replace(bench.BenchConfig().judge, kind="none"))
+    decs = profile_decodings(prof)
+    assert len(decs) == 2
+    made = bench.predict_decodings(prof, "dpo-s1", decs, cfg, backend=local_backend)
+    back = bench.predicted_before(prof, "dpo-s1", cfg)
+    assert set(back) == {d.name for d in decs}
+    for d in decs:
+        assert sorted(back[d.name]["response"]) == sorted(made[d.name]["response"]) and "S_l" in back[d.name]
+    again = bench.predict_decodings(prof, "dpo-s1", decs, cfg)  # no checkpoint, no backend: read back
+    assert {d: sorted(df["id"]) for d, df in again.items()} == {d: sorted(df["id"]) for d, df in made.items()}
+    assert bench.bench_tags(prof, ["base", "dpo", "dpo-s1"], cfg) == ["base", "dpo-s1"]
+    assert "skipping 'dpo'" in capsys.readouterr().out
+    results = bench.evaluate_models(prof, dataclasses.replace(cfg, models=["dpo-s1"]))
+    assert set(results) == {"dpo-s1 (paper)", "dpo-s1 (loopfree)"}
+    more = dataclasses.replace(cfg, max_items=3)  # an item never predicted: not read back, and the error stays
+    assert bench.predicted_before(prof, "dpo-s1", more) is None and bench.bench_tags(prof, ["dpo-s1"], more) == []
+    with pytest.raises(FileNotFoundError, match="no dpo-s1 checkpoint"):
+        bench.predict_decodings(prof, "dpo-s1", decs, more)
+
+
 def test_score_table_resamples_items_not_samples():
     """Two identical samples per item: the same intervals as one sample (the bootstrap draws items)."""
     one = pd.DataFrame({"id": ["a", "b", "c", "d"], "item_id": ["a", "b", "c", "d"], "S_l": [10.0, 40.0, 70.0, 90.0],

@@ -247,15 +247,17 @@ def test_dpo_steps_on_cpu_change_weights_and_move_the_margin(tmp_path, model_and
 
 
 @pytest.mark.parametrize("seeds", [1, pytest.param(2, marks=pytest.mark.slow)])
-def test_notebook_04_smoke(tmp_path, seeds):
+def test_notebook_04_smoke(tmp_path, seeds, monkeypatch):
     """Notebook 04 end to end from the base model: pairs, DPO, the probe, SFT vs DPO on LongBench-Write with 2 samples
-    per item; with 2 seeds (slow) a second DPO run in dpo/s1 and the interval over both."""
-    out = execute_notebook("04_dpo.ipynb", tmp_path, overrides={
+    per item; with 2 seeds (slow) a second DPO run in dpo/s1 and the interval over both, then a later sitting that
+    reads seed 0 back without its checkpoint and has no time for seed 1."""
+    overrides = {
         "dpo.start_model": "base", "dpo.samples": 2, "dpo.max_new_tokens": 12, "dpo.judge.max_tokens": 4,
         "dpo.judge.max_response_words": 20, "dpo.steps": 1, "dpo.batch_size": 1, "dpo.bench_items": 1,
         "probe.lengths": [1000], "probe.max_new_tokens": 8, "bench.max_new_tokens": 8,
         "bench.judge.max_tokens": 4, "bench.judge.max_tries": 1, "bench.judge.serve": False, "bench.n_boot": 20,
-        "dpo.seeds": seeds, "bench.samples": 2})
+        "dpo.seeds": seeds, "bench.samples": 2}
+    out = execute_notebook("04_dpo.ipynb", tmp_path, overrides=overrides)
     run = tmp_path / "runs" / "smoke" / "dpo"
     assert (run / "model" / "config.json").exists() and (run / "train_log.json").exists()
     assert (run / "s1" / "model" / "config.json").exists() == (run / "s1" / "pairs.jsonl").exists() == (seeds == 2)
@@ -272,3 +274,20 @@ def test_notebook_04_smoke(tmp_path, seeds):
     assert sorted(p["sample"] for p in preds) == [0, 1]
     assert (tmp_path / "figures" / "smoke" / "dpo_length_score_by_bucket.png").exists()
     assert "chosen" in out.read_text()
+    if seeds == 2:  # a later sitting: the checkpoints are gone, seed 1 is to be done again, no time for a seed
+        import shutil
+        import time
+
+        trained = (run / "train_log.json").stat().st_mtime_ns
+        shutil.rmtree(run / "model")
+        shutil.rmtree(run / "s1")
+        shutil.rmtree(tmp_path / "runs" / "smoke" / "bench" / "dpo-s1")
+        monkeypatch.setenv("LWLIB_SITTING_END", str(time.time()))
+        monkeypatch.setenv("LWLIB_SITTING_RUN_S", "1e6")
+        out = execute_notebook("04_dpo.ipynb", tmp_path, overrides=overrides)
+        assert (run / "train_log.json").stat().st_mtime_ns == trained and not (run / "model").exists()  # read back
+        assert json.loads((tmp_path / "runs" / "smoke" / "sitting.json").read_text())["waiting"] == {
+            "04_dpo.ipynb": ["seed 1"]}
+        again = json.loads((run / "length_score_difference.json").read_text())["loopfree"]
+        assert (again["seeds"], again["expected_seeds"], again["by_seed"]) == ([0], 2, {"0": lf["by_seed"]["0"]})
+        assert "its checkpoint is gone; an earlier sitting's predictions are read back" in out.read_text()
