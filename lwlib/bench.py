@@ -237,19 +237,9 @@ def bench_tags(profile: Profile, tags: Sequence[str], cfg: BenchConfig | None = 
 
     Usage: ``bench_tags(prof, ["base", "sft", "dpo", "dpo-s1"])``
     """
-    from .models import run_model
+    from .models import available_tags
 
-    out = []
-    for tag in tags:
-        try:
-            run_model(profile, tag)
-        except FileNotFoundError as e:
-            if predicted_before(profile, tag, cfg) is None:
-                print(f"[bench] skipping {tag!r}: {e}")
-                continue
-            print(f"[bench] {tag!r}: its checkpoint is gone; an earlier sitting's predictions are read back")
-        out.append(tag)
-    return out
+    return available_tags(profile, tags, "bench", done=lambda t: predicted_before(profile, t, cfg) is not None)
 
 
 def sample_id(item_id: str, k: int) -> str:

@@ -425,18 +425,22 @@ def run_model(profile, tag: str) -> str:
     return str(folder)
 
 
-def available_tags(profile, tags, who: str = "lwlib") -> list[str]:
-    """The ``tags`` whose model exists in this run (:func:`run_model`); each missing one is skipped with a printed
-    note naming the notebook that makes it.
+def available_tags(profile, tags, who: str = "lwlib", done=None) -> list[str]:
+    """The ``tags`` whose model exists in this run (:func:`run_model`), and with ``done`` (a function of a tag: whether
+    an earlier sitting's records of it are complete) those whose checkpoint is gone but whose records stand (a
+    session keeps records, not checkpoints); each other one is skipped with a printed note naming the notebook
+    that makes it.
 
-    Usage: ``for tag in available_tags(prof, ["base", "sft", "dpo"], "nll"): ...``
+    Usage: ``for tag in available_tags(prof, ["base", "sft", "dpo"], "nll", done=lambda t: ...): ...``
     """
     out = []
     for tag in tags:
         try:
             run_model(profile, tag)
         except FileNotFoundError as e:
-            print(f"[{who}] skipping {tag!r}: {e}")
-            continue
+            if done is None or not done(tag):
+                print(f"[{who}] skipping {tag!r}: {e}")
+                continue
+            print(f"[{who}] {tag!r}: its checkpoint is gone; an earlier sitting's records are read back")
         out.append(tag)
     return out

@@ -40,7 +40,7 @@ from .typed import check_sizes
 from .logprobs import token_nll
 from .plots import distinct_style, pyplot, save_figure
 from .runs import (JsonlStore, atomic_write_json, atomic_write_text, data_fingerprint, model_fingerprint, read_jsonl,
-                   write_manifest)
+                   read_records, write_manifest)
 
 Messages = list[dict[str, str]]
 
@@ -163,7 +163,13 @@ def run_nll(prof: Profile, tag: str, cfg: NLLConfig | None = None, model_and_tok
     cfg = cfg or prof.section("nll", NLLConfig)
     path = nll_data_path(prof, cfg)
     out = prof.stage_dir("nll") / tag
-    model_name = run_model(prof, tag)
+    try:
+        model_name = run_model(prof, tag)
+    except FileNotFoundError:  # the checkpoint is gone: an earlier sitting's complete records are read back
+        done = nll_before(prof, tag, cfg)
+        if done is None:
+            raise
+        return done
     fingerprint = {"model": model_fingerprint(model_name, prof.run_dir), "data": data_fingerprint(path),
                    "max_tokens": cfg.max_tokens, "include_end_token": cfg.include_end_token,  # ids are line numbers
                    **prof.numerics()}  # the model's device and dtype
@@ -189,6 +195,32 @@ def run_nll(prof: Profile, tag: str, cfg: NLLConfig | None = None, model_and_tok
     atomic_write_json(out / "summary.json", {"samples": int(len(df)), "tokens": int(df["tokens"].sum()),
                                              "mean_token_nll": float(np.concatenate(df["nll"].map(np.asarray).tolist()).mean())})
     return df
+
+
+def nll_before(prof: Profile, tag: str, cfg: NLLConfig | None = None) -> pd.DataFrame | None:
+    """The stored NLLs of ``tag`` when an earlier sitting scored every selected conversation (its checkpoint may be
+    gone: a session keeps records, not checkpoints), read without the store's fingerprint check (which needs the
+    checkpoint); else None. One row per sample, as :func:`run_nll` returns them.
+
+    Usage: ``df = nll_before(prof, "cap500")``
+    """
+    cfg = cfg or prof.section("nll", NLLConfig)
+    path = prof.stage_dir("nll") / tag / "token_nll.jsonl"
+    want = {i for i, _ in load_conversations(nll_data_path(prof, cfg), cfg.max_samples)}
+    recs = [r for r in read_records(path) if r["id"] in want] if path.exists() else []
+    return pd.DataFrame(recs) if recs and {r["id"] for r in recs} == want else None
+
+
+def nll_tags(prof: Profile, cfg: NLLConfig | None = None) -> list[str]:
+    """``cfg.models`` that can be scored: those whose model exists, and those an earlier sitting scored in full
+    (:func:`nll_before`); each other one is skipped with a note (:func:`lwlib.models.available_tags`).
+
+    Usage: ``frames = {t: run_nll(prof, t, cfg) for t in nll_tags(prof, cfg)}``
+    """
+    from .models import available_tags
+
+    cfg = cfg or prof.section("nll", NLLConfig)
+    return available_tags(prof, cfg.models, "nll", done=lambda t: nll_before(prof, t, cfg) is not None)
 
 
 def plot_nll(curves: dict[str, pd.DataFrame], path: str | Path, title: str, min_samples: int = 1) -> Path:

@@ -290,4 +290,4 @@ def test_notebook_04_smoke(tmp_path, seeds, monkeypatch):
             "04_dpo.ipynb": ["seed 1"]}
         again = json.loads((run / "length_score_difference.json").read_text())["loopfree"]
         assert (again["seeds"], again["expected_seeds"], again["by_seed"]) == ([0], 2, {"0": lf["by_seed"]["0"]})
-        assert "its checkpoint is gone; an earlier sitting's predictions are read back" in out.read_text()
+        assert "its checkpoint is gone; an earlier sitting's records are read back" in out.read_text()

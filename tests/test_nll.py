@@ -97,6 +97,35 @@ def test_run_nll_falls_back_resumes_and_rejects_bad_files(tmp_path, model_and_to
         load_conversations(bad)
 
 
+def test_scores_of_a_gone_checkpoint_are_read_back(tmp_path, model_and_tok, capsys):
+    """``sft`` scored in an earlier sitting whose checkpoint is gone: its complete records are read back (no model,
+    no fingerprint check); one conversation short, the missing checkpoint is an error again."""
+    import shutil
+
+    from lwlib.models import sft_folder
+    from lwlib.nll import nll_before, nll_tags
+
+    prof = load_profile("smoke", run_root=tmp_path)
+    _write_convs(prof.run_dir / "agentwrite" / "heldout.jsonl", MESSY)
+    cfg = NLLConfig(models=["base", "sft", "dpo"], max_samples=2, batch_size=2, chunk_size=16)
+    model, tok = model_and_tok
+    folder = sft_folder(prof.run_dir, "sft")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    scored = run_nll(prof, "sft", cfg, model_and_tok=model_and_tok)
+    shutil.rmtree(folder)
+    back = run_nll(prof, "sft", cfg)  # no checkpoint, no model: the records
+    assert sorted(back["id"]) == sorted(scored["id"]) and back["nll"].tolist() == scored.sort_values("id")["nll"].tolist()
+    assert nll_before(prof, "sft", cfg)["mean_nll"].tolist() == back["mean_nll"].tolist()
+    assert nll_tags(prof, cfg) == ["base", "sft"]
+    out = capsys.readouterr().out
+    assert "skipping 'dpo'" in out and "'sft': its checkpoint is gone" in out
+    more = NLLConfig(models=["sft"], max_samples=3)
+    assert nll_before(prof, "sft", more) is None and nll_tags(prof, more) == []
+    with pytest.raises(FileNotFoundError, match="no sft checkpoint"):
+        run_nll(prof, "sft", more)
+
+
 def test_notebook_05_smoke(tmp_path):
     _write_convs(tmp_path / "runs" / "smoke" / "agentwrite" / "heldout.jsonl", MESSY)
     out = execute_notebook("05_nll_by_position.ipynb", tmp_path, overrides={"nll.data_path": None})
