@@ -294,13 +294,28 @@ def data_fingerprint(path: str | Path) -> str:
 def model_fingerprint(model: str | os.PathLike, run_dir: str | Path | None = None) -> str:
     """A model's identity for fingerprints: a name or hub id as it is; a local folder as its path (relative
     to ``run_dir`` when inside it, so a moved run root keeps it) plus ``@`` a hash of its config and of its
-    weight files (name, size, first and last MiB), so a retrained checkpoint in the same folder differs."""
+    weight files (name, size, first and last MiB), so a retrained checkpoint in the same folder differs.
+
+    A checkpoint that :func:`lwlib.sft.rebuild_run` trained again for a later sitting (``rebuild.json`` beside it,
+    its loss curve within tolerance of the recorded one) is named by the run it rebuilds instead: ``@rebuilt-`` a
+    hash of its config and of the first training's log (``train_log.recorded.json``). GPU training is not bitwise
+    repeatable, so each sitting's rebuild has other weights; to the stores they are one model, and what one
+    sitting's rebuild made (DPO samples, predictions, NLLs) resumes with the next one's."""
     p = Path(model)
     if not p.is_dir():
         return str(model)
     h = hashlib.sha256()
     if (p / "config.json").exists():
         h.update((p / "config.json").read_bytes())
+    rebuild, recorded = p.parent / "rebuild.json", p.parent / "train_log.recorded.json"
+    if rebuild.exists() and recorded.exists():
+        try:
+            same_run = json.loads(rebuild.read_text()).get("within_tol") is True
+        except ValueError:
+            same_run = False
+        if same_run:
+            h.update(recorded.read_bytes())
+            return f"{_shown(p, run_dir)}@rebuilt-{h.hexdigest()[:16]}"
     for w in sorted(x for x in p.iterdir() if x.suffix in (".safetensors", ".bin", ".gguf", ".pt")):
         size = w.stat().st_size
         h.update(f"{w.name}:{size}".encode())
@@ -309,13 +324,18 @@ def model_fingerprint(model: str | os.PathLike, run_dir: str | Path | None = Non
             if size > 2 << 20:
                 f.seek(size - (1 << 20))
                 h.update(f.read())
-    shown = p.resolve()
+    return f"{_shown(p, run_dir)}@{h.hexdigest()[:16]}"
+
+
+def _shown(folder: Path, run_dir: str | Path | None) -> str:
+    """``folder`` relative to ``run_dir`` when inside it, else its absolute path."""
+    shown = folder.resolve()
     if run_dir is not None:
         try:
             shown = shown.relative_to(Path(run_dir).resolve())
         except ValueError:
             pass
-    return f"{shown}@{h.hexdigest()[:16]}"
+    return str(shown)
 
 
 def _canonical(obj: Any) -> Any:

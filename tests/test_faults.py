@@ -130,6 +130,18 @@ def test_retrained_checkpoint_in_the_same_folder_is_a_changed_model(tmp_path):
     (ckpt / "model.safetensors").write_bytes(bytes(w))
     assert model_fingerprint(str(ckpt), tmp_path / "run") != a
     assert model_fingerprint("smollm2-135m-instruct") == "smollm2-135m-instruct"
+    # trained again for a later sitting (lwlib.sft.rebuild_run): named by the run it rebuilds, whatever its weights,
+    # while its loss curve is within tolerance of the recorded one
+    (ckpt.parent / "train_log.recorded.json").write_text('{"log_history": [{"step": 1, "loss": 3.8}]}')
+    (ckpt.parent / "rebuild.json").write_text('{"within_tol": true}')
+    r = model_fingerprint(str(ckpt), tmp_path / "run")
+    assert r.startswith("sft/model@rebuilt-")
+    (ckpt / "model.safetensors").write_bytes(bytes(range(256)) * 20000)  # the next sitting's rebuild
+    assert model_fingerprint(str(ckpt), tmp_path / "run") == r
+    (ckpt.parent / "train_log.recorded.json").write_text('{"log_history": [{"step": 1, "loss": 3.9}]}')
+    assert model_fingerprint(str(ckpt), tmp_path / "run") not in (r, a)  # another run
+    (ckpt.parent / "rebuild.json").write_text('{"within_tol": false}')  # beyond tolerance: its weights again
+    assert model_fingerprint(str(ckpt), tmp_path / "run") == a
 
 
 def test_a_second_writer_is_refused_and_named(tmp_path):
