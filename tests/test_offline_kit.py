@@ -90,3 +90,26 @@ def test_unpack_as_parts_arrive(kit, tmp_path):
         names = [m.name for m in t.getmembers() if m.isfile()]
         assert names and all((repo / n).read_bytes() == t.extractfile(n).read() for n in names)
     assert "no group 'model'" in unpack("model").stderr
+
+
+def test_background_job_outlives_its_call_and_is_followed(tmp_path):
+    """env/background.sh: a job started in one call is followed in later ones: its new log lines, still running
+    (exit 3) before it ends, then its own exit code; a second start of a running job is refused."""
+    env = {**os.environ, "LWLIB_BG_DIR": str(tmp_path)}
+    bg = lambda *a: subprocess.run(["bash", "env/background.sh", *a], cwd=REPO, capture_output=True, text=True,  # noqa: E731
+                                   env=env)
+    mark = tmp_path / "go"
+    started = bg("start", "job", "bash", "-c", f"echo first; while [ ! -e {mark} ]; do sleep 0.2; done; echo second; "
+                                               "exit 4")
+    assert started.returncode == 0 and "job started" in started.stdout
+    assert bg("start", "job", "true").returncode == 1  # running already
+    import time
+
+    now = int(time.time())
+    first = bg("wait", "job", str(now))
+    assert first.returncode == 3 and "first" in first.stdout and "still running" in first.stdout
+    assert bg("status", "job").stdout.strip() == "running"
+    mark.touch()
+    last = bg("wait", "job", str(now + 60))
+    assert last.returncode == 4 and "second" in last.stdout and "first" not in last.stdout  # only the new lines
+    assert bg("status", "job").stdout.strip() == "ended 4"
