@@ -103,9 +103,14 @@ def _seeds_missing(m: dict[str, Any], key: str = "seeds") -> str | None:
 
 
 def rule_a(m: dict[str, Any]) -> tuple[bool | None, str | None]:
-    """Claim (a) on one decoding's ``cap_experiment.json`` entry: ``(verdict, why)``."""
+    """Claim (a) on one decoding's ``cap_experiment.json`` entry: ``(verdict, why)``. Incomplete until every seed is
+    measured; a seed whose Spearman cannot reach the rule whatever its runs left give (``spearman_best``) is said."""
+    short = {k: v["spearman_best"] for k, v in m["by_seed"].items()
+             if v.get("spearman_best") is not None and not v["spearman_best"] >= SPEARMAN_MIN}
+    cannot = ("; cannot pass: Spearman at most " + ", ".join(f"{b:.2f} in seed {k}" for k, b in short.items())
+              + " whatever the runs left give") if short else ""
     if (why := _seeds_missing(m)):
-        return None, why
+        return None, why + cannot
     r = m["ratio_top_over_smallest"]
     if r["denominator_lower_bound"]:
         return None, f"inconclusive: the smallest cap's p95 ({r['smallest']}) is censored"

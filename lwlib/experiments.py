@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .intervals import N_BOOT, Cells, bootstrap, cells, censored_quantile, spearman, unit_ids
+from .intervals import N_BOOT, Cells, best_spearman, bootstrap, cells, censored_quantile, spearman, unit_ids
 from .plots import pyplot, save_figure
 from .runs import atomic_write_json
 
@@ -111,6 +111,7 @@ def cap_experiment(prof, frames: dict[str, pd.DataFrame], quantile: float = 0.95
         if len(arms) < 2:
             continue
         top = arms[-1]  # the uncapped point, or the largest cap where it is not measured (yet)
+        designed = [f"cap{c}" for c in sorted(cfg.caps)] + (["uncapped"] if cfg.cap_uncapped else ["sft"])
         c = cells({a: runs[a] for a in arms})
         data_max = [float(data_stats(sft_folder(prof.run_dir, a).parent)["data_max_output_words"]) for a in arms]
         caps = [int(a[3:]) if a.startswith("cap") else None for a in arms]
@@ -123,7 +124,8 @@ def cap_experiment(prof, frames: dict[str, pd.DataFrame], quantile: float = 0.95
         by_k = {k: {"p95": [v[a]["p95"] for a in arms], "lower_bound": [v[a]["lower_bound"] for a in arms],
                     "share_censored": [v[a]["share_censored"] for a in arms],
                     "share_stopped": [v[a]["share_stopped"] for a in arms],
-                    "spearman": spearman(data_max, [v[a]["p95"] for a in arms])} for k, v in seeds.items()}
+                    "spearman": spearman(data_max, [v[a]["p95"] for a in arms]),
+                    "spearman_best": _best_spearman(designed, v)} for k, v in seeds.items()}
         pooled = {a: _arm_numbers(c.words[a], c.censored[a], ~_flags(runs[a], c.seeds, "hit_limit"),
                                   _flags(runs[a], c.seeds, "collapsed"), quantile) for a in arms}
         ratio = pooled[top]["p95"] / max(pooled[arms[0]]["p95"], 1.0)
@@ -136,6 +138,15 @@ def cap_experiment(prof, frames: dict[str, pd.DataFrame], quantile: float = 0.95
                                                      "denominator_lower_bound": pooled[arms[0]]["lower_bound"]}}
     atomic_write_json(prof.stage_dir("sft") / "cap_experiment.json", measured)
     return pd.DataFrame(rows)
+
+
+def _best_spearman(designed: list[str], seed: dict[str, dict]) -> float | None:
+    """The largest Spearman over the designed runs (in cap order) that one seed can still reach whatever its runs not
+    measured yet give (:func:`lwlib.intervals.best_spearman`); None where a measured p95 below the top is censored
+    (a lower bound: its place is not known) or a measured run is not among the designed ones."""
+    if not designed or set(seed) - set(designed) or any(seed[a]["lower_bound"] for a in seed if a != designed[-1]):
+        return None
+    return best_spearman([seed[a]["p95"] if a in seed else None for a in designed])
 
 
 def _ruler_lines(ax, runs: dict[str, dict[int, pd.DataFrame]], arms: list[str], labels: dict[str, str]) -> None:

@@ -53,6 +53,30 @@ def test_rule_a_both_outcomes_and_censoring():
     assert claims.rule_a(_cap_measured(rising, lower={0: [False, False, True]})) == (True, None)
 
 
+def test_best_spearman_of_runs_not_measured_yet():
+    from lwlib.intervals import best_spearman
+
+    # the gpu profile's seed 0 after four of six runs: both missing runs on top at best, 1 - 6 * 6 / (6 * 35)
+    assert best_spearman([833, 6987, 6430, 6754, None, None]) == pytest.approx(1 - 36 / 210)
+    assert best_spearman([300, 1500, None]) == pytest.approx(1.0)  # still reachable
+    assert best_spearman([300, None, 200]) == pytest.approx(-0.5)  # the middle anywhere: never above -0.5
+    assert best_spearman([300, 1500, 4000]) == pytest.approx(1.0) and best_spearman([1, 3, 2]) == pytest.approx(0.5)
+    assert best_spearman([None, None, 5.0, None]) == pytest.approx(1.0)
+
+
+def test_rule_a_says_when_a_seed_cannot_reach_the_rule():
+    """Incomplete stays incomplete (the design's seeds), and says so when a seed's Spearman cannot reach 0.9 whatever
+    its runs left give."""
+    m = _cap_measured({0: [833, 6987, 6430]})
+    m["by_seed"]["0"]["spearman_best"] = 0.83
+    assert claims.rule_a(m) == (None, "incomplete: 1 of 3 seeds measured; cannot pass: Spearman at most 0.83 in seed "
+                                      "0 whatever the runs left give")
+    m["by_seed"]["0"]["spearman_best"] = 1.0
+    assert claims.rule_a(m) == (None, "incomplete: 1 of 3 seeds measured")
+    m["by_seed"]["0"]["spearman_best"] = None  # (a censored middle point: not known)
+    assert claims.rule_a(m) == (None, "incomplete: 1 of 3 seeds measured")
+
+
 def _arms_measured(long_p95=(12000, 11000, 13000), general_p95=(900, 950, 1000), ratio=(12.0, 8.0, 15.0),
                    follow=(0.6, 0.3, 0.8), seeds=3, lb=False):
     by = {str(k): {"sft": {"p95": lp, "lower_bound": lb}, "sft_general": {"p95": gp, "lower_bound": False}}

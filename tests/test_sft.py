@@ -728,6 +728,9 @@ def test_notebook_03_smoke(tmp_path, seeds):
     assert arms["loopfree"]["seeds"] == list(range(seeds))
     caps = json.loads((run / "sft" / "cap_experiment.json").read_text())
     assert set(caps) == {"paper", "loopfree"} and caps["loopfree"]["runs"] == ["cap50", "cap200", "sft"]
+    for v in caps["loopfree"]["by_seed"].values():  # every designed run measured: nothing left to place
+        lb = v["lower_bound"][:-1]
+        assert v["spearman_best"] is None if any(lb) else isinstance(v["spearman_best"], float)
     for name in ("sft_loss.png", "sft_loss_all.png", "ruler_base_vs_sft.png", "sft_length_cap_experiment.png",
                  "sft_length_cap_experiment_paper.png", "sft_arms_max_length.png"):
         assert (tmp_path / "figures" / "smoke" / name).stat().st_size > 10_000
