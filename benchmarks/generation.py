@@ -214,30 +214,21 @@ def kernel_group(name: str) -> str:
 
 
 def kernel_profile(fn, n: int, top: int = 15) -> dict:
-    """The CUDA kernels of ``n`` calls of ``fn()`` (torch.profiler; kernels inside CUDA-graph replays included):
-    microseconds per call by group (:func:`kernel_group`) and the ``top`` kernels, and the GPU-busy time per call."""
+    """The CUDA kernels of ``n`` calls of ``fn()`` (torch.profiler; kernels inside CUDA-graph replays included), as
+    :func:`lwlib.training.profile_summary` gives them per call, with the time of every kernel by group
+    (:func:`kernel_group`)."""
     from torch.profiler import ProfilerActivity, profile
+
+    from lwlib.training import profile_summary
 
     fn()
     torch.cuda.synchronize()
+    t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
             fn()
         torch.cuda.synchronize()
-    per: dict[str, list] = {}
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            d = per.setdefault(ev.name, [0.0, 0])
-            d[0] += ev.time_range.elapsed_us()
-            d[1] += 1
-    groups: dict[str, float] = {}
-    for name, (us, _) in per.items():
-        groups[kernel_group(name)] = groups.get(kernel_group(name), 0.0) + us / n
-    ranked = sorted(per.items(), key=lambda kv: -kv[1][0])[:top]
-    return {"calls": n, "gpu_busy_us": round(sum(us for us, _ in per.values()) / n, 1),
-            "groups_us": {g: round(v, 1) for g, v in sorted(groups.items(), key=lambda kv: -kv[1])},
-            "top": [{"kernel": name[:120], "group": kernel_group(name), "us": round(us / n, 1),
-                     "launches": round(c / n, 2)} for name, (us, c) in ranked]}
+    return profile_summary(prof, time.perf_counter() - t0, n, top, group=kernel_group)
 
 
 def step_breakdown(be: LocalBackend, b: int, context: int, n: int = 20) -> dict:

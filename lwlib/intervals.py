@@ -21,8 +21,8 @@ Usage::
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np

@@ -77,8 +77,8 @@ from .progress import console_callback
 from .runs import (REPO_ROOT, JsonlStore, atomic_write_json, iter_jsonl, model_fingerprint, read_log_history,
                    training_finished, write_manifest)
 from .models import seed_tag, sft_folder
-from .training import (accelerate_setup, batch_plan, checkpointing_args, deepspeed_config, finish_from_checkpoint,
-                       holds_last_step, pick_liger, pick_loss, prepare_run, save_trained, step_timer, use_liger)
+from .training import (accelerate_setup, batch_plan, checkpointing_args, compare_losses, deepspeed_config,
+                       finish_from_checkpoint, holds_last_step, pick_liger, pick_loss, prepare_run, save_trained, step_timer, use_liger)
 from .text import count_words, truncate_words
 
 Messages = list[dict[str, str]]
@@ -593,7 +593,7 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
     atomic_write_json(run / "data_stats.json", stats)
 
     device = prof.device
-    cuda = torch.cuda.is_available() and device != "cpu"
+    cuda = uses_cuda(prof)
     attn = pick_attn(cfg.attn_implementation, device, cfg.torch_compile)
     world, accumulation = batch_plan(cfg.batch_size, cfg.per_device_batch_size, "sft")
     ds_cfg = deepspeed_config(cfg.deepspeed)
@@ -604,7 +604,7 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, lr_scheduler_type="cosine",
         warmup_steps=cfg.warmup_ratio,  # a float < 1 is a ratio of all steps (transformers 5)
         weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
-        adam_beta2=cfg.adam_beta2, max_grad_norm=cfg.max_grad_norm, bf16=cuda if cfg.bf16 is None else cfg.bf16,
+        adam_beta2=cfg.adam_beta2, max_grad_norm=cfg.max_grad_norm, bf16=uses_bf16(prof, cfg),
         **checkpointing_args(cfg.gradient_checkpointing),
         logging_steps=cfg.logging_steps, save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500, save_total_limit=2, report_to=[], seed=prof.seed + seed,
@@ -749,6 +749,16 @@ def train_run(prof: Profile, run: SFTRun) -> Path:
     return train_sft(prof, run.cfg, out_dir=sft_folder(prof.run_dir, run.tag), seed=run.seed)
 
 
+def uses_cuda(prof: Profile) -> bool:
+    """Whether SFT trains on CUDA: a GPU is there and the profile's device is not the CPU."""
+    return torch.cuda.is_available() and prof.device != "cpu"
+
+
+def uses_bf16(prof: Profile, cfg: SFTConfig) -> bool:
+    """Whether SFT trains in bf16: ``cfg.bf16``, by default on CUDA (:func:`uses_cuda`)."""
+    return uses_cuda(prof) if cfg.bf16 is None else bool(cfg.bf16)
+
+
 def rebuild_tags(cfg: SFTConfig) -> set[str]:
     """``sft.rebuild`` checked against the profile's runs (:func:`sft_runs`): a tag no run has is an error naming it."""
     known = [r.tag for r in sft_runs(cfg, every=True)]
@@ -758,21 +768,11 @@ def rebuild_tags(cfg: SFTConfig) -> set[str]:
     return set(cfg.rebuild)
 
 
-def loss_curve_difference(recorded: list[float], new: list[float], what: str = "loss curves") -> float:
-    """The largest relative difference ``|new - recorded| / |recorded|`` over the steps of two loss curves of one
-    run; curves of different lengths (or empty) are not the same run: ``RuntimeError`` naming ``what``.
-
-    Usage: ``loss_curve_difference([2.0, 1.5], [2.0, 1.53]) == 0.02``"""
-    if len(recorded) != len(new) or not recorded:
-        raise RuntimeError(f"{what}: {len(new)} logged losses against {len(recorded)} recorded: not the same run")
-    return max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(new, recorded))
-
-
 def rebuild_run(prof: Profile, run: SFTRun, rel_tol: float = 0.01) -> Path:
     """Train ``run`` again where an earlier sitting trained and probed it but its checkpoint is gone (its
     ``train_log.json`` came back, its weights did not): the same data, seed and steps. The recorded log is kept as
-    ``train_log.recorded.json``; ``rebuild.json`` beside it compares the two loss curves step by step (the largest
-    relative difference, and whether it is within ``rel_tol``: GPU kernels need not be bitwise deterministic, and a
+    ``train_log.recorded.json``; ``rebuild.json`` beside it compares the two loss curves step by step
+    (:func:`lwlib.training.compare_losses`: the largest relative difference, and whether it is within ``rel_tol``: GPU kernels need not be bitwise deterministic, and a
     later sitting may run on another card). The probes stay those of the first training. Returns the checkpoint
     folder; a run whose checkpoint exists is returned as it is.
 
@@ -788,12 +788,13 @@ def rebuild_run(prof: Profile, run: SFTRun, rel_tol: float = 0.01) -> Path:
                                     "(sft.runs), rebuild only trains again what an earlier sitting trained")
         kept.write_bytes(log.read_bytes())
     train_run(prof, run)
-    before, after = ([float(e["loss"]) for e in json.loads(p.read_text())["log_history"] if "loss" in e]
-                     for p in (kept, log))
-    rel = loss_curve_difference(before, after, f"rebuild of {run.tag} ({kept})")
+    recorded = json.loads(kept.read_text())["log_history"]
+    cmp = compare_losses(folder.parent, recorded, "bf16" if uses_bf16(prof, run.cfg) else "fp32")
+    rel, per = cmp["max_rel_diff"], cmp["per_step"]  # (per step: step, new loss, recorded loss)
     atomic_write_json(folder.parent / "rebuild.json", {
-        "tag": run.tag, "steps": len(after), "max_rel_loss_difference": rel, "rel_tol": rel_tol,
-        "within_tol": rel <= rel_tol, "first_loss": [before[0], after[0]], "last_loss": [before[-1], after[-1]]})
+        "tag": run.tag, "steps": cmp["steps"], "max_rel_loss_difference": rel, "at_step": cmp["at_step"],
+        "rel_tol": rel_tol, "within_tol": rel <= rel_tol, "first_loss": [per[0][2], per[0][1]],
+        "last_loss": [per[-1][2], per[-1][1]]})
     if rel > rel_tol:
         warnings.warn(f"rebuild of {run.tag}: the loss curve differs from the recorded one by up to {rel:.2%} "
                       f"(tolerance {rel_tol:.0%}; {folder.parent / 'rebuild.json'})", stacklevel=2)

@@ -525,18 +525,23 @@ def step_timer(out: str | Path | None = None) -> Any:
     return StepTimer()
 
 
-def profile_summary(prof, wall_s: float, steps: int, k: int = 15) -> dict[str, Any]:
+def profile_summary(prof, wall_s: float, steps: int, k: int = 15, group=None) -> dict[str, Any]:
     """What :func:`step_timer` writes from a finished ``torch.profiler.profile``: per step, the wall time, the summed
     time of the GPU kernels, the ``k`` kernels with the most GPU time and the ``k`` CPU operators with the most self
-    time (ms)."""
+    time (ms); with ``group`` (a kernel name -> its kind), every kernel's time summed by kind too."""
     gpu = lambda e: getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)  # noqa: E731
     ev = prof.key_averages()
     kern = sorted((e for e in ev if gpu(e) > 0 and str(getattr(e, "device_type", "")).endswith("CUDA")), key=gpu,
                   reverse=True)
     cpu = sorted(ev, key=lambda e: e.self_cpu_time_total, reverse=True)
     per = lambda us: round(us / 1000 / steps, 2)  # noqa: E731
+    kinds: dict[str, float] = {}
+    for e in kern if group else ():
+        kinds[group(e.key)] = kinds.get(group(e.key), 0.0) + gpu(e)
     return {"steps": steps, "wall_ms_per_step": round(1000 * wall_s / steps, 1),
             "gpu_kernels_ms_per_step": per(sum(gpu(e) for e in kern)),
+            **({"groups_ms_per_step": {g: per(v) for g, v in sorted(kinds.items(), key=lambda x: -x[1])}}
+               if group else {}),
             "top_kernels": [{"kernel": e.key[:100], "ms_per_step": per(gpu(e)), "calls": e.count} for e in kern[:k]],
             "top_cpu_ops": [{"op": e.key[:100], "self_ms_per_step": per(e.self_cpu_time_total), "calls": e.count}
                             for e in cpu[:k]]}

@@ -213,3 +213,26 @@ def test_stage_benchmark_tiny(tmp_path):
 def test_generation_benchmark_tiny(gen_bench, tmp_path):
     out = tmp_path / "gen.json"
     _check_generation_result(gen_bench.main(["--tiny", "--device", "cpu", "--transformers-cb", "--out", str(out)]), out)
+
+
+def test_profile_summary_sums_every_kernel_by_group(gen_bench):
+    """lwlib.training.profile_summary on hand-made profiler events: per step, the top kernels and, with the
+    breakdown's kernel_group, every kernel's time by group (the ones past the top too); CPU operators apart."""
+    from types import SimpleNamespace as E
+
+    from lwlib.training import profile_summary
+
+    ev = [E(key="_split_kernel", self_device_time_total=4000.0, device_type="DeviceType.CUDA", count=6,
+            self_cpu_time_total=0.0),
+          E(key="nvjet_tst_128x64", self_device_time_total=1000.0, device_type="DeviceType.CUDA", count=40,
+            self_cpu_time_total=0.0),
+          E(key="_merge_kernel", self_device_time_total=500.0, device_type="DeviceType.CUDA", count=6,
+            self_cpu_time_total=0.0),
+          E(key="aten::mm", self_device_time_total=0.0, device_type="DeviceType.CPU", count=40,
+            self_cpu_time_total=900.0)]
+    prof = E(key_averages=lambda: ev)
+    got = profile_summary(prof, wall_s=0.02, steps=2, k=1, group=gen_bench.kernel_group)
+    assert got["wall_ms_per_step"] == 10.0 and got["gpu_kernels_ms_per_step"] == 2.75
+    assert [t["kernel"] for t in got["top_kernels"]] == ["_split_kernel"]
+    assert got["groups_ms_per_step"] == {"attention (lwlib Triton)": 2.25, "matmul": 0.5}
+    assert "groups_ms_per_step" not in profile_summary(prof, 0.02, 2)
