@@ -35,6 +35,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Any
 
@@ -192,7 +193,8 @@ def _unwrap(model):
 def trainer_class():
     """The ``transformers.Trainer`` subclass ``LongWriterTrainer`` (made on first use: importing this module does not
     import transformers' Trainer). Keywords beyond the Trainer's: ``loss_mode`` (``token`` / ``sequence``),
-    ``loss_chunk_size`` and ``liger`` (see :func:`forward_loss`)."""
+    ``loss_chunk_size`` and ``liger`` (see :func:`forward_loss`), and ``loss_autocast`` (the loss under the
+    training's autocast, the default; false: its output layer in fp32, as runs before 2026-12-07 trained)."""
     from transformers import Trainer
 
     class LongWriterTrainer(Trainer):
@@ -202,12 +204,13 @@ def trainer_class():
         loss_is_scaled_for_ga = True
 
         def __init__(self, *args, loss_mode: str = "token", loss_chunk_size: int = 0, liger: bool = False,
-                     **kwargs):
+                     loss_autocast: bool = True, **kwargs):
             super().__init__(*args, **kwargs)
             self.loss_mode = loss_mode
             self.loss_chunk_size = loss_chunk_size
             self.liger = liger
             self.compile_loss = bool(self.args.torch_compile)
+            self.loss_autocast = loss_autocast
 
         def create_scheduler(self, num_training_steps: int, optimizer=None):
             # a warmup ratio becomes whole steps rounded down (lwlib.training.warmup_steps), not up: with one warmup
@@ -248,7 +251,7 @@ def trainer_class():
             # the Trainer autocasts only the model's forward (accelerate wraps it): the loss's own products (the
             # output head of the fused or chunked loss) run under the training's autocast too, else they ran in
             # fp32 (1.4 of a 1.9 s step on an H200, train_profile.json 2026-12-06). Under DeepSpeed: no autocast
-            with self.accelerator.autocast():
+            with self.accelerator.autocast() if self.loss_autocast else contextlib.nullcontext():
                 loss, outputs = forward_loss(model, inputs, labels, num_items_in_batch, weights, self.loss_mode,
                                              self.loss_chunk_size, self.liger, self.compile_loss)
             if self.args.world_size > 1:  # DDP / DeepSpeed average gradients over ranks

@@ -135,6 +135,11 @@ class SFTConfig:
             sitting loads (DPO's start models, NLL's models; a session does not keep its checkpoints): notebook 03
             trains them again (same data, seed and steps; their probes are not redone) and compares the new loss
             curve with the recorded one (:func:`rebuild_run`). Default none.
+        fp32_loss_head: tags of runs whose loss (the output layer inside the fused or chunked cross-entropy) ran in
+            fp32 outside the training's bf16 autocast, as every run before 2026-12-07 did (the ``gpu`` profile's
+            ``sft`` seeds and ``cap500``-``cap2000`` seed 0): a rebuild (``rebuild``) of one of them trains it with
+            its own numerics again, so that its loss curve can match the recorded one. Default none: the loss
+            runs under the autocast (:class:`lwlib.losses.LongWriterTrainer`'s ``loss_autocast``).
         general_passages_cut: the corpus passages (notebook 02) cut at this many words join the general data, as
             the short writing answers of a general SFT mix (null = none).
         long_min_words: only long-output examples of at least this many output words enter the main mix (null =
@@ -215,6 +220,7 @@ class SFTConfig:
     runs: list[str] = field(default_factory=lambda: ["main", "arm", "cap", "uncapped"])
     seeds: int = 1
     rebuild: list[str] = field(default_factory=list)
+    fp32_loss_head: list[str] = field(default_factory=list)
     general_passages_cut: int | None = None
     long_min_words: int | None = None
     long_per_general: float | None = None
@@ -255,8 +261,10 @@ class SFTConfig:
             raise ValueError(f"sft.runs must be a non-empty subset of [main, arm, cap, uncapped], got {self.runs!r}")
         if not isinstance(self.seeds, int) or self.seeds < 1:
             raise ValueError(f"sft.seeds must be an integer >= 1, got {self.seeds!r}")
-        if not isinstance(self.rebuild, list) or not all(isinstance(t, str) for t in self.rebuild):
-            raise ValueError(f"sft.rebuild must be a list of run tags, got {self.rebuild!r}")
+        for name in ("rebuild", "fp32_loss_head"):
+            tags = getattr(self, name)
+            if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+                raise ValueError(f"sft.{name} must be a list of run tags, got {tags!r}")
         for name in ("general_passages_cut", "long_min_words"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -549,13 +557,14 @@ def tokenize_all(tok, data: list[Messages], template: str, max_tokens: int) -> l
 
 
 def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] | None = None,
-              out_dir: str | Path | None = None, seed: int = 0) -> Path:
+              out_dir: str | Path | None = None, seed: int = 0, loss_autocast: bool = True) -> Path:
     """Fine-tune the profile's model; returns the checkpoint folder (HF model + tokenizer).
 
     ``data`` replaces the mix of :func:`build_mix` (the length cap still applies). ``out_dir`` defaults
     to ``<run>/sft/model``; the folder beside it holds ``train_log.json``, ``data_stats.json``,
     ``manifest.json``. ``seed``: the run's index ``k`` (data order and trainer seeded with the profile's seed +
-    k; the data are the same). An existing finished model is reused unless ``cfg.overwrite``.
+    k; the data are the same). ``loss_autocast``: the loss's output layer under the training's autocast (false: in
+    fp32, ``sft.fp32_loss_head``). An existing finished model is reused unless ``cfg.overwrite``.
     """
     from transformers import AutoModelForCausalLM, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
@@ -630,7 +639,7 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
     collator = PackCollator(pad_id=tok.pad_token_id, flatten=flat_packs(attn))
     trainer = trainer_class()(model=model, args=args, train_dataset=PackedDataset(examples, packs),
                               data_collator=collator, loss_mode=cfg.loss, loss_chunk_size=chunk,
-                              liger=fused_loss)
+                              liger=fused_loss, loss_autocast=loss_autocast)
     trainer.add_callback(console_callback(f"sft train ({out_dir.parent.name}/{out_dir.name})"))
     timer = step_timer(run)
     trainer.add_callback(timer)
@@ -639,14 +648,15 @@ def train_sft(prof: Profile, cfg: SFTConfig | None = None, data: list[Messages] 
     write_manifest(run, {"profile": prof.resolved(), "sft": dataclasses.asdict(cfg), "seed_index": seed,
                          "attn_implementation": attn,
                          "liger_kernel": liger, "loss_kernel": "liger" if fused_loss else f"chunked {chunk}" if chunk
-                         else "logits",
+                         else "logits", "loss_autocast": loss_autocast,
                          "optimizer": {k: getattr(v, "value", v) for k, v in optim.items()},
                          "world_size": world, "gradient_accumulation_steps": accumulation,
                          "out_dir": str(out_dir), "data": stats})
     result = trainer.train(resume_from_checkpoint=last)
     # a base model without a chat template (Llama-3.1-8B) keeps the training one: it generates in that format
     return save_trained(trainer, result, model, tok, out_dir, chat_template=template, step_seconds=timer.seconds,
-                        peak_memory=timer.peak_memory, accelerate=accelerate_setup(trainer))
+                        peak_memory=timer.peak_memory, accelerate=accelerate_setup(trainer),
+                        loss_autocast=loss_autocast)
 
 
 def load_train_log(folder: str | Path):
@@ -746,7 +756,8 @@ def sft_runs(cfg: SFTConfig, every: bool = False) -> list[SFTRun]:
 
 def train_run(prof: Profile, run: SFTRun) -> Path:
     """Train one :class:`SFTRun` into its folder (:func:`lwlib.models.sft_folder`); a finished one is reused."""
-    return train_sft(prof, run.cfg, out_dir=sft_folder(prof.run_dir, run.tag), seed=run.seed)
+    return train_sft(prof, run.cfg, out_dir=sft_folder(prof.run_dir, run.tag), seed=run.seed,
+                     loss_autocast=run.tag not in run.cfg.fp32_loss_head)
 
 
 def uses_cuda(prof: Profile) -> bool:
@@ -760,11 +771,13 @@ def uses_bf16(prof: Profile, cfg: SFTConfig) -> bool:
 
 
 def rebuild_tags(cfg: SFTConfig) -> set[str]:
-    """``sft.rebuild`` checked against the profile's runs (:func:`sft_runs`): a tag no run has is an error naming it."""
+    """``sft.rebuild`` (and ``sft.fp32_loss_head``) checked against the profile's runs (:func:`sft_runs`): a tag no
+    run has is an error naming it."""
     known = [r.tag for r in sft_runs(cfg, every=True)]
-    unknown = [t for t in cfg.rebuild if t not in known]
-    if unknown:
-        raise ValueError(f"sft.rebuild names {unknown}, which are not runs of this profile (its runs: {known})")
+    for name in ("rebuild", "fp32_loss_head"):
+        unknown = [t for t in getattr(cfg, name) if t not in known]
+        if unknown:
+            raise ValueError(f"sft.{name} names {unknown}, which are not runs of this profile (its runs: {known})")
     return set(cfg.rebuild)
 
 

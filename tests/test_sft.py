@@ -222,13 +222,37 @@ def test_trainer_loss_runs_under_the_trainings_autocast(model_and_tok, template,
         return inner(hidden, head, *a, **k)
 
     monkeypatch.setattr(losses, "chunked_sft_loss", spy)
-    for bf16 in (True, False):
+    # (bf16 training, loss_autocast): the third is sft.fp32_loss_head's, as runs before 2026-12-07 trained
+    for bf16, loss_autocast in ((True, True), (False, True), (True, False)):
         args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, use_cpu=True, bf16=bf16,
                                  report_to=[])
-        trainer = trainer_class()(model=copy.deepcopy(model), args=args, data_collator=coll, loss_chunk_size=7)
+        trainer = trainer_class()(model=copy.deepcopy(model), args=args, data_collator=coll, loss_chunk_size=7,
+                                  loss_autocast=loss_autocast)
         _, denom = trainer.get_batch_samples(iter([batch]), 1, torch.device("cpu"))
         assert torch.isfinite(trainer.compute_loss(trainer.model, batch, num_items_in_batch=denom))
-    assert seen == [(True, torch.bfloat16, torch.bfloat16), (False, torch.bfloat16, torch.float32)], seen
+    assert seen == [(True, torch.bfloat16, torch.bfloat16), (False, torch.bfloat16, torch.float32),
+                    (False, torch.bfloat16, torch.float32)], seen
+
+
+def test_fp32_loss_head_names_runs_and_reaches_training(monkeypatch):
+    """sft.fp32_loss_head: the named runs train with the loss outside the autocast, the others under it; a
+    tag list of another type is refused."""
+    import lwlib.sft as sft
+
+    cfg = SFTConfig(caps=[500, 1000], seeds=2, fp32_loss_head=["sft", "cap500-s1"])
+    got = []
+    monkeypatch.setattr(sft, "train_sft", lambda prof, c, out_dir, seed, loss_autocast: got.append(loss_autocast))
+
+    class Prof:
+        run_dir = Path("/nonexistent")
+
+    for run in sft.sft_runs(cfg):
+        sft.train_run(Prof(), run)
+    tags = [r.tag for r in sft.sft_runs(cfg)]
+    assert dict(zip(tags, got)) == {"sft": False, "cap500": True, "cap1000": True, "sft-s1": True,
+                                    "cap500-s1": False, "cap1000-s1": True}
+    with pytest.raises(ValueError, match="sft.fp32_loss_head must be a list of run tags"):
+        SFTConfig(fp32_loss_head="sft")
 
 
 def test_collator_weights_and_counts(tok, template):
