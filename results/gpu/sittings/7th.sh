@@ -20,16 +20,16 @@ left() { echo $(( END - $(date +%s) )); }
 if python3 -c "import json, sys; sys.exit(0 if json.load(open('runs/gpu/sft/rebuild.json'))['within_tol'] else 1)"
 then
   echo "7th.sh: sft rebuilt within 1%: DPO seed 0 until $(( END - BENCH_S ))"
-  LWLIB_SITTING_END=$(( END - BENCH_S )) LWLIB_SITTING_RUN_S=0 timeout $(( $(left) - BENCH_S )) \
+  [ "$(( $(left) - BENCH_S ))" -gt 60 ] && LWLIB_SITTING_END=$(( END - BENCH_S )) LWLIB_SITTING_RUN_S=0 timeout $(( $(left) - BENCH_S )) \
     ./run_all.sh gpu --only 04
 else
   echo "7th.sh: sft's rebuild is not within 1% (runs/gpu/sft/rebuild.json): the next runs of (a)"
   LWLIB_SITTING_END=$(( END - BENCH_S )) LWLIB_SITTING_RUN_S=260 ./run_all.sh gpu --only 03 \
     --set "sft.runs=[cap, uncapped]"
 fi
-timeout 120 .venv/bin/python -m pytest -x -q -rA tests/test_decoding_windows_gpu.py -k real 2>&1 | tail -30
+[ "$(left)" -gt 150 ] && timeout 120 .venv/bin/python -m pytest -x -q -rA tests/test_decoding_windows_gpu.py -k real 2>&1 | tail -30
 mkdir -p benchmarks/results
-timeout $(( $(left) - 5 )) .venv/bin/python benchmarks/generation.py --model gemma3-270m --workloads decode \
+[ "$(left)" -gt 60 ] && timeout $(( $(left) - 5 )) .venv/bin/python benchmarks/generation.py --model gemma3-270m --workloads decode \
   --decode-batches 192 --decode-context 16384 --decode-tokens 64 --max-batch 192 --generate-tokens 0 \
   --check-prompts 0 --breakdown --attention-sweep --rerun-best \
   --out benchmarks/results/generation_gemma3_breakdown_sitting7.json
