@@ -2,7 +2,8 @@
 # The 7th sitting's passes (2026-12-07), written before they ran (results/gpu/README.md, "Order of the next
 # sittings"), run in the background on the lent GPU after env/offline_unpack.sh:
 #   results/gpu/sittings/7th.sh END    # END: Unix time by which every pass has ended
-# 1. notebook 02 (the corpus: NLL passages and SFT data, by construction as in the 1st sitting);
+# 1. notebook 02 (the corpus: NLL passages and SFT data, by construction as in the 1st sitting), unless the kit
+#    brought it;
 # 2. NLL: notebook 03 trains `sft` and `cap500` again (sft.rebuild; their fp32 output layer: sft.fp32_loss_head),
 #    then notebook 05 (base, sft, cap500);
 # 3. if the rebuilt `sft` is within 1% of its recorded loss curve (rebuild.json; then it counts as the same model
@@ -14,7 +15,8 @@ set -uo pipefail
 END=$1 BENCH_S=${BENCH_S:-300}
 export LWLIB_DATA_DIR=${LWLIB_DATA_DIR:-/tmp/kit/data} PYTHONUNBUFFERED=1
 left() { echo $(( END - $(date +%s) )); }
-./run_all.sh gpu --only 02 || exit 1
+# (the corpus may come built on a CPU in the kit: lwlib.corpus.build_corpus, the same files; then 02 is skipped)
+[ -f runs/gpu/corpus/heldout_nll.jsonl ] || ./run_all.sh gpu --only 02 || exit 1
 ./run_all.sh gpu --only 03 --set "sft.runs=[main]" --set "sft.rebuild=[sft, cap500]" || exit 1
 ./run_all.sh gpu --only 05
 if python3 -c "import json, sys; sys.exit(0 if json.load(open('runs/gpu/sft/rebuild.json'))['within_tol'] else 1)"
