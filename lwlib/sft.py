@@ -78,7 +78,8 @@ from .runs import (REPO_ROOT, JsonlStore, atomic_write_json, iter_jsonl, model_f
                    training_finished, write_manifest)
 from .models import seed_tag, sft_folder
 from .training import (accelerate_setup, batch_plan, checkpointing_args, compare_losses, deepspeed_config,
-                       finish_from_checkpoint, holds_last_step, pick_liger, pick_loss, prepare_run, save_trained, step_timer, use_liger)
+                       finish_from_checkpoint, holds_last_step, pick_liger, pick_loss, prepare_run, save_trained,
+                       step_timer, use_liger)
 from .text import count_words, truncate_words
 
 Messages = list[dict[str, str]]
@@ -785,9 +786,11 @@ def rebuild_run(prof: Profile, run: SFTRun, rel_tol: float = 0.01) -> Path:
     """Train ``run`` again where an earlier sitting trained and probed it but its checkpoint is gone (its
     ``train_log.json`` came back, its weights did not): the same data, seed and steps. The recorded log is kept as
     ``train_log.recorded.json``; ``rebuild.json`` beside it compares the two loss curves step by step
-    (:func:`lwlib.training.compare_losses`: the largest relative difference, and whether it is within ``rel_tol``: GPU kernels need not be bitwise deterministic, and a
-    later sitting may run on another card). The probes stay those of the first training. Returns the checkpoint
-    folder; a run whose checkpoint exists is returned as it is.
+    (:func:`lwlib.training.compare_losses`: the largest relative difference, and whether it is within ``rel_tol``:
+    GPU kernels need not be bitwise deterministic, and a later sitting may run on another card). A run of
+    ``sft.fp32_loss_head`` trains with its loss's output layer in fp32 again, as it was first trained. The probes
+    stay those of the first training. Returns the checkpoint folder; a run whose checkpoint exists is returned as
+    it is.
 
     Usage: ``folder = rebuild_run(prof, run)  # e.g. DPO's start model sft-s1 in a later sitting``
     """
