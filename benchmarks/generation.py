@@ -656,8 +656,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-batch", type=int, default=256)
     ap.add_argument("--attention", nargs="+", default=["auto"], choices=["auto", "triton", "sdpa"],
                     help="slots engine decoding attention(s): one slots row per kernel (lwlib.decode_attention)")
-    ap.add_argument("--fused-kernels", nargs="+", default=["auto"], choices=["auto", "liger", "none"],
-                    help="slots engine: Liger's fused RMSNorm/SwiGLU/RoPE or not; one row per value (x --attention)")
+    ap.add_argument("--fused-kernels", nargs="+", default=["auto"], choices=["auto", "liger", "gemma_norm", "none"],
+                    help="slots engine: Liger's fused RMSNorm/SwiGLU/RoPE, Gemma 3's norm kernels, or none; "
+                         "one row per value (x --attention)")
     ap.add_argument("--workloads", nargs="+", default=["decode", "probe", "agentwrite", "dpo"],
                     help="which workloads (decode = every decode-B)")
     ap.add_argument("--transformers-cb", action=argparse.BooleanOptionalAction, default=False,

@@ -25,7 +25,8 @@ cache writes and the attention are done by :func:`slots_attention`, registered w
 implementation ``lwlib_slots`` and switched on only inside the engine's forward calls. A decoding step attends with
 the length-exact Triton kernel of :mod:`lwlib.decode_attention` on CUDA (``attention``; sdpa under a length mask
 elsewhere) and, with ``fused_kernels``, through Liger-Kernel's fused RMSNorm, SwiGLU and RoPE where they are exact
-for the model's family: a small model's captured step is bound by its kernel count, not by memory
+for the model's family (Gemma 3: its own norms in three kernels, :mod:`lwlib.decode_norm`): a small model's
+captured step is bound by its kernel count, not by memory
 (benchmarks/README.md, "the slots engine's decoding attention and fused kernels").
 
 Usage::
@@ -54,7 +55,7 @@ from .sampling import SHARED_PARAMS as SHARED_PARAMS  # (re-exported: the backen
 ATTENTION_NAME = "lwlib_slots"
 DEFAULT_MAX_SLOTS = 256
 ATTENTION_KERNELS = ("auto", "triton", "sdpa")
-FUSED_KERNELS = ("auto", "liger", "none")
+FUSED_KERNELS = ("auto", "liger", "gemma_norm", "none")
 H200_COPY_BANDWIDTH = 4.3e12  # bytes/s, a device-to-device copy measured on the H200 (counting read + write)
 
 
@@ -266,9 +267,11 @@ class SlotConfig:
         fused_kernels: ``liger``: Liger-Kernel's fused RMSNorm and SwiGLU patched into the model instance for
             good (:func:`lwlib.training.use_liger`; the same math) and its fused RoPE swapped in during the
             engine's own forward passes only (about 17 kernels per layer instead of 40: a small model's step is
-            bound by its kernel count); ``none``; or ``auto`` (default): ``liger`` on CUDA where liger-kernel is
-            installed and the model's family has exact Liger kernels (:class:`lwlib.families.Family`; if
-            patching fails: a warning, and ``none``).
+            bound by its kernel count); ``gemma_norm``: Gemma 3's RMSNorms as :func:`lwlib.decode_norm.gemma_rms_norm`
+            during the engine's passes (three kernels each instead of about ten; used only where its self-check
+            on the device is bit-exact); ``none``; or ``auto`` (default), on CUDA: ``liger`` where liger-kernel is
+            installed and the model's family has exact Liger kernels, ``gemma_norm`` for Gemma 3
+            (:class:`lwlib.families.Family`; if patching or the self-check fails: a warning, and ``none``).
     """
 
     max_batch: int | None = None
@@ -387,25 +390,48 @@ class SlotEngine:
         self.fused = self._pick_fused()
 
     def _pick_fused(self) -> str:
-        """``liger`` or ``none`` (cfg.fused_kernels); patches the model's RMSNorm and SwiGLU for ``liger``."""
-        import importlib
+        """``liger``, ``gemma_norm`` or ``none`` (cfg.fused_kernels); patches the model's RMSNorm and SwiGLU for
+        ``liger``."""
         import importlib.util
 
         want, fam = self.cfg.fused_kernels, self.family
-        if want == "none" or (want == "auto" and (
-                self.device.type != "cuda" or importlib.util.find_spec("liger_kernel") is None or not fam.liger)):
-            return "none"
-        if not fam.liger:
-            from .families import FAMILIES
+        if want == "auto":
+            if self.device.type != "cuda":
+                return "none"
+            want = "gemma_norm" if fam.gemma_norm else "liger"
+            if want == "liger" and (importlib.util.find_spec("liger_kernel") is None or not fam.liger):
+                return "none"
+            return self._pick_fused_kernel(want, strict=False)
+        return "none" if want == "none" else self._pick_fused_kernel(want, strict=True)
 
-            raise ValueError(f"slots engine: fused_kernels 'liger' is exact for the families "
-                             f"{[f.name for f in FAMILIES if f.liger]}, not {fam.name!r}; use 'none'")
+    def _pick_fused_kernel(self, want: str, strict: bool) -> str:
+        import importlib
+
+        from .families import FAMILIES
+
+        fam = self.family
+        if not getattr(fam, want):
+            raise ValueError(f"slots engine: fused_kernels {want!r} is exact for the families "
+                             f"{[f.name for f in FAMILIES if getattr(f, want)]}, not {fam.name!r}; use 'none'")
+        if want == "gemma_norm":
+            from . import decode_norm
+
+            why = decode_norm.self_check(self.device, self.dtype, [text_config(self.model.config).hidden_size,
+                                                                   self.head_dim])
+            if why is None and not decode_norm.norm_modules(self.model):
+                why = "the model has no transformers Gemma3RMSNorm modules (patched already?)"
+            if why is None:
+                return "gemma_norm"
+            if strict:
+                raise ValueError(f"slots engine: fused_kernels 'gemma_norm' cannot run here: {why}")
+            self._warn_once("fused", f"slots engine: the Gemma norm kernels are off ({why})")
+            return "none"
         from .training import use_liger
 
         try:
             use_liger(self.model)  # raises without CUDA or the package
         except Exception as e:  # noqa: BLE001 - auto: any failure leaves the model as it was
-            if want == "auto":
+            if not strict:
                 self._warn_once("fused", f"slots engine: Liger's kernels are off ({type(e).__name__}: {e})")
                 return "none"
             raise ValueError(f"slots engine: fused_kernels 'liger': {e}") from e
@@ -416,8 +442,15 @@ class SlotEngine:
 
     @contextmanager
     def _forward_ctx(self):
-        """The engine's forward passes: its attention function, and Liger's RoPE where ``fused == "liger"``."""
+        """The engine's forward passes: its attention function, Liger's RoPE where ``fused == "liger"``, Gemma's
+        norm kernels where ``fused == "gemma_norm"``."""
         with _attention(self.model, ATTENTION_NAME):
+            if self.fused == "gemma_norm":
+                from .decode_norm import gemma_norms
+
+                with gemma_norms(self.model):
+                    yield
+                return
             if self.fused != "liger":
                 yield
                 return

@@ -5,7 +5,8 @@
   ``sliding_window`` for every layer where ``use_sliding_window`` is not false (Mistral's older configs);
 * which of Liger-Kernel's fused kernels a model gets (:func:`liger_kernels`: training and the engine) and whether
   the engine also swaps in Liger's RoPE for its passes (:class:`Family` ``liger``: the llama family; Gemma 3's
-  kernels are checked against the plain path in training (``tests/test_sft_gpu.py``), not yet in the engine);
+  kernels are checked against the plain path in training (``tests/test_sft_gpu.py``), but Liger's RMSNorm is not
+  bit-exact, so the engine runs Gemma 3's norms as :mod:`lwlib.decode_norm`'s instead: ``gemma_norm``);
 * what the engine cannot decode (:func:`unsupported`): logit soft-capping (Gemma 2), scaled logits (Cohere), or an
   attention soft-cap, which the decoding kernels do not apply.
 
@@ -37,16 +38,19 @@ class Family:
         liger: Liger-Kernel's fused RMSNorm and MLP (:func:`lwlib.training.use_liger`) and its fused RoPE
             (``liger_kernel.transformers.rope.liger_rotary_pos_emb``, swapped for the module's
             ``apply_rotary_pos_emb`` during the engine's forward passes) compute exactly this family's layers.
+        gemma_norm: the family's norms are transformers' ``Gemma3RMSNorm``, which the engine may run as
+            :func:`lwlib.decode_norm.gemma_rms_norm` (three kernels, the same bits, checked on the device first).
     """
 
     name: str
     model_types: tuple[str, ...]
     liger: bool = False
+    gemma_norm: bool = False
 
 
 FAMILIES = (
     Family("llama", ("llama", "mistral", "qwen2", "qwen3"), liger=True),
-    Family("gemma3", ("gemma3_text", "gemma3")),
+    Family("gemma3", ("gemma3_text", "gemma3"), gemma_norm=True),
 )
 GENERIC = Family("generic", ())
 

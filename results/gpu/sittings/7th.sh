@@ -9,8 +9,9 @@
 # 3. if the rebuilt `sft` is within 1% of its recorded loss curve (rebuild.json; then it counts as the same model
 #    and its DPO samples resume in a later sitting): DPO seed 0 (notebook 04, cut at END - BENCH_S); otherwise the
 #    next runs of (a) (notebook 03, `cap8000` seed 0 onwards), which end within the sitting;
-# 4. in the last BENCH_S seconds, for issue 28: the real-model identity test (tests/test_decoding_windows_gpu.py -k
-#    real), then the decoding step's breakdown (benchmarks/generation.py).
+# 4. in the last BENCH_S seconds, for issue 28: the identity tests (tests/test_decoding_windows_gpu.py: the tiny
+#    and the real model, with Gemma's norm kernels, lwlib.decode_norm, added 2026-12-07 16:30 before any GPU run),
+#    then the decoding step with and without them, and its breakdown (benchmarks/generation.py).
 set -uo pipefail
 END=$1 BENCH_S=${BENCH_S:-300}
 export LWLIB_DATA_DIR=${LWLIB_DATA_DIR:-/tmp/kit/data} PYTHONUNBUFFERED=1
@@ -29,10 +30,10 @@ else
   LWLIB_SITTING_END=$(( END - BENCH_S )) LWLIB_SITTING_RUN_S=260 ./run_all.sh gpu --only 03 \
     --set "sft.runs=[cap, uncapped]"
 fi
-[ "$(left)" -gt 150 ] && timeout 120 .venv/bin/python -m pytest -x -q -rA tests/test_decoding_windows_gpu.py -k real 2>&1 | tail -30
+[ "$(left)" -gt 180 ] && timeout 150 .venv/bin/python -m pytest -x -q -rA tests/test_decoding_windows_gpu.py 2>&1 | tail -30
 mkdir -p benchmarks/results
 [ "$(left)" -gt 60 ] && timeout $(( $(left) - 5 )) .venv/bin/python benchmarks/generation.py --model gemma3-270m --workloads decode \
   --decode-batches 192 --decode-context 16384 --decode-tokens 64 --max-batch 192 --generate-tokens 0 \
-  --check-prompts 0 --breakdown --attention-sweep --rerun-best \
+  --check-prompts 0 --breakdown --fused-kernels gemma_norm none \
   --out benchmarks/results/generation_gemma3_breakdown_sitting7.json
 echo "7th.sh: done at $(date -u +%T)"
