@@ -1,7 +1,8 @@
 """The slots engine on Gemma 3 on CUDA: CUDA-graph steps over ring buffers give the tokens of transformers'
 ``generate`` (fp32, greedy, the Triton decoding kernel and sdpa) on the tiny random Gemma 3 of
 ``test_decoding_windows`` (windows of 8 tokens) and on the real Gemma-3-270M (window 512; 8 ruler prompts x 700
-tokens, so every ring wraps), with rows of both decodings in one batch; bf16 graphs equal eager steps.
+tokens, so every ring wraps), with rows of both decodings in one batch; bf16 graphs equal eager steps; Gemma's norm
+kernels (lwlib.decode_norm) equal the eager module bit for bit in fp32 and bf16.
 ``./test.sh gpu`` (the real model where its weights are converted or ``LWLIB_GGUF_GEMMA3_270M`` is set)."""
 
 from __future__ import annotations
@@ -37,9 +38,28 @@ def test_tiny_gemma3_graphs_equal_generate_fp32(attention):
     eng = SlotEngine(model, [END], 0, SlotConfig(**{**SLOTS.__dict__, "attention": attention}))
     assert _quiet(lambda: run(eng, ps, limits, GenParams(temperature=0))) == want
     assert eng.attention == attention and eng.stats.captures >= 2 and eng.stats.compactions >= 1
+    assert eng.fused == "gemma_norm"  # auto on CUDA: Gemma's norm kernels (lwlib.decode_norm), bit-exact
     pen = GenParams(temperature=0, repetition_penalty=1.5, repetition_window=6)
     mixed = _quiet(lambda: run(eng, ps + ps, limits + limits, [GenParams(temperature=0)] * 6 + [pen] * 6))
     assert mixed == want + reference(model, ps, limits, GenerationPenalty(1.5, 6, end_ids=[END]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemma_norm_kernels_equal_the_eager_module_bit_for_bit(dtype):
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    from lwlib import decode_norm
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(192, 1, 640), (192, 1, 4, 256), (2, 3000, 640), (5, 1, 1, 256)]:
+        x = (torch.randn(*shape, generator=g) * torch.logspace(-3, 3, shape[0]).view(-1, *[1] * (len(shape) - 1)))
+        norm = Gemma3RMSNorm(shape[-1], eps=1e-6)
+        with torch.no_grad():
+            norm.weight.normal_(0, 0.5, generator=g)
+        x, norm = x.cuda().to(dtype), norm.cuda().to(dtype)
+        with torch.no_grad():
+            assert torch.equal(decode_norm.gemma_rms_norm(x, norm.weight, norm.eps), norm(x)), shape
+    assert decode_norm.self_check("cuda", dtype, [640, 256]) is None
 
 
 def _real_gemma_available() -> bool:
@@ -63,6 +83,7 @@ def test_real_gemma3_slots_equal_generate_past_the_window():
     got = _quiet(lambda: be.generate(ruler, p))
     same = sum(a.text == b.text for a, b in zip(got, want))
     assert be.slot_engine.attention == "triton" and be.slot_engine.windows[:6] == [512] * 5 + [None]
+    assert be.slot_engine.fused == "gemma_norm"
     assert same >= 7, [next((k for k, (x, y) in enumerate(zip(a.text, b.text)) if x != y), None)
                        for a, b in zip(got, want)]  # fp32 kernels may differ in the last bit
     # bf16: graphs equal eager steps, rows of both decodings in one batch
