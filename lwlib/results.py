@@ -26,7 +26,10 @@ PATTERNS = (
     "nll/summary.json", "nll/claim.json", "nll/*/curve.csv", "nll/*/summary.json", "bench/summary.json",
     # the general answers another model wrote (small; a run made over several sittings restores them)
     "sft/general_self_distill.jsonl", "sft/general_self_distill.jsonl.fingerprint.json",
+    # a run trained again in a later sitting (lwlib.sft.rebuild_run): its comparison with the first training
+    "sft/rebuild.json", "sft/*/rebuild.json",
 )
+REBUILT_LOG = "train_log.rebuilt.json"  # where a rebuild's own loss log is exported (:func:`export_results`)
 
 
 def default_results_root() -> Path:
@@ -86,7 +89,12 @@ def newest_manifest(run_dir: str | Path) -> dict[str, Any] | None:
 def export_results(run_dir: str | Path, dest: str | Path | None = None) -> Path:
     """Copy the small result files of the run folder ``run_dir`` to ``dest`` (default ``results/<its name>``), write
     ``timing.json`` (:func:`notebook_timing`) and ``environment.json`` (versions, git SHA, host and resolved profile
-    of the newest stage manifest)."""
+    of the newest stage manifest).
+
+    A training run trained again in a later sitting (``train_log.recorded.json`` beside its ``train_log.json``:
+    :func:`lwlib.sft.rebuild_run`) keeps the first training's log as its ``train_log.json`` (the run's record, and
+    what the rebuild's model fingerprint hashes, so the next sitting's rebuild resumes the same stores); the
+    rebuild's own log is exported as ``train_log.rebuilt.json`` beside ``rebuild.json``."""
     run = Path(run_dir)
     if not run.exists():
         raise FileNotFoundError(f"{run} does not exist: run the notebooks first")
@@ -96,6 +104,11 @@ def export_results(run_dir: str | Path, dest: str | Path | None = None) -> Path:
     for pattern in PATTERNS:
         for src in sorted(run.glob(pattern)):
             rel = src.relative_to(run)
+            first = src.with_name("train_log.recorded.json")
+            if src.name == "train_log.json" and first.exists():
+                atomic_write_bytes(dest / rel.with_name(REBUILT_LOG), src.read_bytes())
+                copied.append(str(rel.with_name(REBUILT_LOG)))
+                src = first
             atomic_write_bytes(dest / rel, src.read_bytes())
             copied.append(str(rel))
     atomic_write_json(dest / "timing.json", notebook_timing(run))

@@ -53,3 +53,29 @@ def test_environment_comes_from_the_manifest_written_last_by_its_own_time_at_any
     assert env == {"versions": {"gpu": "NVIDIA H100 80GB HBM3"}, "git_sha": "f623743", "host": "vm",
                    "time_utc": "2026-12-07T08:41:29Z", "profile": {"name": "gpu"}}
     assert newest_manifest(tmp_path / "nothing") is None
+
+
+def test_a_rebuilt_run_keeps_its_first_training_log(tmp_path):
+    """A run trained again in a later sitting: results keep the first training's log as train_log.json (what the
+    rebuild's model fingerprint hashes), the rebuild's own log beside it."""
+    from lwlib.runs import model_fingerprint
+
+    run = tmp_path / "gpu"
+    model = run / "sft" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (run / "sft" / "train_log.json").write_text('{"log_history": [{"loss": 3.05}]}')  # the rebuild's
+    (run / "sft" / "train_log.recorded.json").write_text('{"log_history": [{"loss": 3.04}]}')  # the first's
+    (run / "sft" / "rebuild.json").write_text('{"within_tol": true}')
+    dest = export_results(run, tmp_path / "results" / "gpu")
+    assert json.loads((dest / "sft" / "train_log.json").read_text())["log_history"][0]["loss"] == 3.04
+    assert json.loads((dest / "sft" / "train_log.rebuilt.json").read_text())["log_history"][0]["loss"] == 3.05
+    assert json.loads((dest / "sft" / "rebuild.json").read_text())["within_tol"] is True
+    # the next sitting starts from these results and rebuilds again: the same model to the stores
+    before = model_fingerprint(model)
+    nxt = tmp_path / "next" / "gpu" / "sft"
+    (nxt / "model").mkdir(parents=True)
+    (nxt / "model" / "config.json").write_text("{}")
+    (nxt / "train_log.recorded.json").write_bytes((dest / "sft" / "train_log.json").read_bytes())
+    (nxt / "rebuild.json").write_text('{"within_tol": true}')
+    assert "@rebuilt-" in before and model_fingerprint(nxt / "model").split("@")[1] == before.split("@")[1]
