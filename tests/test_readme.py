@@ -89,8 +89,13 @@ def test_readme_results_match_the_result_files():
     verdicts = {r["id"]: r["reproduced"] for r in _json("results/gpu/claims.json")}
     assert verdicts == {"a_length_follows_sft_cap": None, "b_long_data_lifts_limit": False, "h_10000_words": False,
                         "d_length_follows_instruction": False, "c_dpo_improves_length_score": None,
-                        "nll_long_context_helps": None}
-    assert text.count("| incomplete") == 3 and text.count("| **no** |") == 3
+                        "nll_long_context_helps": True}
+    assert text.count("| incomplete") == 2 and text.count("| **no** |") == 3 and text.count("| **yes** |") == 1
+    # NLL: sft minus cap500 at 500 and at the end position, the change and its interval
+    lc = _json("results/gpu/nll/claim.json")["long_context"]
+    assert (f"{lc['difference_at_500']:.3f} at 500, {lc['difference_at_end']:.3f} at {lc['end_position']:,}: change "
+            f"{lc['change']:.3f}, interval {lc['lo']:.3f} .. {lc['hi']:.3f} (one seed each, {lc['samples']} passages)"
+            ) in text and lc["seeds"] == [0] and lc["position"] == 500
     # gpu_smollm2: (a), (b), (c) as the README states them
     cap = _json("results/gpu_smollm2/sft/cap_experiment.json")["loopfree"]
     p95 = dict(zip(cap["caps"], (round(x) for x in cap["p95_effective_words"])))
