@@ -251,7 +251,7 @@ def step_breakdown(be: LocalBackend, b: int, context: int, n: int = 20) -> dict:
     dev = eng.device
     bucket = pick_bucket([c for c in eng.cache_buckets if c < length] + [length], context + 1)
     out: dict = {"rows": b, "context": context, "cache_bucket": bucket, "attention": eng.attention,
-                 "fused": eng.fused}
+                 "fused": eng.fused_label}
     with torch.no_grad():
         eng._lens[:b].fill_(context)
         eng._last[:b].fill_(eng.pad_id)
@@ -343,7 +343,7 @@ def run_row(be: LocalBackend, wl: Workload, limits: list[int], kvb: int, bandwid
     gens, wall, first = _timed(be, wl, limits)
     toks = sum(g.completion_tokens for g in gens)
     row = {"workload": wl.name, "engine": be.engine, "attention": eng.attention if eng else None,
-           "fused": eng.fused if eng else None, "rows": len(gens), "batch": batch, "max_new": max(limits),
+           "fused": eng.fused_label if eng else None, "rows": len(gens), "batch": batch, "max_new": max(limits),
            "tokens": toks, "stopped": sum(g.finish_reason == "stop" for g in gens), "wall_s": round(wall, 3),
            "first_s": round(first, 3), "tokens_per_s": round(toks / wall, 1)}
     if eng is None:
@@ -523,7 +523,7 @@ def run(args, out: Path | None = None) -> dict:
 
     def engine(kind):
         if kind not in engines:  # a Liger engine patches its model's RMSNorm and SwiGLU for good: its own copy
-            m = model if kind[1] == "none" else fused_models.setdefault(kind[1], copy.deepcopy(model))
+            m = model if kind[1] in ("none", "exact") else fused_models.setdefault(kind[1], copy.deepcopy(model))
             engines[kind] = LocalBackend(m, tok, name=args.model, engine="slots", max_batch=args.max_batch,
                                          segment_tokens=args.segment_tokens, attention=kind[0], fused_kernels=kind[1])
         return engines[kind]
@@ -670,8 +670,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-batch", type=int, default=256)
     ap.add_argument("--attention", nargs="+", default=["auto"], choices=["auto", "triton", "sdpa"],
                     help="slots engine decoding attention(s): one slots row per kernel (lwlib.decode_attention)")
-    ap.add_argument("--fused-kernels", nargs="+", default=["auto"], choices=["auto", "liger", "gemma_norm", "none"],
-                    help="slots engine: Liger's fused RMSNorm/SwiGLU/RoPE, Gemma 3's norm kernels, or none; "
+    ap.add_argument("--fused-kernels", nargs="+", default=["auto"], choices=["auto", "liger", "exact", "none"],
+                    help="slots engine: Liger's fused RMSNorm/SwiGLU/RoPE, the engine's exact kernels (Gemma 3), or none; "
                          "one row per value (x --attention)")
     ap.add_argument("--workloads", nargs="+", default=["decode", "probe", "agentwrite", "dpo"],
                     help="which workloads (decode = every decode-B)")

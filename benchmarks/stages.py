@@ -43,7 +43,7 @@ def _engine_counters(be, before: dict | None) -> dict:
     after = eng.stats.as_dict()
     d = {k: after[k] - (before or {}).get(k, 0) for k in after if isinstance(after[k], (int, float))}
     steps = max(d["steps"], 1)
-    return {"attention": eng.attention, "fused": eng.fused, "steps": d["steps"], "ms_per_step": round(1000 * d["decode_s"] / steps, 3),
+    return {"attention": eng.attention, "fused": eng.fused_label, "steps": d["steps"], "ms_per_step": round(1000 * d["decode_s"] / steps, 3),
             "decode_s": round(d["decode_s"], 2), "prefill_s": round(d["prefill_s"], 2),
             "capture_s": round(d["capture_s"], 2), "captures": d["captures"],
             "occupancy": round(d["active_steps"] / max(d["slot_steps"], 1), 3)}

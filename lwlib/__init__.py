@@ -7,7 +7,8 @@ and ``bench`` (LongBench-Write); ``experiments`` and ``claims`` turn their files
 (notebook 06, the HTML report of ``report``). No stage imports another. Shared pieces:
 ``text`` (word counting, repetition), ``models`` (with the bundled models), ``families`` (what differs between
 architectures: sliding windows, fused kernels), ``backends`` (with ``decoding``, the slots engine, ``sampling``, its
-penalty and sampling, ``decode_attention``, its Triton attention kernel, and ``served``, a server per model),
+penalty and sampling, ``decode_attention``, its Triton attention kernel, ``decode_norm`` and ``decode_rope``, its
+bit-exact norm and RoPE kernels, and ``served``, a server per model),
 ``decodings``, ``generation`` (generate into a store),
 ``runs`` (run folders, resumable JSONL, atomic files), ``config`` (profiles, with ``typed``, typed values), ``data`` (benchmark files, the ``hf:``
 data set spec), ``scoring`` (the length score and buckets), ``judge`` (the LLM judge the benchmark and DPO share)

@@ -649,9 +649,9 @@ class BackendConfig:
             lwlib.decode_attention), ``sdpa`` (PyTorch's over the cache bucket, length-masked) or ``auto``
             (``triton`` on CUDA where Triton is installed).
         fused_kernels: slots: ``liger`` (Liger-Kernel's fused RMSNorm, SwiGLU and RoPE in the engine's passes:
-            fewer kernels per decoding step; the llama family), ``gemma_norm`` (Gemma 3's norms in three bit-exact
-            kernels: lwlib.decode_norm), ``none``, or ``auto`` (on CUDA: ``gemma_norm`` for Gemma 3, ``liger`` for
-            the llama family where liger-kernel is installed).
+            fewer kernels per decoding step; the llama family), ``exact`` (the engine's own bit-exact kernels: Gemma
+            3's norms and RoPE, lwlib.decode_norm and lwlib.decode_rope), ``none``, or ``auto`` (on CUDA: ``exact``
+            for Gemma 3, ``liger`` for the llama family where liger-kernel is installed).
         server_command: server: the command that serves ``{model}`` on ``{port}`` with ``{gpus}`` GPUs (``{python}``:
             this interpreter); null = ``lwlib.served.VLLM_COMMAND`` (``vllm serve``; ``lwlib.served.SGLANG_COMMAND``
             for SGLang, ``lwlib.served.LWLIB_SERVE_COMMAND`` for ``lwlib.serve``).

@@ -25,8 +25,8 @@ cache writes and the attention are done by :func:`slots_attention`, registered w
 implementation ``lwlib_slots`` and switched on only inside the engine's forward calls. A decoding step attends with
 the length-exact Triton kernel of :mod:`lwlib.decode_attention` on CUDA (``attention``; sdpa under a length mask
 elsewhere) and, with ``fused_kernels``, through Liger-Kernel's fused RMSNorm, SwiGLU and RoPE where they are exact
-for the model's family (Gemma 3: its own norms in three kernels, :mod:`lwlib.decode_norm`): a small model's
-captured step is bound by its kernel count, not by memory
+for the model's family (Gemma 3: the engine's own bit-exact norm and RoPE kernels, :mod:`lwlib.decode_norm`,
+:mod:`lwlib.decode_rope`): a small model's captured step is bound by its kernel count, not by memory
 (benchmarks/README.md, "the slots engine's decoding attention and fused kernels").
 
 Usage::
@@ -55,7 +55,7 @@ from .sampling import SHARED_PARAMS as SHARED_PARAMS  # (re-exported: the backen
 ATTENTION_NAME = "lwlib_slots"
 DEFAULT_MAX_SLOTS = 256
 ATTENTION_KERNELS = ("auto", "triton", "sdpa")
-FUSED_KERNELS = ("auto", "liger", "gemma_norm", "none")
+FUSED_KERNELS = ("auto", "liger", "exact", "none")
 H200_COPY_BANDWIDTH = 4.3e12  # bytes/s, a device-to-device copy measured on the H200 (counting read + write)
 
 
@@ -267,11 +267,13 @@ class SlotConfig:
         fused_kernels: ``liger``: Liger-Kernel's fused RMSNorm and SwiGLU patched into the model instance for
             good (:func:`lwlib.training.use_liger`; the same math) and its fused RoPE swapped in during the
             engine's own forward passes only (about 17 kernels per layer instead of 40: a small model's step is
-            bound by its kernel count); ``gemma_norm``: Gemma 3's RMSNorms as :func:`lwlib.decode_norm.gemma_rms_norm`
-            during the engine's passes (three kernels each instead of about ten; used only where its self-check
-            on the device is bit-exact); ``none``; or ``auto`` (default), on CUDA: ``liger`` where liger-kernel is
-            installed and the model's family has exact Liger kernels, ``gemma_norm`` for Gemma 3
-            (:class:`lwlib.families.Family`; if patching or the self-check fails: a warning, and ``none``).
+            bound by its kernel count); ``exact``: the engine's own bit-exact kernels for the family
+            (:attr:`lwlib.families.Family.exact`; Gemma 3: its RMSNorms in three kernels instead of about ten,
+            :mod:`lwlib.decode_norm`, and the RoPE in one per tensor instead of five, :mod:`lwlib.decode_rope`),
+            each used only where its self-check on the device is bit-exact; ``none``; or ``auto`` (default), on
+            CUDA: ``exact`` for a family that has such kernels, else ``liger`` where liger-kernel is installed and
+            the family has exact Liger kernels (:class:`lwlib.families.Family`; a kernel whose patching or
+            self-check fails: a warning, and it stays off).
     """
 
     max_batch: int | None = None
@@ -390,42 +392,68 @@ class SlotEngine:
         self.fused = self._pick_fused()
 
     def _pick_fused(self) -> str:
-        """``liger``, ``gemma_norm`` or ``none`` (cfg.fused_kernels); patches the model's RMSNorm and SwiGLU for
-        ``liger``."""
+        """``liger``, ``exact`` or ``none`` (cfg.fused_kernels); patches the model's RMSNorm and SwiGLU for
+        ``liger``; sets ``exact_kernels`` (those of the family's :attr:`lwlib.families.Family.exact` whose
+        self-check passed) for ``exact``."""
         import importlib.util
 
         want, fam = self.cfg.fused_kernels, self.family
+        self.exact_kernels: tuple[str, ...] = ()
         if want == "auto":
             if self.device.type != "cuda":
                 return "none"
-            want = "gemma_norm" if fam.gemma_norm else "liger"
-            if want == "liger" and (importlib.util.find_spec("liger_kernel") is None or not fam.liger):
+            if fam.exact:
+                return self._pick_exact(strict=False)
+            if importlib.util.find_spec("liger_kernel") is None or not fam.liger:
                 return "none"
-            return self._pick_fused_kernel(want, strict=False)
-        return "none" if want == "none" else self._pick_fused_kernel(want, strict=True)
+            return self._pick_liger(strict=False)
+        if want == "none":
+            return "none"
+        return self._pick_exact(strict=True) if want == "exact" else self._pick_liger(strict=True)
 
-    def _pick_fused_kernel(self, want: str, strict: bool) -> str:
-        import importlib
-
+    def _refuse(self, want: str, field: str) -> None:
         from .families import FAMILIES
 
-        fam = self.family
-        if not getattr(fam, want):
-            raise ValueError(f"slots engine: fused_kernels {want!r} is exact for the families "
-                             f"{[f.name for f in FAMILIES if getattr(f, want)]}, not {fam.name!r}; use 'none'")
-        if want == "gemma_norm":
-            from . import decode_norm
+        raise ValueError(f"slots engine: fused_kernels {want!r} is exact for the families "
+                         f"{[f.name for f in FAMILIES if getattr(f, field)]}, not {self.family.name!r}; use 'none'")
 
-            why = decode_norm.self_check(self.device, self.dtype, [text_config(self.model.config).hidden_size,
-                                                                   self.head_dim])
-            if why is None and not decode_norm.norm_modules(self.model):
-                why = "the model has no transformers Gemma3RMSNorm modules (patched already?)"
+    def _pick_exact(self, strict: bool) -> str:
+        """The engine's own bit-exact kernels of the family (``exact_kernels``), each checked on the device first
+        (:mod:`lwlib.decode_norm`, :mod:`lwlib.decode_rope`); one that fails its check stays off (``auto``: a
+        warning; ``exact``: an error)."""
+        import importlib
+
+        from . import decode_norm, decode_rope
+
+        if not self.family.exact:
+            self._refuse("exact", "exact")
+        checks = {
+            "gemma_norm": lambda: decode_norm.self_check(
+                self.device, self.dtype, [text_config(self.model.config).hidden_size, self.head_dim])
+            or (None if decode_norm.norm_modules(self.model) else
+                "the model has no transformers Gemma3RMSNorm modules (patched already?)"),
+            "rope": lambda: decode_rope.self_check(self.device, self.dtype, self.heads, self.kv_heads,
+                                                   self.head_dim)
+            or (None if hasattr(importlib.import_module(type(self.model).__module__), "apply_rotary_pos_emb") else
+                "the model's module has no apply_rotary_pos_emb"),
+        }
+        ok = []
+        for name in self.family.exact:
+            why = checks[name]()
             if why is None:
-                return "gemma_norm"
-            if strict:
-                raise ValueError(f"slots engine: fused_kernels 'gemma_norm' cannot run here: {why}")
-            self._warn_once("fused", f"slots engine: the Gemma norm kernels are off ({why})")
-            return "none"
+                ok.append(name)
+            elif strict:
+                raise ValueError(f"slots engine: fused_kernels 'exact': {name} cannot run here: {why}")
+            else:
+                self._warn_once(f"fused-{name}", f"slots engine: the exact {name} kernel is off ({why})")
+        self.exact_kernels = tuple(ok)
+        return "exact" if ok else "none"
+
+    def _pick_liger(self, strict: bool) -> str:
+        import importlib
+
+        if not self.family.liger:
+            self._refuse("liger", "liger")
         from .training import use_liger
 
         try:
@@ -440,27 +468,32 @@ class SlotEngine:
         self._rope = (importlib.import_module(type(self.model).__module__), liger_rotary_pos_emb)
         return "liger"
 
+    @property
+    def fused_label(self) -> str:
+        """``fused`` with the exact kernels in use, e.g. ``exact:gemma_norm+rope`` (the benchmarks' rows)."""
+        return f"exact:{'+'.join(self.exact_kernels)}" if self.fused == "exact" else self.fused
+
     @contextmanager
     def _forward_ctx(self):
-        """The engine's forward passes: its attention function, Liger's RoPE where ``fused == "liger"``, Gemma's
-        norm kernels where ``fused == "gemma_norm"``."""
-        with _attention(self.model, ATTENTION_NAME):
-            if self.fused == "gemma_norm":
-                from .decode_norm import gemma_norms
+        """The engine's forward passes: its attention function; Liger's RoPE where ``fused == "liger"``; the exact
+        kernels (Gemma's norms, the RoPE) where ``fused == "exact"``."""
+        from contextlib import ExitStack
 
-                with gemma_norms(self.model):
-                    yield
-                return
-            if self.fused != "liger":
-                yield
-                return
-            module, rope = self._rope
-            old = module.apply_rotary_pos_emb
-            module.apply_rotary_pos_emb = rope
-            try:
-                yield
-            finally:
-                module.apply_rotary_pos_emb = old
+        with _attention(self.model, ATTENTION_NAME), ExitStack() as stack:
+            if self.fused == "exact":
+                from .decode_norm import gemma_norms
+                from .decode_rope import rope_swapped
+
+                if "gemma_norm" in self.exact_kernels:
+                    stack.enter_context(gemma_norms(self.model))
+                if "rope" in self.exact_kernels:
+                    stack.enter_context(rope_swapped(self.model))
+            elif self.fused == "liger":
+                module, rope = self._rope
+                old = module.apply_rotary_pos_emb
+                module.apply_rotary_pos_emb = rope
+                stack.callback(setattr, module, "apply_rotary_pos_emb", old)
+            yield
 
     def _pick_attention(self) -> str:
         """``sdpa`` or ``triton`` (cfg.attention; ``auto``: ``triton`` on CUDA if its self-check passes)."""

@@ -6,7 +6,7 @@
 * which of Liger-Kernel's fused kernels a model gets (:func:`liger_kernels`: training and the engine) and whether
   the engine also swaps in Liger's RoPE for its passes (:class:`Family` ``liger``: the llama family; Gemma 3's
   kernels are checked against the plain path in training (``tests/test_sft_gpu.py``), but Liger's RMSNorm is not
-  bit-exact, so the engine runs Gemma 3's norms as :mod:`lwlib.decode_norm`'s instead: ``gemma_norm``);
+  bit-exact, so the engine runs Gemma 3's norms and RoPE as its own bit-exact kernels instead: ``exact``);
 * what the engine cannot decode (:func:`unsupported`): logit soft-capping (Gemma 2), scaled logits (Cohere), or an
   attention soft-cap, which the decoding kernels do not apply.
 
@@ -38,19 +38,21 @@ class Family:
         liger: Liger-Kernel's fused RMSNorm and MLP (:func:`lwlib.training.use_liger`) and its fused RoPE
             (``liger_kernel.transformers.rope.liger_rotary_pos_emb``, swapped for the module's
             ``apply_rotary_pos_emb`` during the engine's forward passes) compute exactly this family's layers.
-        gemma_norm: the family's norms are transformers' ``Gemma3RMSNorm``, which the engine may run as
-            :func:`lwlib.decode_norm.gemma_rms_norm` (three kernels, the same bits, checked on the device first).
+        exact: the engine's own bit-exact kernels that fit this family's modules (``fused_kernels: exact``; each
+            checked on the device first): ``gemma_norm`` (transformers' ``Gemma3RMSNorm`` as
+            :func:`lwlib.decode_norm.gemma_rms_norm`: three kernels, the same bits) and ``rope`` (the modeling
+            module's ``apply_rotary_pos_emb`` as :func:`lwlib.decode_rope.apply_rotary`: one kernel per tensor).
     """
 
     name: str
     model_types: tuple[str, ...]
     liger: bool = False
-    gemma_norm: bool = False
+    exact: tuple[str, ...] = ()
 
 
 FAMILIES = (
     Family("llama", ("llama", "mistral", "qwen2", "qwen3"), liger=True),
-    Family("gemma3", ("gemma3_text", "gemma3"), gemma_norm=True),
+    Family("gemma3", ("gemma3_text", "gemma3"), exact=("gemma_norm", "rope")),
 )
 GENERIC = Family("generic", ())
 

@@ -1,6 +1,7 @@
 """Gemma's RMSNorm in three kernels (lwlib.decode_norm): the eager module's bits in fp32 (on CPU in Triton's
 interpreter, which tests/conftest.py switches on; on CUDA compiled: tests/test_decoding_windows_gpu.py), the class
-swap that the slots engine uses, and the engine's greedy tokens with it equal to ``generate``'s."""
+swap that the slots engine uses, and the engine's greedy tokens with its exact kernels (these and
+lwlib.decode_rope's) equal to ``generate``'s."""
 
 from __future__ import annotations
 
@@ -66,19 +67,24 @@ def test_the_swap_covers_every_norm_and_is_undone():
         assert torch.equal(inside, model(torch.tensor([[2, 5, 9, 11]])).logits)
 
 
-def test_engine_with_gemma_norms_equals_generate():
+def test_engine_with_its_exact_kernels_equals_generate():
+    """``fused_kernels: exact`` on the tiny Gemma 3 (CPU: Triton's interpreter): the norm and RoPE kernels are used,
+    and greedy fp32 tokens equal ``generate``'s, rings wrapping."""
     model = tiny_gemma3()
     ps, limits = prompts(5)[:3], [m for _, m in CASES][:3]
     want = reference(model, ps, limits)
-    eng = SlotEngine(model, [END], 0, SlotConfig(**{**SLOTS.__dict__, "fused_kernels": "gemma_norm"}))
-    assert eng.fused == "gemma_norm"
+    eng = SlotEngine(model, [END], 0, SlotConfig(**{**SLOTS.__dict__, "fused_kernels": "exact"}))
+    assert eng.fused == "exact" and eng.exact_kernels == ("gemma_norm", "rope")
+    assert eng.fused_label == "exact:gemma_norm+rope"
     assert run(eng, ps, limits, GenParams(temperature=0)) == want
+    auto = SlotEngine(model, [END], 0, SLOTS)  # auto on CPU: none
+    assert auto.fused == "none" and auto.fused_label == "none"
 
 
-def test_gemma_norm_is_refused_for_other_families():
+def test_exact_is_refused_for_other_families():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, max_position_embeddings=64)
-    with pytest.raises(ValueError, match="gemma_norm.*gemma3"):
-        SlotEngine(LlamaForCausalLM(cfg).eval(), [1], 0, SlotConfig(max_batch=2, fused_kernels="gemma_norm"))
+    with pytest.raises(ValueError, match="'exact' is exact for the families \\['gemma3'\\], not 'llama'"):
+        SlotEngine(LlamaForCausalLM(cfg).eval(), [1], 0, SlotConfig(max_batch=2, fused_kernels="exact"))

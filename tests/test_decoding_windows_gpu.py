@@ -1,8 +1,9 @@
 """The slots engine on Gemma 3 on CUDA: CUDA-graph steps over ring buffers give the tokens of transformers'
 ``generate`` (fp32, greedy, the Triton decoding kernel and sdpa) on the tiny random Gemma 3 of
 ``test_decoding_windows`` (windows of 8 tokens) and on the real Gemma-3-270M (window 512; 8 ruler prompts x 700
-tokens, so every ring wraps), with rows of both decodings in one batch; bf16 graphs equal eager steps; Gemma's norm
-kernels (lwlib.decode_norm) equal the eager module bit for bit in fp32 and bf16.
+tokens, so every ring wraps), with rows of both decodings in one batch; bf16 graphs equal eager steps; the engine's
+exact kernels (Gemma's norms, lwlib.decode_norm; the RoPE, lwlib.decode_rope) equal transformers' bit for bit in
+fp32 and bf16.
 ``./test.sh gpu`` (the real model where its weights are converted or ``LWLIB_GGUF_GEMMA3_270M`` is set)."""
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def test_tiny_gemma3_graphs_equal_generate_fp32(attention):
     eng = SlotEngine(model, [END], 0, SlotConfig(**{**SLOTS.__dict__, "attention": attention}))
     assert _quiet(lambda: run(eng, ps, limits, GenParams(temperature=0))) == want
     assert eng.attention == attention and eng.stats.captures >= 2 and eng.stats.compactions >= 1
-    assert eng.fused == "gemma_norm"  # auto on CUDA: Gemma's norm kernels (lwlib.decode_norm), bit-exact
+    assert eng.fused == "exact" and eng.exact_kernels == ("gemma_norm", "rope")  # auto on CUDA: bit-exact kernels
     pen = GenParams(temperature=0, repetition_penalty=1.5, repetition_window=6)
     mixed = _quiet(lambda: run(eng, ps + ps, limits + limits, [GenParams(temperature=0)] * 6 + [pen] * 6))
     assert mixed == want + reference(model, ps, limits, GenerationPenalty(1.5, 6, end_ids=[END]))
@@ -62,6 +63,23 @@ def test_gemma_norm_kernels_equal_the_eager_module_bit_for_bit(dtype):
     assert decode_norm.self_check("cuda", dtype, [640, 256]) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_kernel_equals_transformers_bit_for_bit(dtype):
+    from transformers.models.gemma3.modeling_gemma3 import apply_rotary_pos_emb
+
+    from lwlib import decode_rope
+
+    g = torch.Generator().manual_seed(0)
+    for b, t, heads, kv, d in [(192, 1, 4, 1, 256), (2, 3000, 4, 1, 256), (3, 17, 8, 2, 64)]:
+        q = (torch.randn(b, t, heads, d, generator=g) * 4).to("cuda", dtype).transpose(1, 2)
+        k = (torch.randn(b, t, kv, d, generator=g) * 4).to("cuda", dtype).transpose(1, 2)
+        ang = torch.rand(b, t, d // 2, generator=g) * 3e4
+        cos, sin = (f(torch.cat((ang, ang), -1)).to("cuda", dtype) for f in (torch.cos, torch.sin))
+        for x, y in zip(decode_rope.apply_rotary(q, k, cos, sin), apply_rotary_pos_emb(q, k, cos, sin)):
+            assert torch.equal(x, y), (b, t, heads, kv, d)
+    assert decode_rope.self_check("cuda", dtype, 4, 1, 256) is None
+
+
 def _real_gemma_available() -> bool:
     from lwlib.models import BUNDLED, _package_file, cache_dir
 
@@ -83,7 +101,7 @@ def test_real_gemma3_slots_equal_generate_past_the_window():
     got = _quiet(lambda: be.generate(ruler, p))
     same = sum(a.text == b.text for a, b in zip(got, want))
     assert be.slot_engine.attention == "triton" and be.slot_engine.windows[:6] == [512] * 5 + [None]
-    assert be.slot_engine.fused == "gemma_norm"
+    assert be.slot_engine.fused == "exact" and be.slot_engine.exact_kernels == ("gemma_norm", "rope")
     assert same >= 7, [next((k for k, (x, y) in enumerate(zip(a.text, b.text)) if x != y), None)
                        for a, b in zip(got, want)]  # fp32 kernels may differ in the last bit
     # bf16: graphs equal eager steps, rows of both decodings in one batch
