@@ -26,7 +26,8 @@ FUSED=()
 if ! timeout 240 .venv/bin/python -m pytest -x -q -rA tests/test_decoding_windows_gpu.py -k "not real" 2>&1 | tail -15
 then
   echo "8th.sh: the exact kernels' GPU tests failed: the passes run with fused_kernels none"
-  FUSED=(--set dpo.backend.fused_kernels=none --set bench.backend.fused_kernels=none)
+  FUSED=(--set dpo.backend.fused_kernels=none --set bench.backend.fused_kernels=none
+         --set probe.backend.fused_kernels=none)
 fi
 [ -f runs/gpu/corpus/heldout_nll.jsonl ] || ./run_all.sh gpu --only 02 || exit 1
 ./run_all.sh gpu --only 03 --set "sft.runs=[main]" --set "sft.rebuild=[sft]" || exit 1
@@ -38,7 +39,7 @@ then
 else
   echo "8th.sh: sft's rebuild is not within 1% (runs/gpu/sft/rebuild.json): the next runs of (a)"
   LWLIB_SITTING_END=$(( END - BENCH_S )) LWLIB_SITTING_RUN_S=260 ./run_all.sh gpu --only 03 \
-    --set "sft.runs=[cap, uncapped]"
+    --set "sft.runs=[cap, uncapped]" "${FUSED[@]}"
 fi
 mkdir -p runs/gpu/benchmarks
 [ "$(left)" -gt 60 ] && timeout $(( $(left) - 5 )) .venv/bin/python benchmarks/generation.py --model gemma3-270m \
