@@ -74,10 +74,16 @@ def _kernel() -> Any:
     return _KERNELS[0]
 
 
-def _fits(x: torch.Tensor, cos: torch.Tensor) -> bool:
-    d = x.shape[-1]
-    return (x.dim() == 4 and cos.dim() == 3 and cos.shape == (x.shape[0], x.shape[2], d) and d >= 2
-            and d & (d - 1) == 0 and x.stride(-1) == 1 and cos.stride(-1) == 1 and x.dtype == cos.dtype)
+def _fits(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Whether :func:`apply_rotary` takes these inputs (q, k ``[B, H, T, D]``, D a power of two, the last dimension
+    contiguous; cos, sin ``[B, T, D]`` of their dtype)."""
+    def one(x):
+        d = x.shape[-1]
+        return (x.dim() == 4 and cos.dim() == 3 and cos.shape == (x.shape[0], x.shape[2], d) and d >= 2
+                and d & (d - 1) == 0 and x.stride(-1) == 1 and x.dtype == cos.dtype)
+
+    return (one(q) and one(k) and sin.shape == cos.shape and cos.stride(-1) == 1 and sin.stride(-1) == 1
+            and sin.dtype == cos.dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -99,8 +105,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
     (CUDA, or CPU under Triton's interpreter)."""
     if not available(q.device):
         raise RuntimeError(f"apply_rotary: needs Triton and a CUDA device (got {q.device})")
-    if not (_fits(q, cos) and _fits(k, cos) and sin.shape == cos.shape and sin.stride(-1) == 1
-            and sin.dtype == cos.dtype):
+    if not _fits(q, k, cos, sin):
         raise ValueError(f"apply_rotary: q {tuple(q.shape)}, k {tuple(k.shape)}, cos {tuple(cos.shape)}, sin "
                          f"{tuple(sin.shape)} do not fit (q, k [B, H, T, D] with D a power of two and the last "
                          "dimension contiguous; cos, sin [B, T, D] of their dtype)")
@@ -148,8 +153,7 @@ def rope_swapped(model: torch.nn.Module) -> Iterator[None]:
     own = module.apply_rotary_pos_emb
 
     def swapped(q, k, cos, sin, unsqueeze_dim=1, *args, **kwargs):
-        if (unsqueeze_dim == 1 and not args and not kwargs and available(q.device) and _fits(q, cos)
-                and _fits(k, cos) and sin.shape == cos.shape and sin.stride(-1) == 1 and sin.dtype == cos.dtype):
+        if unsqueeze_dim == 1 and not args and not kwargs and available(q.device) and _fits(q, k, cos, sin):
             return apply_rotary(q, k, cos, sin)
         return own(q, k, cos, sin, unsqueeze_dim, *args, **kwargs)
 

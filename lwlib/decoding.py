@@ -421,25 +421,11 @@ class SlotEngine:
         """The engine's own bit-exact kernels of the family (``exact_kernels``), each checked on the device first
         (:mod:`lwlib.decode_norm`, :mod:`lwlib.decode_rope`); one that fails its check stays off (``auto``: a
         warning; ``exact``: an error)."""
-        import importlib
-
-        from . import decode_norm, decode_rope
-
         if not self.family.exact:
             self._refuse("exact", "exact")
-        checks = {
-            "gemma_norm": lambda: decode_norm.self_check(
-                self.device, self.dtype, [text_config(self.model.config).hidden_size, self.head_dim])
-            or (None if decode_norm.norm_modules(self.model) else
-                "the model has no transformers Gemma3RMSNorm modules (patched already?)"),
-            "rope": lambda: decode_rope.self_check(self.device, self.dtype, self.heads, self.kv_heads,
-                                                   self.head_dim)
-            or (None if hasattr(importlib.import_module(type(self.model).__module__), "apply_rotary_pos_emb") else
-                "the model's module has no apply_rotary_pos_emb"),
-        }
         ok = []
         for name in self.family.exact:
-            why = checks[name]()
+            why = self._exact_check(name)
             if why is None:
                 ok.append(name)
             elif strict:
@@ -448,6 +434,23 @@ class SlotEngine:
                 self._warn_once(f"fused-{name}", f"slots engine: the exact {name} kernel is off ({why})")
         self.exact_kernels = tuple(ok)
         return "exact" if ok else "none"
+
+    def _exact_check(self, name: str) -> str | None:
+        """Why the exact kernel ``name`` cannot run for this model here (None if it can)."""
+        import importlib
+
+        from . import decode_norm, decode_rope
+
+        if name == "gemma_norm":
+            why = decode_norm.self_check(self.device, self.dtype,
+                                         [text_config(self.model.config).hidden_size, self.head_dim])
+            if why is None and not decode_norm.norm_modules(self.model):
+                why = "the model has no transformers Gemma3RMSNorm modules (patched already?)"
+            return why
+        why = decode_rope.self_check(self.device, self.dtype, self.heads, self.kv_heads, self.head_dim)
+        if why is None and not hasattr(importlib.import_module(type(self.model).__module__), "apply_rotary_pos_emb"):
+            why = "the model's module has no apply_rotary_pos_emb"
+        return why
 
     def _pick_liger(self, strict: bool) -> str:
         import importlib
